@@ -1,0 +1,1 @@
+"""Cross-cutting plumbing: configuration, logging, HTTP endpoints, retry, errors."""
