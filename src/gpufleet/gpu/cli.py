@@ -1,0 +1,134 @@
+"""``gpufleet gpu``: look at the GPUs of this machine (or a simulated one)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from gpufleet.core.console import stdout_console
+from gpufleet.gpu.model import DeviceList, GpuSample
+from gpufleet.gpu.select import SourceChoice, open_source
+from gpufleet.gpu.source import GpuError, GpuSource
+
+app = typer.Typer(help="Inspect GPUs: list them, or print simulated nvidia-smi XML.")
+
+SimulateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--simulate",
+        metavar="PRESET",
+        help="Read a simulated GPU preset (dgx-h100, dgx-a100, gb200, l4, mig-a100).",
+    ),
+]
+FleetOpt = Annotated[
+    Path | None,
+    typer.Option("--fleet", metavar="FILE", help="Read a simulated fleet from a YAML file."),
+]
+NvmlOpt = Annotated[bool, typer.Option("--nvml", help="Read the real GPUs through NVML.")]
+SmiXmlOpt = Annotated[
+    Path | None,
+    typer.Option("--smi-xml", metavar="FILE", help="Read a saved `nvidia-smi -q -x` document."),
+]
+SeedOpt = Annotated[
+    int,
+    typer.Option(
+        "--seed", help="Seed of the simulated identities (another seed is another machine's GPUs)."
+    ),
+]
+
+
+def collect(source: GpuSource) -> tuple[DeviceList, dict[str, GpuSample]]:
+    """Enumerate the GPUs and sample each readable one."""
+    listing = source.devices()
+    samples = {}
+    for device in listing.devices:
+        try:
+            samples[device.uuid] = source.sample(device.uuid)
+        except GpuError as exc:
+            print(f"warning: cannot sample {device.uuid}: {exc}", file=sys.stderr)
+    return listing, samples
+
+
+def _gib(value: int | None) -> str:
+    return "N/A" if value is None else f"{value / 2**30:.1f} GiB"
+
+
+@app.command("list")
+def list_gpus(
+    simulate: SimulateOpt = None,
+    fleet: FleetOpt = None,
+    nvml: NvmlOpt = False,
+    smi_xml: SmiXmlOpt = None,
+    seed: SeedOpt = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the GPUs with their identity: index, serial, UUID, model, PCI id."""
+    source = open_source(SourceChoice(simulate, fleet, nvml, smi_xml, seed))
+    try:
+        listing = source.devices()
+    finally:
+        source.close()
+    if as_json:
+        out = {
+            "devices": [asdict(d) for d in listing.devices],
+            "faults": [asdict(f) for f in listing.faults],
+        }
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+        return
+    table = Table(title=f"{len(listing.devices)} GPU(s)")
+    for column in ("idx", "serial", "uuid", "product", "pci bus id", "cc", "memory", "mig"):
+        table.add_column(column)
+    for d in listing.devices:
+        cc = "N/A" if d.compute_capability is None else "{}.{}".format(*d.compute_capability)
+        mig = (
+            "N/A" if d.mig_mode is None else (f"on ({len(d.mig_devices)})" if d.mig_mode else "off")
+        )
+        table.add_row(
+            str(d.index),
+            d.serial or "N/A",
+            d.uuid,
+            d.product_name,
+            d.pci_bus_id,
+            cc,
+            _gib(d.memory_total_bytes),
+            mig,
+        )
+    for f in listing.faults:
+        table.add_row(
+            str(f.index),
+            "?",
+            f.uuid or "?",
+            Text(f"{f.kind}: {f.message}", style="red"),
+            f.pci_bus_id or "?",
+            "",
+            "",
+            "",
+        )
+    stdout_console().print(table)
+
+
+@app.command("smi")
+def smi(
+    simulate: SimulateOpt = None,
+    fleet: FleetOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Print what `nvidia-smi -q -x` would print on the simulated GPUs."""
+    from gpufleet.gpu.smi import write_smi_xml
+
+    if simulate is None and fleet is None:
+        raise GpuError("gpu smi needs --simulate PRESET or --fleet FILE")
+    source = open_source(SourceChoice(simulate=simulate, fleet_file=fleet, seed=seed))
+    try:
+        listing, samples = collect(source)
+        processes = [p for d in listing.devices for p in source.processes(d.uuid)]
+    finally:
+        source.close()
+    sys.stdout.write(write_smi_xml(listing, samples, processes))

@@ -1,0 +1,49 @@
+"""The ``Exporter`` interface and the factory that builds one by name.
+
+Like httpx's ``BaseTransport``, one small interface lets the scan, the controller
+and the delivery pipeline drive any sink the same way, and lets tests swap in a
+real local sink (SQLite) for a remote one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Literal, Protocol, get_args
+
+from gpufleet.inventory.reading import Reading
+
+ExporterType = Literal["stdout", "sqlite"]
+EXPORTER_TYPES: tuple[str, ...] = get_args(ExporterType)
+
+
+class Exporter(Protocol):
+    """A sink for inventory readings."""
+
+    name: str
+
+    async def write(self, batch: Sequence[Reading]) -> None:
+        """Write a batch; idempotent per reading id. Raises ``ExporterError``."""
+        ...
+
+    async def health(self) -> None:
+        """Check the sink is reachable and usable. Raises ``ExporterError``."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release the sink."""
+        ...
+
+
+def make_exporter(kind: str, *, sqlite_path: Path, stdout: IO[str] | None = None) -> Exporter:
+    """Build the exporter named ``kind`` (one of ``EXPORTER_TYPES``)."""
+    # Imported here so a process pays only for the sinks it uses.
+    if kind == "stdout":
+        from gpufleet.inventory.exporters.stdout import StdoutExporter
+
+        return StdoutExporter(stdout)
+    if kind == "sqlite":
+        from gpufleet.inventory.exporters.sqlite import SqliteExporter
+
+        return SqliteExporter(sqlite_path)
+    raise ValueError(f"unknown exporter {kind!r}; expected one of {', '.join(EXPORTER_TYPES)}")

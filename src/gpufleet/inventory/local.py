@@ -1,0 +1,127 @@
+"""Local mode: read the GPUs of this machine and export one reading per GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gpufleet.gpu.model import GpuFault
+from gpufleet.gpu.source import GpuSource
+from gpufleet.inventory.errors import ExporterError
+from gpufleet.inventory.exporters.base import Exporter
+from gpufleet.inventory.reading import Reading, readings_from_devices
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_MACHINE = "unknown"
+
+# DMI files in the order they identify a machine best. product_uuid is the VM's
+# or host's SMBIOS UUID (it matches the Node's systemUUID); board_serial is a
+# fallback on bare metal where the UUID is blank.
+_DMI_FILES = ("product_uuid", "board_serial")
+_DMI_PLACEHOLDERS = {
+    "",
+    "none",
+    "not specified",
+    "default string",
+    "to be filled by o.e.m.",
+    "00000000-0000-0000-0000-000000000000",
+    "03000200-0400-0500-0006-000700080009",
+}
+
+
+def machine_id_from_dmi(dmi_dir: Path) -> str | None:
+    """The machine identity from DMI, or ``None`` when it is unreadable or blank."""
+    for name in _DMI_FILES:
+        path = dmi_dir / name
+        try:
+            value = path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError as exc:
+            log.debug("cannot read DMI identity", extra={"path": str(path), "error": str(exc)})
+            continue
+        if value.lower() not in _DMI_PLACEHOLDERS:
+            return value.lower() if name == "product_uuid" else value
+    return None
+
+
+def resolve_machine_id(configured: str | None, dmi_dir: Path) -> str:
+    """``MACHINE_ID`` if set, else the DMI identity, else ``unknown`` (with a warning)."""
+    if configured:
+        return configured
+    found = machine_id_from_dmi(dmi_dir)
+    if found is not None:
+        return found
+    log.warning(
+        "no machine identity: set MACHINE_ID or make DMI readable",
+        extra={"dmi_dir": str(dmi_dir), "machine": UNKNOWN_MACHINE},
+    )
+    return UNKNOWN_MACHINE
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    """What one local scan read and where it went."""
+
+    readings: tuple[Reading, ...]
+    faults: tuple[GpuFault, ...]
+    failed_exporters: tuple[str, ...]
+
+
+async def scan_once(
+    source: GpuSource,
+    exporters: Sequence[Exporter],
+    *,
+    cluster: str,
+    node: str,
+    machine: str,
+    source_label: str,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> ScanResult:
+    """Enumerate the GPUs once and write the readings to every exporter.
+
+    A GPU that cannot be read is logged and reported in the result; it never stops
+    the readings of the others. An exporter that fails is logged and reported; the
+    others still get the batch.
+    """
+    listing = await asyncio.to_thread(source.devices)
+    for fault in listing.faults:
+        log.error(
+            "GPU cannot be read",
+            extra={
+                "node": node,
+                "index": fault.index,
+                "uuid": fault.uuid,
+                "fault": fault.kind,
+                "error": fault.message,
+            },
+        )
+    readings = readings_from_devices(
+        listing.devices,
+        cluster=cluster,
+        node=node,
+        machine=machine,
+        source=source_label,
+        read_time=clock(),
+    )
+    failed = []
+    for exporter in exporters:
+        try:
+            await exporter.write(readings)
+        except ExporterError as exc:
+            log.error("export failed", extra={"exporter": exporter.name, "error": str(exc)})
+            failed.append(exporter.name)
+    log.info(
+        "scan complete",
+        extra={
+            "node": node,
+            "machine": machine,
+            "gpus": len(readings),
+            "faults": len(listing.faults),
+            "failed_exporters": failed,
+        },
+    )
+    return ScanResult(tuple(readings), listing.faults, tuple(failed))
