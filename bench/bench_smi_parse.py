@@ -17,6 +17,7 @@ from collections.abc import Callable
 from gpufleet.gpu import sim
 from gpufleet.gpu.nvml import NvmlSource
 from gpufleet.gpu.smi import parse_smi_xml, write_smi_xml
+from gpufleet.gpu.snapshot import take_snapshot
 
 ROUNDS = 7
 
@@ -24,12 +25,10 @@ ROUNDS = 7
 def document(preset: str) -> bytes:
     source = NvmlSource(sim.open(preset))
     try:
-        listing = source.devices()
-        samples = {d.uuid: source.sample(d.uuid) for d in listing.devices}
-        procs = [p for d in listing.devices for p in source.processes(d.uuid)]
+        snap = take_snapshot(source)
     finally:
         source.close()
-    return write_smi_xml(listing, samples, procs).encode()
+    return write_smi_xml(snap.devices, snap.samples, snap.processes).encode()
 
 
 def per_call_us(fn: Callable[[], object], calls: int) -> float:

@@ -33,6 +33,7 @@ from gpufleet.gpu.smi import (
     smi_visible,
     write_smi_xml,
 )
+from gpufleet.gpu.snapshot import take_snapshot
 from gpufleet.gpu.source import GpuError, GpuSource
 
 DATA = Path(__file__).parent.parent / "data" / "smi"
@@ -632,13 +633,13 @@ def test_every_preset_round_trips_through_smi_xml(preset: str) -> None:
     _busy(library)
     source = NvmlSource(library)
     try:
-        devices = source.devices()
-        samples = {d.uuid: source.sample(d.uuid) for d in devices.devices}
-        processes = [p for d in devices.devices for p in source.processes(d.uuid)]
+        snap = take_snapshot(source)
     finally:
         source.close()
-    report = parse_smi_xml(write_smi_xml(devices, samples, processes, timestamp=MOMENT))
-    assert report == smi_visible(devices, samples, processes, timestamp=MOMENT)
+    xml = write_smi_xml(snap.devices, snap.samples, snap.processes, timestamp=MOMENT)
+    assert parse_smi_xml(xml) == smi_visible(
+        snap.devices, snap.samples, snap.processes, timestamp=MOMENT
+    )
 
 
 def test_mig_preset_process_round_trips_onto_its_mig_device() -> None:

@@ -13,9 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from gpufleet.core.console import stdout_console
-from gpufleet.gpu.model import DeviceList, GpuSample
 from gpufleet.gpu.select import SourceChoice, open_source
-from gpufleet.gpu.source import GpuError, GpuSource
+from gpufleet.gpu.snapshot import take_snapshot
+from gpufleet.gpu.source import GpuError
 
 app = typer.Typer(help="Inspect GPUs: list them, or print simulated nvidia-smi XML.")
 
@@ -42,18 +42,6 @@ SeedOpt = Annotated[
         "--seed", help="Seed of the simulated identities (another seed is another machine's GPUs)."
     ),
 ]
-
-
-def collect(source: GpuSource) -> tuple[DeviceList, dict[str, GpuSample]]:
-    """Enumerate the GPUs and sample each readable one."""
-    listing = source.devices()
-    samples = {}
-    for device in listing.devices:
-        try:
-            samples[device.uuid] = source.sample(device.uuid)
-        except GpuError as exc:
-            print(f"warning: cannot sample {device.uuid}: {exc}", file=sys.stderr)
-    return listing, samples
 
 
 def _gib(value: int | None) -> str:
@@ -127,8 +115,7 @@ def smi(
         raise GpuError("gpu smi needs --simulate PRESET or --fleet FILE")
     source = open_source(SourceChoice(simulate=simulate, fleet_file=fleet, seed=seed))
     try:
-        listing, samples = collect(source)
-        processes = [p for d in listing.devices for p in source.processes(d.uuid)]
+        snap = take_snapshot(source)
     finally:
         source.close()
-    sys.stdout.write(write_smi_xml(listing, samples, processes))
+    sys.stdout.write(write_smi_xml(snap.devices, snap.samples, snap.processes))
