@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from gpufleet.gpu.model import GpuDevice
-from gpufleet.inventory.reading import Reading, format_time, readings_from_devices
+from gpufleet.inventory.reading import Reading, batch_hash, format_time, readings_from_devices
 
 T0 = datetime(2026, 11, 24, 12, 30, 15, 123456, tzinfo=UTC)
 
@@ -92,3 +92,9 @@ def test_dict_round_trips() -> None:
     (reading,) = make([device(chassis_serial="X1")])
     again = Reading.from_dict(reading.to_dict())
     assert again.to_dict() == reading.to_dict()
+
+
+def test_batch_hash_is_the_same_for_a_replayed_batch_and_differs_otherwise() -> None:
+    batch = make([device(0), device(1)])
+    assert batch_hash(batch) == batch_hash(list(batch))
+    assert batch_hash(batch) != batch_hash(batch[:1])

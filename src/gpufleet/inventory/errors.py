@@ -8,11 +8,28 @@ class InventoryError(GpufleetError):
 
 
 class ExporterError(InventoryError):
-    """An exporter could not write a batch or is not healthy."""
+    """An exporter could not write a batch or is not healthy; retrying may help.
 
-    def __init__(self, exporter: str, message: str) -> None:
+    ``error_type`` is a short, low-cardinality word for metrics labels:
+    ``connection``, ``timeout``, ``server``, ``auth``, ``rejected``, ``config`` or
+    ``other``.
+    """
+
+    def __init__(self, exporter: str, message: str, *, error_type: str = "other") -> None:
         super().__init__(f"exporter {exporter}: {message}")
         self.exporter = exporter
+        self.error_type = error_type
+
+
+class PermanentExporterError(ExporterError):
+    """The sink refused this batch for good (an HTTP 4xx, say): retrying cannot help.
+
+    The delivery pipeline moves such a batch to the dead-letter file with the
+    reason, instead of blocking every later batch behind it.
+    """
+
+    def __init__(self, exporter: str, message: str, *, error_type: str = "rejected") -> None:
+        super().__init__(exporter, message, error_type=error_type)
 
 
 class HistoryError(InventoryError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -101,6 +101,19 @@ class Reading:
             pci_bus_id=str(data["pci_bus_id"]),
             index=int(data["index"]),
         )
+
+
+def batch_hash(batch: Sequence[Reading]) -> str:
+    """A deterministic id of a batch: the SHA-256 of its reading ids, in order.
+
+    The spool replays a batch as the same readings in the same order, so a
+    replayed batch has the same hash (the S3 key and the HTTP Idempotency-Key).
+    """
+    digest = hashlib.sha256()
+    for reading in batch:
+        digest.update(reading.id.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
 
 
 def has_serial(serial: str | None) -> bool:

@@ -1,0 +1,37 @@
+# Shared helpers for scripts/servers/*.sh (sourced, not run).
+
+# A free TCP port on 127.0.0.1.
+free_port() {
+    .venv/bin/python - <<'PY'
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()
+PY
+}
+
+# Wait until 127.0.0.1:$1 accepts connections, at most $2 seconds.
+wait_port() {
+    local port=$1 limit=${2:-30} i
+    for ((i = 0; i < limit * 10; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "test-servers: nothing listens on 127.0.0.1:$port after ${limit}s" >&2
+    return 1
+}
+
+# Install Debian packages when a command is missing (root only).
+apt_install() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "test-servers: missing $*; install it (Debian package) or run as root" >&2
+        return 1
+    fi
+    if [ ! -f /var/lib/apt/lists/.gpufleet-updated ]; then
+        apt-get update -qq && touch /var/lib/apt/lists/.gpufleet-updated
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}

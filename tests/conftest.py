@@ -1,0 +1,34 @@
+"""Shared fixtures: the real servers started by ``scripts/test-servers.sh``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+STATE = Path(__file__).resolve().parent.parent / ".testservers"
+
+
+def _server_env() -> dict[str, str]:
+    env_file = STATE / "env"
+    if not env_file.is_file():
+        return {}
+    pairs = (line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+@pytest.fixture(scope="session")
+def test_servers() -> dict[str, str]:
+    """KEY=VALUE facts about the running test servers (ports, users, directories)."""
+    return _server_env()
+
+
+def require(servers: dict[str, str], *keys: str) -> list[str]:
+    """The values of ``keys``; fails (never skips) when the server is not running."""
+    missing = [key for key in keys if key not in servers]
+    if missing:
+        pytest.fail(
+            f"test server facts {', '.join(missing)} missing from {STATE / 'env'}: "
+            "run `make test`, or `scripts/test-servers.sh start` before pytest"
+        )
+    return [servers[key] for key in keys]
