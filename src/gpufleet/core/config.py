@@ -16,8 +16,16 @@ import re
 import types
 import typing
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, AliasPath, BeforeValidator, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    AliasPath,
+    BeforeValidator,
+    Field,
+    ValidationError,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -95,6 +103,23 @@ def _validate_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(_validate_duration)]
+
+
+def check_http_url(value: str) -> str:
+    """``value`` stripped, if it is an http:// or https:// URL with a host and a valid port."""
+    value = value.strip()
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"expected an http:// or https:// URL ({exc})") from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+HttpUrlText = Annotated[str, AfterValidator(check_http_url)]
+"""An http(s) URL kept as text (endpoints are passed on to clients as strings)."""
 """Seconds as a float, written as `30s`, `500ms`, `2m`, `1h`, `1m30s` or a plain number."""
 
 

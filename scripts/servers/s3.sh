@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# A throwaway S3 for the tests: moto's server on loopback, `start|stop STATE_DIR`.
+#
+# No S3-compatible server is packaged in Debian (no MinIO; Ceph RGW needs a
+# cluster), so the tests talk to `moto_server` from the venv (moto[server] is a
+# dev dependency). It keeps buckets in memory: a restart starts empty.
+# Its pid, port and log live in STATE_DIR/s3/; it appends
+# S3_ENDPOINT=http://127.0.0.1:PORT to STATE_DIR/env.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+# shellcheck source=../servers-lib.sh
+source scripts/servers-lib.sh
+
+usage() {
+    echo "usage: $0 start|stop STATE_DIR" >&2
+    exit 2
+}
+
+[ $# -eq 2 ] || usage
+action=$1
+state=$(realpath -m "$2")
+mine=$state/s3
+
+# The pid in the pid file, if that process is alive and still our moto server
+# (a stale pid file must never make us signal whatever reused the number).
+running_pid() {
+    local pid
+    [ -f "$mine/pid" ] || return 1
+    pid=$(cat "$mine/pid")
+    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q moto_server || return 1
+    echo "$pid"
+}
+
+stop() {
+    local pid i
+    if pid=$(running_pid); then
+        kill "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+    fi
+    rm -f "$mine/pid" "$mine/port"
+    # A stopped server's endpoint must not linger for the tests to find.
+    if [ -f "$state/env" ]; then sed -i '/^S3_ENDPOINT=/d' "$state/env"; fi
+}
+
+publish() {
+    # A restart replaces this server's facts rather than adding a second set.
+    touch "$state/env"
+    sed -i '/^S3_ENDPOINT=/d' "$state/env"
+    echo "S3_ENDPOINT=http://127.0.0.1:$1" >>"$state/env"
+}
+
+start() {
+    local port pid
+    mkdir -p "$mine"
+    # Idempotent: a live server is kept (its buckets too) and re-published.
+    if running_pid >/dev/null && [ -f "$mine/port" ]; then
+        port=$(cat "$mine/port")
+        if wait_port "$port" 5; then
+            publish "$port"
+            echo "test-servers: s3 (moto) already on 127.0.0.1:$port"
+            return 0
+        fi
+    fi
+    stop
+    if [ ! -x .venv/bin/moto_server ]; then
+        echo "test-servers: .venv/bin/moto_server missing; pip install -e '.[all,dev]'" >&2
+        return 1
+    fi
+    port=$(free_port)
+    nohup .venv/bin/moto_server -H 127.0.0.1 -p "$port" >"$mine/server.log" 2>&1 </dev/null &
+    pid=$!
+    echo "$pid" >"$mine/pid"
+    echo "$port" >"$mine/port"
+    wait_port "$port" 30 || {
+        cat "$mine/server.log" >&2
+        stop
+        return 1
+    }
+    publish "$port"
+    echo "test-servers: s3 (moto $(.venv/bin/python -c 'import moto; print(moto.__version__)')) on 127.0.0.1:$port"
+}
+
+case "$action" in
+start) start ;;
+stop) stop ;;
+*) usage ;;
+esac
