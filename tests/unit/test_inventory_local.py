@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gpufleet.gpu.model import DeviceList, FaultKind, GpuDevice, GpuFault
+from gpufleet.inventory.delivery import DirectDelivery
 from gpufleet.inventory.errors import ExporterError
 from gpufleet.inventory.exporters.stdout import StdoutExporter
 from gpufleet.inventory.local import machine_id_from_dmi, resolve_machine_id, scan_once
@@ -72,7 +73,7 @@ LISTING = DeviceList(
 async def run_scan(*exporters: object) -> object:
     return await scan_once(
         FixedSource(LISTING),
-        exporters,
+        [DirectDelivery(e) for e in exporters],
         cluster="c", node="n", machine="m", source_label="nvml",
         clock=lambda: datetime(2026, 11, 24, tzinfo=UTC),
     )  # fmt: skip

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from gpufleet.gpu.model import GpuDevice
-from gpufleet.inventory.reading import Reading, batch_hash, format_time, readings_from_devices
+from gpufleet.inventory.reading import (
+    IDENTITY_FIELDS,
+    Reading,
+    batch_hash,
+    format_time,
+    readings_from_devices,
+)
 
 T0 = datetime(2026, 11, 24, 12, 30, 15, 123456, tzinfo=UTC)
 
@@ -98,3 +105,11 @@ def test_batch_hash_is_the_same_for_a_replayed_batch_and_differs_otherwise() -> 
     batch = make([device(0), device(1)])
     assert batch_hash(batch) == batch_hash(list(batch))
     assert batch_hash(batch) != batch_hash(batch[:1])
+
+
+def test_id_is_the_sha256_of_the_identifying_fields_each_followed_by_a_separator() -> None:
+    # Stored ids depend on this exact form: changing it would duplicate rows on replay.
+    (reading,) = make([device()])
+    fields = reading.to_dict()
+    text = "".join(f"{fields[name]}\x1f" for name in IDENTITY_FIELDS)
+    assert reading.id == hashlib.sha256(text.encode()).hexdigest()

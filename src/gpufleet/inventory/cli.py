@@ -16,13 +16,35 @@ from gpufleet.core.console import stdout_console
 from gpufleet.gpu.cli import FleetOpt, NvmlOpt, SeedOpt, SimulateOpt, SmiXmlOpt
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.inventory.config import HistorySettings, ScanSettings
-from gpufleet.inventory.errors import HistoryError
-from gpufleet.inventory.exporters.base import Exporter, make_exporter
+from gpufleet.inventory.delivery import Delivery
+from gpufleet.inventory.errors import HistoryError, InventoryError
 from gpufleet.inventory.history import History, Placement
 from gpufleet.inventory.local import ScanResult, resolve_machine_id, scan_once
+from gpufleet.inventory.wiring import (
+    close_deliveries,
+    open_delivery,
+    run_export_test,
+    stop_on_signals,
+)
 
 app = typer.Typer(help="GPU inventory: which physical GPU sat in which node and machine, when.")
 
+ExporterOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exporter",
+        "-e",
+        metavar="NAME",
+        help="Where readings go: stdout, sqlite, postgres, s3, http; repeat or comma-separate "
+        "for several [env EXPORTER_TYPE; default stdout].",
+    ),
+]
+ClusterOpt = Annotated[
+    str | None, typer.Option("--cluster", help="Cluster name [env CLUSTER_NAME; required].")
+]
+NodeOpt = Annotated[
+    str | None, typer.Option("--node", help="Node name [env NODE_NAME; default hostname].")
+]
 DbOpt = Annotated[
     Path | None,
     typer.Option(
@@ -40,24 +62,10 @@ def scan(
     nvml: NvmlOpt = False,
     smi_xml: SmiXmlOpt = None,
     seed: SeedOpt = 0,
-    exporter: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--exporter",
-            "-e",
-            metavar="NAME",
-            help="Where readings go: stdout, "
-            "sqlite; repeat or comma-separate for several [env EXPORTER_TYPE; "
-            "default stdout].",
-        ),
-    ] = None,
+    exporter: ExporterOpt = None,
     db: DbOpt = None,
-    cluster: Annotated[
-        str | None, typer.Option("--cluster", help="Cluster name [env CLUSTER_NAME; required].")
-    ] = None,
-    node: Annotated[
-        str | None, typer.Option("--node", help="Node name [env NODE_NAME; default hostname].")
-    ] = None,
+    cluster: ClusterOpt = None,
+    node: NodeOpt = None,
     machine_id: Annotated[
         str | None,
         typer.Option(
@@ -77,6 +85,13 @@ def scan(
     )
     choice = SourceChoice(simulate, fleet, nvml, smi_xml, seed)
     result = asyncio.run(_scan(settings, choice))
+    if result.undelivered:
+        left = ", ".join(f"{n} reading(s) for {name}" for name, n in result.undelivered.items())
+        raise InventoryError(
+            f"not delivered within DELIVERY_TIMEOUT={settings.delivery_timeout:g}s: {left} "
+            f"left in the spool at {settings.spool_dir}; the next run with the same SPOOL_DIR "
+            "delivers them first"
+        )
     if result.failed_exporters:
         raise typer.Exit(1)
 
@@ -84,23 +99,53 @@ def scan(
 async def _scan(settings: ScanSettings, choice: SourceChoice) -> ScanResult:
     choice.validate()
     machine = resolve_machine_id(settings.machine_id, settings.dmi_dir)
-    exporters: list[Exporter] = [
-        make_exporter(kind, sqlite_path=settings.sqlite_path) for kind in settings.exporter_type
-    ]
-    source = open_source(choice)
+    deliveries: list[Delivery] = []
     try:
-        return await scan_once(
-            source,
-            exporters,
-            cluster=settings.cluster_name,
-            node=settings.node_name,
-            machine=machine,
-            source_label=choice.label,
-        )
+        for kind in settings.exporter_type:
+            deliveries.append(open_delivery(kind, settings))
+        source = open_source(choice)
+        try:
+            with stop_on_signals(deliveries):
+                return await scan_once(
+                    source,
+                    deliveries,
+                    cluster=settings.cluster_name,
+                    node=settings.node_name,
+                    machine=machine,
+                    source_label=choice.label,
+                    delivery_timeout=settings.delivery_timeout,
+                )
+        finally:
+            source.close()
     finally:
-        source.close()
-        for exp in exporters:
-            await exp.close()
+        await close_deliveries(deliveries)
+
+
+@app.command("export-test")
+def export_test(
+    exporter: ExporterOpt = None,
+    db: DbOpt = None,
+    cluster: ClusterOpt = None,
+    node: NodeOpt = None,
+) -> None:
+    """Send one synthetic reading through each configured exporter and report the result.
+
+    For operators checking credentials and reachability: it writes directly (no
+    spool, no retry), so the exact failure is what you see. The reading has
+    source `gpufleet-export-test` and gpu `GPUFLEET-EXPORT-TEST`, easy to delete.
+    """
+    settings = load_settings(
+        ScanSettings, exporter_type=exporter or None, sqlite_path=db, cluster_name=cluster,
+        node_name=node,
+    )  # fmt: skip
+    results = asyncio.run(run_export_test(settings))
+    for kind, error in results:
+        if error is None:
+            sys.stdout.write(f"ok    {kind}: health check passed, wrote 1 synthetic reading\n")
+        else:
+            sys.stdout.write(f"FAIL  {kind}: {error}\n")
+    if any(error is not None for _, error in results):
+        raise typer.Exit(1)
 
 
 @app.command()

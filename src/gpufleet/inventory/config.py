@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -9,8 +10,9 @@ from typing import Annotated
 from pydantic import BeforeValidator, Field
 from pydantic_settings import NoDecode
 
-from gpufleet.core.config import CommonSettings
+from gpufleet.core.config import CommonSettings, Duration
 from gpufleet.inventory.exporters.base import ExporterType
+from gpufleet.inventory.spool import FullPolicy
 
 
 def _split_names(value: object) -> object:
@@ -30,13 +32,31 @@ ExporterTypes = Annotated[
 ]
 
 
+def default_spool_dir() -> Path:
+    """``$XDG_STATE_HOME/gpufleet/spool`` (``~/.local/state/gpufleet/spool``)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "gpufleet" / "spool"
+
+
+class DeliverySettings(CommonSettings):
+    """How readings reach remote exporters (postgres, s3, http): batches and the spool."""
+
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    flush_interval: Duration = 2.0
+    spool_dir: Path = Field(default_factory=default_spool_dir)
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
+    spool_full_policy: FullPolicy = FullPolicy.REJECT_NEW
+    delivery_timeout: Duration = 30.0
+    retry_max_backoff: Duration = Field(default=30.0, gt=0)
+
+
 class HistorySettings(CommonSettings):
     """``gpufleet inventory history``: query the SQLite inventory."""
 
     sqlite_path: Path = Path("gpufleet-inventory.db")
 
 
-class ScanSettings(HistorySettings):
+class ScanSettings(DeliverySettings, HistorySettings):
     """``gpufleet inventory scan``: read this machine's GPUs once and export them."""
 
     cluster_name: str = Field(min_length=1)

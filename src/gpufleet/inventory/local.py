@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from gpufleet.gpu.model import GpuFault
 from gpufleet.gpu.source import GpuSource
+from gpufleet.inventory.delivery import Delivery
 from gpufleet.inventory.errors import ExporterError
-from gpufleet.inventory.exporters.base import Exporter
 from gpufleet.inventory.reading import Reading, readings_from_devices
+from gpufleet.inventory.spool import SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +70,29 @@ class ScanResult:
     readings: tuple[Reading, ...]
     faults: tuple[GpuFault, ...]
     failed_exporters: tuple[str, ...]
+    """Exporters that refused the readings (a local sink failed, or a full spool)."""
+    undelivered: dict[str, int] = field(default_factory=dict)
+    """Per exporter, readings accepted into its spool but not yet delivered."""
 
 
 async def scan_once(
     source: GpuSource,
-    exporters: Sequence[Exporter],
+    deliveries: Sequence[Delivery],
     *,
     cluster: str,
     node: str,
     machine: str,
     source_label: str,
+    delivery_timeout: float = 30.0,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> ScanResult:
-    """Enumerate the GPUs once and write the readings to every exporter.
+    """Enumerate the GPUs once, hand the readings to every exporter, and wait.
 
     A GPU that cannot be read is logged and reported in the result; it never stops
-    the readings of the others. An exporter that fails is logged and reported; the
-    others still get the batch.
+    the readings of the others. An exporter that fails is logged and reported;
+    the others still get the readings. Remote exporters get up to
+    ``delivery_timeout`` seconds (together, not each); what they have not taken
+    by then stays in their spool for the next run.
     """
     listing = await asyncio.to_thread(source.devices)
     for fault in listing.faults:
@@ -108,12 +115,20 @@ async def scan_once(
         read_time=clock(),
     )
     failed = []
-    for exporter in exporters:
+    accepted = []
+    for delivery in deliveries:
         try:
-            await exporter.write(readings)
-        except ExporterError as exc:
-            log.error("export failed", extra={"exporter": exporter.name, "error": str(exc)})
-            failed.append(exporter.name)
+            await delivery.submit(readings)
+        except (ExporterError, SpoolError) as exc:
+            log.error("export failed", extra={"exporter": delivery.name, "error": str(exc)})
+            failed.append(delivery.name)
+        else:
+            accepted.append(delivery)
+    # Every spool is drained at once, so one slow sink does not eat another's time.
+    drained = await asyncio.gather(*(d.drain(delivery_timeout) for d in accepted))
+    undelivered = {
+        d.name: d.stats().readings for d, done in zip(accepted, drained, strict=True) if not done
+    }
     log.info(
         "scan complete",
         extra={
@@ -122,6 +137,7 @@ async def scan_once(
             "gpus": len(readings),
             "faults": len(listing.faults),
             "failed_exporters": failed,
+            "undelivered": undelivered,
         },
     )
-    return ScanResult(tuple(readings), listing.faults, tuple(failed))
+    return ScanResult(tuple(readings), listing.faults, tuple(failed), undelivered)

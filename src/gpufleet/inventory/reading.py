@@ -31,8 +31,8 @@ def format_time(value: datetime) -> str:
     """RFC 3339 in UTC with millisecond precision and ``Z``; sorts as text."""
     if value.tzinfo is None:
         raise ValueError("read_time must be timezone-aware")
-    utc = value.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    # isoformat is about twice as fast as strftime, and this runs per reading.
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str) -> datetime:
@@ -61,13 +61,13 @@ class Reading:
     @property
     def id(self) -> str:
         """A deterministic id: the SHA-256 of the identifying fields."""
-        digest = hashlib.sha256()
-        for name in IDENTITY_FIELDS:
-            value = getattr(self, name)
-            text = format_time(value) if isinstance(value, datetime) else str(value)
-            digest.update(text.encode())
-            digest.update(b"\x1f")
-        return digest.hexdigest()
+        # Each field followed by a unit separator; one encode and one update,
+        # since every exporter and the spool compute this per reading.
+        text = "\x1f".join(
+            (self.cluster, self.node, self.machine, self.source, self.chassis, self.gpu,
+             self.uuid, format_time(self.read_time), "")
+        )  # fmt: skip
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape, field order as in gpuid, ``read_time`` as RFC 3339."""

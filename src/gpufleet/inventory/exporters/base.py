@@ -13,8 +13,11 @@ from typing import IO, Literal, Protocol, get_args
 
 from gpufleet.inventory.reading import Reading
 
-ExporterType = Literal["stdout", "sqlite"]
+ExporterType = Literal["stdout", "sqlite", "postgres", "s3", "http"]
 EXPORTER_TYPES: tuple[str, ...] = get_args(ExporterType)
+
+REMOTE_EXPORTERS = frozenset({"postgres", "s3", "http"})
+"""Sinks across a network: they can be down, so readings reach them through the spool."""
 
 
 class Exporter(Protocol):
@@ -23,7 +26,11 @@ class Exporter(Protocol):
     name: str
 
     async def write(self, batch: Sequence[Reading]) -> None:
-        """Write a batch; idempotent per reading id. Raises ``ExporterError``."""
+        """Write a batch; idempotent per reading id.
+
+        Raises ``ExporterError`` when retrying may help and
+        ``PermanentExporterError`` when the sink refuses this batch for good.
+        """
         ...
 
     async def health(self) -> None:
@@ -36,8 +43,14 @@ class Exporter(Protocol):
 
 
 def make_exporter(kind: str, *, sqlite_path: Path, stdout: IO[str] | None = None) -> Exporter:
-    """Build the exporter named ``kind`` (one of ``EXPORTER_TYPES``)."""
+    """Build the exporter named ``kind`` (one of ``EXPORTER_TYPES``).
+
+    Remote exporters read their own settings (``POSTGRES_*``, ``S3_*``,
+    ``HTTP_*``) from the environment; an invalid one raises ``ConfigError``.
+    """
     # Imported here so a process pays only for the sinks it uses.
+    from gpufleet.core.config import load_settings
+
     if kind == "stdout":
         from gpufleet.inventory.exporters.stdout import StdoutExporter
 
@@ -46,4 +59,16 @@ def make_exporter(kind: str, *, sqlite_path: Path, stdout: IO[str] | None = None
         from gpufleet.inventory.exporters.sqlite import SqliteExporter
 
         return SqliteExporter(sqlite_path)
+    if kind == "postgres":
+        from gpufleet.inventory.exporters.postgres import PostgresExporter, PostgresSettings
+
+        return PostgresExporter(load_settings(PostgresSettings))
+    if kind == "s3":
+        from gpufleet.inventory.exporters.s3 import S3Exporter, S3Settings
+
+        return S3Exporter(load_settings(S3Settings))
+    if kind == "http":
+        from gpufleet.inventory.exporters.http import HttpExporter, HttpSettings
+
+        return HttpExporter(load_settings(HttpSettings))
     raise ValueError(f"unknown exporter {kind!r}; expected one of {', '.join(EXPORTER_TYPES)}")

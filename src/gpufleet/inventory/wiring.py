@@ -1,0 +1,146 @@
+"""Build deliveries from settings: a spooled pipeline per remote exporter."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry
+
+from gpufleet.core.errors import GpufleetError
+from gpufleet.core.http import HealthServer
+from gpufleet.core.retry import Backoff
+from gpufleet.inventory.config import DeliverySettings, ScanSettings
+from gpufleet.inventory.delivery import Delivery, DeliveryConfig, DeliveryPipeline, DirectDelivery
+from gpufleet.inventory.exporters.base import REMOTE_EXPORTERS, make_exporter
+from gpufleet.inventory.metrics import ExportMetrics
+from gpufleet.inventory.reading import Reading
+from gpufleet.inventory.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+def delivery_config(settings: DeliverySettings) -> DeliveryConfig:
+    """The pipeline's batching and retry knobs from the settings."""
+    cap = settings.retry_max_backoff
+    return DeliveryConfig(
+        batch_size=settings.batch_size,
+        flush_interval=settings.flush_interval,
+        backoff=Backoff(initial=min(0.5, cap), factor=2.0, cap=cap),
+    )
+
+
+def open_delivery(
+    kind: str, settings: ScanSettings, metrics: ExportMetrics | None = None
+) -> Delivery:
+    """The exporter ``kind``, behind a spool when it is remote.
+
+    Each remote exporter has its own spool file ``SPOOL_DIR/<kind>.spool``, so
+    one sink's outage never holds back another's readings.
+    """
+    exporter = make_exporter(kind, sqlite_path=settings.sqlite_path)
+    if kind not in REMOTE_EXPORTERS:
+        return DirectDelivery(exporter)
+    spool = Spool(
+        settings.spool_dir / f"{kind}.spool",
+        max_bytes=settings.spool_max_bytes,
+        full_policy=settings.spool_full_policy,
+    )
+    # A one-shot scan has no /metrics; its own registry keeps the global one clean.
+    return DeliveryPipeline(
+        exporter,
+        spool,
+        cluster=settings.cluster_name,
+        metrics=metrics or ExportMetrics(CollectorRegistry()),
+        config=delivery_config(settings),
+    )
+
+
+async def close_deliveries(deliveries: Sequence[Delivery]) -> None:
+    """Close every exporter and spool; one failing close does not skip the others."""
+    for delivery in deliveries:
+        try:
+            await delivery.exporter.close()
+        except Exception as exc:
+            log.warning(
+                "closing exporter failed", extra={"exporter": delivery.name, "error": str(exc)}
+            )
+        if isinstance(delivery, DeliveryPipeline):
+            delivery.spool.close()
+
+
+@contextlib.contextmanager
+def stop_on_signals(deliveries: Sequence[Delivery]) -> Iterator[None]:
+    """On SIGTERM or SIGINT, stop waiting on exporters: the spools keep the rest."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def stop(signum: int) -> None:
+        log.warning(
+            "signal received; leaving undelivered readings in the spool",
+            extra={"signal": signal.Signals(signum).name},
+        )
+        for delivery in deliveries:
+            delivery.stop()
+
+    for signum in signals:
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        yield
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+def synthetic_reading(settings: ScanSettings) -> Reading:
+    """The reading ``export-test`` sends: plainly marked, easy to find and delete."""
+    return Reading(
+        cluster=settings.cluster_name,
+        node=settings.node_name,
+        machine="gpufleet-export-test",
+        source="gpufleet-export-test",
+        chassis="",
+        gpu="GPUFLEET-EXPORT-TEST",
+        read_time=datetime.now(UTC),
+        uuid="GPU-00000000-0000-0000-0000-000000000000",
+        model="gpufleet export-test",
+        pci_bus_id="00000000:00:00.0",
+        index=0,
+    )
+
+
+async def run_export_test(settings: ScanSettings) -> list[tuple[str, str | None]]:
+    """Health-check and write one synthetic reading to each exporter, directly.
+
+    Returns ``(exporter, None)`` on success and ``(exporter, error)`` with the
+    exact failure otherwise; one exporter failing does not skip the others.
+    """
+    results: list[tuple[str, str | None]] = []
+    for kind in settings.exporter_type:
+        try:
+            exporter = make_exporter(kind, sqlite_path=settings.sqlite_path)
+        except GpufleetError as exc:
+            results.append((kind, str(exc)))
+            continue
+        try:
+            await exporter.health()
+            await exporter.write([synthetic_reading(settings)])
+        except Exception as exc:  # the operator wants the exact failure, whatever it is
+            results.append((kind, f"{type(exc).__name__}: {exc}"))
+        else:
+            results.append((kind, None))
+        finally:
+            with contextlib.suppress(Exception):
+                await exporter.close()
+    return results
+
+
+def add_readiness_checks(server: HealthServer, deliveries: Sequence[Delivery]) -> None:
+    """Make ``/readyz`` follow each exporter's health check (``exporter:<name>``)."""
+    for delivery in deliveries:
+        if isinstance(delivery, DeliveryPipeline):
+            server.add_readiness_check(f"exporter:{delivery.name}", delivery.check_health)
