@@ -1,0 +1,208 @@
+"""How fast does the PostgreSQL exporter write? Batched COPY vs one INSERT per reading.
+
+gpufleet writes a 500-reading batch as one transaction: COPY into a temporary
+table, one INSERT … SELECT … ON CONFLICT DO NOTHING into the readings, one
+upsert of the placements. The peer is what straightforward code does (and
+gpuid's first exporter did): one INSERT per reading, each committed on its own.
+Both write to tables with the same columns and indexes, on the same server,
+in the same run. The naive writer runs on fewer readings (it is that slow);
+the figures are per-reading rates.
+
+The data is what a controller produces: a fleet of 8,000 GPUs (1,000 nodes of
+8) scanned every 5 minutes, so every batch holds 500 different GPUs and moves
+500 placements, and the readings outnumber the placements 12 to 1 by the end.
+Each writer gets fresh tables per round. Before its clock starts, every lane
+writes warm-up batches, so connecting, migrating and preparing statements are
+not measured; the naive writer connects before its clock starts too. The
+headline is one batch at a time, as the delivery pipeline sends them; a second
+line shows two batches in flight through the pool. The figures are the median
+of ``--rounds`` rounds (3 by default), since a shared VM varies from run to run.
+
+The server is the one ``scripts/test-servers.sh start`` left in
+``.testservers/env``, or else a throwaway one this script starts with
+``scripts/servers/postgres.sh`` and stops at the end. Its configuration is left
+as it is: fsync, synchronous_commit and full_page_writes at their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from gpufleet.inventory.exporters.postgres import PostgresExporter, PostgresSettings
+from gpufleet.inventory.reading import Reading
+
+ROOT = Path(__file__).resolve().parent.parent
+READINGS = 100_000
+BATCH = 500
+NAIVE_READINGS = 2_000
+WARMUP_BATCHES = 4  # per lane
+NODES, GPUS_PER_NODE = 1_000, 8
+T0 = datetime(2026, 11, 24, tzinfo=UTC)
+
+
+def fleet_readings(count: int, sweep_offset: int = 0) -> list[Reading]:
+    """Sweeps over a fleet of 8-GPU nodes, in the order a controller reads them."""
+    fleet = NODES * GPUS_PER_NODE
+    out = []
+    for i in range(count):
+        gpu, sweep = i % fleet, i // fleet + sweep_offset
+        node = f"node-{gpu // GPUS_PER_NODE:04d}"
+        out.append(
+            Reading(
+                cluster="bench", node=node, machine=f"i-{gpu // GPUS_PER_NODE:017x}",
+                source="exec", chassis="", gpu=f"1654922{gpu:06d}",
+                read_time=T0 + timedelta(minutes=5 * sweep), uuid=f"GPU-{uuid.UUID(int=gpu)}",
+                model="NVIDIA H100 80GB HBM3", pci_bus_id=f"00000000:{gpu % 8 + 0x18:02X}:00.0",
+                index=gpu % GPUS_PER_NODE,
+            )
+        )  # fmt: skip
+    return out
+
+
+def read_env(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def reachable(env: dict[str, str]) -> bool:
+    try:
+        with psycopg.connect(
+            host=env["PG_HOST"], port=env["PG_PORT"], user=env["PG_USER"], dbname=env["PG_DB"],
+            connect_timeout=3,
+        ):  # fmt: skip
+            return True
+    except (KeyError, psycopg.Error):
+        return False
+
+
+@contextmanager
+def postgres_server() -> Iterator[dict[str, str]]:
+    """The test servers' PostgreSQL if it runs, else a throwaway one for this run."""
+    env = read_env(ROOT / ".testservers" / "env")
+    if reachable(env):
+        yield env
+        return
+    script = ROOT / "scripts" / "servers" / "postgres.sh"
+    with tempfile.TemporaryDirectory(prefix="gpufleet-bench-") as state:
+        Path(state, "env").touch()
+        subprocess.run(["bash", str(script), "start", state], check=True, stdout=subprocess.DEVNULL)
+        try:
+            yield read_env(Path(state, "env"))
+        finally:
+            subprocess.run(["bash", str(script), "stop", state], check=False)
+
+
+def settings(env: dict[str, str], suffix: str) -> PostgresSettings:
+    return PostgresSettings(
+        postgres_host=env["PG_HOST"], postgres_port=int(env["PG_PORT"]),
+        postgres_db=env["PG_DB"], postgres_user=env["PG_USER"], postgres_sslmode="disable",
+        postgres_table=f"bench_readings_{suffix}",
+        postgres_placements_table=f"bench_placements_{suffix}",
+    )  # fmt: skip
+
+
+async def gpufleet_rate(config: PostgresSettings, readings: list[Reading], lanes: int) -> float:
+    """Readings per second through PostgresExporter, ``lanes`` batches in flight."""
+    batches = [readings[i : i + BATCH] for i in range(0, len(readings), BATCH)]
+    # An earlier sweep: the measured batches still move every placement's last_seen.
+    warmup = fleet_readings(WARMUP_BATCHES * lanes * BATCH, sweep_offset=-1_000)
+    warmup_batches = [warmup[i : i + BATCH] for i in range(0, len(warmup), BATCH)]
+    exporter = PostgresExporter(config)
+
+    async def lane(mine: list[list[Reading]]) -> None:
+        for batch in mine:
+            await exporter.write(batch)
+
+    try:
+        # Not measured: connecting every lane's connection, migrating, preparing.
+        await exporter.open()
+        await asyncio.gather(*(lane(warmup_batches[n::lanes]) for n in range(lanes)))
+        start = time.perf_counter()
+        await asyncio.gather(*(lane(batches[n::lanes]) for n in range(lanes)))
+        return len(readings) / (time.perf_counter() - start)
+    finally:
+        await exporter.close()
+
+
+def naive_rate(config: PostgresSettings, readings: list[Reading]) -> float:
+    """Readings per second, one autocommitted INSERT per reading, into the same schema."""
+    insert = sql.SQL(
+        "INSERT INTO {} (id, cluster, node, machine, source, chassis, gpu, uuid, read_time, "
+        "model, pci_bus_id, gpu_index) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    ).format(sql.Identifier(config.postgres_table))
+    with psycopg.connect(**config.connection_kwargs(), autocommit=True) as conn:
+        start = time.perf_counter()
+        for r in readings:
+            conn.execute(
+                insert,
+                (uuid.UUID(hex=r.id[:32]), r.cluster, r.node, r.machine, r.source, r.chassis,
+                 r.gpu, r.uuid, r.read_time, r.model, r.pci_bus_id, r.index),
+            )  # fmt: skip
+        return len(readings) / (time.perf_counter() - start)
+
+
+def drop(config: PostgresSettings) -> None:
+    with psycopg.connect(**config.connection_kwargs(), autocommit=True) as conn:
+        for table in (config.postgres_table, config.postgres_placements_table):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+            conn.execute("DELETE FROM gpufleet_schema_version WHERE table_name = %s", [table])
+
+
+def one_round(env: dict[str, str], readings: list[Reading]) -> tuple[float, float, float]:
+    """(one batch at a time, two in flight, naive) readings/s, each on fresh tables."""
+    runs = {name: settings(env, name) for name in ("ours", "lanes", "naive")}
+    try:
+        ours = asyncio.run(gpufleet_rate(runs["ours"], readings, lanes=1))
+        two_lanes = asyncio.run(gpufleet_rate(runs["lanes"], readings, lanes=2))
+        # The naive writer gets the same tables (columns, indexes) to write to.
+        asyncio.run(gpufleet_rate(runs["naive"], [], lanes=1))
+        naive = naive_rate(runs["naive"], fleet_readings(NAIVE_READINGS, sweep_offset=100))
+    finally:
+        for config in runs.values():
+            drop(config)
+    return ours, two_lanes, naive
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
+    rounds = parser.parse_args().rounds
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
+    readings = fleet_readings(READINGS)
+    results = []
+    with postgres_server() as env:
+        for n in range(rounds):
+            results.append(one_round(env, readings))
+            ours, two, naive = results[-1]
+            print(f"round {n + 1}: {ours:,.0f} / {two:,.0f} / naive {naive:,.0f} readings/s")
+    ours, two_lanes, naive = (statistics.median(column) for column in zip(*results, strict=True))
+    print(
+        f"{'writer (median of ' + str(rounds) + ' rounds)':<44} {'readings':>9} {'readings/s':>11}"
+    )
+    print(f"{'gpufleet PostgresExporter, 500-batches':<44} {READINGS:>9} {ours:>11,.0f}")
+    print(f"{'  same, 2 batches in flight (pool)':<44} {READINGS:>9} {two_lanes:>11,.0f}")
+    print(
+        f"{'naive: one autocommitted INSERT per reading':<44} {NAIVE_READINGS:>9} {naive:>11,.0f}"
+    )
+    print(f"ratio gpufleet / naive: {ours / naive:.1f}x (target >= 20x); "
+          f"gpufleet {ours:,.0f} readings/s (target >= 50,000)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""The PostgreSQL sink: gpuid's readings table, plus where each GPU has been.
+
+A batch is one transaction: ``COPY`` into a temporary table, then one
+``INSERT … SELECT … ON CONFLICT DO NOTHING`` into the readings and one upsert of
+the placements from the same rows. So a replayed batch adds nothing, and a
+failed batch adds nothing either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import psycopg
+import psycopg.errors as pgerr
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from gpufleet.inventory.errors import ExporterError, PermanentExporterError
+from gpufleet.inventory.exporters.postgres.schema import (
+    COLUMNS,
+    COPY_TYPES,
+    PLACEMENT_COLUMNS,
+    SCHEMA_VERSION,
+    VERSION_TABLE,
+    KeyDumper,
+    WriteStatements,
+    batch_row,
+    schema_statements,
+)
+from gpufleet.inventory.exporters.postgres.settings import PostgresSettings
+from gpufleet.inventory.reading import Reading
+
+__all__ = ["PostgresExporter"]
+
+# Any fixed 64-bit number: every gpufleet exporter migrating any table in this
+# database serialises on it, because concurrent CREATE TABLE IF NOT EXISTS can
+# still fail on the catalog's unique index.
+_MIGRATION_LOCK_KEY = 0x6770_7566_6C65_6574  # "gpufleet"
+
+_Work = Callable[[psycopg.AsyncConnection[Any]], Awaitable[object]]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_AUTH_HINTS = ("password authentication failed", "no pg_hba.conf entry", "authentication")
+
+
+def _error_type(exc: BaseException) -> str:
+    """The ``ExporterError.error_type`` for a psycopg failure."""
+    if isinstance(exc, pgerr.InvalidAuthorizationSpecification | pgerr.InsufficientPrivilege):
+        return "auth"
+    if isinstance(exc, pgerr.UndefinedTable | pgerr.UndefinedColumn | pgerr.InvalidCatalogName):
+        return "config"
+    if isinstance(exc, pgerr.InvalidColumnReference):
+        return "config"  # no unique constraint for ON CONFLICT: a foreign table
+    if isinstance(exc, pgerr.QueryCanceled | pgerr.LockNotAvailable | pgerr.ConnectionTimeout):
+        return "timeout"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, pgerr.TransactionRollback):
+        return "server"  # deadlock or serialisation failure: retry the batch
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
+        # Errors while connecting carry no SQLSTATE; only the text tells why.
+        message = str(exc).lower()
+        if any(hint in message for hint in _AUTH_HINTS):
+            return "auth"
+        if "does not exist" in message and "database" in message:
+            return "config"
+        return "connection"
+    return "other"
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    # Bad values (a NUL byte, an out-of-range number), a violated constraint
+    # other than the unique key we expect, or a value too large for an index:
+    # the same batch will fail the same way forever.
+    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError | pgerr.ProgramLimitExceeded)
+
+
+class PostgresExporter:
+    """Writes readings and placements to PostgreSQL, one transaction per batch.
+
+    The pool opens lazily on first use (or on ``open()``), so a sink that is
+    down at start-up delays nothing and recovers by itself. Every wait for a
+    connection is bounded by ``POSTGRES_CONNECT_TIMEOUT``.
+    """
+
+    name = "postgres"
+
+    def __init__(self, settings: PostgresSettings) -> None:
+        self.settings = settings
+        self._pool: AsyncConnectionPool | None = None
+        self._schema_ready = False
+        self._closed = False
+        # _lock guards the pool slot; _schema_lock makes concurrent first
+        # writes prepare the tables once.
+        self._lock = asyncio.Lock()
+        self._schema_lock = asyncio.Lock()
+        self._sql = WriteStatements(settings.postgres_table, settings.postgres_placements_table)
+
+    def _where(self) -> str:
+        s = self.settings
+        return f"{s.target} table {s.postgres_table}/{s.postgres_placements_table}"
+
+    async def open(self) -> None:
+        """Start the pool and create, migrate or check the tables; idempotent."""
+        await self._ready_pool()
+
+    async def _ready_pool(self) -> AsyncConnectionPool:
+        pool = await self._get_pool()
+        if not self._schema_ready:
+            async with self._schema_lock:
+                if not self._schema_ready:
+                    await self._run(pool, self._prepare_schema, "prepare the tables")
+                    self._schema_ready = True
+        return pool
+
+    async def _get_pool(self) -> AsyncConnectionPool:
+        async with self._lock:
+            if self._closed:
+                raise ExporterError(self.name, f"{self._where()}: exporter is closed")
+            if self._pool is None:
+                self._pool = AsyncConnectionPool(
+                    kwargs=self.settings.connection_kwargs(),
+                    min_size=1,
+                    max_size=self.settings.postgres_pool_max,
+                    open=False,
+                    timeout=self.settings.postgres_connect_timeout,
+                    # Give up on a dead server soon; the next use starts afresh.
+                    reconnect_timeout=max(self.settings.postgres_connect_timeout, 5.0),
+                    configure=self._configure,
+                    # One empty round trip per checkout finds connections a
+                    # server restart killed before a batch is lost on them.
+                    check=AsyncConnectionPool.check_connection,
+                    name=f"gpufleet-postgres-{self.settings.postgres_table}",
+                )
+                await self._pool.open(wait=False)
+            return self._pool
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Set up a new connection: the key's dumper and the session's batch table.
+
+        Creating the temporary table here rather than in every batch saves a
+        round trip and a catalog lookup per batch.
+        """
+        conn.adapters.register_dumper(None, KeyDumper)
+        try:
+            await conn.execute(self._sql.create_batch)
+            await conn.commit()
+        except psycopg.DatabaseError:
+            # No TEMPORARY privilege, say. The first batch creates the table
+            # itself (see _write) and reports the failure as its own error.
+            # A broken connection fails this rollback too, and is discarded.
+            await conn.rollback()
+
+    async def _prepare_schema(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        s = self.settings
+        tables = [s.postgres_table, s.postgres_placements_table]
+        create_tables, create_indexes = schema_statements(*tables)
+        async with conn.transaction():
+            if s.postgres_auto_migrate:
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK_KEY])
+                await self._check_version(conn, tables)
+                for statement in create_tables:
+                    await conn.execute(statement)
+            # Before the indexes: a foreign table of the same name (gpuid's own)
+            # must be refused with a clear message, not a "column does not exist".
+            await self._check_columns(conn, s.postgres_table, frozenset(COLUMNS))
+            await self._check_columns(conn, s.postgres_placements_table, PLACEMENT_COLUMNS)
+            if s.postgres_auto_migrate:
+                for statement in create_indexes:
+                    await conn.execute(statement)
+                for table in tables:
+                    await conn.execute(
+                        sql.SQL(
+                            "INSERT INTO {v} (table_name, version) VALUES (%s, %s) "
+                            "ON CONFLICT (table_name) DO UPDATE SET version = EXCLUDED.version, "
+                            "migrated_at = now() WHERE {v}.version < EXCLUDED.version"
+                        ).format(v=VERSION_TABLE),
+                        [table, SCHEMA_VERSION],
+                    )
+
+    async def _check_version(self, conn: psycopg.AsyncConnection[Any], tables: list[str]) -> None:
+        """Create the version table; refuse tables a newer gpufleet has migrated."""
+        await conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (table_name text PRIMARY KEY, "
+                "version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now())"
+            ).format(VERSION_TABLE)
+        )
+        cur = await conn.execute(
+            sql.SQL("SELECT max(version) FROM {} WHERE table_name = ANY(%s)").format(VERSION_TABLE),
+            [tables],
+        )
+        row = await cur.fetchone()
+        if row is not None and row[0] is not None and row[0] > SCHEMA_VERSION:
+            raise ExporterError(
+                self.name,
+                f"{self._where()}: schema version {row[0]} is newer than this "
+                f"gpufleet's {SCHEMA_VERSION}; upgrade gpufleet",
+                error_type="config",
+            )
+
+    async def _check_columns(
+        self, conn: psycopg.AsyncConnection[Any], table: str, wanted: frozenset[str]
+    ) -> None:
+        """Refuse a missing table, or one not ours (gpuid's own ``gpu`` table, say)."""
+        cur = await conn.execute(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+            [sql.Identifier(table).as_string(conn)],
+        )
+        found = {name: kind for name, kind in await cur.fetchall()}
+        if not found:
+            hint = "" if self.settings.postgres_auto_migrate else " (POSTGRES_AUTO_MIGRATE=false)"
+            raise ExporterError(
+                self.name,
+                f"{self.settings.target}: table {table} does not exist{hint}",
+                error_type="config",
+            )
+        missing = sorted(wanted - found.keys())
+        if missing or found.get("id", "uuid") != "uuid":
+            raise ExporterError(
+                self.name,
+                f"{self.settings.target}: table {table} exists but is not a gpufleet table "
+                f"(missing {', '.join(missing) or 'nothing'}; id is {found.get('id')}); "
+                "point POSTGRES_TABLE/POSTGRES_PLACEMENTS_TABLE at new tables",
+                error_type="config",
+            )
+
+    async def write(self, batch: Sequence[Reading]) -> None:
+        """Insert the batch in one transaction; readings already present are ignored."""
+        if not batch:
+            return
+        for r in batch:
+            if r.read_time.tzinfo is None:
+                raise PermanentExporterError(
+                    self.name, f"reading of GPU {r.gpu} on {r.node}: read_time has no timezone"
+                )
+        pool = await self._ready_pool()
+        await self._run(pool, lambda conn: self._write(conn, batch), f"write {len(batch)} readings")
+
+    async def _write(self, conn: psycopg.AsyncConnection[Any], batch: Sequence[Reading]) -> None:
+        """Three round trips: BEGIN, COPY, then INSERT, upsert and COMMIT in one pipeline."""
+        try:
+            try:
+                await self._copy(conn, batch)
+            except pgerr.UndefinedTable:
+                # This session has no batch table: a transaction-mode pooler
+                # (PgBouncer) put us on a server session _configure never saw.
+                # Create it in the batch's own transaction, hence its session.
+                await conn.rollback()
+                await conn.execute(self._sql.create_batch)
+                await self._copy(conn, batch)
+            async with conn.pipeline():
+                await conn.execute(self._sql.insert, prepare=True)
+                await conn.execute(self._sql.upsert, prepare=True)
+                await conn.commit()
+        except BaseException:
+            if not conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.rollback()
+            raise
+
+    async def _copy(self, conn: psycopg.AsyncConnection[Any], batch: Sequence[Reading]) -> None:
+        async with conn.cursor().copy(self._sql.copy) as copy:
+            copy.set_types(COPY_TYPES)
+            for r in batch:
+                await copy.write_row(batch_row(r))
+
+    async def health(self) -> None:
+        """Run a real query against the readings table."""
+        pool = await self._ready_pool()
+        await self._run(pool, lambda conn: conn.execute(self._sql.probe), "query")
+
+    async def close(self) -> None:
+        """Close the pool; later calls fail with ``ExporterError``."""
+        async with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close(timeout=self.settings.postgres_connect_timeout)
+
+    async def _run(self, pool: AsyncConnectionPool, work: _Work, doing: str) -> None:
+        """Run ``work(conn)`` on a pooled connection, turning failures into ExporterError."""
+        try:
+            async with pool.connection() as conn:
+                await work(conn)
+        except ExporterError:
+            raise
+        except PoolTimeout as exc:
+            # The pool only says it waited; one direct attempt says why.
+            reason = await self._diagnose()
+            await self._discard(pool)
+            raise ExporterError(
+                self.name,
+                f"cannot {doing} at {self._where()}: no connection within "
+                f"{self.settings.postgres_connect_timeout:g}s: {reason[1]}",
+                error_type=reason[0],
+            ) from exc
+        except (psycopg.Error, OSError) as exc:
+            message = f"cannot {doing} at {self._where()}: {_first_line(exc)}"
+            if _is_permanent(exc):
+                raise PermanentExporterError(self.name, message) from exc
+            error_type = _error_type(exc)
+            if error_type in {"connection", "timeout"}:
+                await self._discard(pool)
+            raise ExporterError(self.name, message, error_type=error_type) from exc
+
+    async def _diagnose(self) -> tuple[str, str]:
+        """(error_type, reason) from one direct connection attempt."""
+        kwargs = self.settings.connection_kwargs()
+        try:
+            async with asyncio.timeout(self.settings.postgres_connect_timeout + 1):
+                conn = await psycopg.AsyncConnection.connect(**kwargs)
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            return _error_type(exc), _first_line(exc) or "timed out"
+        await conn.close()
+        return "connection", f"pool of {self.settings.postgres_pool_max} exhausted or reconnecting"
+
+    async def _discard(self, pool: AsyncConnectionPool) -> None:
+        """Drop a pool that lost its server, so the next call connects at once.
+
+        psycopg_pool retries a dead server with exponential backoff; a fresh
+        pool after an outage serves the first batch without waiting that out.
+        """
+        async with self._lock:
+            if self._pool is not pool:
+                return
+            self._pool = None
+        await pool.close(timeout=1.0)

@@ -1,0 +1,87 @@
+"""``EXPORTER_TYPE=postgres`` settings: gpuid's ``POSTGRES_*`` variables, plus pool tuning."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, SecretStr, ValidationInfo, field_validator
+
+from gpufleet.core.config import Duration, GpufleetSettings
+
+__all__ = ["PostgresSettings", "SqlIdentifier", "SslMode"]
+
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+# What an unquoted identifier may be in PostgreSQL (63 bytes at most), and what
+# gpuid accepted for POSTGRES_TABLE.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_IDENTIFIER_HINT = (
+    "expected a plain SQL identifier: a letter or _, then letters, digits or _, "
+    "at most 63 characters"
+)
+
+
+def _plain_identifier(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    if not _IDENTIFIER.fullmatch(value):
+        raise ValueError(_IDENTIFIER_HINT)
+    # gpuid pasted the name unquoted, so PostgreSQL folded it to lower case; we
+    # quote it, so fold it here to keep writing the table a gpuid user has.
+    return value.lower()
+
+
+SqlIdentifier = Annotated[str, BeforeValidator(_plain_identifier)]
+
+
+class PostgresSettings(GpufleetSettings):
+    """``EXPORTER_TYPE=postgres``: gpuid's ``POSTGRES_*`` variables, plus pool tuning."""
+
+    postgres_host: str = Field(min_length=1)
+    postgres_port: int = Field(default=5432, ge=1, le=65535)
+    postgres_db: str = Field(min_length=1)
+    postgres_user: str = Field(min_length=1)
+    postgres_password: SecretStr = SecretStr("")
+    postgres_sslmode: SslMode = "require"
+    postgres_table: SqlIdentifier = "gpu"
+    postgres_placements_table: SqlIdentifier = "placements"
+    postgres_auto_migrate: bool = True
+    postgres_pool_max: int = Field(default=4, ge=1, le=100)
+    postgres_connect_timeout: Duration = Field(default=10.0, gt=0)
+
+    @field_validator("postgres_placements_table")
+    @classmethod
+    def _tables_differ(cls, value: str, info: ValidationInfo) -> str:
+        if value == info.data.get("postgres_table"):
+            raise ValueError("must differ from POSTGRES_TABLE")
+        return value
+
+    @property
+    def target(self) -> str:
+        """``host:port/db``, for messages (never the password)."""
+        return f"{self.postgres_host}:{self.postgres_port}/{self.postgres_db}"
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """libpq connection parameters, passed as keywords rather than a DSN string."""
+        kwargs: dict[str, Any] = {
+            "host": self.postgres_host,
+            "port": self.postgres_port,
+            "dbname": self.postgres_db,
+            "user": self.postgres_user,
+            "sslmode": self.postgres_sslmode,
+            # libpq takes whole seconds and treats anything under 2 as 2.
+            "connect_timeout": max(2, math.ceil(self.postgres_connect_timeout)),
+            "application_name": "gpufleet-inventory",
+            # Notice a peer that vanished without a FIN (a dead node, a dropped
+            # NAT entry) in about a minute, instead of hanging on it for hours.
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+        }
+        password = self.postgres_password.get_secret_value()
+        if password:
+            kwargs["password"] = password
+        return kwargs
