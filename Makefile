@@ -49,6 +49,7 @@ unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
 test: lint
+	scripts/ensure-kubectl.sh
 	scripts/test-servers.sh start
 	$(BIN)/pytest -q; rc=$$?; scripts/test-servers.sh stop; exit $$rc
 

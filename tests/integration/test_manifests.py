@@ -1,0 +1,562 @@
+"""The kustomize manifests in ``deploy/kustomize``, rendered by the real ``kubectl kustomize``.
+
+Every overlay is rendered with whatever ``kubectl`` is on PATH (``KUBECTL`` overrides it);
+Debian 12's kubectl 1.20, installed by ``scripts/ensure-kubectl.sh``, has the oldest
+kustomize the manifests are written for. The RBAC of each overlay is compared with the
+minimal set written out below, so any extra permission fails a test.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+OVERLAYS_DIR = ROOT / "deploy" / "kustomize" / "overlays"
+
+CONTROLLER_OVERLAYS = ("stdout", "postgres", "s3", "http", "labels", "check")
+OVERLAYS = (*CONTROLLER_OVERLAYS, "agent")
+
+EXPORTER_TYPE = {
+    "stdout": "stdout",
+    "postgres": "postgres",
+    "s3": "s3",
+    "http": "http",
+    "labels": "stdout",
+    "check": "stdout",
+    "agent": "stdout",
+}
+
+IMAGE = "ghcr.io/gpufleet/gpufleet:0.1.0"
+DEVICE_PLUGIN_NAMESPACE = "gpu-operator"
+LEASE_NAME = "gpufleet-inventory-leader"
+WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet", "Job", "CronJob", "Pod"}
+
+Manifest = dict[str, Any]
+
+
+class Rule(NamedTuple):
+    """One permission: a verb on a resource, in a Role's namespace or cluster-wide."""
+
+    kind: str  # ClusterRole or Role
+    namespace: str  # "" for a ClusterRole
+    api_group: str
+    resource: str
+    verb: str
+    resource_name: str = ""  # "" when the rule is not limited to named objects
+
+
+def _rules(kind: str, namespace: str, group: str, resource: str, *verbs: str) -> set[Rule]:
+    return {Rule(kind, namespace, group, resource, verb) for verb in verbs}
+
+
+# The minimal permissions of each overlay, written out. Why each one exists: docs/deploy.md.
+NODES_READ = _rules("ClusterRole", "", "", "nodes", "get", "list", "watch")
+DEVICE_PLUGIN_PODS = _rules("Role", "gpu-operator", "", "pods", "get", "list", "watch") | _rules(
+    "Role", "gpu-operator", "", "pods/exec", "create", "get"
+)
+LEADER_LEASE = {
+    Rule("Role", "gpufleet", "coordination.k8s.io", "leases", "create"),
+    Rule("Role", "gpufleet", "coordination.k8s.io", "leases", "get", LEASE_NAME),
+    Rule("Role", "gpufleet", "coordination.k8s.io", "leases", "update", LEASE_NAME),
+}
+CONTROLLER = NODES_READ | DEVICE_PLUGIN_PODS | LEADER_LEASE
+EXPECTED_RBAC = {
+    "stdout": CONTROLLER,
+    "postgres": CONTROLLER,
+    "s3": CONTROLLER,
+    "http": CONTROLLER,
+    "labels": CONTROLLER | _rules("ClusterRole", "", "", "nodes", "patch"),
+    "check": CONTROLLER | _rules("Role", "gpu-operator", "", "pods", "delete"),
+    "agent": _rules("ClusterRole", "", "", "nodes", "get"),
+}
+
+
+@functools.cache
+def render(overlay: str) -> tuple[Manifest, ...]:
+    """The objects ``kubectl kustomize`` renders for ``overlay``; fails (never skips)."""
+    kubectl = shutil.which(os.environ.get("KUBECTL", "kubectl"))
+    if kubectl is None:
+        pytest.fail(
+            "kubectl is not on PATH: run `scripts/ensure-kubectl.sh` (as root) to install "
+            "Debian's kubernetes-client, or set KUBECTL to a kubectl binary"
+        )
+    result = subprocess.run(
+        [kubectl, "kustomize", str(OVERLAYS_DIR / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"kubectl kustomize overlays/{overlay} failed: {result.stderr.strip()}")
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def objects(overlay: str, *kinds: str) -> list[Manifest]:
+    """The rendered objects of ``overlay`` of the given kinds."""
+    return [obj for obj in render(overlay) if obj["kind"] in kinds]
+
+
+def rbac_rules(overlay: str) -> set[Rule]:
+    """Every permission granted by the overlay's Roles and ClusterRoles, one verb per entry."""
+    granted: set[Rule] = set()
+    for role in objects(overlay, "Role", "ClusterRole"):
+        namespace = role["metadata"].get("namespace", "") if role["kind"] == "Role" else ""
+        for rule in role.get("rules") or []:
+            resources = [*rule.get("resources", []), *rule.get("nonResourceURLs", [])]
+            for group in rule.get("apiGroups", [""]):
+                for resource in resources:
+                    for verb in rule.get("verbs", []):
+                        for name in rule.get("resourceNames") or [""]:
+                            granted.add(Rule(role["kind"], namespace, group, resource, verb, name))
+    return granted
+
+
+def pod_spec(workload: Manifest) -> Manifest:
+    """The pod spec of a workload object."""
+    if workload["kind"] == "Pod":
+        return workload["spec"]
+    if workload["kind"] == "CronJob":
+        return workload["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return workload["spec"]["template"]["spec"]
+
+
+def containers(overlay: str) -> Iterator[tuple[Manifest, Manifest]]:
+    """Each (pod spec, container) of every workload in ``overlay``, init containers included."""
+    for workload in objects(overlay, *WORKLOAD_KINDS):
+        spec = pod_spec(workload)
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            yield spec, container
+
+
+def effective_security(spec: Manifest, container: Manifest, field: str) -> Any:
+    """A security setting as the kubelet applies it: the container's, else the pod's."""
+    own = container.get("securityContext", {})
+    return own[field] if field in own else spec.get("securityContext", {}).get(field)
+
+
+def env_of(container: Manifest) -> dict[str, Manifest]:
+    """The container's env entries by name."""
+    return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def the_container(overlay: str) -> Manifest:
+    """The one container of the overlay's one workload."""
+    found = [container for _, container in containers(overlay)]
+    assert len(found) == 1, f"overlays/{overlay}: expected one container, found {len(found)}"
+    return found[0]
+
+
+# Rendering
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_with_kubectl_kustomize(overlay: str) -> None:
+    assert objects(overlay, *WORKLOAD_KINDS), f"overlays/{overlay} renders no workload"
+
+
+def test_every_overlay_directory_is_tested() -> None:
+    on_disk = {path.parent.name for path in OVERLAYS_DIR.glob("*/kustomization.yaml")}
+    assert on_disk == set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_ships_no_secret_objects(overlay: str) -> None:
+    assert objects(overlay, "Secret") == []
+
+
+# RBAC: least privilege
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_grants_exactly_its_minimal_rbac_rules(overlay: str) -> None:
+    assert rbac_rules(overlay) == EXPECTED_RBAC[overlay]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_exec_is_never_granted_cluster_wide(overlay: str) -> None:
+    cluster_wide = {rule.resource for rule in rbac_rules(overlay) if rule.kind == "ClusterRole"}
+    assert "pods/exec" not in cluster_wide
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_permissions_are_confined_to_the_device_plugin_namespace(overlay: str) -> None:
+    namespaces = {
+        (rule.kind, rule.namespace)
+        for rule in rbac_rules(overlay)
+        if rule.resource in {"pods", "pods/exec"}
+    }
+    assert namespaces <= {("Role", DEVICE_PLUGIN_NAMESPACE)}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_nodes_patch_is_granted_only_by_the_labels_overlay(overlay: str) -> None:
+    patches_nodes = any(r.resource == "nodes" and r.verb == "patch" for r in rbac_rules(overlay))
+    assert patches_nodes == (overlay == "labels")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_delete_is_granted_only_by_the_check_overlay(overlay: str) -> None:
+    deletes_pods = any(r.resource == "pods" and r.verb == "delete" for r in rbac_rules(overlay))
+    assert deletes_pods == (overlay == "check")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_rbac_rule_uses_a_wildcard(overlay: str) -> None:
+    assert not any("*" in field for rule in rbac_rules(overlay) for field in rule)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_binding_refers_to_a_role_that_exists(overlay: str) -> None:
+    roles = {
+        (role["kind"], role["metadata"].get("namespace", ""), role["metadata"]["name"])
+        for role in objects(overlay, "Role", "ClusterRole")
+    }
+    dangling = [
+        binding["metadata"]["name"]
+        for binding in objects(overlay, "RoleBinding", "ClusterRoleBinding")
+        if (
+            binding["roleRef"]["kind"],
+            binding["metadata"].get("namespace", "")
+            if binding["roleRef"]["kind"] == "Role"
+            else "",
+            binding["roleRef"]["name"],
+        )
+        not in roles
+    ]
+    assert dangling == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_binding_subject_is_a_service_account_that_exists(overlay: str) -> None:
+    accounts = {
+        ("ServiceAccount", sa["metadata"]["namespace"], sa["metadata"]["name"])
+        for sa in objects(overlay, "ServiceAccount")
+    }
+    subjects = {
+        (subject["kind"], subject.get("namespace", ""), subject["name"])
+        for binding in objects(overlay, "RoleBinding", "ClusterRoleBinding")
+        for subject in binding["subjects"]
+    }
+    assert subjects - accounts == set()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_role_is_bound(overlay: str) -> None:
+    roles = {
+        (role["kind"], role["metadata"].get("namespace", ""), role["metadata"]["name"])
+        for role in objects(overlay, "Role", "ClusterRole")
+    }
+    bound = {
+        (
+            binding["roleRef"]["kind"],
+            binding["metadata"].get("namespace", "")
+            if binding["roleRef"]["kind"] == "Role"
+            else "",
+            binding["roleRef"]["name"],
+        )
+        for binding in objects(overlay, "RoleBinding", "ClusterRoleBinding")
+    }
+    assert roles - bound == set()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_workload_runs_as_a_service_account_that_exists(overlay: str) -> None:
+    accounts = {
+        (sa["metadata"]["namespace"], sa["metadata"]["name"])
+        for sa in objects(overlay, "ServiceAccount")
+    }
+    used = {
+        (workload["metadata"]["namespace"], pod_spec(workload).get("serviceAccountName", "default"))
+        for workload in objects(overlay, *WORKLOAD_KINDS)
+    }
+    assert used <= accounts
+
+
+@pytest.mark.parametrize("overlay", CONTROLLER_OVERLAYS)
+def test_exec_role_lives_in_the_namespace_the_controller_watches(overlay: str) -> None:
+    watched = env_of(the_container(overlay))["NAMESPACE"]["value"]
+    assert {rule.namespace for rule in rbac_rules(overlay) if rule.resource == "pods/exec"} == {
+        watched
+    }
+
+
+@pytest.mark.parametrize("overlay", CONTROLLER_OVERLAYS)
+def test_leader_lease_role_names_the_lease_the_controller_uses(overlay: str) -> None:
+    lease = env_of(the_container(overlay))["LEASE_NAME"]["value"]
+    named = {rule.resource_name for rule in rbac_rules(overlay) if rule.resource == "leases"}
+    assert named == {"", lease}
+
+
+# Container hardening
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_runs_as_non_root_uid_65532(overlay: str) -> None:
+    settings = {
+        (
+            effective_security(spec, container, "runAsNonRoot"),
+            effective_security(spec, container, "runAsUser"),
+        )
+        for spec, container in containers(overlay)
+    }
+    assert settings == {(True, 65532)}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_a_read_only_root_filesystem(overlay: str) -> None:
+    settings = {
+        container.get("securityContext", {}).get("readOnlyRootFilesystem")
+        for _, container in containers(overlay)
+    }
+    assert settings == {True}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_forbids_privilege_escalation(overlay: str) -> None:
+    settings = {
+        container.get("securityContext", {}).get("allowPrivilegeEscalation")
+        for _, container in containers(overlay)
+    }
+    assert settings == {False}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_drops_all_capabilities_and_adds_none(overlay: str) -> None:
+    capabilities = [
+        container.get("securityContext", {}).get("capabilities", {})
+        for _, container in containers(overlay)
+    ]
+    assert all(c.get("drop") == ["ALL"] and not c.get("add") for c in capabilities), capabilities
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_uses_the_runtime_default_seccomp_profile(overlay: str) -> None:
+    profiles = {
+        (effective_security(spec, container, "seccompProfile") or {}).get("type")
+        for spec, container in containers(overlay)
+    }
+    assert profiles == {"RuntimeDefault"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_pod_uses_host_namespaces_or_host_paths(overlay: str) -> None:
+    hosty = [
+        workload["metadata"]["name"]
+        for workload in objects(overlay, *WORKLOAD_KINDS)
+        if any(pod_spec(workload).get(f) for f in ("hostNetwork", "hostPID", "hostIPC"))
+        or any("hostPath" in volume for volume in pod_spec(workload).get("volumes", []))
+    ]
+    assert hosty == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_probes_healthz_for_liveness_and_readyz_for_readiness(
+    overlay: str,
+) -> None:
+    probes = {
+        (
+            container.get("livenessProbe", {}).get("httpGet", {}).get("path"),
+            container.get("readinessProbe", {}).get("httpGet", {}).get("path"),
+        )
+        for _, container in containers(overlay)
+    }
+    assert probes == {("/healthz", "/readyz")}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_sets_resource_requests_and_limits(overlay: str) -> None:
+    resources = [container.get("resources", {}) for _, container in containers(overlay)]
+    assert all(
+        {"cpu", "memory"} <= set(r.get("requests", {}))
+        and {"cpu", "memory"} <= set(r.get("limits", {}))
+        for r in resources
+    ), resources
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_runs_the_released_gpufleet_image(overlay: str) -> None:
+    assert {container["image"] for _, container in containers(overlay)} == {IMAGE}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_spool_dir_is_on_a_writable_volume(overlay: str) -> None:
+    for spec, container in containers(overlay):
+        spool_dir = env_of(container)["SPOOL_DIR"]["value"]
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        writable = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+        assert any(
+            spool_dir.startswith(path.rstrip("/") + "/") and name in writable
+            for path, name in mounts.items()
+        ), f"{container['name']}: SPOOL_DIR={spool_dir} is not under a writable mount"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_metrics_service_exposes_port_8080_named_metrics(overlay: str) -> None:
+    ports = {
+        (port["name"], port["port"])
+        for service in objects(overlay, "Service")
+        for port in service["spec"]["ports"]
+    }
+    assert ports == {("metrics", 8080)}
+
+
+# Configuration
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_exports_with_the_overlays_exporter_type(overlay: str) -> None:
+    types = {env_of(container)["EXPORTER_TYPE"]["value"] for _, container in containers(overlay)}
+    assert types == {EXPORTER_TYPE[overlay]}
+
+
+@pytest.mark.parametrize(
+    ("overlay", "variable", "secret"),
+    [
+        ("postgres", "POSTGRES_PASSWORD", "gpufleet-postgres"),
+        ("http", "HTTP_AUTH_TOKEN", "gpufleet-http"),
+    ],
+)
+def test_exporter_secret_comes_from_a_secret_key_ref(
+    overlay: str, variable: str, secret: str
+) -> None:
+    entry = env_of(the_container(overlay))[variable]
+    assert entry.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == secret
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secret_is_written_inline_in_the_env(overlay: str) -> None:
+    inline = [
+        name
+        for _, container in containers(overlay)
+        for name, entry in env_of(container).items()
+        if any(word in name for word in ("PASSWORD", "TOKEN", "SECRET")) and "value" in entry
+    ]
+    assert inline == []
+
+
+@pytest.mark.parametrize(
+    ("overlay", "required"),
+    [
+        (
+            "postgres",
+            {"POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB", "POSTGRES_USER", "POSTGRES_SSLMODE"},
+        ),
+        ("s3", {"S3_BUCKET", "S3_PREFIX", "S3_REGION", "S3_PARTITION_PATTERN", "S3_COMPRESS"}),
+        ("http", {"HTTP_ENDPOINT", "HTTP_TIMEOUT"}),
+    ],
+)
+def test_exporter_overlay_sets_its_exporter_settings(overlay: str, required: set[str]) -> None:
+    assert required <= set(env_of(the_container(overlay)))
+
+
+@pytest.mark.parametrize("overlay", CONTROLLER_OVERLAYS)
+def test_controller_overlay_runs_two_replicas(overlay: str) -> None:
+    assert [d["spec"]["replicas"] for d in objects(overlay, "Deployment")] == [2]
+
+
+@pytest.mark.parametrize("overlay", CONTROLLER_OVERLAYS)
+def test_controller_overlay_enables_leader_election(overlay: str) -> None:
+    assert env_of(the_container(overlay))["LEADER_ELECTION"]["value"] == "true"
+
+
+@pytest.mark.parametrize("overlay", CONTROLLER_OVERLAYS)
+def test_controller_replicas_prefer_different_nodes(overlay: str) -> None:
+    (deployment,) = objects(overlay, "Deployment")
+    anti = pod_spec(deployment)["affinity"]["podAntiAffinity"]
+    terms = [
+        *anti.get("requiredDuringSchedulingIgnoredDuringExecution", []),
+        *(
+            t["podAffinityTerm"]
+            for t in anti.get("preferredDuringSchedulingIgnoredDuringExecution", [])
+        ),
+    ]
+    assert "kubernetes.io/hostname" in {term["topologyKey"] for term in terms}
+
+
+@pytest.mark.parametrize("overlay", CONTROLLER_OVERLAYS)
+def test_controller_reads_pod_identity_from_the_downward_api(overlay: str) -> None:
+    env = env_of(the_container(overlay))
+    fields = {
+        name: env[name]["valueFrom"]["fieldRef"]["fieldPath"]
+        for name in ("POD_NAME", "POD_NAMESPACE")
+    }
+    assert fields == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_node_labels_are_written_only_by_the_labels_overlay(overlay: str) -> None:
+    node_labels = {env_of(c).get("NODE_LABELS", {}).get("value") for _, c in containers(overlay)}
+    assert ("true" in node_labels) == (overlay == "labels")
+
+
+def test_check_overlay_runs_check_mode_and_restarts_failing_pods() -> None:
+    container = the_container("check")
+    env = env_of(container)
+    assert (container["args"], env["FORCE_RESTART"]["value"], bool(env["COMMAND"]["value"])) == (
+        ["inventory", "check"],
+        "true",
+        True,
+    )
+
+
+@pytest.mark.parametrize("overlay", [o for o in CONTROLLER_OVERLAYS if o != "check"])
+def test_controller_overlay_runs_controller_mode(overlay: str) -> None:
+    assert the_container(overlay)["args"] == ["inventory", "controller"]
+
+
+# The node agent
+
+
+def test_agent_renders_a_daemonset_and_no_deployment() -> None:
+    kinds = {obj["kind"] for obj in objects("agent", *WORKLOAD_KINDS)}
+    assert kinds == {"DaemonSet"}
+
+
+def test_agent_has_no_pods_permission_at_all() -> None:
+    assert not any(rule.resource.startswith("pods") for rule in rbac_rules("agent"))
+
+
+def test_agent_runs_agent_mode_with_its_node_name_from_the_downward_api() -> None:
+    container = the_container("agent")
+    field = env_of(container)["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert (container["args"], field) == (["inventory", "agent"], "spec.nodeName")
+
+
+def test_agent_runs_only_on_gpu_nodes_and_tolerates_their_taint() -> None:
+    (daemonset,) = objects("agent", "DaemonSet")
+    spec = pod_spec(daemonset)
+    tolerated = {toleration["key"] for toleration in spec.get("tolerations", [])}
+    assert (spec["nodeSelector"], "nvidia.com/gpu" in tolerated) == (
+        {"nvidia.com/gpu.present": "true"},
+        True,
+    )
+
+
+def test_agent_asks_the_nvidia_runtime_for_nvml_only() -> None:
+    env = env_of(the_container("agent"))
+    requested = {
+        name: env[name]["value"]
+        for name in ("NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES")
+    }
+    assert requested == {"NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "utility"}
+
+
+def test_agent_requests_no_gpu() -> None:
+    resources = the_container("agent")["resources"]
+    assert not any(
+        name.startswith("nvidia.com/")
+        for section in ("requests", "limits")
+        for name in resources.get(section, {})
+    )
