@@ -1,0 +1,192 @@
+"""Connect to the Kubernetes API, with one rate limiter in front of every call.
+
+`connect()` builds a `Kube`: the generated `kubernetes_asyncio` API objects
+over two API clients (plain HTTP and websocket) that share one `TokenBucket`.
+Both clients are subclasses overriding `request`, the method every call goes
+through (REST, watch and the exec websocket alike), so no call can skip the
+limiter, whichever API object or helper makes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from types import TracebackType
+from typing import Any
+
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient, CoordinationV1Api, CoreV1Api
+from kubernetes_asyncio.client.configuration import Configuration
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.stream import WsApiClient
+from pydantic import Field, ValidationInfo, field_validator
+
+from gpufleet.core.config import GpufleetSettings
+from gpufleet.kube.errors import KubeError
+from gpufleet.kube.ratelimit import TokenBucket
+
+__all__ = ["Kube", "KubeSettings", "api_status", "call_json", "connect"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_KUBECONFIG = "~/.kube/config"
+
+
+class KubeSettings(GpufleetSettings):
+    """How to reach the API server, and how hard to use it (gpuid's names and defaults).
+
+    `KUBECONFIG` is a kubeconfig path (or a `:`-separated list, as kubectl
+    reads it). Without it, a process in a pod (`KUBERNETES_SERVICE_HOST` set
+    by the kubelet) uses its service account; anywhere else `~/.kube/config`.
+    """
+
+    kubeconfig: str | None = None
+    kubernetes_service_host: str | None = None
+    qps: float = Field(default=50.0, gt=0, allow_inf_nan=False)
+    burst: int = Field(default=100, ge=1)
+
+    @field_validator("burst")
+    @classmethod
+    def _burst_covers_qps(cls, burst: int, info: ValidationInfo) -> int:
+        # Fields validate in order, so QPS is already known here (or invalid,
+        # and then reported on its own).
+        qps = info.data.get("qps")
+        if isinstance(qps, float) and burst < qps:
+            raise ValueError(f"must be >= QPS ({qps:g})")
+        return burst
+
+
+class _LimitedApiClient(ApiClient):
+    """An `ApiClient` whose every HTTP request first takes a token from the bucket."""
+
+    def __init__(self, configuration: Configuration, limiter: TokenBucket) -> None:
+        super().__init__(configuration)
+        self._limiter = limiter
+
+    async def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        """Wait for the limiter, then make the request as the generated client would."""
+        await self._limiter.acquire()
+        return await super().request(method, url, *args, **kwargs)
+
+
+class _LimitedWsApiClient(WsApiClient):
+    """A `WsApiClient` (exec, attach, port-forward) that takes a token per connection."""
+
+    def __init__(self, configuration: Configuration, limiter: TokenBucket) -> None:
+        super().__init__(configuration)
+        self._limiter = limiter
+
+    async def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        """Wait for the limiter, then open the websocket as `WsApiClient` would."""
+        await self._limiter.acquire()
+        return await super().request(method, url, *args, **kwargs)
+
+
+class Kube:
+    """A connection to one API server: the API objects, sharing one rate limiter.
+
+    `core` and `coordination` speak HTTP; `ws_core` is a `CoreV1Api` over the
+    websocket client, for `connect_get_namespaced_pod_exec`. Close it with
+    `await kube.close()` or use it as an async context manager.
+    """
+
+    def __init__(self, configuration: Configuration, limiter: TokenBucket) -> None:
+        self.configuration = configuration
+        self.limiter = limiter
+        self.api_client: Any = _LimitedApiClient(configuration, limiter)
+        self.ws_client: Any = _LimitedWsApiClient(configuration, limiter)
+        self.core: Any = CoreV1Api(self.api_client)
+        self.coordination: Any = CoordinationV1Api(self.api_client)
+        self.ws_core: Any = CoreV1Api(self.ws_client)
+
+    async def close(self) -> None:
+        """Close both clients' connection pools."""
+        try:
+            await self.api_client.close()
+        finally:
+            await self.ws_client.close()
+
+    async def __aenter__(self) -> Kube:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def connect(settings: KubeSettings, *, configuration: Configuration | None = None) -> Kube:
+    """A `Kube` for the cluster `settings` point at, limited to `QPS`/`BURST`.
+
+    With `configuration` (tests pass their API double's), it is used as is.
+    Otherwise: in a pod and without `KUBECONFIG`, the pod's service account;
+    else the kubeconfig (`KUBECONFIG` or `~/.kube/config`). Raises `KubeError`
+    naming the source when the configuration cannot be loaded.
+    """
+    try:
+        limiter = TokenBucket(settings.qps, settings.burst)
+    except ValueError as exc:
+        raise KubeError(f"invalid QPS/BURST: {exc}") from exc
+    if configuration is None:
+        configuration = await _load_configuration(settings)
+    return Kube(configuration, limiter)
+
+
+async def _load_configuration(settings: KubeSettings) -> Configuration:
+    configuration = Configuration()
+    if settings.kubeconfig is None and settings.kubernetes_service_host:
+        try:
+            load_incluster: Any = kube_config.load_incluster_config  # untyped upstream
+            load_incluster(client_configuration=configuration)
+        except kube_config.ConfigException as exc:
+            raise KubeError(f"in-cluster configuration: {exc}") from exc
+        log.debug("using the in-cluster service account")
+        return configuration
+    path = settings.kubeconfig or _DEFAULT_KUBECONFIG
+    expanded = _expand_user(path)
+    try:
+        # persist_config=False: never rewrite the user's kubeconfig (token
+        # refreshes), and the root filesystem may be read-only anyway.
+        await kube_config.load_kube_config(
+            config_file=expanded, client_configuration=configuration, persist_config=False
+        )
+    except (kube_config.ConfigException, OSError, ValueError, TypeError) as exc:
+        raise KubeError(f"kubeconfig {path}: {exc}") from exc
+    log.debug("using kubeconfig", extra={"kubeconfig": path})
+    return configuration
+
+
+def _expand_user(paths: str) -> str:
+    # kubectl expands `~` in each entry of a `:`-separated KUBECONFIG list.
+    return ":".join(os.path.expanduser(part) for part in paths.split(":") if part)
+
+
+async def call_json(method: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """Call a generated API method and return the decoded JSON body.
+
+    The generated models are skipped (`_preload_content=False`): callers get
+    the API's own JSON (camelCase keys), which is cheaper to build and what
+    the informer caches. A non-2xx answer raises `ApiException` with `status`
+    and `body` set, like the generated client does.
+    """
+    response = await method(*args, _preload_content=False, **kwargs)
+    try:
+        body = await response.read()
+    finally:
+        response.release()
+    if not 200 <= response.status <= 299:
+        error = ApiException(status=response.status, reason=response.reason)
+        error.body = body.decode("utf-8", errors="replace")
+        raise error
+    return json.loads(body)
+
+
+def api_status(error: BaseException) -> int | None:
+    """The HTTP status of an `ApiException` (None for anything else, or no status)."""
+    if isinstance(error, ApiException) and isinstance(error.status, int):
+        return error.status
+    return None

@@ -1,0 +1,206 @@
+"""The informer against the Kubernetes API double, through the real client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from gpufleet.core.retry import Backoff
+from gpufleet.kube.client import Kube, KubeSettings, connect
+from gpufleet.kube.identity import machine_id
+from gpufleet.kube.watch import Informer, KubeObject
+from tests.doubles.kubeapi import KubeApiDouble
+
+pytestmark = pytest.mark.integration
+
+NS = "gpu-operator"
+SELECTOR = "app=nvidia-device-plugin-daemonset"
+LABELS = {"app": "nvidia-device-plugin-daemonset"}
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[KubeApiDouble]:
+    async with KubeApiDouble(bookmark_interval=0.2) as double:
+        yield double
+
+
+@pytest.fixture
+async def kube(api: KubeApiDouble) -> AsyncIterator[Kube]:
+    settings = KubeSettings(qps=1000, burst=1000)
+    async with await connect(settings, configuration=api.client_configuration()) as client:
+        yield client
+
+
+class Events:
+    """Every event an informer announced, as (kind, name, resourceVersion)."""
+
+    def __init__(self, informer: Informer) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+        informer.on_add(self._add)
+        informer.on_update(self._update)
+        informer.on_delete(self._delete)
+
+    def _record(self, kind: str, obj: KubeObject) -> None:
+        meta = obj["metadata"]
+        self.seen.append((kind, meta["name"], meta["resourceVersion"]))
+
+    async def _add(self, obj: KubeObject) -> None:
+        self._record("add", obj)
+
+    async def _update(self, old: KubeObject, new: KubeObject) -> None:
+        self._record("update", new)
+
+    async def _delete(self, obj: KubeObject) -> None:
+        self._record("delete", obj)
+
+    def names(self, kind: str) -> list[str]:
+        return [name for seen_kind, name, _ in self.seen if seen_kind == kind]
+
+
+async def eventually(condition: Callable[[], bool], limit: float = 5.0) -> None:
+    """Poll until `condition()` holds; fail after `limit` seconds (a hang, not a timing)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not condition():
+        if loop.time() > deadline:
+            pytest.fail("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def informer(kube: Kube) -> AsyncIterator[Informer]:
+    pods = Informer(
+        kube.core.list_namespaced_pod,
+        namespace=NS,
+        label_selector=SELECTOR,
+        backoff=Backoff(initial=0.05, cap=0.5),
+    )
+    task = asyncio.create_task(pods.run())
+    yield pods
+    await pods.stop()
+    await task
+
+
+def add_pod(api: KubeApiDouble, name: str) -> KubeObject:
+    return api.add_pod(NS, name, node_name="node-1", labels=LABELS)
+
+
+async def stream_is_live(api: KubeApiDouble, informer: Informer, probe: str) -> None:
+    """Return once the informer's watch stream is open and delivering.
+
+    `synced` only means the list is in; a fault injected before the watch
+    connects would hit nothing. A new pod arriving proves the stream is live.
+    """
+    add_pod(api, probe)
+    await eventually(lambda: informer.get(NS, probe) is not None)
+
+
+async def test_informer_sees_adds_updates_and_deletes(
+    api: KubeApiDouble, informer: Informer
+) -> None:
+    add_pod(api, "plugin-a")
+    events = Events(informer)
+    await informer.synced.wait()
+
+    add_pod(api, "plugin-b")
+    api.add_pod(NS, "unrelated", node_name="node-1", labels={"app": "other"})
+    api.set_pod_ready(NS, "plugin-a", False)
+    api.delete_pod(NS, "plugin-b")
+    await eventually(lambda: events.names("delete") == ["plugin-b"])
+
+    assert [(kind, name) for kind, name, _ in events.seen] == [
+        ("add", "plugin-a"),
+        ("add", "plugin-b"),
+        ("update", "plugin-a"),
+        ("delete", "plugin-b"),
+    ]
+    assert informer.get(NS, "plugin-b") is None
+    cached = informer.get(NS, "plugin-a")
+    assert cached is not None
+    assert cached == api.get("pods", NS, "plugin-a")
+
+
+async def test_resume_after_dropped_watches_misses_and_repeats_nothing(
+    api: KubeApiDouble, informer: Informer
+) -> None:
+    add_pod(api, "plugin-a")
+    events = Events(informer)
+    await informer.synced.wait()
+
+    for round_number in range(3):
+        await stream_is_live(api, informer, f"probe-{round_number}")
+        api.drop_watches()
+        add_pod(api, f"plugin-{round_number}")
+        api.set_pod_ready(NS, "plugin-a", round_number % 2 == 0)
+        await eventually(lambda n=round_number: f"plugin-{n}" in events.names("add"))
+    api.delete_pod(NS, "plugin-0")
+    await eventually(lambda: events.names("delete") == ["plugin-0"])
+
+    assert [name for name in events.names("add") if not name.startswith("probe")] == [
+        "plugin-a",
+        "plugin-0",
+        "plugin-1",
+        "plugin-2",
+    ]
+    assert events.names("update") == ["plugin-a"] * 3
+    assert len(events.seen) == len(set(events.seen))
+    assert api.count(verb="list", resource="pods") == 1
+    assert api.count(verb="watch", resource="pods") >= 4
+
+
+async def test_relist_after_410_announces_only_real_differences(
+    api: KubeApiDouble, informer: Informer
+) -> None:
+    for name in ("same", "changes", "goes"):
+        add_pod(api, name)
+    await informer.synced.wait()
+    await stream_is_live(api, informer, "probe")
+    events = Events(informer)
+
+    # All before the informer's task runs again: the stream ends, the changes
+    # happen while it is away, and then their history is compacted, so
+    # resuming answers 410 and only a relist can reveal them.
+    api.drop_watches()
+    changed = api.set_pod_ready(NS, "changes", False)
+    new = add_pod(api, "new")
+    api.delete_pod(NS, "goes")
+    api.expire_history()
+    await eventually(lambda: api.count(verb="list", resource="pods") == 2 and len(events.seen) == 3)
+    await asyncio.sleep(0.2)  # room for any wrong extra announcement to show up
+
+    assert sorted(events.seen) == sorted(
+        [
+            ("update", "changes", changed["metadata"]["resourceVersion"]),
+            ("add", "new", new["metadata"]["resourceVersion"]),
+            ("delete", "goes", events.seen[-1][2]),
+        ]
+    )
+    names = {obj["metadata"]["name"] for obj in informer.items()}
+    assert names == {"same", "changes", "new", "probe"}
+
+
+async def test_bookmarks_advance_the_resume_version(api: KubeApiDouble, informer: Informer) -> None:
+    add_pod(api, "plugin-a")
+    await informer.synced.wait()
+    listed = informer.resource_version
+    api.add_node("unrelated-node")  # moves the server's version, not our pods
+
+    await eventually(lambda: informer.resource_version != listed)
+
+    assert int(informer.resource_version or 0) >= api.resource_version
+
+
+async def test_a_node_informer_feeds_machine_identity(api: KubeApiDouble, kube: Kube) -> None:
+    api.add_node("gpu-node-1", provider_id="aws:///us-east-1a/i-0abc1234def567890")
+    api.add_node("kind-worker", provider_id="kind://docker/kind/kind-worker", system_uuid="ABC-1")
+    nodes = Informer(kube.core.list_node)
+    task = asyncio.create_task(nodes.run())
+    await nodes.synced.wait()
+    await nodes.stop()
+    await task
+
+    machines = {obj["metadata"]["name"]: machine_id(obj) for obj in nodes.items()}
+
+    assert machines == {"gpu-node-1": "i-0abc1234def567890", "kind-worker": "abc-1"}
