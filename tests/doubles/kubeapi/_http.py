@@ -1,0 +1,368 @@
+"""The HTTP face of the double: routing, REST verbs, watch streams, exec, accounting.
+
+kmock's ``KubernetesScaffold`` is the aiohttp handler: it serves discovery
+(``/api``, ``/apis``, ``/version``) and answers every path we do not serve with
+a 404 ``metav1.Status``. Requests for the resources we emulate are answered
+here before kmock sees them, because kmock's reaction lookup walks every past
+request (it keeps them all for assertions), which is quadratic over a
+5,000-pod benchmark, and because its emulator has no resourceVersions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import attrs
+import kmock
+from aiohttp import web
+
+from tests.doubles.kubeapi._exec import ExecHandler, ExecRequest, exec_target, serve_exec
+from tests.doubles.kubeapi._objects import (
+    PODS,
+    RESOURCES,
+    ApiError,
+    ResourceType,
+    status_body,
+)
+from tests.doubles.kubeapi._selectors import Selector
+from tests.doubles.kubeapi._store import Store, Watcher
+
+_log = logging.getLogger(__name__)
+
+_PATH = re.compile(
+    r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+    r"/(?:namespaces/(?P<ns>[^/]+)/)?(?P<plural>[^/]+)"
+    r"(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?/?$"
+)
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One request as the double saw it; ``time`` is ``time.monotonic()`` at arrival.
+
+    ``verb`` is the Kubernetes verb: get, list, watch, create, update, patch,
+    delete or exec (for paths the double does not emulate, the HTTP method).
+    """
+
+    time: float
+    method: str
+    path: str
+    verb: str
+    resource: str | None
+    namespace: str | None
+    name: str | None
+    subresource: str | None
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    resource: ResourceType
+    namespace: str | None
+    name: str | None
+    subresource: str | None
+    verb: str
+
+
+def truthy(value: str | None) -> bool:
+    """Query booleans: kubernetes_asyncio sends ``True``, Go clients send ``true``."""
+    return (value or "").lower() in ("true", "1")
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+    )
+
+
+@attrs.define(kw_only=True)
+class KmockHandler(kmock.KubernetesScaffold):
+    """kmock's Kubernetes scaffold with our emulated resources answered first."""
+
+    front: Callable[[web.BaseRequest], Awaitable[web.StreamResponse | None]]
+
+    async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
+        """Serve from the emulation when it knows the path, else let kmock answer."""
+        response = await self.front(raw_request)
+        if response is not None:
+            return response
+        return await super().__call__(raw_request)
+
+
+class ApiFront:
+    """Answers the emulated resources over HTTP from a ``Store``."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        exec_handler: Callable[[], ExecHandler],
+        bookmark_interval: float,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.store = store
+        self.requests: list[RecordedRequest] = []
+        self.exec_by_uid: collections.Counter[str] = collections.Counter()
+        self._exec_handler = exec_handler
+        self._bookmark_interval = bookmark_interval
+        self._stopping = stopping
+
+    async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse | None:
+        """Record the request; answer it if it addresses an emulated resource."""
+        route = _route(raw_request)
+        self.requests.append(
+            RecordedRequest(
+                time=time.monotonic(),
+                method=raw_request.method,
+                path=raw_request.path,
+                verb=route.verb if route else raw_request.method.lower(),
+                resource=route.resource.plural if route else None,
+                namespace=route.namespace if route else None,
+                name=route.name if route else None,
+                subresource=route.subresource if route else None,
+                params=dict(raw_request.query),
+            )
+        )
+        if route is None:
+            return None
+        try:
+            return await self._serve(raw_request, route)
+        except ApiError as err:
+            return _json(err.status(), err.code)
+        except Exception as exc:  # answer as the server would, and let the test see the log
+            _log.exception("kube API double failed", extra={"path": raw_request.path})
+            return _json(status_body(500, "InternalError", f"double failed: {exc!r}"), 500)
+
+    async def _serve(self, raw: web.BaseRequest, route: _Route) -> web.StreamResponse:
+        resource, namespace, name, sub = (
+            route.resource,
+            route.namespace,
+            route.name,
+            route.subresource,
+        )
+        params = raw.query
+        if (resource.namespaced and name is not None and namespace is None) or (
+            not resource.namespaced and namespace is not None
+        ):
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if sub is not None and sub not in resource.subresources:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        store = self.store
+        match route.verb:
+            case "list":
+                store.check_list_version(
+                    params.get("resourceVersion", ""), params.get("resourceVersionMatch", "")
+                )
+                return _json(
+                    store.list_objects(
+                        resource,
+                        namespace,
+                        _selector(resource, params),
+                        limit=_int(params.get("limit", "0"), "limit"),
+                        continue_token=params.get("continue", ""),
+                    )
+                )
+            case "watch":
+                return await self._watch(raw, resource, namespace, name)
+            case "get":
+                assert name is not None
+                return _json(store.require(resource, namespace, name))
+            case "create" if name is None:
+                return _json(store.create(resource, namespace, await _body(raw)), 201)
+            case "update" if name is not None:
+                return _json(
+                    store.replace(resource, namespace, name, await _body(raw), subresource=sub)
+                )
+            case "patch" if name is not None:
+                content_type = raw.headers.get("Content-Type", "")
+                return _json(
+                    store.patch(
+                        resource, namespace, name, content_type, await raw.read(), subresource=sub
+                    )
+                )
+            case "delete" if name is not None:
+                options = await _body(raw, default={})
+                preconditions = options.get("preconditions") if isinstance(options, dict) else None
+                return _json(store.delete(resource, namespace, name, preconditions))
+            case "exec" if name is not None:
+                return await self._exec(raw, namespace, name)
+        raise ApiError(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        )
+
+    async def _watch(
+        self, raw: web.BaseRequest, resource: ResourceType, namespace: str | None, name: str | None
+    ) -> web.StreamResponse:
+        params = raw.query
+        selector = _selector(resource, params, name=name)
+        timeout = params.get("timeoutSeconds")
+        deadline = time.monotonic() + _int(timeout, "timeoutSeconds") if timeout else None
+        bookmarks = truthy(params.get("allowWatchBookmarks"))
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw)
+        try:
+            watcher = self.store.watch(
+                resource, namespace, selector, params.get("resourceVersion", "")
+            )
+        except ApiError as err:  # the real server says 410 inside a 200 stream, then ends it
+            await response.write(
+                json.dumps({"type": "ERROR", "object": err.status()}).encode() + b"\n"
+            )
+            await response.write_eof()
+            return response
+        try:
+            await self._pump(response, watcher, deadline, bookmarks)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client hung up
+        finally:
+            self.store.unwatch(watcher)
+        return response
+
+    async def _pump(
+        self,
+        response: web.StreamResponse,
+        watcher: Watcher,
+        deadline: float | None,
+        bookmarks: bool,
+    ) -> None:
+        interval = self._bookmark_interval
+        next_bookmark = time.monotonic() + interval
+        while not self._stopping.is_set():
+            lines: list[bytes] = []
+            dropped = False
+            while not watcher.queue.empty():  # send a backlog (a replay) in one write
+                item = watcher.queue.get_nowait()
+                if item is None:
+                    dropped = True
+                    break
+                lines.append(item)
+            if lines:
+                await response.write(b"".join(lines))
+            if dropped:
+                return
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return
+            if bookmarks and now >= next_bookmark:
+                # The queue is empty, so this watcher has seen every write up to now.
+                await response.write(self._bookmark(watcher.resource))
+                next_bookmark = now + interval
+            wait = min(
+                deadline - now if deadline is not None else interval,
+                next_bookmark - now if bookmarks else interval,
+            )
+            try:
+                item = await asyncio.wait_for(watcher.queue.get(), timeout=max(wait, 0.001))
+            except TimeoutError:
+                continue
+            if item is None:
+                return
+            await response.write(item)
+
+    def _bookmark(self, resource: ResourceType) -> bytes:
+        event = {
+            "type": "BOOKMARK",
+            "object": {
+                "kind": resource.kind,
+                "apiVersion": resource.api_version,
+                "metadata": {"resourceVersion": str(self.store.resource_version)},
+            },
+        }
+        return json.dumps(event, separators=(",", ":")).encode() + b"\n"
+
+    async def _exec(
+        self, raw: web.BaseRequest, namespace: str | None, name: str
+    ) -> web.StreamResponse:
+        pod = self.store.require(PODS, namespace, name)
+        phase = pod.get("status", {}).get("phase", "")
+        if phase in ("Succeeded", "Failed"):
+            raise ApiError.bad_request(
+                f"cannot exec into a container in a completed pod; current phase is {phase}"
+            )
+        node_name = pod.get("spec", {}).get("nodeName", "")
+        if not node_name:
+            raise ApiError.bad_request(f"pod {name} does not have a host assigned")
+        try:
+            container = exec_target(pod, raw.query)
+        except ValueError as exc:
+            raise ApiError.bad_request(str(exc)) from None
+        command = raw.query.getall("command", [])
+        if not command:
+            raise ApiError.bad_request("you must specify at least 1 command")
+        if not any(truthy(raw.query.get(s)) for s in ("stdin", "stdout", "stderr")):
+            raise ApiError.bad_request("you must specify at least 1 of stdin, stdout, stderr")
+        if raw.headers.get("Upgrade", "").lower() != "websocket":
+            raise ApiError.bad_request("Upgrade request required")
+        uid = pod["metadata"]["uid"]
+        self.exec_by_uid[uid] += 1
+        request = ExecRequest(
+            namespace=namespace or "",
+            pod=name,
+            container=container,
+            command=list(command),
+            node_name=node_name,
+            pod_uid=uid,
+        )
+        return await serve_exec(raw, request, self._exec_handler(), self._stopping)
+
+
+def _route(raw: web.BaseRequest) -> _Route | None:
+    match = _PATH.match(raw.path)
+    if match is None:
+        return None
+    resource = RESOURCES.get(match["plural"])
+    group, version = ("", "v1") if match["core"] else (match["group"], match["version"])
+    if resource is None or (resource.group, resource.version) != (group, version):
+        return None
+    name, sub = match["name"], match["sub"]
+    if sub == "exec":
+        verb = "exec"
+    elif raw.method == "GET":
+        verb = "watch" if truthy(raw.query.get("watch")) else "list" if name is None else "get"
+    else:
+        verb = _VERBS.get(raw.method, raw.method.lower())
+    return _Route(resource, match["ns"], name, sub, verb)
+
+
+def _selector(
+    resource: ResourceType, params: Mapping[str, str], *, name: str | None = None
+) -> Selector:
+    fields = params.get("fieldSelector", "")
+    if name is not None:  # a watch on a named URL watches that one object
+        fields = ",".join(f for f in (fields, f"metadata.name={name}") if f)
+    return Selector.parse(resource.plural, params.get("labelSelector", ""), fields)
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ApiError.bad_request(f"{what}: Invalid value: {text!r}") from None
+
+
+async def _body(raw: web.BaseRequest, default: Any = None) -> Any:
+    data = await raw.read()
+    if not data:
+        if default is not None:
+            return default
+        raise ApiError.bad_request("the request has no body")
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise ApiError.bad_request(
+            f"the body of the request was in an unknown format: {exc}"
+        ) from None

@@ -1,0 +1,435 @@
+"""The object store: one resourceVersion counter, a bounded event history, and watchers.
+
+Like etcd behind the API server, every write to any resource bumps one counter,
+and the object written carries the new value. Stored objects are never mutated
+after they are stored (every write stores a new dict), so list snapshots, the
+history and in-flight responses can share them without copying.
+
+Everything here is synchronous and runs on the event loop, so every operation
+is atomic: a watch registers and collects its replay in one step, and cannot
+miss or duplicate an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import copy
+import itertools
+import json
+import secrets
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.doubles.kubeapi._objects import (
+    PODS,
+    RESOURCES,
+    ApiError,
+    JsonObject,
+    ResourceType,
+    timestamp,
+)
+from tests.doubles.kubeapi._patch import apply_patch
+from tests.doubles.kubeapi._selectors import Selector
+
+_SNAPSHOTS_KEPT = 32
+"""Paginated list snapshots kept for ``continue`` tokens; older tokens answer 410."""
+
+
+@dataclass(slots=True)
+class _Event:
+    """One write, as watchers see it; JSON of the objects is rendered once and shared."""
+
+    rv: int
+    resource: str
+    type: str
+    old: JsonObject | None
+    new: JsonObject
+    _json: dict[int, bytes] = field(default_factory=dict)
+
+    def encoded(self, obj: JsonObject) -> bytes:
+        key = id(obj)
+        if key not in self._json:
+            self._json[key] = json.dumps(obj, separators=(",", ":")).encode()
+        return self._json[key]
+
+
+def _line(event_type: str, encoded_object: bytes) -> bytes:
+    return b'{"type":"%s","object":%s}\n' % (event_type.encode(), encoded_object)
+
+
+class Watcher:
+    """One open watch: filters events and queues them as ready-to-send JSON lines.
+
+    A ``None`` in ``queue`` means the store dropped the watch.
+    """
+
+    def __init__(self, resource: ResourceType, namespace: str | None, selector: Selector) -> None:
+        self.resource = resource
+        self.namespace = namespace
+        self.selector = selector
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def _selects(self, obj: JsonObject | None) -> bool:
+        if obj is None:
+            return False
+        if self.namespace is not None and obj["metadata"].get("namespace") != self.namespace:
+            return False
+        return self.selector.matches(obj)
+
+    def offer(self, event: _Event) -> None:
+        """Queue ``event`` as this watcher sees it.
+
+        As on the real server, an object that starts or stops matching the
+        selector is ADDED or DELETED for this watcher, not MODIFIED.
+        """
+        if event.type == "DELETED":
+            if self._selects(event.old):
+                self.queue.put_nowait(_line("DELETED", event.encoded(event.new)))
+            return
+        was, now = self._selects(event.old), self._selects(event.new)
+        if now:
+            self.queue.put_nowait(_line("MODIFIED" if was else "ADDED", event.encoded(event.new)))
+        elif was:
+            self.queue.put_nowait(_line("DELETED", event.encoded(event.new)))
+
+
+class Store:
+    """In-memory objects of every served resource, with etcd-like versioning."""
+
+    def __init__(self, *, history_limit: int) -> None:
+        self._objects: dict[str, dict[str, dict[str, JsonObject]]] = {r: {} for r in RESOURCES}
+        self._rv = 0
+        self._history: deque[_Event] = deque()
+        self._history_limit = history_limit
+        self._floor = 0
+        """Every event after this resourceVersion is still in ``_history``."""
+        self._watchers: dict[str, set[Watcher]] = {r: set() for r in RESOURCES}
+        self._pods_by_node: dict[str, set[tuple[str, str]]] = {}
+        self._snapshots: OrderedDict[int, tuple[int, list[JsonObject]]] = OrderedDict()
+        self._snapshot_ids = itertools.count(1)
+
+    @property
+    def resource_version(self) -> int:
+        """The newest resourceVersion handed out."""
+        return self._rv
+
+    # --- reads -------------------------------------------------------------------
+
+    def get(self, resource: ResourceType, namespace: str | None, name: str) -> JsonObject | None:
+        """The stored object (shared: do not mutate), or ``None``."""
+        return self._objects[resource.plural].get(namespace or "", {}).get(name)
+
+    def require(self, resource: ResourceType, namespace: str | None, name: str) -> JsonObject:
+        """The stored object, or a 404 ``ApiError``."""
+        obj = self.get(resource, namespace, name)
+        if obj is None:
+            raise ApiError.not_found(resource, name)
+        return obj
+
+    def node_names(self) -> list[str]:
+        """Every node object's name and every node a pod is bound to, sorted."""
+        names = set(self._objects["nodes"].get("", {}))
+        names.update(node for node, pods in self._pods_by_node.items() if node and pods)
+        return sorted(names)
+
+    def _candidates(
+        self, resource: ResourceType, namespace: str | None, selector: Selector
+    ) -> Iterator[JsonObject]:
+        node = selector.field_equals("spec.nodeName") if resource is PODS else None
+        if node is not None:  # indexed: O(pods on the node), as gpufleet lists per node
+            for ns, name in self._pods_by_node.get(node, ()):
+                if namespace is None or ns == namespace:
+                    yield self._objects["pods"][ns][name]
+            return
+        spaces = self._objects[resource.plural]
+        if namespace is not None:
+            yield from spaces.get(namespace, {}).values()
+        else:
+            for objects in spaces.values():
+                yield from objects.values()
+
+    def list_objects(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        selector: Selector,
+        *,
+        limit: int = 0,
+        continue_token: str = "",
+    ) -> JsonObject:
+        """A ``<Kind>List`` body, paginated with ``limit``/``continue`` as the server does."""
+        if continue_token:
+            snap_rv, items, offset = self._resume(continue_token)
+        else:
+            matching = [
+                o for o in self._candidates(resource, namespace, selector) if selector.matches(o)
+            ]
+            matching.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
+            snap_rv, items, offset = self._rv, matching, 0
+        metadata: JsonObject = {"resourceVersion": str(snap_rv)}
+        end = offset + limit if limit > 0 else len(items)
+        if end < len(items):
+            metadata["continue"] = self._remember(snap_rv, items, end)
+            metadata["remainingItemCount"] = len(items) - end
+        return {
+            "kind": f"{resource.kind}List",
+            "apiVersion": resource.api_version,
+            "metadata": metadata,
+            "items": items[offset:end],
+        }
+
+    def _remember(self, snap_rv: int, items: list[JsonObject], offset: int) -> str:
+        snap_id = next(self._snapshot_ids)
+        self._snapshots[snap_id] = (snap_rv, items)
+        while len(self._snapshots) > _SNAPSHOTS_KEPT:
+            self._snapshots.popitem(last=False)
+        token = json.dumps({"id": snap_id, "rv": snap_rv, "start": offset}).encode()
+        return base64.urlsafe_b64encode(token).decode()
+
+    def _resume(self, token: str) -> tuple[int, list[JsonObject], int]:
+        try:
+            data = json.loads(base64.urlsafe_b64decode(token.encode()))
+            snap_id, snap_rv, offset = int(data["id"]), int(data["rv"]), int(data["start"])
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise ApiError.bad_request(f"invalid continue token {token!r}") from None
+        snapshot = self._snapshots.get(snap_id)
+        if snapshot is None or snap_rv < self._floor:
+            raise ApiError.expired(
+                "The provided continue parameter is too old to display a consistent list "
+                "result. You can start a new list without the continue parameter."
+            )
+        return snapshot[0], snapshot[1], offset
+
+    def check_list_version(self, resource_version: str, match: str) -> None:
+        """A list at an exact, expired resourceVersion answers 410; others see the present."""
+        if match == "Exact" and resource_version not in ("", "0"):
+            rv = _parse_rv(resource_version)
+            if rv < self._floor:
+                raise ApiError.expired(f"too old resource version: {rv} ({self._floor + 1})")
+
+    # --- writes ------------------------------------------------------------------
+
+    def create(
+        self, resource: ResourceType, namespace: str | None, body: Any, *, keep_uid: bool = False
+    ) -> JsonObject:
+        """Store a new object from a request body; 409 AlreadyExists if the name is taken."""
+        if not isinstance(body, dict) or not isinstance(body.get("metadata", {}), dict):
+            raise ApiError.bad_request("the body of the request must be a JSON object")
+        obj = copy.deepcopy(body)
+        meta = obj.setdefault("metadata", {})
+        if resource.namespaced:
+            if meta.get("namespace") not in (None, "", namespace):
+                raise ApiError.bad_request(
+                    "the namespace of the provided object does not match the namespace sent "
+                    "on the request"
+                )
+            meta["namespace"] = namespace
+        else:
+            meta.pop("namespace", None)
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
+        name = meta.get("name")
+        if not name:
+            raise ApiError(
+                422, "Invalid", "metadata.name: Required value: name or generateName is required"
+            )
+        if self.get(resource, namespace, name) is not None:
+            raise ApiError.already_exists(resource, name)
+        obj["apiVersion"], obj["kind"] = resource.api_version, resource.kind
+        if not (keep_uid and meta.get("uid")):
+            meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = timestamp()
+        meta.pop("deletionTimestamp", None)
+        return self._commit(resource, "ADDED", None, obj)
+
+    def replace(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        name: str,
+        body: Any,
+        *,
+        subresource: str | None = None,
+    ) -> JsonObject:
+        """PUT: optimistic concurrency on ``metadata.resourceVersion`` (409 when stale)."""
+        current = self.require(resource, namespace, name)
+        if not isinstance(body, dict) or not isinstance(body.get("metadata", {}), dict):
+            raise ApiError.bad_request("the body of the request must be a JSON object")
+        body_name = body.get("metadata", {}).get("name")
+        if body_name not in (None, name):
+            raise ApiError.bad_request(
+                f"the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )
+        return self._write(resource, current, copy.deepcopy(body), subresource)
+
+    def patch(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        name: str,
+        content_type: str,
+        body: bytes,
+        *,
+        subresource: str | None = None,
+    ) -> JsonObject:
+        """PATCH with a merge, strategic-merge (as merge) or JSON patch."""
+        current = self.require(resource, namespace, name)
+        return self._write(resource, current, apply_patch(content_type, current, body), subresource)
+
+    def mutate(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        name: str,
+        change: Callable[[JsonObject], None],
+    ) -> JsonObject:
+        """Apply ``change`` to a copy of the object and store it (test-side writes)."""
+        current = self.require(resource, namespace, name)
+        new = copy.deepcopy(current)
+        change(new)
+        meta = new.setdefault("metadata", {})
+        meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+        return self._write(resource, current, new, "*")
+
+    def _write(
+        self, resource: ResourceType, current: JsonObject, new: JsonObject, subresource: str | None
+    ) -> JsonObject:
+        meta = new.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise ApiError.bad_request("metadata must be an object")
+        sent_rv = meta.get("resourceVersion")
+        if sent_rv not in (None, "") and sent_rv != current["metadata"]["resourceVersion"]:
+            raise ApiError.conflict(resource, current["metadata"]["name"])
+        # Identity and server-managed fields are the server's, whatever the client sent.
+        for key in ("name", "namespace", "uid", "creationTimestamp"):
+            if key in current["metadata"]:
+                meta[key] = current["metadata"][key]
+        new["apiVersion"], new["kind"] = resource.api_version, resource.kind
+        if subresource == "status":  # the status endpoint changes nothing but status
+            new = {**current, "status": new.get("status", {})}
+            new["metadata"] = dict(current["metadata"])
+        elif subresource is None and "status" in resource.subresources:
+            if "status" in current:
+                new["status"] = current["status"]  # the main endpoint ignores status
+            else:
+                new.pop("status", None)
+        return self._commit(resource, "MODIFIED", current, new)
+
+    def delete(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        name: str,
+        preconditions: Mapping[str, Any] | None = None,
+    ) -> JsonObject:
+        """Remove the object at once (no graceful termination); DELETED goes to watchers."""
+        current = self.require(resource, namespace, name)
+        wanted = preconditions or {}
+        if wanted.get("resourceVersion") not in (None, current["metadata"]["resourceVersion"]):
+            raise ApiError.conflict(resource, name)
+        if wanted.get("uid") not in (None, current["metadata"]["uid"]):
+            raise ApiError.conflict(resource, name)
+        final = {**current, "metadata": {**current["metadata"], "deletionTimestamp": timestamp()}}
+        return self._commit(resource, "DELETED", current, final)
+
+    def _commit(
+        self, resource: ResourceType, event_type: str, old: JsonObject | None, new: JsonObject
+    ) -> JsonObject:
+        self._rv += 1
+        new["metadata"] = {**new["metadata"], "resourceVersion": str(self._rv)}
+        meta = new["metadata"]
+        space = self._objects[resource.plural].setdefault(meta.get("namespace") or "", {})
+        if event_type == "DELETED":
+            del space[meta["name"]]
+        else:
+            space[meta["name"]] = new
+        if resource is PODS:
+            self._index_pod(old, None if event_type == "DELETED" else new)
+        event = _Event(self._rv, resource.plural, event_type, old, new)
+        self._history.append(event)
+        while len(self._history) > self._history_limit:
+            self._floor = self._history.popleft().rv
+        for watcher in self._watchers[resource.plural]:
+            watcher.offer(event)
+        return new
+
+    def _index_pod(self, old: JsonObject | None, new: JsonObject | None) -> None:
+        for obj, add in ((old, False), (new, True)):
+            if obj is None:
+                continue
+            node = obj.get("spec", {}).get("nodeName") or ""
+            key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+            keys = self._pods_by_node.setdefault(node, set())
+            if add:
+                keys.add(key)
+            else:
+                keys.discard(key)
+
+    # --- watches -----------------------------------------------------------------
+
+    def watch(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        selector: Selector,
+        resource_version: str,
+    ) -> Watcher:
+        """Open a watch; its queue already holds the replay.
+
+        ``""`` or ``"0"``: a synthetic ADDED per current object. ``N``: exactly
+        the events after ``N``, or 410 Expired when they are no longer kept.
+        """
+        watcher = Watcher(resource, namespace, selector)
+        if resource_version in ("", "0"):
+            for obj in self._candidates(resource, namespace, selector):
+                if selector.matches(obj):
+                    encoded = json.dumps(obj, separators=(",", ":")).encode()
+                    watcher.queue.put_nowait(_line("ADDED", encoded))
+        else:
+            since = _parse_rv(resource_version)
+            if since < self._floor:
+                raise ApiError.expired(f"too old resource version: {since} ({self._floor + 1})")
+            replay: list[_Event] = []
+            for event in reversed(self._history):
+                if event.rv <= since:
+                    break
+                if event.resource == resource.plural:
+                    replay.append(event)
+            for event in reversed(replay):
+                watcher.offer(event)
+        self._watchers[resource.plural].add(watcher)
+        return watcher
+
+    def unwatch(self, watcher: Watcher) -> None:
+        """Forget a watch whose stream has ended."""
+        self._watchers[watcher.resource.plural].discard(watcher)
+
+    def expire_history(self) -> None:
+        """Forget every past event: resuming from any older resourceVersion answers 410."""
+        self._history.clear()
+        self._floor = self._rv
+
+    def drop_watches(self) -> int:
+        """End every open watch stream; the number of streams dropped."""
+        dropped = 0
+        for watchers in self._watchers.values():
+            for watcher in watchers:
+                watcher.queue.put_nowait(None)
+                dropped += 1
+            watchers.clear()
+        return dropped
+
+
+def _parse_rv(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ApiError.bad_request(f'resourceVersion: Invalid value: "{text}"') from None
+    if value < 0:
+        raise ApiError.bad_request(f'resourceVersion: Invalid value: "{text}"')
+    return value

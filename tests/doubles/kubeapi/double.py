@@ -1,0 +1,271 @@
+"""``KubeApiDouble``: a Kubernetes API server on loopback for the real client.
+
+Usage::
+
+    async with KubeApiDouble() as api:
+        api.add_node("node-1", provider_id="aws:///us-east-1a/i-0abc")
+        api.add_pod("gpu", "plugin-1", node_name="node-1", labels={"app": "nvidia-device-plugin"})
+        async with ApiClient(api.client_configuration()) as client:
+            core = CoreV1Api(client)
+            pods = await core.list_namespaced_pod("gpu", label_selector="app=nvidia-device-plugin")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import kmock
+import yaml
+from kubernetes_asyncio.client import Configuration
+
+from gpufleet.gpu.sim import SimFleet
+from tests.doubles.kubeapi._exec import ExecHandler, SmiRenderer, default_handler
+from tests.doubles.kubeapi._http import ApiFront, KmockHandler, RecordedRequest
+from tests.doubles.kubeapi._objects import (
+    LEASES,
+    NODES,
+    PODS,
+    RESOURCES,
+    JsonObject,
+    new_node,
+    new_pod,
+    set_ready,
+)
+from tests.doubles.kubeapi._store import Store
+
+_KINDS = {"pods": PODS, "nodes": NODES, "leases": LEASES}
+
+
+class KubeApiDouble:
+    """An API server double for pods, nodes and leases, with exec into simulated GPU nodes.
+
+    ``bookmark_interval`` is how often watches that allow bookmarks get one
+    (seconds); ``history_limit`` is how many past events a watch can resume
+    from before it gets 410 Gone, as etcd compaction would give it.
+    """
+
+    def __init__(self, *, bookmark_interval: float = 1.0, history_limit: int = 100_000) -> None:
+        self._store = Store(history_limit=history_limit)
+        self._stopping = asyncio.Event()
+        self._smi = SmiRenderer()
+        self._default_exec = default_handler(self._smi)
+        self._exec_handler: ExecHandler | None = None
+        self._front = ApiFront(
+            self._store,
+            exec_handler=lambda: self._exec_handler or self._default_exec,
+            bookmark_interval=bookmark_interval,
+            stopping=self._stopping,
+        )
+        self.kmock = KmockHandler(front=self._front)
+        """kmock's handler: add reactions for paths the double does not emulate."""
+        for resource in RESOURCES.values():
+            self.kmock.resources[f"{resource.api_version}/{resource.plural}"] = kmock.ResourceInfo(
+                kind=resource.kind,
+                singular=resource.kind.lower(),
+                namespaced=resource.namespaced,
+                verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+                subresources=set(resource.subresources),
+            )
+        self._server: kmock.Server | None = None
+        self.url = ""
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen on a random loopback port; ``url`` is set from here on."""
+        if self._server is not None:
+            raise RuntimeError("KubeApiDouble is already started")
+        self._stopping.clear()
+        await self.kmock.__aenter__()
+        server = kmock.Server(self.kmock)
+        await server.__aenter__()
+        self._server = server
+        self.url = f"http://{server.host}:{server.port}"
+
+    async def stop(self) -> None:
+        """End open watches and execs, then close the server.
+
+        kmock's server hooks aiohttp's resolver; stop doubles (and other kmock
+        servers) in the reverse order of starting them.
+        """
+        if self._server is None:
+            return
+        self._stopping.set()
+        self._store.drop_watches()
+        server, self._server = self._server, None
+        try:
+            await server.__aexit__(None, None, None)
+        finally:
+            await self.kmock.__aexit__(None, None, None)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # --- client configuration ---------------------------------------------------
+
+    def client_configuration(self) -> Configuration:
+        """A kubernetes_asyncio configuration for ``url``: plain HTTP, no auth."""
+        if not self.url:
+            raise RuntimeError("start the double before asking for its configuration")
+        configuration = Configuration(host=self.url)
+        configuration.verify_ssl = False
+        return configuration
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        """Write a kubeconfig whose current context points at ``url``; returns ``path``."""
+        if not self.url:
+            raise RuntimeError("start the double before writing a kubeconfig")
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "double", "cluster": {"server": self.url}}],
+            "users": [{"name": "double", "user": {"token": "double-token"}}],
+            "contexts": [{"name": "double", "context": {"cluster": "double", "user": "double"}}],
+            "current-context": "double",
+        }
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    # --- objects -------------------------------------------------------------------
+
+    def add_node(
+        self,
+        name: str,
+        *,
+        provider_id: str = "",
+        system_uuid: str = "",
+        labels: dict[str, str] | None = None,
+    ) -> JsonObject:
+        """Create a Ready node; returns a copy of it as stored."""
+        node = new_node(name, provider_id=provider_id, system_uuid=system_uuid, labels=labels or {})
+        return _copy(self._store.create(NODES, None, node))
+
+    def add_pod(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        node_name: str,
+        labels: dict[str, str],
+        ready: bool = True,
+        phase: str = "Running",
+        containers: Sequence[str] = ("nvidia-device-plugin",),
+        uid: str | None = None,
+    ) -> JsonObject:
+        """Create a pod bound to ``node_name``; returns a copy of it as stored."""
+        pod = new_pod(
+            namespace,
+            name,
+            node_name=node_name,
+            labels=labels,
+            ready=ready,
+            phase=phase,
+            containers=containers,
+        )
+        if uid is not None:
+            pod["metadata"]["uid"] = uid
+        return _copy(self._store.create(PODS, namespace, pod, keep_uid=True))
+
+    def set_pod_ready(self, namespace: str, name: str, ready: bool) -> JsonObject:
+        """Flip every container's ``ready`` and the Ready/ContainersReady conditions."""
+        return self.update_pod(namespace, name, lambda pod: set_ready(pod, ready))
+
+    def update_pod(
+        self, namespace: str, name: str, mutate: Callable[[JsonObject], None]
+    ) -> JsonObject:
+        """Apply ``mutate`` to a copy of the pod and store it (one MODIFIED event)."""
+        return _copy(self._store.mutate(PODS, namespace, name, mutate))
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """Delete the pod at once; watchers get DELETED."""
+        self._store.delete(PODS, namespace, name)
+
+    def get(self, kind: str, namespace: str | None, name: str) -> JsonObject | None:
+        """A copy of a stored object; ``kind`` is ``pods``, ``nodes`` or ``leases``."""
+        obj = self._store.get(_KINDS[kind], namespace, name)
+        return None if obj is None else _copy(obj)
+
+    @property
+    def resource_version(self) -> int:
+        """The newest resourceVersion handed out."""
+        return self._store.resource_version
+
+    # --- exec ----------------------------------------------------------------------
+
+    def set_exec_handler(self, handler: ExecHandler | None) -> None:
+        """Answer exec with ``handler``; ``None`` restores the simulated ``nvidia-smi``."""
+        self._exec_handler = handler
+
+    def set_node_fleet(self, node_name: str, fleet: SimFleet | str) -> None:
+        """The simulated GPUs behind ``nvidia-smi`` on ``node_name`` (a preset name or fleet)."""
+        self._smi.set_fleet(node_name, fleet)
+
+    async def prerender_smi(self, node_names: Iterable[str] | None = None) -> None:
+        """Render ``nvidia-smi -q -x`` for these nodes (default: every node and pod node) now.
+
+        The default exec handler renders a node's document on its first exec
+        (2-4 ms of CPU on the event loop) and caches it; benchmarks call this
+        first so that cost stays out of the timed part.
+        """
+        if node_names is None:
+            node_names = self._store.node_names()
+        await self._smi.prerender(node_names)
+
+    # --- faults --------------------------------------------------------------------
+
+    def expire_history(self) -> None:
+        """Resuming a watch (or a paginated list) from any older resourceVersion answers 410."""
+        self._store.expire_history()
+
+    def drop_watches(self) -> None:
+        """End every open watch stream; clients see the stream end, as on a server restart."""
+        self._store.drop_watches()
+
+    # --- accounting ----------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every request so far, in arrival order, including watches and execs."""
+        return self._front.requests
+
+    def count(
+        self,
+        *,
+        verb: str | None = None,
+        resource: str | None = None,
+        subresource: str | None = None,
+    ) -> int:
+        """How many recorded requests match every given filter."""
+        return sum(
+            1
+            for r in self._front.requests
+            if (verb is None or r.verb == verb)
+            and (resource is None or r.resource == resource)
+            and (subresource is None or r.subresource == subresource)
+        )
+
+    def exec_count(self, pod_uid: str | None = None) -> int:
+        """Exec requests in all (refused ones too), or those that reached the pod ``pod_uid``."""
+        if pod_uid is None:
+            return self.count(verb="exec")
+        return self._front.exec_by_uid[pod_uid]
+
+
+def _copy(obj: JsonObject) -> JsonObject:
+    # Stored objects are shared with watch history and list snapshots; hand out copies.
+    copied: JsonObject = json.loads(json.dumps(obj))
+    return copied
