@@ -138,7 +138,7 @@ def export_test(
         ScanSettings, exporter_type=exporter or None, sqlite_path=db, cluster_name=cluster,
         node_name=node,
     )  # fmt: skip
-    results = asyncio.run(run_export_test(settings))
+    results = asyncio.run(run_export_test(settings, settings.node_name))
     for kind, error in results:
         if error is None:
             sys.stdout.write(f"ok    {kind}: health check passed, wrote 1 synthetic reading\n")
@@ -146,6 +146,119 @@ def export_test(
             sys.stdout.write(f"FAIL  {kind}: {error}\n")
     if any(error is not None for _, error in results):
         raise typer.Exit(1)
+
+
+NamespaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--namespace", help="Namespace of the pods [env NAMESPACE; default gpu-operator]."
+    ),
+]
+SelectorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--label-selector",
+        help="Pods to watch [env LABEL_SELECTOR; default app=nvidia-device-plugin-daemonset].",
+    ),
+]
+ContainerOpt = Annotated[
+    str | None,
+    typer.Option("--container", help="Container to exec in [env CONTAINER; default "
+                 "nvidia-device-plugin]."),
+]  # fmt: skip
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="Pods processed at once [env WORKERS; default 16].")
+]
+PortOpt = Annotated[
+    int | None,
+    typer.Option("--server-port", help="Port of /metrics, /healthz, /readyz [env SERVER_PORT; "
+                 "default 8080]."),
+]  # fmt: skip
+
+
+@app.command()
+def controller(
+    cluster: ClusterOpt = None,
+    exporter: ExporterOpt = None,
+    namespace: NamespaceOpt = None,
+    label_selector: SelectorOpt = None,
+    container: ContainerOpt = None,
+    workers: WorkersOpt = None,
+    server_port: PortOpt = None,
+) -> None:
+    """Watch the device-plugin pods and read each node's GPUs through them (gpuid mode)."""
+    from gpufleet.inventory.config import ControllerSettings
+    from gpufleet.inventory.service import controller_processor, run_pod_watch
+
+    settings = load_settings(
+        ControllerSettings, cluster_name=cluster, exporter_type=exporter or None,
+        namespace=namespace, label_selector=label_selector, container=container,
+        workers=workers, server_port=server_port,
+    )  # fmt: skip
+    asyncio.run(run_pod_watch(settings, controller_processor(settings)))
+
+
+@app.command()
+def check(
+    command: Annotated[
+        str | None, typer.Option("--command", help="Shell script to run in each pod [env COMMAND].")
+    ] = None,
+    force_restart: Annotated[
+        bool | None,
+        typer.Option(
+            "--force-restart/--no-force-restart",
+            help="Delete a pod whose command fails [env FORCE_RESTART; default false].",
+        ),
+    ] = None,
+    cluster: ClusterOpt = None,
+    namespace: NamespaceOpt = None,
+    label_selector: SelectorOpt = None,
+    container: ContainerOpt = None,
+    workers: WorkersOpt = None,
+    server_port: PortOpt = None,
+) -> None:
+    """Run COMMAND in each matching ready pod and log the result (gpuid's pod monitor)."""
+    from gpufleet.inventory.config import CheckSettings
+    from gpufleet.inventory.service import check_processor, run_pod_watch
+
+    settings = load_settings(
+        CheckSettings, command=command, force_restart=force_restart, cluster_name=cluster,
+        namespace=namespace, label_selector=label_selector, container=container,
+        workers=workers, server_port=server_port,
+    )  # fmt: skip
+    asyncio.run(run_pod_watch(settings, check_processor(settings)))
+
+
+@app.command()
+def agent(
+    node: Annotated[
+        str | None, typer.Option("--node", help="This node's name [env NODE_NAME; required].")
+    ] = None,
+    simulate: Annotated[
+        str | None,
+        typer.Option(
+            "--simulate",
+            metavar="PRESET",
+            help="Read simulated GPUs instead of NVML [env SIMULATE].",
+        ),
+    ] = None,
+    scan_interval: Annotated[
+        str | None,
+        typer.Option("--scan-interval", help="Time between scans [env SCAN_INTERVAL; default 1h]."),
+    ] = None,
+    cluster: ClusterOpt = None,
+    exporter: ExporterOpt = None,
+    server_port: PortOpt = None,
+) -> None:
+    """Node agent (DaemonSet): read this node's GPUs at start and every SCAN_INTERVAL."""
+    from gpufleet.inventory.config import AgentSettings
+    from gpufleet.inventory.service import run_agent
+
+    settings = load_settings(
+        AgentSettings, node_name=node, simulate=simulate, scan_interval=scan_interval,
+        cluster_name=cluster, exporter_type=exporter or None, server_port=server_port,
+    )  # fmt: skip
+    asyncio.run(run_agent(settings))
 
 
 @app.command()

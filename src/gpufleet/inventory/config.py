@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import NoDecode
 
 from gpufleet.core.config import CommonSettings, Duration
 from gpufleet.inventory.exporters.base import ExporterType
 from gpufleet.inventory.spool import FullPolicy
+from gpufleet.kube.client import KubeSettings
+from gpufleet.kube.lease import LeaseSettings
 
 
 def _split_names(value: object) -> object:
@@ -56,11 +59,73 @@ class HistorySettings(CommonSettings):
     sqlite_path: Path = Path("gpufleet-inventory.db")
 
 
-class ScanSettings(DeliverySettings, HistorySettings):
-    """``gpufleet inventory scan``: read this machine's GPUs once and export them."""
+class ExportSettings(DeliverySettings, HistorySettings):
+    """Where readings go: the exporters, their cluster, and the delivery knobs."""
 
     cluster_name: str = Field(min_length=1)
+    exporter_type: ExporterTypes = ("stdout",)
+
+
+class ScanSettings(ExportSettings):
+    """``gpufleet inventory scan``: read this machine's GPUs once and export them."""
+
     node_name: str = Field(default_factory=socket.gethostname, min_length=1)
     machine_id: str | None = None
-    exporter_type: ExporterTypes = ("stdout",)
+    dmi_dir: Path = Path("/sys/class/dmi/id")
+
+
+class ServerSettings(CommonSettings):
+    """Long-running commands serve /metrics, /healthz and /readyz here."""
+
+    server_port: int = Field(default=8080, ge=0, le=65535)
+
+
+class PodWatchSettings(ExportSettings, ServerSettings, KubeSettings, LeaseSettings):
+    """The controller and check mode: which pods to watch and how to work on them."""
+
+    namespace: str = Field(default="gpu-operator", min_length=1)
+    label_selector: str = "app=nvidia-device-plugin-daemonset"
+    container: str = Field(default="nvidia-device-plugin", min_length=1)
+    workers: int = Field(default=16, ge=1, le=100)
+    timeout: Duration = Field(default=30.0, gt=0, le=600)
+    resync: Duration = 0.0
+    max_retries: int = Field(default=5, ge=0, le=100)
+
+
+class ControllerSettings(PodWatchSettings):
+    """``gpufleet inventory controller``: nvidia-smi in every device-plugin pod."""
+
+    smi_command: str = "nvidia-smi -q -x"
+    node_labels: bool = False
+
+    @field_validator("smi_command")
+    @classmethod
+    def _argv(cls, value: str) -> str:
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split into arguments: {exc}") from None
+        if not argv:
+            raise ValueError("must name a command")
+        return value
+
+    @property
+    def smi_argv(self) -> list[str]:
+        """The command as argv: it runs without a shell."""
+        return shlex.split(self.smi_command)
+
+
+class CheckSettings(PodWatchSettings):
+    """``gpufleet inventory check``: run COMMAND in every matching pod."""
+
+    command: str = Field(min_length=1)
+    force_restart: bool = False
+
+
+class AgentSettings(ExportSettings, ServerSettings, KubeSettings):
+    """``gpufleet inventory agent``: a DaemonSet reading its own node's GPUs."""
+
+    node_name: str = Field(min_length=1)
+    simulate: str | None = None
+    scan_interval: Duration = Field(default=3600.0, gt=0)
     dmi_dir: Path = Path("/sys/class/dmi/id")

@@ -83,7 +83,7 @@ async def scan_once(
     node: str,
     machine: str,
     source_label: str,
-    delivery_timeout: float = 30.0,
+    delivery_timeout: float | None = 30.0,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> ScanResult:
     """Enumerate the GPUs once, hand the readings to every exporter, and wait.
@@ -92,7 +92,8 @@ async def scan_once(
     the readings of the others. An exporter that fails is logged and reported;
     the others still get the readings. Remote exporters get up to
     ``delivery_timeout`` seconds (together, not each); what they have not taken
-    by then stays in their spool for the next run.
+    by then stays in their spool for the next run. With ``delivery_timeout=None``
+    (the agent, whose pipelines run in the background) nothing is waited for.
     """
     listing = await asyncio.to_thread(source.devices)
     for fault in listing.faults:
@@ -124,11 +125,13 @@ async def scan_once(
             failed.append(delivery.name)
         else:
             accepted.append(delivery)
-    # Every spool is drained at once, so one slow sink does not eat another's time.
-    drained = await asyncio.gather(*(d.drain(delivery_timeout) for d in accepted))
-    undelivered = {
-        d.name: d.stats().readings for d, done in zip(accepted, drained, strict=True) if not done
-    }
+    undelivered: dict[str, int] = {}
+    if delivery_timeout is not None:
+        # Every spool is drained at once, so one slow sink does not eat another's time.
+        drained = await asyncio.gather(*(d.drain(delivery_timeout) for d in accepted))
+        undelivered = {
+            d.name: d.stats().readings for d, ok in zip(accepted, drained, strict=True) if not ok
+        }
     log.info(
         "scan complete",
         extra={

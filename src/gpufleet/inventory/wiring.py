@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from gpufleet.core.errors import GpufleetError
 from gpufleet.core.http import HealthServer
 from gpufleet.core.retry import Backoff
-from gpufleet.inventory.config import DeliverySettings, ScanSettings
+from gpufleet.inventory.config import DeliverySettings, ExportSettings
 from gpufleet.inventory.delivery import Delivery, DeliveryConfig, DeliveryPipeline, DirectDelivery
 from gpufleet.inventory.exporters.base import REMOTE_EXPORTERS, make_exporter
 from gpufleet.inventory.metrics import ExportMetrics
@@ -35,7 +35,7 @@ def delivery_config(settings: DeliverySettings) -> DeliveryConfig:
 
 
 def open_delivery(
-    kind: str, settings: ScanSettings, metrics: ExportMetrics | None = None
+    kind: str, settings: ExportSettings, metrics: ExportMetrics | None = None
 ) -> Delivery:
     """The exporter ``kind``, behind a spool when it is remote.
 
@@ -96,11 +96,11 @@ def stop_on_signals(deliveries: Sequence[Delivery]) -> Iterator[None]:
             loop.remove_signal_handler(signum)
 
 
-def synthetic_reading(settings: ScanSettings) -> Reading:
+def synthetic_reading(settings: ExportSettings, node: str) -> Reading:
     """The reading ``export-test`` sends: plainly marked, easy to find and delete."""
     return Reading(
         cluster=settings.cluster_name,
-        node=settings.node_name,
+        node=node,
         machine="gpufleet-export-test",
         source="gpufleet-export-test",
         chassis="",
@@ -113,7 +113,7 @@ def synthetic_reading(settings: ScanSettings) -> Reading:
     )
 
 
-async def run_export_test(settings: ScanSettings) -> list[tuple[str, str | None]]:
+async def run_export_test(settings: ExportSettings, node: str) -> list[tuple[str, str | None]]:
     """Health-check and write one synthetic reading to each exporter, directly.
 
     Returns ``(exporter, None)`` on success and ``(exporter, error)`` with the
@@ -128,7 +128,7 @@ async def run_export_test(settings: ScanSettings) -> list[tuple[str, str | None]
             continue
         try:
             await exporter.health()
-            await exporter.write([synthetic_reading(settings)])
+            await exporter.write([synthetic_reading(settings, node)])
         except Exception as exc:  # the operator wants the exact failure, whatever it is
             results.append((kind, f"{type(exc).__name__}: {exc}"))
         else:

@@ -1,0 +1,340 @@
+"""The inventory controller, check mode and agent against the Kubernetes API double.
+
+The real kubernetes_asyncio client talks to ``KubeApiDouble`` over a loopback
+socket; exec answers come from the simulated nvidia-smi of each fake node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gpufleet.core.config import load_settings
+from gpufleet.inventory.config import AgentSettings, CheckSettings, ControllerSettings
+from gpufleet.inventory.podwork import PodWorkLoop
+from gpufleet.inventory.service import (
+    check_processor,
+    controller_processor,
+    run_agent,
+    run_pod_watch,
+)
+from gpufleet.kube.client import Kube, connect
+from tests.doubles.kubeapi import ExecReply, ExecRequest, KubeApiDouble
+
+pytestmark = pytest.mark.integration
+
+NS = "gpu-operator"
+LABELS = {"app": "nvidia-device-plugin-daemonset"}
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[KubeApiDouble]:
+    async with KubeApiDouble() as double:
+        yield double
+
+
+def controller_settings(tmp_path: Path, **overrides: Any) -> ControllerSettings:
+    values: dict[str, Any] = {
+        "cluster_name": "c1", "exporter_type": ("sqlite",), "sqlite_path": tmp_path / "inv.db",
+        "spool_dir": tmp_path / "spool", "server_port": 0, "workers": 4, "timeout": 5.0,
+        "leader_election": False, "qps": 500.0, "burst": 1000,
+    }  # fmt: skip
+    values.update(overrides)
+    return load_settings(ControllerSettings, **values)
+
+
+async def kube_for(api: KubeApiDouble, settings: Any) -> Kube:
+    return await connect(settings, configuration=api.client_configuration())
+
+
+class Running:
+    """A controller (or check, or agent) task with its stop event and work loop."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.work: PodWorkLoop | None = None
+        self.registry = CollectorRegistry()
+
+    async def halt(self) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 30)
+
+
+async def start_watch(api: KubeApiDouble, settings: Any, make: Callable[..., Any]) -> Running:
+    run = Running()
+    kube = await kube_for(api, settings)
+
+    async def main() -> None:
+        try:
+            await run_pod_watch(
+                settings, make(settings), kube=kube, registry=run.registry, stop=run.stop,
+                started=lambda work: setattr(run, "work", work),
+            )  # fmt: skip
+        finally:
+            await kube.close()
+
+    run.task = asyncio.create_task(main())
+    return run
+
+
+async def eventually(check: Callable[[], bool], limit: float = 20.0) -> None:
+    """Poll until ``check()`` holds; fail after ``limit`` seconds (a hang, not a timing)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not check():
+        if loop.time() > deadline:
+            pytest.fail("condition not reached")
+        await asyncio.sleep(0.02)
+
+
+def readings(db: Path, where: str = "1=1") -> list[tuple[str, str, str]]:
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return conn.execute(f"SELECT node, machine, source FROM readings WHERE {where}").fetchall()
+
+
+def uid(api: KubeApiDouble, name: str) -> str:
+    pod = api.get("pods", NS, name)
+    assert pod is not None
+    return str(pod["metadata"]["uid"])
+
+
+async def test_exactly_one_exec_per_ready_pod_uid(api: KubeApiDouble, tmp_path: Path) -> None:
+    for n in range(4):
+        api.add_node(f"n{n}", provider_id=f"aws:///us-east-1a/i-{n:017x}")
+    api.add_pod(NS, "ready", node_name="n0", labels=LABELS)
+    api.add_pod(NS, "not-ready", node_name="n1", labels=LABELS, ready=False)
+    api.add_pod(NS, "other-app", node_name="n2", labels={"app": "something-else"})
+    api.add_pod("kube-system", "other-namespace", node_name="n3", labels=LABELS)
+    run = await start_watch(api, controller_settings(tmp_path), controller_processor)
+    db = tmp_path / "inv.db"
+    try:
+        await eventually(lambda: len(readings(db)) == 8)
+        lists = api.count(verb="list", resource="pods")
+        # The stream drops, the pod becomes ready meanwhile, and the resume gets 410:
+        # the informer must relist, see the change once, and repeat nothing.
+        api.drop_watches()
+        api.set_pod_ready(NS, "not-ready", True)
+        api.expire_history()
+        await eventually(lambda: api.count(verb="list", resource="pods") > lists)
+        await eventually(lambda: len(readings(db)) == 16)
+        api.delete_pod(NS, "ready")
+        api.add_pod(NS, "ready", node_name="n0", labels=LABELS)  # same name, new UID
+        await eventually(lambda: len(readings(db)) == 24)
+        await asyncio.sleep(0.3)  # room for a wrong extra exec to show up
+    finally:
+        await run.halt()
+    assert [api.exec_count(uid(api, "ready")), api.exec_count(uid(api, "not-ready")),
+            api.exec_count(uid(api, "other-app")), api.exec_count()] == [1, 1, 0, 3]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("provider_id", "system_uuid", "machine"),
+    [
+        ("aws:///us-west-2b/i-0123456789abcdef0", "", "i-0123456789abcdef0"),
+        ("gce://my-project/us-central1-a/gke-pool-1-abcd", "", "gke-pool-1-abcd"),
+        (
+            "azure:///subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/"
+            "virtualMachineScaleSets/gpupool/virtualMachines/7",
+            "",
+            "gpupool_7",
+        ),
+        ("", "EC2AB3C4-1111-2222-3333-444455556666", "ec2ab3c4-1111-2222-3333-444455556666"),
+    ],
+)
+async def test_readings_carry_the_machine_of_each_provider_id_form(
+    api: KubeApiDouble, tmp_path: Path, provider_id: str, system_uuid: str, machine: str
+) -> None:
+    api.add_node("gpu-node", provider_id=provider_id, system_uuid=system_uuid)
+    api.add_pod(NS, "dp", node_name="gpu-node", labels=LABELS)
+    run = await start_watch(api, controller_settings(tmp_path), controller_processor)
+    try:
+        await eventually(lambda: len(readings(tmp_path / "inv.db")) == 8)
+    finally:
+        await run.halt()
+    assert {m for _, m, _ in readings(tmp_path / "inv.db")} == {machine}
+
+
+# Times are taken where requests arrive, at the double; a token taken at t reaches
+# it a few milliseconds later, so windows there may look up to this much shorter.
+ARRIVAL_JITTER_S = 0.02
+
+
+def within_rate(times: list[float], qps: float, burst: int) -> bool:
+    """No window [t_j, t_i] holds more than burst + qps * (t_i - t_j) requests."""
+    times = sorted(times)
+    return all(
+        i - j + 1 <= burst + qps * (times[i] - times[j] + ARRIVAL_JITTER_S)
+        for i in range(len(times))
+        for j in range(i + 1)
+    )
+
+
+async def test_a_burst_of_300_pods_stays_within_qps_and_burst(
+    api: KubeApiDouble, tmp_path: Path
+) -> None:
+    for n in range(300):
+        api.add_node(f"n{n}", provider_id=f"aws:///us-east-1a/i-{n:017x}")
+        api.add_pod(NS, f"dp-{n}", node_name=f"n{n}", labels=LABELS)
+    api.set_exec_handler(_tiny_smi)
+    settings = controller_settings(tmp_path, qps=50.0, burst=100, workers=16)
+    run = await start_watch(api, settings, controller_processor)
+    try:
+        await eventually(lambda: api.exec_count() == 300, limit=60)
+    finally:
+        await run.halt()
+    assert within_rate([r.time for r in api.requests], qps=50.0, burst=100)
+
+
+async def _tiny_smi(request: ExecRequest) -> ExecReply:
+    return ExecReply(stdout=SMALL_XML)
+
+
+SMALL_XML = (Path(__file__).parent.parent / "data" / "smi" / "h100_na_serial.xml").read_bytes()
+
+
+async def test_exec_failures_are_retried_then_given_up_and_retried_on_the_next_update(
+    api: KubeApiDouble, tmp_path: Path
+) -> None:
+    api.add_node("n0", provider_id="aws:///us-east-1a/i-00000000000000000")
+    api.add_pod(NS, "flaky", node_name="n0", labels=LABELS)
+    failing = {"on": True}
+
+    async def handler(request: ExecRequest) -> ExecReply:
+        if failing["on"]:
+            return ExecReply(stdout=b"", delay=2.0)  # longer than TIMEOUT
+        return ExecReply(stdout=SMALL_XML)
+
+    api.set_exec_handler(handler)
+    settings = controller_settings(tmp_path, timeout=0.3, max_retries=2)
+    run = await start_watch(api, settings, controller_processor)
+    try:
+        await eventually(
+            lambda: _sample(run, "gpufleet_pods_processed_total", result="gave_up") == 1
+        )
+        attempts = api.exec_count()
+        failing["on"] = False
+        api.update_pod(NS, "flaky", lambda pod: pod["metadata"]["labels"].update(touched="1"))
+        await eventually(
+            lambda: _sample(run, "gpufleet_pods_processed_total", result="success") == 1
+        )
+    finally:
+        await run.halt()
+    assert (attempts, api.exec_count()) == (3, 4)
+
+
+def _sample(run: Running, name: str, **labels: str) -> float:
+    value = run.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_only_the_leader_execs_and_the_standby_takes_over_when_it_stops(
+    api: KubeApiDouble, tmp_path: Path
+) -> None:
+    api.add_node("n0", provider_id="aws:///us-east-1a/i-00000000000000000")
+    api.add_node("n1", provider_id="aws:///us-east-1a/i-00000000000000001")
+    api.add_pod(NS, "first", node_name="n0", labels=LABELS)
+    lease = {
+        "leader_election": True, "lease_namespace": "gpufleet", "lease_name": "inv-leader",
+        "lease_duration": 1.0, "lease_renew_deadline": 0.6, "lease_retry_period": 0.1,
+    }  # fmt: skip
+    one = await start_watch(
+        api, controller_settings(tmp_path / "a", pod_name="a", **lease), controller_processor
+    )
+    await eventually(lambda: api.exec_count() == 1)
+    two = await start_watch(
+        api, controller_settings(tmp_path / "b", pod_name="b", **lease), controller_processor
+    )
+    try:
+        await eventually(lambda: two.work is not None)
+        await asyncio.sleep(0.5)  # the standby is up and must not exec
+        standby_execs = api.exec_count()
+        await one.halt()
+        api.add_pod(NS, "second", node_name="n1", labels=LABELS)
+        loop = asyncio.get_running_loop()
+        stopped = loop.time()
+        await eventually(lambda: api.exec_count(uid(api, "second")) == 1, limit=10)
+        took_over = loop.time() - stopped
+    finally:
+        await two.halt()
+    assert standby_execs == 1
+    assert took_over < 1.0 + 1.0  # the lease duration, plus slack for a busy machine
+
+
+async def start_check(api: KubeApiDouble, tmp_path: Path, force_restart: bool) -> Running:
+    settings = load_settings(
+        CheckSettings, cluster_name="c1", command="test -e /dev/nvidia0",
+        force_restart=force_restart, server_port=0, spool_dir=tmp_path / "spool",
+        leader_election=False, workers=2,
+    )  # fmt: skip
+    return await start_watch(api, settings, check_processor)
+
+
+async def failing_check(request: ExecRequest) -> ExecReply:
+    return ExecReply(stdout=b"", stderr=b"no device\n", exit_code=1)
+
+
+async def test_check_mode_logs_a_failing_command_and_keeps_the_pod(
+    api: KubeApiDouble, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.add_node("n0")
+    api.add_pod(NS, "dp", node_name="n0", labels=LABELS)
+    api.set_exec_handler(failing_check)
+    caplog.set_level(logging.INFO)
+    run = await start_check(api, tmp_path, force_restart=False)
+    try:
+        await eventually(lambda: any(r.getMessage() == "check failed" for r in caplog.records))
+        await asyncio.sleep(0.2)
+    finally:
+        await run.halt()
+    (record,) = [r for r in caplog.records if r.getMessage() == "check failed"]
+    assert (record.exit_code, record.stderr, record.pod) == (1, "no device\n", f"{NS}/dp")  # type: ignore[attr-defined]
+    assert api.get("pods", NS, "dp") is not None
+
+
+async def test_check_mode_deletes_a_failing_pod_with_force_restart(
+    api: KubeApiDouble, tmp_path: Path
+) -> None:
+    api.add_node("n0")
+    api.add_pod(NS, "dp", node_name="n0", labels=LABELS)
+    api.set_exec_handler(failing_check)
+    run = await start_check(api, tmp_path, force_restart=True)
+    try:
+        await eventually(lambda: api.get("pods", NS, "dp") is None)
+    finally:
+        await run.halt()
+    assert api.count(verb="delete", resource="pods") == 1
+
+
+async def test_agent_reads_simulated_gpus_with_the_machine_from_its_node(
+    api: KubeApiDouble, tmp_path: Path
+) -> None:
+    api.add_node("gpu-7", provider_id="gce://proj/zone/gke-gpu-7")
+    settings = load_settings(
+        AgentSettings, cluster_name="c1", node_name="gpu-7", simulate="gb200",
+        exporter_type=("sqlite",), sqlite_path=tmp_path / "inv.db", server_port=0,
+        spool_dir=tmp_path / "spool", scan_interval=3600.0,
+    )  # fmt: skip
+    kube = await kube_for(api, settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_agent(settings, kube=kube, registry=CollectorRegistry(), stop=stop)
+    )
+    try:
+        await eventually(lambda: len(readings(tmp_path / "inv.db")) == 4)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await kube.close()
+    assert set(readings(tmp_path / "inv.db")) == {("gpu-7", "gke-gpu-7", "simulated/gb200")}
+    assert api.count(subresource="exec") == 0
