@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
 from gpufleet.core.config import load_settings
+from gpufleet.core.http import HealthServer
 from gpufleet.inventory.config import AgentSettings, CheckSettings, ControllerSettings
 from gpufleet.inventory.podwork import PodWorkLoop
 from gpufleet.inventory.service import (
@@ -61,6 +63,7 @@ class Running:
         self.stop = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.work: PodWorkLoop | None = None
+        self.server: HealthServer | None = None
         self.registry = CollectorRegistry()
 
     async def halt(self) -> None:
@@ -77,7 +80,7 @@ async def start_watch(api: KubeApiDouble, settings: Any, make: Callable[..., Any
         try:
             await run_pod_watch(
                 settings, make(settings), kube=kube, registry=run.registry, stop=run.stop,
-                started=lambda work: setattr(run, "work", work),
+                started=lambda work, server: run.__dict__.update(work=work, server=server),
             )  # fmt: skip
         finally:
             await kube.close()
@@ -269,6 +272,131 @@ async def test_only_the_leader_execs_and_the_standby_takes_over_when_it_stops(
         await two.halt()
     assert standby_execs == 1
     assert took_over < 1.0 + 1.0  # the lease duration, plus slack for a busy machine
+
+
+async def readyz(run: Running) -> int:
+    assert run.server is not None
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{run.server.port}/readyz") as response,
+    ):
+        return response.status
+
+
+async def test_a_standby_replica_is_ready_once_synced(api: KubeApiDouble, tmp_path: Path) -> None:
+    lease = {
+        "leader_election": True, "lease_namespace": "gpufleet", "lease_name": "inv-leader",
+        "lease_duration": 1.0, "lease_renew_deadline": 0.6, "lease_retry_period": 0.1,
+    }  # fmt: skip
+    leader = await start_watch(
+        api, controller_settings(tmp_path / "a", pod_name="a", **lease), controller_processor
+    )
+    await eventually(lambda: leader.work is not None and leader.work.leading)
+    standby = await start_watch(
+        api, controller_settings(tmp_path / "b", pod_name="b", **lease), controller_processor
+    )
+    try:
+        await eventually(lambda: standby.server is not None)
+        statuses = []
+        for _ in range(100):
+            statuses = [await readyz(leader), await readyz(standby)]
+            if statuses == [200, 200]:
+                break
+            await asyncio.sleep(0.05)
+        assert standby.work is not None
+        standby_leads = standby.work.leading
+    finally:
+        await standby.halt()
+        await leader.halt()
+    assert (statuses, standby_leads) == ([200, 200], False)
+
+
+async def test_readyz_is_503_while_the_exporter_is_unreachable(
+    api: KubeApiDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_ENDPOINT", "http://127.0.0.1:9/unreachable")
+    run = await start_watch(api, controller_settings(tmp_path, exporter_type=("http",)),
+                            controller_processor)  # fmt: skip
+    try:
+        await eventually(lambda: run.server is not None)
+        status = await readyz(run)
+    finally:
+        await run.halt()
+    assert status == 503
+
+
+async def test_a_pod_deleted_while_it_waits_gets_no_exec(
+    api: KubeApiDouble, tmp_path: Path
+) -> None:
+    api.add_node("n0", provider_id="aws:///us-east-1a/i-00000000000000000")
+    api.add_node("n1", provider_id="aws:///us-east-1a/i-00000000000000001")
+    api.add_pod(NS, "slow", node_name="n0", labels=LABELS)
+    release = asyncio.Event()
+
+    async def handler(request: ExecRequest) -> ExecReply:
+        if request.pod == "slow":
+            await release.wait()
+        return ExecReply(stdout=SMALL_XML)
+
+    api.set_exec_handler(handler)
+    run = await start_watch(api, controller_settings(tmp_path, workers=1), controller_processor)
+    try:
+        await eventually(lambda: api.exec_count() == 1)  # the only worker is busy
+        api.add_pod(NS, "doomed", node_name="n1", labels=LABELS)
+        doomed = uid(api, "doomed")
+        await eventually(lambda: run.work is not None and len(run.work.queue) == 1)
+        api.delete_pod(NS, "doomed")
+        await eventually(lambda: len(run.work.queue) == 0)  # type: ignore[union-attr]
+        release.set()
+        await eventually(
+            lambda: _sample(run, "gpufleet_pods_processed_total", result="success") == 1
+        )
+        await asyncio.sleep(0.3)
+    finally:
+        await run.halt()
+    assert api.exec_count(doomed) == 0
+
+
+async def test_node_labels_carry_the_serials_and_stale_ones_are_removed(
+    api: KubeApiDouble, tmp_path: Path
+) -> None:
+    api.add_node(
+        "n0", provider_id="aws:///us-east-1a/i-00000000000000000",
+        labels={"gpufleet.io/gpu-9": "OLD", "team": "ml"},
+    )  # fmt: skip
+    api.add_pod(NS, "dp", node_name="n0", labels=LABELS)
+    run = await start_watch(api, controller_settings(tmp_path, node_labels=True),
+                            controller_processor)  # fmt: skip
+    try:
+        await eventually(lambda: "gpufleet.io/gpu-count" in _labels(api, "n0"))
+    finally:
+        await run.halt()
+    all_labels = _labels(api, "n0")
+    labels = {k: v for k, v in all_labels.items() if k.startswith("gpufleet.io/")}
+    with sqlite3.connect(tmp_path / "inv.db") as conn:
+        serials = dict(conn.execute("SELECT gpu_index, gpu FROM readings").fetchall())
+    assert labels == {
+        "gpufleet.io/gpu-count": "8",
+        **{f"gpufleet.io/gpu-{i}": serial for i, serial in serials.items()},
+    }  # fmt: skip
+    assert all_labels["team"] == "ml"  # labels that are not ours are left alone
+
+
+def _labels(api: KubeApiDouble, node: str) -> dict[str, str]:
+    obj = api.get("nodes", None, node)
+    assert obj is not None
+    return dict(obj["metadata"].get("labels") or {})
+
+
+async def test_gpu_count_gauge_follows_the_last_read(api: KubeApiDouble, tmp_path: Path) -> None:
+    api.add_node("n0", provider_id="aws:///us-east-1a/i-00000000000000000")
+    api.add_pod(NS, "dp", node_name="n0", labels=LABELS)
+    run = await start_watch(api, controller_settings(tmp_path), controller_processor)
+    try:
+        await eventually(lambda: len(readings(tmp_path / "inv.db")) == 8)
+    finally:
+        await run.halt()
+    assert _sample(run, "gpuid_gpu_count_total", cluster="c1", node="n0") == 8
 
 
 async def start_check(api: KubeApiDouble, tmp_path: Path, force_restart: bool) -> Running:

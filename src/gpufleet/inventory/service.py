@@ -111,9 +111,13 @@ async def run_pod_watch(
     kube: Kube | None = None,
     registry: CollectorRegistry | None = None,
     stop: asyncio.Event | None = None,
-    started: Callable[[PodWorkLoop], None] | None = None,
+    started: Callable[[PodWorkLoop, HealthServer], None] | None = None,
 ) -> None:
-    """Watch the matching pods and process each ready one until ``stop`` is set."""
+    """Watch the matching pods and process each ready one until ``stop`` is set.
+
+    ``started`` is called once everything runs (tests use it to reach the work
+    loop and the health server's port).
+    """
     stop = stop or stop_event_on_signals()
     own_kube = kube is None
     if kube is None:
@@ -157,7 +161,7 @@ async def run_pod_watch(
                        "leader_election": settings.leader_election, "port": rt.server.port},
             )  # fmt: skip
             if started is not None:
-                started(work)
+                started(work, rt.server)
             try:
                 await _until(stop, tasks)
             finally:
