@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Regenerate the committed gRPC code from proto/. The device API brings the
-# first .proto file and the generator call; until then there is nothing to do.
+# Regenerate the committed gRPC code from proto/ with grpcio-tools.
+# proto/gpufleet/device/v1alpha1/gpu.proto becomes
+# src/gpufleet/deviceapi/v1alpha1/gpu_pb2{,_grpc}.py and gpu_pb2.pyi; the
+# generated imports are rewritten to that package. OUT overrides the target
+# directory (the drift test generates into a temp dir and compares).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "$(find proto -name '*.proto' 2>/dev/null)" ]; then
-    echo "gen-proto: no .proto files under proto/; nothing to generate"
-    exit 0
-fi
-echo "gen-proto: .proto files found but no generator is configured yet" >&2
-exit 1
+out=${OUT:-src/gpufleet/deviceapi/v1alpha1}
+python=${PYTHON:-.venv/bin/python}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$python" -m grpc_tools.protoc -Iproto --python_out="$tmp" --pyi_out="$tmp" \
+    --grpc_python_out="$tmp" proto/gpufleet/device/v1alpha1/gpu.proto
+mkdir -p "$out"
+for f in gpu_pb2.py gpu_pb2.pyi gpu_pb2_grpc.py; do
+    sed 's/^from gpufleet\.device\.v1alpha1 import gpu_pb2/from gpufleet.deviceapi.v1alpha1 import gpu_pb2/' \
+        "$tmp/gpufleet/device/v1alpha1/$f" >"$out/$f"
+done

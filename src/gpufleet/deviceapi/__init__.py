@@ -1,0 +1,1 @@
+"""The node-local device API: a Kubernetes-style GPU resource served over gRPC."""
