@@ -35,3 +35,19 @@ apt_install() {
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
+
+usage() {
+    echo "usage: $0 start|stop STATE_DIR" >&2
+    exit 2
+}
+
+# Every server script takes `start|stop STATE_DIR`; sets action, state and
+# mine (STATE_DIR/<name>, the server's own files).
+server_args() {
+    local name=$1
+    shift
+    [ $# -eq 2 ] || usage
+    action=$1
+    state=$(realpath -m "$2")
+    mine=$state/$name
+}

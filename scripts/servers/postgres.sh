@@ -12,15 +12,7 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=../servers-lib.sh
 source scripts/servers-lib.sh
 
-usage() {
-    echo "usage: $0 start|stop STATE_DIR" >&2
-    exit 2
-}
-
-[ $# -eq 2 ] || usage
-action=$1
-state=$(realpath -m "$2")
-mine=$state/postgres
+server_args postgres "$@"
 
 as_postgres() {
     # From a directory postgres can read, so it does not warn about the cwd.

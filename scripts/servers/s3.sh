@@ -11,15 +11,7 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=../servers-lib.sh
 source scripts/servers-lib.sh
 
-usage() {
-    echo "usage: $0 start|stop STATE_DIR" >&2
-    exit 2
-}
-
-[ $# -eq 2 ] || usage
-action=$1
-state=$(realpath -m "$2")
-mine=$state/s3
+server_args s3 "$@"
 
 # The pid in the pid file, if that process is alive and still our moto server
 # (a stale pid file must never make us signal whatever reused the number).

@@ -57,30 +57,35 @@ class KubeSettings(GpufleetSettings):
         return burst
 
 
-class _LimitedApiClient(ApiClient):
+class _Limited:
+    """Mixed into an API client: every request first takes a token from the bucket.
+
+    ``request()`` is the one method every REST call, watch and websocket
+    connection of the generated client goes through.
+    """
+
+    _limiter: TokenBucket
+
+    async def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        """Wait for the limiter, then make the request as the base client would."""
+        await self._limiter.acquire()
+        return await super().request(method, url, *args, **kwargs)  # type: ignore[misc]
+
+
+class _LimitedApiClient(_Limited, ApiClient):
     """An `ApiClient` whose every HTTP request first takes a token from the bucket."""
 
     def __init__(self, configuration: Configuration, limiter: TokenBucket) -> None:
         super().__init__(configuration)
         self._limiter = limiter
 
-    async def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        """Wait for the limiter, then make the request as the generated client would."""
-        await self._limiter.acquire()
-        return await super().request(method, url, *args, **kwargs)
 
-
-class _LimitedWsApiClient(WsApiClient):
+class _LimitedWsApiClient(_Limited, WsApiClient):
     """A `WsApiClient` (exec, attach, port-forward) that takes a token per connection."""
 
     def __init__(self, configuration: Configuration, limiter: TokenBucket) -> None:
         super().__init__(configuration)
         self._limiter = limiter
-
-    async def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        """Wait for the limiter, then open the websocket as `WsApiClient` would."""
-        await self._limiter.acquire()
-        return await super().request(method, url, *args, **kwargs)
 
 
 class Kube:
