@@ -11,6 +11,8 @@ from gpufleet import __version__
 from gpufleet.core.config import CommonSettings, load_settings
 from gpufleet.core.errors import ConfigError, GpufleetError
 from gpufleet.core.logging import configure_logging
+from gpufleet.deviceapi.cli import app as device_api_app
+from gpufleet.deviceapi.cli import gpus_app
 from gpufleet.gpu.cli import app as gpu_app
 from gpufleet.inventory.cli import app as inventory_app
 
@@ -22,6 +24,8 @@ app = typer.Typer(
 )
 app.add_typer(gpu_app, name="gpu")
 app.add_typer(inventory_app, name="inventory")
+app.add_typer(device_api_app, name="device-api")
+app.add_typer(gpus_app, name="gpus")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,241 @@
+"""``gpufleet device-api serve`` and ``gpufleet gpus list|get|watch``.
+
+The server command reads `DeviceApiSettings` from the environment with flags
+on top; the ``gpus`` commands are a thin client for people: a table by
+default, Kubernetes-style JSON (camelCase) with ``--json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from google.protobuf.json_format import MessageToDict
+from rich.table import Table
+
+from gpufleet.core.config import load_settings
+from gpufleet.core.console import stdout_console
+from gpufleet.deviceapi.config import DeviceApiClientSettings, DeviceApiSettings
+from gpufleet.deviceapi.v1alpha1 import gpu_pb2
+
+__all__ = ["app", "gpus_app"]
+
+app = typer.Typer(help="The node-local GPU device API server (gRPC over a unix socket).")
+gpus_app = typer.Typer(help="Read GPUs from the device API: list, get, watch.")
+
+
+@app.command()
+def serve(
+    socket: Annotated[
+        Path | None,
+        typer.Option(
+            "--socket",
+            metavar="PATH",
+            help="Unix socket [env DEVICE_API_SOCKET; default /var/run/gpufleet/device.sock].",
+        ),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            "--listen",
+            metavar="HOST:PORT",
+            help="Also listen on TCP; loopback only unless --allow-remote with TLS "
+            "[env DEVICE_API_LISTEN].",
+        ),
+    ] = None,
+    allow_remote: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-remote/--no-allow-remote",
+            help="Permit a non-loopback --listen (needs TLS) [env ALLOW_REMOTE].",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", metavar="PATH", help="PEM certificate [TLS_CERT].")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", metavar="PATH", help="PEM private key [TLS_KEY].")
+    ] = None,
+    state_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-file",
+            metavar="PATH",
+            help="Keep GPUs and the resourceVersion in this SQLite file [env STATE_FILE].",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            help="Port of /metrics, /healthz, /readyz [env METRICS_PORT; default 8081].",
+        ),
+    ] = None,
+    readiness_gate: Annotated[
+        bool | None,
+        typer.Option(
+            "--readiness-gate/--no-readiness-gate",
+            help="Not ready until a GPU is registered [env READINESS_GATE; default on].",
+        ),
+    ] = None,
+) -> None:
+    """Serve the device API until SIGTERM."""
+    from gpufleet.deviceapi.server import run_server
+
+    settings = load_settings(
+        DeviceApiSettings, device_api_socket=socket, device_api_listen=listen,
+        allow_remote=allow_remote, tls_cert=tls_cert, tls_key=tls_key, state_file=state_file,
+        metrics_port=metrics_port, readiness_gate=readiness_gate,
+    )  # fmt: skip
+    run_server(settings)
+
+
+def _register_provider() -> None:
+    # The provider is its own command module; it joins this group when present.
+    try:
+        from gpufleet.deviceapi.provider_cli import register
+    except ImportError:  # pragma: no cover - the provider ships with the server
+        return
+    register(app)
+
+
+_register_provider()
+
+
+SocketOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--socket",
+        metavar="PATH",
+        help="Device API socket [env DEVICE_API_SOCKET; default /var/run/gpufleet/device.sock].",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+SelectorOpt = Annotated[
+    str, typer.Option("--selector", "-l", help="Label selector, e.g. 'node=a,!drained'.")
+]
+
+
+def _target(socket: Path | None) -> str:
+    settings = load_settings(DeviceApiClientSettings, device_api_socket=socket)
+    return str(settings.device_api_socket)
+
+
+def _as_dict(gpu: gpu_pb2.Gpu) -> dict[str, object]:
+    body: dict[str, object] = MessageToDict(gpu)
+    return body
+
+
+def _condition(gpu: gpu_pb2.Gpu, kind: str) -> str:
+    for cond in gpu.status.conditions:
+        if cond.type == kind:
+            return cond.status if not cond.reason else f"{cond.status} ({cond.reason})"
+    return "-"
+
+
+def _table(gpus: list[gpu_pb2.Gpu], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("name", "index", "uuid", "product", "node", "healthy", "action", "rv"):
+        table.add_column(column)
+    for gpu in gpus:
+        table.add_row(
+            gpu.metadata.name,
+            str(gpu.spec.index),
+            gpu.spec.uuid,
+            gpu.spec.product,
+            gpu.spec.node,
+            _condition(gpu, "Healthy"),
+            gpu.status.recommended_action or "-",
+            gpu.metadata.resource_version,
+        )
+    return table
+
+
+@gpus_app.command("list")
+def list_gpus(
+    socket: SocketOpt = None, selector: SelectorOpt = "", as_json: JsonOpt = False
+) -> None:
+    """List the GPUs the device API knows."""
+    listed = asyncio.run(_list(_target(socket), selector))
+    if as_json:
+        body = {
+            "resourceVersion": listed.resource_version,
+            "items": [_as_dict(g) for g in listed.items],
+        }
+        sys.stdout.write(json.dumps(body, indent=2) + "\n")
+        return
+    title = f"{len(listed.items)} GPU(s) at resourceVersion {listed.resource_version}"
+    stdout_console().print(_table(list(listed.items), title))
+
+
+async def _list(target: str, selector: str) -> gpu_pb2.GpuList:
+    from gpufleet.deviceapi.client import DeviceApiClient
+
+    async with DeviceApiClient(target) as client:
+        return await client.list(selector)
+
+
+@gpus_app.command("get")
+def get_gpu(
+    name: Annotated[str, typer.Argument(help="The GPU's name.")],
+    socket: SocketOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one GPU (JSON with --json, else a table and its conditions)."""
+    gpu = asyncio.run(_get(_target(socket), name))
+    if as_json:
+        sys.stdout.write(json.dumps(_as_dict(gpu), indent=2) + "\n")
+        return
+    console = stdout_console()
+    console.print(_table([gpu], gpu.metadata.name))
+    conditions = Table(title="conditions")
+    for column in ("type", "status", "reason", "message", "last transition"):
+        conditions.add_column(column)
+    for cond in gpu.status.conditions:
+        since = (
+            cond.last_transition_time.ToJsonString()
+            if cond.HasField("last_transition_time")
+            else ""
+        )
+        conditions.add_row(cond.type, cond.status, cond.reason, cond.message, since or "-")
+    console.print(conditions)
+
+
+async def _get(target: str, name: str) -> gpu_pb2.Gpu:
+    from gpufleet.deviceapi.client import DeviceApiClient
+
+    async with DeviceApiClient(target) as client:
+        return await client.get(name)
+
+
+@gpus_app.command("watch")
+def watch_gpus(
+    socket: SocketOpt = None, selector: SelectorOpt = "", as_json: JsonOpt = False
+) -> None:
+    """Print every GPU (ADDED), then each change as it happens, until Ctrl-C."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_watch(_target(socket), selector, as_json))
+
+
+async def _watch(target: str, selector: str, as_json: bool) -> None:
+    from gpufleet.deviceapi.client import DeviceApiClient
+
+    async with DeviceApiClient(target) as client:
+        async for event in client.watch("", selector, allow_bookmarks=False):
+            kind = gpu_pb2.WatchEvent.Type.Name(event.type)
+            gpu = event.object
+            if as_json:
+                line = json.dumps({"type": kind, "object": _as_dict(gpu)})
+            else:
+                line = (
+                    f"{kind:<8} {gpu.metadata.name} rv={gpu.metadata.resource_version} "
+                    f"healthy={_condition(gpu, 'Healthy')!r} "
+                    f"action={gpu.status.recommended_action or '-'}"
+                )
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()

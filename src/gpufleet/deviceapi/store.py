@@ -1,0 +1,544 @@
+"""The device API's source of truth: GPUs in memory, a resourceVersion counter, watchers.
+
+Kubernetes semantics, see ``docs/device-api-store.md``. Everything but
+``Watcher.get`` is synchronous and runs on the event loop thread, so a write
+(validate, persist, commit, fan out to every watcher) is atomic with respect to
+watchers: a watcher sees either none or all of a write, and always in RV order.
+
+Events are shared: one ``WatchEvent`` per write is handed to every watcher that
+wants it (and kept in the history window). Consumers must treat events as
+read-only; they never alias the stored objects, so a careless consumer can only
+spoil its own and its peers' events, never the store.
+
+What a request may contain is checked by ``validation`` before any of this runs;
+this module holds the state: objects, the counter, the history and the watchers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from itertools import islice
+from pathlib import Path
+
+from gpufleet.deviceapi.errors import (
+    AlreadyExistsError,
+    CapacityError,
+    ConflictError,
+    ExpiredError,
+    NotFoundError,
+    UnavailableError,
+    WatcherEvictedError,
+)
+from gpufleet.deviceapi.persistence import StateFile
+from gpufleet.deviceapi.selector import Selector, parse
+from gpufleet.deviceapi.v1alpha1 import gpu_pb2 as pb
+from gpufleet.deviceapi.validation import (
+    check_name,
+    parse_resource_version,
+    validate_meta_and_spec,
+    validate_status,
+)
+
+ADDED = pb.WatchEvent.ADDED
+MODIFIED = pb.WatchEvent.MODIFIED
+DELETED = pb.WatchEvent.DELETED
+BOOKMARK = pb.WatchEvent.BOOKMARK
+
+# A queued event with its resourceVersion, shared by every watcher that receives it.
+_Item = tuple[int, pb.WatchEvent]
+
+
+class WatcherClosedError(UnavailableError):
+    """``get`` on a watcher closed by its consumer or by ``GpuStore.close`` (shutdown)."""
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _copy(gpu: pb.Gpu) -> pb.Gpu:
+    out = pb.Gpu()
+    out.CopyFrom(gpu)
+    return out
+
+
+def _rv_of(gpu: pb.Gpu) -> int:
+    return int(gpu.metadata.resource_version)
+
+
+class _Record:
+    """One write in the history window, with its per-selector variants built lazily."""
+
+    __slots__ = ("_added", "_deleted", "_labels", "_prev_labels", "item", "prev", "rv")
+
+    def __init__(self, rv: int, event: pb.WatchEvent, prev: pb.Gpu | None) -> None:
+        self.rv = rv
+        self.item: _Item = (rv, event)
+        self.prev = prev  # the object before a MODIFIED write (never mutated: copy-on-write)
+        self._labels: dict[str, str] | None = None
+        self._prev_labels: dict[str, str] | None = None
+        self._added: _Item | None = None
+        self._deleted: _Item | None = None
+
+    def filtered(self, selector: Selector) -> _Item | None:
+        """What a watcher with ``selector`` receives for this write, if anything.
+
+        As in Kubernetes: a MODIFIED object that starts matching arrives as ADDED,
+        one that stops matching as DELETED (its last matching state, at this RV).
+        """
+        event = self.item[1]
+        if self._labels is None:
+            self._labels = dict(event.object.metadata.labels)
+        now = selector.matches(self._labels)
+        if event.type != MODIFIED or self.prev is None:
+            return self.item if now else None
+        if self._prev_labels is None:
+            self._prev_labels = dict(self.prev.metadata.labels)
+        before = selector.matches(self._prev_labels)
+        if now and before:
+            return self.item
+        if now:
+            if self._added is None:
+                added = pb.WatchEvent(type=ADDED)
+                added.object.CopyFrom(event.object)
+                self._added = (self.rv, added)
+            return self._added
+        if before:
+            if self._deleted is None:
+                deleted = pb.WatchEvent(type=DELETED)
+                deleted.object.CopyFrom(self.prev)
+                deleted.object.metadata.resource_version = str(self.rv)
+                self._deleted = (self.rv, deleted)
+            return self._deleted
+        return None
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+class Watcher:
+    """One watch: a bounded queue the store fills; closed (evicted) when it overflows.
+
+    Events returned by ``get`` are shared with other watchers: do not mutate them.
+    """
+
+    def __init__(
+        self,
+        store: GpuStore,
+        selector: Selector | None,
+        backlog: list[_Item],
+        limit: int,
+        start_rv: int,
+    ) -> None:
+        self._store = store
+        self._selector = selector
+        # The replay/initial burst is allowed on top of the bound: only live events
+        # that pile up beyond `limit` mean the consumer is too slow.
+        self._queue: deque[_Item] = deque(backlog)
+        self._backlog = len(backlog)
+        self._limit = limit
+        self._waiter: asyncio.Future[bool] | None = None
+        self._last_rv = start_rv
+        self.closed = False
+        self.evicted = False
+        self._evicted_why = ""
+
+    # The server polls with a timeout to send bookmarks; a parameter is cheaper than
+    # wrapping every call in asyncio.timeout (a task-level cancel scope per event).
+    async def get(self, timeout: float | None = None) -> pb.WatchEvent | None:  # noqa: ASYNC109
+        """The next event; None after ``timeout`` seconds without one.
+
+        Raises ``WatcherEvictedError`` once evicted (nothing more is delivered),
+        ``WatcherClosedError`` once closed.
+        """
+        queue = self._queue
+        while True:
+            if queue:
+                rv, event = queue.popleft()
+                if self._backlog:
+                    self._backlog -= 1
+                self._last_rv = rv
+                return event
+            if self.evicted:
+                raise WatcherEvictedError(self._evicted_why)
+            if self.closed:
+                raise WatcherClosedError("the watch was closed")
+            if timeout is not None and timeout <= 0:
+                return None
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[bool] = loop.create_future()
+            self._waiter = waiter
+            handle = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+            try:
+                woken = await waiter
+            finally:
+                self._waiter = None
+                if handle is not None:
+                    handle.cancel()
+            if not woken and not queue:
+                return None
+
+    def bookmark(self) -> pb.WatchEvent:
+        """A BOOKMARK at this watcher's position: resuming from it misses nothing.
+
+        Caught up (empty queue), that is the store's current RV, because every
+        write fans out synchronously; otherwise the RV of the last event returned.
+        """
+        rv = self._last_rv if self._queue else self._store.resource_version
+        event = pb.WatchEvent(type=BOOKMARK)
+        event.object.metadata.resource_version = str(rv)
+        return event
+
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet taken."""
+        return len(self._queue)
+
+    def close(self) -> None:
+        """Stop the watch; pending events are dropped (idempotent)."""
+        if self.closed:
+            return
+        self._shut()
+        self._store._forget(self)
+
+    def _shut(self) -> None:
+        self.closed = True
+        self._queue.clear()
+        self._backlog = 0
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    def _evict(self) -> None:
+        self._evicted_why = (
+            f"the watcher fell behind: more than {self._limit} events queued; resume from the"
+            f" last resourceVersion received ({self._last_rv}) or relist"
+        )
+        self.evicted = True
+        self._shut()
+
+
+class GpuStore:
+    """GPUs in memory (optionally durable in SQLite), one RV counter, history, watchers.
+
+    Without a state file the counter starts at the clock's microseconds since the
+    Unix epoch, and with one it never starts below that either: a watcher holding
+    an RV from an earlier incarnation of the store then always gets Expired and
+    relists, instead of resuming into a reused RV range and silently missing events.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_gpus: int = 4096,
+        history: int = 10_000,
+        watch_queue: int = 1024,
+        max_conditions: int = 32,
+        state_file: Path | None = None,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        if min(max_gpus, watch_queue, max_conditions) < 1 or history < 0:
+            raise ValueError("max_gpus, watch_queue and max_conditions must be >= 1, history >= 0")
+        self._max_gpus = max_gpus
+        self._history_size = history
+        self._watch_queue = watch_queue
+        self._max_conditions = max_conditions
+        self._clock = clock
+        self._objects: dict[str, pb.Gpu] = {}
+        self._history: deque[_Record] = deque(maxlen=history)
+        self._watchers: list[Watcher] = []
+        self._closed = False
+        self.evicted_total = 0
+        """Watchers evicted because their queue overflowed (a counter)."""
+        self._state = StateFile(state_file) if state_file is not None else None
+        floor = int(clock().timestamp() * 1_000_000)
+        if self._state is not None:
+            loaded = self._state.load()
+            for gpu in loaded.gpus:
+                self._objects[gpu.metadata.name] = gpu
+            floor = max(floor, loaded.resource_version)
+        self._rv = floor
+        # Every event with rv > _window_start is in the history (none is, after start).
+        self._window_start = floor
+
+    # -- reads -----------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        """The RV of the latest write (the counter)."""
+        return self._rv
+
+    @property
+    def gpu_count(self) -> int:
+        """How many GPUs the store holds."""
+        return len(self._objects)
+
+    @property
+    def watcher_count(self) -> int:
+        """How many watchers are open."""
+        return len(self._watchers)
+
+    def get(self, name: str) -> pb.Gpu:
+        """A copy of one GPU; ``NotFoundError`` if absent."""
+        check_name(name, "name")
+        return _copy(self._stored(name))
+
+    def list(self, label_selector: str = "") -> pb.GpuList:
+        """Copies of the GPUs matching ``label_selector``, sorted by name, at the current RV."""
+        selector = parse(label_selector)
+        out = pb.GpuList(resource_version=str(self._rv))
+        objects = self._objects
+        names = sorted(objects)
+        if selector.empty:
+            out.items.extend(objects[n] for n in names)
+        else:
+            out.items.extend(
+                objects[n] for n in names if selector.matches(objects[n].metadata.labels)
+            )
+        return out
+
+    # -- writes ----------------------------------------------------------------
+
+    def create(self, gpu: pb.Gpu) -> pb.Gpu:
+        """Store a new GPU; the server sets uid, creation_timestamp, generation and RV.
+
+        Status, if given, is stored too (validated like ``update_status``).
+        """
+        self._check_open()
+        meta = gpu.metadata
+        check_name(meta.name)
+        validate_meta_and_spec(gpu)
+        validate_status(gpu.status, self._max_conditions)
+        if meta.name in self._objects:
+            raise AlreadyExistsError(f"gpu {meta.name!r} already exists")
+        if len(self._objects) >= self._max_gpus:
+            raise CapacityError(f"the store holds its maximum of {self._max_gpus} GPUs")
+        new = pb.Gpu()
+        new.metadata.name = meta.name
+        new.metadata.uid = str(uuid.uuid4())
+        new.metadata.generation = 1
+        new.metadata.creation_timestamp.FromDatetime(self._clock())
+        new.metadata.labels.update(meta.labels)
+        new.metadata.annotations.update(meta.annotations)
+        new.spec.CopyFrom(gpu.spec)
+        self._apply_status(new, gpu.status, None)
+        return self._commit(new, ADDED, None)
+
+    def update(self, gpu: pb.Gpu) -> pb.Gpu:
+        """Apply spec, labels and annotations (status is ignored); needs the current RV."""
+        self._check_open()
+        check_name(gpu.metadata.name)
+        validate_meta_and_spec(gpu)
+        stored = self._checked_current(gpu)
+        new = _copy(stored)
+        new.spec.CopyFrom(gpu.spec)
+        new.metadata.labels.clear()
+        new.metadata.labels.update(gpu.metadata.labels)
+        new.metadata.annotations.clear()
+        new.metadata.annotations.update(gpu.metadata.annotations)
+        if new == stored:
+            return _copy(stored)
+        if new.spec != stored.spec:
+            new.metadata.generation += 1
+        return self._commit(new, MODIFIED, stored)
+
+    def update_status(self, gpu: pb.Gpu) -> pb.Gpu:
+        """Apply only status (spec and metadata are ignored); needs the current RV."""
+        self._check_open()
+        check_name(gpu.metadata.name)
+        validate_status(gpu.status, self._max_conditions)
+        stored = self._checked_current(gpu)
+        new = _copy(stored)
+        self._apply_status(new, gpu.status, stored.status)
+        if new == stored:
+            return _copy(stored)
+        return self._commit(new, MODIFIED, stored)
+
+    def delete(self, name: str, *, resource_version: str = "", uid: str = "") -> pb.Gpu:
+        """Remove a GPU; optional RV and uid preconditions. Returns it at the deletion's RV."""
+        self._check_open()
+        check_name(name, "name")
+        want_rv = parse_resource_version(resource_version)
+        stored = self._stored(name)
+        if want_rv is not None and want_rv != _rv_of(stored):
+            raise ConflictError(
+                f"gpu {name!r}: precondition failed: resourceVersion {want_rv} is not the"
+                f" current {stored.metadata.resource_version}"
+            )
+        if uid and uid != stored.metadata.uid:
+            raise ConflictError(
+                f"gpu {name!r}: precondition failed: uid {uid!r} is not the current"
+                f" {stored.metadata.uid!r}"
+            )
+        rv = self._rv + 1
+        deleted = _copy(stored)
+        deleted.metadata.resource_version = str(rv)
+        if self._state is not None:
+            self._state.delete(name, rv)
+        self._rv = rv
+        del self._objects[name]
+        event = pb.WatchEvent(type=DELETED)
+        event.object.CopyFrom(deleted)
+        self._publish(_Record(rv, event, None))
+        return deleted
+
+    # -- watch -----------------------------------------------------------------
+
+    def watch(self, resource_version: str = "", label_selector: str = "") -> Watcher:
+        """Events after ``resource_version`` (``""``/``"0"``: current state as ADDED), then live.
+
+        ``ExpiredError`` if events after it have left the history window, or if it is
+        newer than the store (an RV from before a restart without the state file).
+        """
+        self._check_open()
+        parsed = parse(label_selector)
+        selector = None if parsed.empty else parsed
+        since = parse_resource_version(resource_version)
+        backlog: list[_Item] = []
+        if not since:
+            objects: Iterable[pb.Gpu] = sorted(self._objects.values(), key=_rv_of)
+            if selector is not None:
+                objects = (o for o in objects if selector.matches(o.metadata.labels))
+            backlog = [(_rv_of(o), pb.WatchEvent(type=ADDED, object=o)) for o in objects]
+            since = self._rv
+        elif since > self._rv:
+            raise ExpiredError(
+                f"resourceVersion {since} is newer than the store's {self._rv} (the store"
+                " restarted without its state); relist"
+            )
+        elif since < self._window_start:
+            raise ExpiredError(
+                f"too old resourceVersion {since}: events after it have left the history"
+                f" window (which starts after {self._window_start}); relist"
+            )
+        else:
+            start = bisect_right(self._history, since, key=lambda rec: rec.rv)
+            for record in islice(self._history, start, None):
+                item = record.item if selector is None else record.filtered(selector)
+                if item is not None:
+                    backlog.append(item)
+        watcher = Watcher(self, selector, backlog, self._watch_queue, since)
+        self._watchers.append(watcher)
+        return watcher
+
+    def close(self) -> None:
+        """Close every watcher and the state file; later calls raise (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for watcher in self._watchers:
+            watcher._shut()
+        self._watchers.clear()
+        if self._state is not None:
+            self._state.close()
+
+    # -- internals -------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UnavailableError("the device API store is closed")
+
+    def _stored(self, name: str) -> pb.Gpu:
+        try:
+            return self._objects[name]
+        except KeyError:
+            raise NotFoundError(f"gpu {name!r} not found") from None
+
+    def _checked_current(self, gpu: pb.Gpu) -> pb.Gpu:
+        """The stored object, if ``gpu`` names it with its current RV (and uid, if given)."""
+        meta = gpu.metadata
+        want_rv = parse_resource_version(meta.resource_version, "metadata.resource_version")
+        stored = self._stored(meta.name)
+        current = stored.metadata.resource_version
+        if want_rv is None:
+            raise ConflictError(
+                f"gpu {meta.name!r}: metadata.resource_version is required for an update"
+                f" (optimistic concurrency); the current resourceVersion is {current}"
+            )
+        if want_rv != int(current):
+            raise ConflictError(
+                f"gpu {meta.name!r}: the object has been modified; resourceVersion {want_rv} is"
+                f" stale, the current resourceVersion is {current}"
+            )
+        if meta.uid and meta.uid != stored.metadata.uid:
+            raise ConflictError(
+                f"gpu {meta.name!r}: uid {meta.uid!r} does not match the current"
+                f" {stored.metadata.uid!r} (the GPU was deleted and recreated)"
+            )
+        return stored
+
+    def _apply_status(self, new: pb.Gpu, status: pb.GpuStatus, old: pb.GpuStatus | None) -> None:
+        """Copy ``status`` into ``new``, keeping last_transition_time where status is unchanged."""
+        new.status.CopyFrom(status)
+        before = {c.type: c for c in old.conditions} if old is not None else {}
+        now: datetime | None = None
+        for cond in new.status.conditions:
+            prior = before.get(cond.type)
+            if prior is not None and prior.status == cond.status:
+                cond.last_transition_time.CopyFrom(prior.last_transition_time)
+            elif not cond.HasField("last_transition_time"):
+                now = now or self._clock()
+                cond.last_transition_time.FromDatetime(now)
+
+    def _commit(self, new: pb.Gpu, kind: pb.WatchEvent.Type, prev: pb.Gpu | None) -> pb.Gpu:
+        """Persist, store and publish ``new`` at the next RV; returns a copy."""
+        rv = self._rv + 1
+        new.metadata.resource_version = str(rv)
+        if self._state is not None:
+            self._state.put(new, rv)  # first: a failed write leaves the store unchanged
+        self._rv = rv
+        self._objects[new.metadata.name] = new
+        event = pb.WatchEvent(type=kind)
+        event.object.CopyFrom(new)
+        self._publish(_Record(rv, event, prev))
+        return _copy(new)
+
+    def _publish(self, record: _Record) -> None:
+        """Append to the history window and fan out; never waits on a watcher."""
+        history = self._history
+        if self._history_size == 0:
+            self._window_start = record.rv
+        else:
+            if len(history) == self._history_size:
+                self._window_start = history[0].rv
+            history.append(record)
+        evicted: list[Watcher] = []
+        item = record.item
+        # Watchers usually share a few selectors: decide once per selector text.
+        decided: dict[str, _Item | None] = {}
+        for watcher in self._watchers:
+            selector = watcher._selector
+            if selector is None:
+                got = item
+            else:
+                text = selector.text
+                if text in decided:
+                    maybe = decided[text]
+                else:
+                    maybe = decided[text] = record.filtered(selector)
+                if maybe is None:
+                    continue
+                got = maybe
+            queue = watcher._queue
+            if len(queue) - watcher._backlog >= watcher._limit:
+                evicted.append(watcher)
+                continue
+            queue.append(got)
+            waiter = watcher._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(True)
+        for watcher in evicted:
+            watcher._evict()
+            self._forget(watcher)
+            self.evicted_total += 1
+
+    def _forget(self, watcher: Watcher) -> None:
+        if watcher in self._watchers:
+            self._watchers.remove(watcher)

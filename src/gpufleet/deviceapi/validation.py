@@ -1,0 +1,93 @@
+"""Request validation for the device API store: reject a bad write before it changes anything.
+
+One job, with no state: check what a client sends (object names, labels,
+annotations, conditions, resourceVersions) against the Kubernetes rules the
+store promises, and raise ``InvalidError`` saying which field is wrong and why.
+Conflicts, existence and capacity depend on the stored objects and stay with
+``GpuStore``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gpufleet.deviceapi.errors import InvalidError
+from gpufleet.deviceapi.selector import label_key_problem, label_value_problem
+from gpufleet.deviceapi.v1alpha1 import gpu_pb2 as pb
+
+__all__ = [
+    "CONDITION_STATUSES",
+    "MAX_ANNOTATIONS_BYTES",
+    "check_name",
+    "parse_resource_version",
+    "validate_meta_and_spec",
+    "validate_status",
+]
+
+CONDITION_STATUSES = frozenset({"True", "False", "Unknown"})
+MAX_ANNOTATIONS_BYTES = 256 * 1024
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_RV = re.compile(r"[0-9]{1,20}")  # ASCII digits only: int() would also take "+1", " 1", "1_0"
+
+
+def parse_resource_version(text: str, field: str = "resource_version") -> int | None:
+    """A resourceVersion string as an int; None for ``""``; ``InvalidError`` if not decimal."""
+    if text == "":
+        return None
+    if not _RV.fullmatch(text):
+        raise InvalidError(f"{field}: {text!r} is not a resourceVersion (a decimal number)")
+    return int(text)
+
+
+def check_name(name: str, field: str = "metadata.name") -> None:
+    """``InvalidError`` unless ``name`` is a DNS-1123 label (the object name rule)."""
+    if not name or len(name) > 63 or not _DNS_LABEL.fullmatch(name):
+        raise InvalidError(
+            f"{field}: {name!r} is not a DNS-1123 label (at most 63 lower-case alphanumerics"
+            " or '-', starting and ending with an alphanumeric)"
+        )
+
+
+def validate_meta_and_spec(gpu: pb.Gpu) -> None:
+    """``InvalidError`` for a missing spec.uuid, a negative index, bad labels or annotations."""
+    if not gpu.spec.uuid:
+        raise InvalidError(f"gpu {gpu.metadata.name!r}: spec.uuid is required")
+    if gpu.spec.index < 0:
+        raise InvalidError(f"gpu {gpu.metadata.name!r}: spec.index must be >= 0")
+    for key, value in gpu.metadata.labels.items():
+        problem = label_key_problem(key) or label_value_problem(value)
+        if problem:
+            raise InvalidError(f"gpu {gpu.metadata.name!r}: metadata.labels: {problem}")
+    size = 0
+    for key, value in gpu.metadata.annotations.items():
+        problem = label_key_problem(key)
+        if problem:
+            raise InvalidError(f"gpu {gpu.metadata.name!r}: metadata.annotations: {problem}")
+        size += len(key) + len(value)
+    if size > MAX_ANNOTATIONS_BYTES:
+        raise InvalidError(
+            f"gpu {gpu.metadata.name!r}: metadata.annotations total {size} bytes, more than"
+            f" {MAX_ANNOTATIONS_BYTES}"
+        )
+
+
+def validate_status(status: pb.GpuStatus, max_conditions: int) -> None:
+    """``InvalidError`` for too many conditions, a missing or duplicate type, or a bad status."""
+    conditions = status.conditions
+    if len(conditions) > max_conditions:
+        raise InvalidError(
+            f"status.conditions: {len(conditions)} conditions, more than the"
+            f" {max_conditions} allowed per GPU"
+        )
+    seen: set[str] = set()
+    for i, cond in enumerate(conditions):
+        if not cond.type:
+            raise InvalidError(f"status.conditions[{i}].type is required")
+        if cond.type in seen:
+            raise InvalidError(f"status.conditions[{i}]: duplicate type {cond.type!r}")
+        seen.add(cond.type)
+        if cond.status not in CONDITION_STATUSES:
+            raise InvalidError(
+                f"status.conditions[{i}] ({cond.type}): status {cond.status!r} is not one of"
+                " True, False, Unknown"
+            )

@@ -1,0 +1,438 @@
+"""The NVML provider through the simulator, against the real server over a unix socket.
+
+Each test runs a real ``serve`` on a socket in a temp dir and a ``GpuProvider``
+over ``NvmlSource(SimulatedNvml)`` talking to it through ``DeviceApiClient``,
+with a short health interval; the test holds the simulated library to inject
+XIDs and lost GPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gpufleet.core.retry import Backoff
+from gpufleet.deviceapi.client import DeviceApiClient
+from gpufleet.deviceapi.config import DeviceApiSettings
+from gpufleet.deviceapi.health import CONDITION_HEALTHY
+from gpufleet.deviceapi.naming import gpu_name
+from gpufleet.deviceapi.provider import GpuProvider
+from gpufleet.deviceapi.provider_cli import CLIENT_OPTIONS
+from gpufleet.deviceapi.server import serve
+from gpufleet.deviceapi.v1alpha1.gpu_pb2 import Condition, Gpu
+from gpufleet.gpu import sim
+from gpufleet.gpu.model import DeviceList, GpuProcess, GpuSample, XidEvent
+from gpufleet.gpu.nvml import NvmlSource
+from gpufleet.gpu.sim import SimulatedNvml
+from gpufleet.gpu.source import GpuError, GpuSource, XidEventStream
+
+pytestmark = pytest.mark.integration
+
+INTERVAL = 0.2
+DEADLINE = 10.0
+
+
+@dataclass
+class Server:
+    """One running ``serve``; ``stop()`` shuts it down like SIGTERM would."""
+
+    stop_event: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await asyncio.wait_for(self.task, DEADLINE)
+
+
+async def start_server(socket_path: Path, state_file: Path | None = None) -> Server:
+    settings = DeviceApiSettings(
+        device_api_socket=socket_path,
+        state_file=state_file,
+        metrics_port=0,
+        shutdown_grace=0.2,
+    )
+    stop = asyncio.Event()
+    started = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop=stop, started=lambda _info: started.set()))
+    done, _ = await asyncio.wait(
+        [task, asyncio.ensure_future(started.wait())],
+        timeout=DEADLINE,
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    if task in done:
+        task.result()  # raises what made the server fail
+    assert started.is_set(), "server did not start"
+    return Server(stop, task)
+
+
+@dataclass
+class Running:
+    """A provider over a simulated dgx-h100, and a separate client to look at the server."""
+
+    nvml: SimulatedNvml
+    provider: GpuProvider
+    provider_client: DeviceApiClient
+    source: NvmlSource
+    client: DeviceApiClient
+    stop_event: asyncio.Event
+    task: asyncio.Task[None]
+
+    def uuid(self, index: int) -> str:
+        return self.nvml.gpu(index).uuid
+
+    def name(self, index: int) -> str:
+        return gpu_name(self.uuid(index))
+
+    async def gpu(self, index: int) -> Gpu:
+        return await self.client.get(self.name(index))
+
+    async def inject_xid(self, index: int, xid: int) -> None:
+        # The event set must exist before the event, as on a real driver.
+        await eventually(lambda: _true(self.provider.xid_stream_ready))
+        assert self.nvml.inject_xid(index, xid) == 1
+
+    async def stop(self) -> None:
+        """Stop the provider (the looking client stays open until ``close``)."""
+        if not self.task.done():
+            self.stop_event.set()
+            await asyncio.wait_for(self.task, DEADLINE)
+            await self.provider_client.close()
+            self.source.close()
+
+    async def close(self) -> None:
+        await self.stop()
+        await self.client.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = DEADLINE) -> None:
+    """Poll ``check`` until it is true; server errors while polling count as "not yet"."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last_error: Exception | None = None
+    while True:
+        try:
+            if await check():
+                return
+        except Exception as exc:
+            last_error = exc
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {within}s (last error: {last_error})")
+        await asyncio.sleep(0.05)
+
+
+def healthy(gpu: Gpu) -> Condition:
+    (condition,) = [c for c in gpu.status.conditions if c.type == CONDITION_HEALTHY]
+    return condition
+
+
+async def start_provider(
+    socket_path: Path,
+    nvml: SimulatedNvml | None = None,
+    wrap: Callable[[NvmlSource], GpuSource] | None = None,
+) -> Running:
+    nvml = nvml or sim.open("dgx-h100")
+    provider_client = DeviceApiClient(socket_path, options=CLIENT_OPTIONS)
+    source = NvmlSource(nvml)
+    provider = GpuProvider(
+        provider_client,
+        source if wrap is None else wrap(source),
+        node="node-a",
+        health_interval=INTERVAL,
+        backoff=Backoff(initial=0.05, cap=0.3, jitter=0.0),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(provider.run(stop))
+    running = Running(
+        nvml, provider, provider_client, source, DeviceApiClient(socket_path), stop, task
+    )
+    await eventually(lambda: _true(provider.ready))
+    return running
+
+
+@pytest.fixture
+def socket_path(tmp_path: Path) -> Path:
+    return tmp_path / "device.sock"
+
+
+@pytest.fixture
+async def server(socket_path: Path) -> AsyncIterator[Server]:
+    running = await start_server(socket_path)
+    yield running
+    if not running.task.done():
+        await running.stop()
+
+
+@pytest.fixture
+async def provided(server: Server, socket_path: Path) -> AsyncIterator[Running]:
+    running = await start_provider(socket_path)
+    yield running
+    await running.close()
+
+
+async def test_provider_registers_every_gpu_healthy(provided: Running) -> None:
+    listing = await provided.client.list("gpufleet.io/node=node-a")
+    by_name = {gpu.metadata.name: gpu for gpu in listing.items}
+    assert sorted(by_name) == sorted(provided.name(i) for i in range(8))
+    first = by_name[provided.name(0)]
+    assert (first.spec.uuid, first.spec.index, first.spec.node) == (provided.uuid(0), 0, "node-a")
+    assert first.metadata.labels["gpufleet.io/product"] == "NVIDIA-H100-80GB-HBM3"
+    assert all(healthy(gpu).status == "True" for gpu in listing.items)
+
+
+async def test_xid_79_makes_only_that_gpu_unhealthy_with_its_action(provided: Running) -> None:
+    await provided.inject_xid(2, 79)
+
+    async def gpu2_unhealthy() -> bool:
+        return healthy(await provided.gpu(2)).status == "False"
+
+    await eventually(gpu2_unhealthy)
+    gpu = await provided.gpu(2)
+    condition = healthy(gpu)
+    assert (condition.reason, gpu.status.recommended_action) == ("XidCritical", "RebootNode")
+    assert "XID 79" in condition.message
+    assert [record.xid for record in gpu.status.last_xids] == [79]
+    others = [await provided.gpu(i) for i in range(8) if i != 2]
+    assert [healthy(other).status for other in others] == ["True"] * 7
+    assert {other.status.recommended_action for other in others} == {"None"}
+
+
+async def test_xid_13_changes_nothing(provided: Running) -> None:
+    before = await provided.gpu(1)
+    await provided.inject_xid(1, 13)
+    # XIDs are handled in order: once the later 48 on GPU 3 is written, the 13 was seen.
+    await provided.inject_xid(3, 48)
+
+    async def gpu3_unhealthy() -> bool:
+        return healthy(await provided.gpu(3)).status == "False"
+
+    await eventually(gpu3_unhealthy)
+    await asyncio.sleep(INTERVAL * 2)  # and a health round or two later, still no write
+    after = await provided.gpu(1)
+    assert after.metadata.resource_version == before.metadata.resource_version
+
+
+async def test_warning_xid_is_recorded_without_changing_health(provided: Running) -> None:
+    await provided.inject_xid(5, 92)
+
+    async def recorded() -> bool:
+        return [r.xid for r in (await provided.gpu(5)).status.last_xids] == [92]
+
+    await eventually(recorded)
+    assert healthy(await provided.gpu(5)).status == "True"
+
+
+async def test_lost_gpu_becomes_gpu_lost_at_the_next_health_check(provided: Running) -> None:
+    provided.nvml.set_lost(4)
+
+    async def lost() -> bool:
+        return healthy(await provided.gpu(4)).reason == "GpuLost"
+
+    await eventually(lost)
+    gpu = await provided.gpu(4)
+    assert (healthy(gpu).status, gpu.status.recommended_action) == ("False", "RebootNode")
+    assert healthy(await provided.gpu(3)).status == "True"
+
+
+async def test_server_restart_leads_to_re_registration_with_current_status(
+    provided: Running, server: Server, socket_path: Path
+) -> None:
+    await provided.inject_xid(2, 79)
+
+    async def gpu2_unhealthy() -> bool:
+        return healthy(await provided.gpu(2)).status == "False"
+
+    await eventually(gpu2_unhealthy)
+    await server.stop()
+    restarted = await start_server(socket_path)  # a new, empty store on the same socket
+    try:
+
+        async def all_back() -> bool:
+            return len((await provided.client.list()).items) == 8
+
+        await eventually(all_back)
+        await eventually(gpu2_unhealthy)
+        gpu = await provided.gpu(2)
+        assert (healthy(gpu).reason, gpu.status.recommended_action) == ("XidCritical", "RebootNode")
+        assert [record.xid for record in gpu.status.last_xids] == [79]
+        assert healthy(await provided.gpu(0)).status == "True"
+    finally:
+        await restarted.stop()
+
+
+async def test_state_file_keeps_conditions_and_a_monotonic_resource_version(
+    tmp_path: Path, socket_path: Path
+) -> None:
+    state = tmp_path / "state.db"
+    server = await start_server(socket_path, state_file=state)
+    running = await start_provider(socket_path)
+    try:
+        await running.inject_xid(2, 79)
+
+        async def gpu2_unhealthy() -> bool:
+            return healthy(await running.gpu(2)).status == "False"
+
+        await eventually(gpu2_unhealthy)
+        before = await running.gpu(2)
+        list_rv = int((await running.client.list()).resource_version)
+    finally:
+        await running.stop()  # nobody re-applies anything: what follows came from the file
+        await server.stop()
+
+    server = await start_server(socket_path, state_file=state)
+    client = DeviceApiClient(socket_path, options=CLIENT_OPTIONS)
+    try:
+        after = await client.get(before.metadata.name)
+        assert after.status == before.status
+        assert after.metadata.resource_version == before.metadata.resource_version
+        assert int((await client.list()).resource_version) >= list_rv
+        other = await client.get(running.name(0))
+        other.metadata.labels["touched"] = "yes"
+        written = await client.update(other)
+        assert int(written.metadata.resource_version) > list_rv
+    finally:
+        await client.close()
+        await running.close()
+        await server.stop()
+
+
+async def test_restarted_provider_keeps_xid_history_but_clears_the_latch(
+    server: Server, socket_path: Path
+) -> None:
+    nvml = sim.open("dgx-h100")
+    first = await start_provider(socket_path, nvml)
+    try:
+        await first.inject_xid(2, 79)
+
+        async def gpu2_unhealthy() -> bool:
+            return healthy(await first.gpu(2)).status == "False"
+
+        await eventually(gpu2_unhealthy)
+    finally:
+        await first.stop()
+    second = await start_provider(socket_path, sim.open("dgx-h100"))
+    try:
+
+        async def gpu2_healthy_again() -> bool:
+            return healthy(await second.gpu(2)).status == "True"
+
+        await eventually(gpu2_healthy_again)
+        assert [r.xid for r in (await second.gpu(2)).status.last_xids] == [79]
+    finally:
+        await second.close()
+        await first.close()
+
+
+async def test_provider_keeps_conditions_of_other_providers(provided: Running) -> None:
+    gpu = await provided.gpu(6)
+    gpu.status.conditions.append(Condition(type="ThermalOk", status="True", reason="Cool"))
+    await provided.client.update_status(gpu)
+    await provided.inject_xid(6, 48)
+
+    async def gpu6_unhealthy() -> bool:
+        return healthy(await provided.gpu(6)).status == "False"
+
+    await eventually(gpu6_unhealthy)
+    types = {c.type: c.reason for c in (await provided.gpu(6)).status.conditions}
+    assert types == {CONDITION_HEALTHY: "XidCritical", "ThermalOk": "Cool"}
+
+
+async def test_provider_stops_promptly(provided: Running) -> None:
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await provided.stop()
+    assert loop.time() - began < 3.0
+
+
+class _BrokenStream:
+    """An event set whose wait fails with a non-timeout NVML error."""
+
+    def __init__(self, inner: XidEventStream) -> None:
+        self.inner = inner
+
+    def wait(self, timeout_s: float) -> XidEvent | None:
+        raise GpuError("nvmlEventSetWait: Unknown Error")
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _FirstEventSetBreaks:
+    """A GpuSource whose first XID event set breaks; later ones work."""
+
+    def __init__(self, inner: NvmlSource) -> None:
+        self.inner = inner
+        self.created = 0
+
+    def devices(self) -> DeviceList:
+        return self.inner.devices()
+
+    def sample(self, uuid: str) -> GpuSample:
+        return self.inner.sample(uuid)
+
+    def processes(self, uuid: str) -> tuple[GpuProcess, ...]:
+        return self.inner.processes(uuid)
+
+    def xid_events(self) -> XidEventStream:
+        self.created += 1
+        stream = self.inner.xid_events()
+        return _BrokenStream(stream) if self.created == 1 else stream
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+async def test_broken_event_set_is_recreated_without_marking_gpus_unhealthy(
+    server: Server, socket_path: Path
+) -> None:
+    flaky: list[_FirstEventSetBreaks] = []
+
+    def wrap(source: NvmlSource) -> GpuSource:
+        flaky.append(_FirstEventSetBreaks(source))
+        return flaky[0]
+
+    running = await start_provider(socket_path, wrap=wrap)
+    try:
+        await eventually(lambda: _true(flaky[0].created >= 2 and running.provider.xid_stream_ready))
+        listing = await running.client.list()
+        assert {healthy(gpu).status for gpu in listing.items} == {"True"}
+        await running.inject_xid(1, 79)
+
+        async def gpu1_unhealthy() -> bool:
+            return healthy(await running.gpu(1)).status == "False"
+
+        await eventually(gpu1_unhealthy)
+    finally:
+        await running.close()
+
+
+async def test_gpu_lost_before_a_provider_restart_is_found_by_its_index(
+    server: Server, socket_path: Path
+) -> None:
+    nvml = sim.open("dgx-h100")
+    first = await start_provider(socket_path, nvml)
+    await first.close()
+    nvml.set_lost(3)  # now it cannot even tell its UUID
+    second = await start_provider(socket_path, nvml)
+    try:
+
+        async def gpu3_lost() -> bool:
+            return healthy(await second.gpu(3)).reason == "GpuLost"
+
+        await eventually(gpu3_lost)
+        assert healthy(await second.gpu(2)).status == "True"
+        nvml.set_lost(3, False)  # back on the bus: healthy at the next check
+
+        async def gpu3_healthy() -> bool:
+            return healthy(await second.gpu(3)).status == "True"
+
+        await eventually(gpu3_healthy)
+    finally:
+        await second.close()
