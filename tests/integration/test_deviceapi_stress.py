@@ -1,12 +1,10 @@
 """Stress: many informers, one busy writer, and a stalled watcher that must not slow it.
 
-Sizes come from the environment so the full issue-sized run (100 informers,
-1,024 GPUs, 20,000 status updates) is one variable away, while the default run
-stays well under a minute on two cores: every event is decoded once per
-informer, so the work is watchers x updates deliveries through Python gRPC.
+The defaults are the issue's sizes (100 informers, 1,024 GPUs, 20,000 status
+updates): 2 million deliveries through Python gRPC, about 2.5 minutes on two
+cores. The environment can shrink them for a quick local run:
 
-    DEVICEAPI_STRESS_WATCHERS=100 DEVICEAPI_STRESS_GPUS=1024 \
-    DEVICEAPI_STRESS_UPDATES=20000 pytest tests/integration/test_deviceapi_stress.py
+    DEVICEAPI_STRESS_UPDATES=2000 pytest tests/integration/test_deviceapi_stress.py
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 WATCHERS = int(os.environ.get("DEVICEAPI_STRESS_WATCHERS", "100"))
 GPUS = int(os.environ.get("DEVICEAPI_STRESS_GPUS", "1024"))
-UPDATES = int(os.environ.get("DEVICEAPI_STRESS_UPDATES", "2000"))
+UPDATES = int(os.environ.get("DEVICEAPI_STRESS_UPDATES", "20000"))
 
 
 async def _write_statuses(
