@@ -9,9 +9,7 @@ flags on top; an invalid value stops start-up with one line naming it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +21,7 @@ from pydantic import Field, field_validator
 from gpufleet.core.config import CommonSettings, Duration, load_settings
 from gpufleet.core.errors import ConfigError
 from gpufleet.core.http import HealthServer
+from gpufleet.core.signals import stop_on_signals
 from gpufleet.deviceapi.provider import GpuApi, GpuProvider
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.gpu.source import GpuSource
@@ -203,16 +202,8 @@ def provider(
     source = _choose_source(settings, fleet, nvml, seed)
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        try:
+        with stop_on_signals() as stop:
             await run_provider(settings, source, stop=stop)
-        finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(ValueError, RuntimeError):
-                    loop.remove_signal_handler(signum)
 
     asyncio.run(main())
 

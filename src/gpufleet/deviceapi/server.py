@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import stat
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from gpufleet.core.errors import ConfigError
 from gpufleet.core.http import HealthServer
+from gpufleet.core.signals import stop_on_signals
 from gpufleet.deviceapi.config import MAX_MESSAGE_BYTES, DeviceApiSettings
 from gpufleet.deviceapi.metrics import DeviceApiMetrics
 from gpufleet.deviceapi.service import SERVICE_NAME, GpuService
@@ -238,14 +238,7 @@ def run_server(settings: DeviceApiSettings) -> None:
     """Run `serve` in a fresh event loop until SIGTERM or SIGINT."""
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        try:
+        with stop_on_signals() as stop:
             await serve(settings, stop=stop)
-        finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
 
     asyncio.run(main())

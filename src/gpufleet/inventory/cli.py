@@ -24,7 +24,7 @@ from gpufleet.inventory.wiring import (
     close_deliveries,
     open_delivery,
     run_export_test,
-    stop_on_signals,
+    stop_deliveries_on_signals,
 )
 
 app = typer.Typer(help="GPU inventory: which physical GPU sat in which node and machine, when.")
@@ -105,7 +105,7 @@ async def _scan(settings: ScanSettings, choice: SourceChoice) -> ScanResult:
             deliveries.append(open_delivery(kind, settings))
         source = open_source(choice)
         try:
-            with stop_on_signals(deliveries):
+            with stop_deliveries_on_signals(deliveries):
                 return await scan_once(
                     source,
                     deliveries,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from gpufleet.core.http import HealthServer
 from gpufleet.core.retry import Backoff
+from gpufleet.core.signals import stop_on_signals
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.inventory.check import CheckProcessor
 from gpufleet.inventory.config import (
@@ -89,15 +89,6 @@ async def runtime(
         await close_deliveries(rt.deliveries)
 
 
-def stop_event_on_signals() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    return stop
-
-
 # --- controller and check mode ------------------------------------------------------
 
 
@@ -115,10 +106,17 @@ async def run_pod_watch(
 ) -> None:
     """Watch the matching pods and process each ready one until ``stop`` is set.
 
+    Without ``stop``, SIGTERM or SIGINT stops it.
+
     ``started`` is called once everything runs (tests use it to reach the work
     loop and the health server's port).
     """
-    stop = stop or stop_event_on_signals()
+    if stop is None:
+        with stop_on_signals() as stop:
+            return await run_pod_watch(
+                settings, make_processor, kube=kube, registry=registry, stop=stop,
+                started=started,
+            )  # fmt: skip
     own_kube = kube is None
     if kube is None:
         kube = await connect(settings)
@@ -262,8 +260,10 @@ async def run_agent(
     stop: asyncio.Event | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> None:
-    """Scan this node's GPUs at start and every SCAN_INTERVAL until ``stop``."""
-    stop = stop or stop_event_on_signals()
+    """Scan this node's GPUs at start and every SCAN_INTERVAL until ``stop`` (or a signal)."""
+    if stop is None:
+        with stop_on_signals() as stop:
+            return await run_agent(settings, kube=kube, registry=registry, stop=stop, clock=clock)
     own_kube = kube is None
     choice = SourceChoice(simulate=settings.simulate, nvml=settings.simulate is None)
     choice.validate()

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager as ContextManager
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from gpufleet.core.errors import GpufleetError
 from gpufleet.core.http import HealthServer
 from gpufleet.core.retry import Backoff
+from gpufleet.core.signals import stop_on_signals
 from gpufleet.inventory.config import DeliverySettings, ExportSettings
 from gpufleet.inventory.delivery import Delivery, DeliveryConfig, DeliveryPipeline, DirectDelivery
 from gpufleet.inventory.exporters.base import REMOTE_EXPORTERS, make_exporter
@@ -73,11 +75,8 @@ async def close_deliveries(deliveries: Sequence[Delivery]) -> None:
             delivery.spool.close()
 
 
-@contextlib.contextmanager
-def stop_on_signals(deliveries: Sequence[Delivery]) -> Iterator[None]:
+def stop_deliveries_on_signals(deliveries: Sequence[Delivery]) -> ContextManager[asyncio.Event]:
     """On SIGTERM or SIGINT, stop waiting on exporters: the spools keep the rest."""
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
 
     def stop(signum: int) -> None:
         log.warning(
@@ -87,13 +86,7 @@ def stop_on_signals(deliveries: Sequence[Delivery]) -> Iterator[None]:
         for delivery in deliveries:
             delivery.stop()
 
-    for signum in signals:
-        loop.add_signal_handler(signum, stop, signum)
-    try:
-        yield
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
+    return stop_on_signals(stop)
 
 
 def synthetic_reading(settings: ExportSettings, node: str) -> Reading:
