@@ -33,6 +33,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from gpufleet.core.errors import ConfigError
 
 __all__ = [
+    "CaseInsensitiveEnum",
     "CommonSettings",
     "Duration",
     "GpufleetSettings",
@@ -123,11 +124,11 @@ HttpUrlText = Annotated[str, AfterValidator(check_http_url)]
 """Seconds as a float, written as `30s`, `500ms`, `2m`, `1h`, `1m30s` or a plain number."""
 
 
-class _CaseInsensitiveEnum(enum.StrEnum):
+class CaseInsensitiveEnum(enum.StrEnum):
     """A string enum that also accepts its values in any case (`INFO`, `Json`)."""
 
     @classmethod
-    def _missing_(cls, value: object) -> _CaseInsensitiveEnum | None:
+    def _missing_(cls, value: object) -> CaseInsensitiveEnum | None:
         if isinstance(value, str):
             wanted = value.strip().lower()
             for member in cls:
@@ -136,7 +137,7 @@ class _CaseInsensitiveEnum(enum.StrEnum):
         return None
 
 
-class LogLevel(_CaseInsensitiveEnum):
+class LogLevel(CaseInsensitiveEnum):
     """How much to log; `warn` is accepted as an alias of `warning` (gpuid uses it)."""
 
     DEBUG = "debug"
@@ -152,7 +153,7 @@ class LogLevel(_CaseInsensitiveEnum):
         return member if isinstance(member, LogLevel) else None
 
 
-class LogFormat(_CaseInsensitiveEnum):
+class LogFormat(CaseInsensitiveEnum):
     """Log line format: JSON lines for machines, text for people."""
 
     JSON = "json"

@@ -8,6 +8,7 @@ whether it can really do its work, so Kubernetes stops routing to it otherwise.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,9 @@ class _CheckResult:
 class HealthServer:
     """An aiohttp server with /metrics, /healthz and /readyz; features add routes via `app`.
 
+    With `ssl_context` it serves HTTPS (and, if the context requires client
+    certificates, mutual TLS).
+
     Routes must be added before `start()`, when aiohttp freezes the router.
     """
 
@@ -43,6 +47,7 @@ class HealthServer:
         port: int,
         registry: CollectorRegistry | None = None,
         check_timeout: float = 2.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if check_timeout <= 0:
             raise ValueError(f"check_timeout must be > 0, got {check_timeout!r}")
@@ -50,6 +55,7 @@ class HealthServer:
         self._requested_port = port
         self._registry = registry if registry is not None else REGISTRY
         self._check_timeout = check_timeout
+        self._ssl_context = ssl_context
         self._checks: dict[str, ReadinessCheck] = {}
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
@@ -83,7 +89,9 @@ class HealthServer:
         runner = web.AppRunner(self._app)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._requested_port)
+            site = web.TCPSite(
+                runner, self._host, self._requested_port, ssl_context=self._ssl_context
+            )
             await site.start()
         except BaseException:
             await runner.cleanup()
