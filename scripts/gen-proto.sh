@@ -4,9 +4,13 @@
 # src/gpufleet/deviceapi/v1alpha1/gpu_pb2{,_grpc}.py and gpu_pb2.pyi; the
 # generated imports are rewritten to that package. OUT overrides the target
 # directory (the drift test generates into a temp dir and compares).
+# proto/k8s.io/kubelet/podresources/v1/api.proto (the kubelet's PodResources
+# API) becomes src/gpufleet/exporter/podmap/kubelet_v1/api_pb2{,_grpc}.py and
+# api_pb2.pyi the same way; OUT_PODRESOURCES overrides that target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-src/gpufleet/deviceapi/v1alpha1}
+out_podresources=${OUT_PODRESOURCES:-src/gpufleet/exporter/podmap/kubelet_v1}
 python=${PYTHON:-.venv/bin/python}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -16,4 +20,14 @@ mkdir -p "$out"
 for f in gpu_pb2.py gpu_pb2.pyi gpu_pb2_grpc.py; do
     sed 's/^from gpufleet\.device\.v1alpha1 import gpu_pb2/from gpufleet.deviceapi.v1alpha1 import gpu_pb2/' \
         "$tmp/gpufleet/device/v1alpha1/$f" >"$out/$f"
+done
+
+# The proto keeps upstream's package `v1` (it is part of the method path), so
+# the module path protoc derives from the file name is rewritten to ours.
+"$python" -m grpc_tools.protoc -Iproto --python_out="$tmp" --pyi_out="$tmp" \
+    --grpc_python_out="$tmp" proto/k8s.io/kubelet/podresources/v1/api.proto
+mkdir -p "$out_podresources"
+for f in api_pb2.py api_pb2.pyi api_pb2_grpc.py; do
+    sed 's/^from k8s\.io\.kubelet\.podresources\.v1 import api_pb2/from gpufleet.exporter.podmap.kubelet_v1 import api_pb2/' \
+        "$tmp/k8s/io/kubelet/podresources/v1/$f" >"$out_podresources/$f"
 done
