@@ -13,6 +13,7 @@ from gpufleet.core.errors import ConfigError, GpufleetError
 from gpufleet.core.logging import configure_logging
 from gpufleet.deviceapi.cli import app as device_api_app
 from gpufleet.deviceapi.cli import gpus_app
+from gpufleet.exporter.cli import exporter as exporter_command
 from gpufleet.gpu.cli import app as gpu_app
 from gpufleet.inventory.cli import app as inventory_app
 
@@ -26,6 +27,7 @@ app.add_typer(gpu_app, name="gpu")
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(device_api_app, name="device-api")
 app.add_typer(gpus_app, name="gpus")
+app.command("exporter")(exporter_command)
 
 
 def _version(value: bool) -> None:

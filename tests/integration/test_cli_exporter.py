@@ -1,0 +1,171 @@
+"""``gpufleet exporter`` as a subprocess: flags, errors, HTTP and HTTPS, SIGTERM."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.integration
+
+GPUFLEET = [sys.executable, "-m", "gpufleet.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def env(tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GPU_EXPORTER_")}
+    clean.pop("KUBERNETES_SERVICE_HOST", None)
+    (tmp_path / "proc" / "self").mkdir(parents=True, exist_ok=True)
+    clean.update({"NODE_NAME": "node-1", "GPU_EXPORTER_HOST_PROC": str(tmp_path / "proc")})
+    return clean
+
+
+def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GPUFLEET, "exporter", *args], capture_output=True, text=True, env=env(tmp_path),
+        timeout=60, check=False,
+    )  # fmt: skip
+
+
+def fetch(url: str, context: ssl.SSLContext | None = None) -> str:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5, context=context) as response:
+                return str(response.read().decode())
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def start(tmp_path: Path, procs: list[subprocess.Popen[str]], *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [*GPUFLEET, "exporter", *args], env=env(tmp_path), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    procs.append(proc)
+    return proc
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--simulate", "l4", "--interval", "0.1", "--disable-k8s"], "GPU_EXPORTER_INTERVAL"),
+        (
+            ["--simulate", "l4", "--process-labels", "pid,uid", "--disable-k8s"],
+            "GPU_EXPORTER_PROCESS_LABELS",
+        ),
+        (
+            ["--simulate", "l4", "--pod-label-allowlist", "(", "--disable-k8s"],
+            "GPU_EXPORTER_POD_LABEL_ALLOWLIST",
+        ),
+        (
+            ["--simulate", "l4", "--tls-cert-file", "/nonexistent", "--disable-k8s"],
+            "GPU_EXPORTER_TLS_KEY_FILE",
+        ),
+        (["--simulate", "l4", "--enable-k8s", "--disable-k8s"], "contradict"),
+        (["--simulate", "no-such-preset", "--port", "0", "--disable-k8s"], "no-such-preset"),
+    ],
+)
+def test_bad_settings_stop_start_up_with_one_line_naming_the_problem(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = (
+        run(tmp_path, "--disable-k8s", *args)
+        if "--enable-k8s" not in args
+        else run(tmp_path, *args)
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serves_parseable_metrics_over_http_and_stops_on_sigterm(
+    tmp_path: Path, started: list[subprocess.Popen[str]]
+) -> None:
+    port = free_port()
+    proc = start(tmp_path, started, "--simulate", "dgx-h100", "--disable-k8s", "--bind-address",
+                 "127.0.0.1", "--port", str(port), "--interval", "0.25")  # fmt: skip
+    text = fetch(f"http://127.0.0.1:{port}/metrics")
+    while "gpu_utilization{" not in text:
+        time.sleep(0.1)
+        text = fetch(f"http://127.0.0.1:{port}/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert len(families["gpu_utilization"].samples) == 8
+    assert families["gpufleet_exporter_collect_duration_seconds"].type == "histogram"
+    assert fetch(f"http://127.0.0.1:{port}/readyz").startswith("{")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_flags_serve_https_only(tmp_path: Path, started: list[subprocess.Popen[str]]) -> None:
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    start(tmp_path, started, "--simulate", "l4", "--disable-k8s", "--bind-address",
+          "127.0.0.1", "--port", str(port), "--tls-cert-file", str(cert),
+          "--tls-key-file", str(key))  # fmt: skip
+    context = ssl.create_default_context(cafile=str(cert))
+    text = fetch(f"https://localhost:{port}/healthz", context)
+    assert text == "ok"
+    with (
+        pytest.raises((urllib.error.URLError, ConnectionError)),
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5),
+    ):
+        pass
