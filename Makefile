@@ -53,7 +53,12 @@ test: lint
 	scripts/test-servers.sh start
 	$(BIN)/pytest -q; rc=$$?; scripts/test-servers.sh stop; exit $$rc
 
-bench: $(STAMP)
+# The peers the benchmarks compare against (nvitop-exporter) come from the bench extra.
+$(VENV)/.installed-bench: $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[all,dev,bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	@set -e; for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
 
 proto: $(STAMP)
