@@ -22,6 +22,8 @@ app = typer.Typer(
     help="Know the GPUs in your Kubernetes fleet.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Help texts say `[env NAME; default]`: plain text, not rich markup.
+    rich_markup_mode=None,
 )
 app.add_typer(gpu_app, name="gpu")
 app.add_typer(inventory_app, name="inventory")

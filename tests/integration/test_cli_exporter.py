@@ -169,3 +169,12 @@ def test_tls_flags_serve_https_only(tmp_path: Path, started: list[subprocess.Pop
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5),
     ):
         pass
+
+
+def test_help_names_every_environment_variable_it_documents(tmp_path: Path) -> None:
+    # Help texts carry `[env NAME; default]`; rich markup would swallow them.
+    result = run(tmp_path, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for variable in ("GPU_EXPORTER_BIND_ADDRESS", "GPU_EXPORTER_INTERVAL", "NODE_NAME"):
+        assert f"[env {variable}" in text

@@ -10,21 +10,12 @@ import typer
 
 from gpufleet.core.config import load_settings
 from gpufleet.exporter.errors import ExporterError
+from gpufleet.gpu.cli import NvmlOpt, SimulateOpt
 
 
 def exporter(
-    nvml: Annotated[
-        bool, typer.Option("--nvml", help="Read the GPUs through NVML (the default).")
-    ] = False,
-    simulate: Annotated[
-        str | None,
-        typer.Option(
-            "--simulate",
-            metavar="PRESET",
-            help="Read simulated GPUs instead (dgx-h100, dgx-a100, gb200, l4, mig-a100) "
-            "[env GPU_EXPORTER_SIMULATE].",
-        ),
-    ] = None,
+    nvml: NvmlOpt = False,
+    simulate: SimulateOpt = None,
     bind_address: Annotated[
         str | None,
         typer.Option(
