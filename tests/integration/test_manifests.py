@@ -4,20 +4,30 @@ Every overlay is rendered with whatever ``kubectl`` is on PATH (``KUBECTL`` over
 Debian 12's kubectl 1.20, installed by ``scripts/ensure-kubectl.sh``, has the oldest
 kustomize the manifests are written for. The RBAC of each overlay is compared with the
 minimal set written out below, so any extra permission fails a test.
+
+The inventory overlays share one namespace (``gpufleet``, "restricted" Pod Security) and
+one set of conventions; the GPU exporter overlay (``gpu-exporter``) needs hostPID and
+hostPath, so it has its own namespace and its own tests, and joins only the checks that
+hold for every gpufleet workload.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
 import yaml
+from pydantic import AliasChoices
+
+from gpufleet.exporter.settings import ExporterSettings
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +35,11 @@ ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS_DIR = ROOT / "deploy" / "kustomize" / "overlays"
 
 CONTROLLER_OVERLAYS = ("stdout", "postgres", "s3", "http", "labels", "check")
-OVERLAYS = (*CONTROLLER_OVERLAYS, "agent")
+INVENTORY_OVERLAYS = (*CONTROLLER_OVERLAYS, "agent")
+GPU_EXPORTER = "gpu-exporter"
+OVERLAYS = (*INVENTORY_OVERLAYS, GPU_EXPORTER)
+# DaemonSets on GPU nodes that read NVML through the NVIDIA runtime.
+NODE_OVERLAYS = ("agent", GPU_EXPORTER)
 
 EXPORTER_TYPE = {
     "stdout": "stdout",
@@ -38,6 +52,15 @@ EXPORTER_TYPE = {
 }
 
 IMAGE = "ghcr.io/gpufleet/gpufleet:0.1.0"
+INVENTORY_NAMESPACE = "gpufleet"
+GPU_EXPORTER_NAMESPACE = "gpufleet-gpu-exporter"
+GPU_EXPORTER_APP = "gpufleet-gpu-exporter"  # its app.kubernetes.io/name
+GPU_EXPORTER_PORT = 9400
+# The exporter's host mounts: host path -> mount path, all read-only.
+GPU_EXPORTER_HOST_PATHS = {
+    "/proc": "/host/proc",
+    "/var/lib/kubelet/pod-resources": "/var/lib/kubelet/pod-resources",
+}
 DEVICE_PLUGIN_NAMESPACE = "gpu-operator"
 LEASE_NAME = "gpufleet-inventory-leader"
 WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet", "Job", "CronJob", "Pod"}
@@ -79,12 +102,20 @@ EXPECTED_RBAC = {
     "labels": CONTROLLER | _rules("ClusterRole", "", "", "nodes", "patch"),
     "check": CONTROLLER | _rules("Role", "gpu-operator", "", "pods", "delete"),
     "agent": _rules("ClusterRole", "", "", "nodes", "get"),
+    # The pod informer of its own node (fieldSelector spec.nodeName): pods span every
+    # namespace, so cluster-wide, read-only.
+    GPU_EXPORTER: _rules("ClusterRole", "", "", "pods", "get", "list", "watch"),
 }
 
 
 @functools.cache
 def render(overlay: str) -> tuple[Manifest, ...]:
     """The objects ``kubectl kustomize`` renders for ``overlay``; fails (never skips)."""
+    return kustomize(OVERLAYS_DIR / overlay)
+
+
+def kustomize(directory: Path) -> tuple[Manifest, ...]:
+    """The objects ``kubectl kustomize`` renders for a kustomization directory."""
     kubectl = shutil.which(os.environ.get("KUBECTL", "kubectl"))
     if kubectl is None:
         pytest.fail(
@@ -92,14 +123,14 @@ def render(overlay: str) -> tuple[Manifest, ...]:
             "Debian's kubernetes-client, or set KUBECTL to a kubectl binary"
         )
     result = subprocess.run(
-        [kubectl, "kustomize", str(OVERLAYS_DIR / overlay)],
+        [kubectl, "kustomize", str(directory)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     if result.returncode != 0:
-        pytest.fail(f"kubectl kustomize overlays/{overlay} failed: {result.stderr.strip()}")
+        pytest.fail(f"kubectl kustomize {directory} failed: {result.stderr.strip()}")
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
 
@@ -158,6 +189,26 @@ def the_container(overlay: str) -> Manifest:
     return found[0]
 
 
+def the_daemonset(overlay: str) -> Manifest:
+    """The overlay's one DaemonSet."""
+    (daemonset,) = objects(overlay, "DaemonSet")
+    return daemonset
+
+
+def setting_names() -> set[str]:
+    """The environment variables `ExporterSettings` reads (an alias, else the field name)."""
+    names: set[str] = set()
+    for field, info in ExporterSettings.model_fields.items():
+        alias = info.validation_alias
+        if alias is None:
+            names.add(field.upper())
+        elif isinstance(alias, str):
+            names.add(alias.upper())
+        elif isinstance(alias, AliasChoices):
+            names.update(choice.upper() for choice in alias.choices if isinstance(choice, str))
+    return names
+
+
 # Rendering
 
 
@@ -190,7 +241,7 @@ def test_pods_exec_is_never_granted_cluster_wide(overlay: str) -> None:
     assert "pods/exec" not in cluster_wide
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", INVENTORY_OVERLAYS)
 def test_pods_permissions_are_confined_to_the_device_plugin_namespace(overlay: str) -> None:
     namespaces = {
         (rule.kind, rule.namespace)
@@ -302,7 +353,7 @@ def test_leader_lease_role_names_the_lease_the_controller_uses(overlay: str) -> 
 # Container hardening
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", INVENTORY_OVERLAYS)
 def test_every_container_runs_as_non_root_uid_65532(overlay: str) -> None:
     settings = {
         (
@@ -342,6 +393,16 @@ def test_every_container_drops_all_capabilities_and_adds_none(overlay: str) -> N
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_container_is_privileged(overlay: str) -> None:
+    privileged = [
+        container["name"]
+        for _, container in containers(overlay)
+        if container.get("securityContext", {}).get("privileged")
+    ]
+    assert privileged == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_container_uses_the_runtime_default_seccomp_profile(overlay: str) -> None:
     profiles = {
         (effective_security(spec, container, "seccompProfile") or {}).get("type")
@@ -350,7 +411,7 @@ def test_every_container_uses_the_runtime_default_seccomp_profile(overlay: str) 
     assert profiles == {"RuntimeDefault"}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", INVENTORY_OVERLAYS)
 def test_no_pod_uses_host_namespaces_or_host_paths(overlay: str) -> None:
     hosty = [
         workload["metadata"]["name"]
@@ -390,7 +451,7 @@ def test_every_container_runs_the_released_gpufleet_image(overlay: str) -> None:
     assert {container["image"] for _, container in containers(overlay)} == {IMAGE}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", INVENTORY_OVERLAYS)
 def test_spool_dir_is_on_a_writable_volume(overlay: str) -> None:
     for spec, container in containers(overlay):
         spool_dir = env_of(container)["SPOOL_DIR"]["value"]
@@ -402,7 +463,7 @@ def test_spool_dir_is_on_a_writable_volume(overlay: str) -> None:
         ), f"{container['name']}: SPOOL_DIR={spool_dir} is not under a writable mount"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", INVENTORY_OVERLAYS)
 def test_metrics_service_exposes_port_8080_named_metrics(overlay: str) -> None:
     ports = {
         (port["name"], port["port"])
@@ -415,7 +476,7 @@ def test_metrics_service_exposes_port_8080_named_metrics(overlay: str) -> None:
 # Configuration
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", INVENTORY_OVERLAYS)
 def test_every_container_exports_with_the_overlays_exporter_type(overlay: str) -> None:
     types = {env_of(container)["EXPORTER_TYPE"]["value"] for _, container in containers(overlay)}
     assert types == {EXPORTER_TYPE[overlay]}
@@ -534,8 +595,12 @@ def test_agent_runs_agent_mode_with_its_node_name_from_the_downward_api() -> Non
     assert (container["args"], field) == (["inventory", "agent"], "spec.nodeName")
 
 
-def test_agent_runs_only_on_gpu_nodes_and_tolerates_their_taint() -> None:
-    (daemonset,) = objects("agent", "DaemonSet")
+# GPU-node DaemonSets: the agent and the GPU exporter
+
+
+@pytest.mark.parametrize("overlay", NODE_OVERLAYS)
+def test_node_daemonset_runs_only_on_gpu_nodes_and_tolerates_their_taint(overlay: str) -> None:
+    (daemonset,) = objects(overlay, "DaemonSet")
     spec = pod_spec(daemonset)
     tolerated = {toleration["key"] for toleration in spec.get("tolerations", [])}
     assert (spec["nodeSelector"], "nvidia.com/gpu" in tolerated) == (
@@ -544,8 +609,11 @@ def test_agent_runs_only_on_gpu_nodes_and_tolerates_their_taint() -> None:
     )
 
 
-def test_agent_asks_the_nvidia_runtime_for_nvml_only() -> None:
-    env = env_of(the_container("agent"))
+@pytest.mark.parametrize("overlay", NODE_OVERLAYS)
+def test_node_daemonset_asks_the_nvidia_runtime_for_nvml_only(overlay: str) -> None:
+    (daemonset,) = objects(overlay, "DaemonSet")
+    assert pod_spec(daemonset)["runtimeClassName"] == "nvidia"
+    env = env_of(the_container(overlay))
     requested = {
         name: env[name]["value"]
         for name in ("NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES")
@@ -553,10 +621,304 @@ def test_agent_asks_the_nvidia_runtime_for_nvml_only() -> None:
     assert requested == {"NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "utility"}
 
 
-def test_agent_requests_no_gpu() -> None:
-    resources = the_container("agent")["resources"]
+@pytest.mark.parametrize("overlay", NODE_OVERLAYS)
+def test_node_daemonset_requests_no_gpu(overlay: str) -> None:
+    resources = the_container(overlay)["resources"]
     assert not any(
         name.startswith("nvidia.com/")
         for section in ("requests", "limits")
         for name in resources.get(section, {})
     )
+
+
+# Namespaces: "restricted" for the inventory, "privileged" only for the GPU exporter
+
+
+@pytest.mark.parametrize("overlay", INVENTORY_OVERLAYS)
+def test_inventory_namespace_enforces_the_restricted_profile(overlay: str) -> None:
+    namespaces = {
+        ns["metadata"]["name"]: ns["metadata"]["labels"].get("pod-security.kubernetes.io/enforce")
+        for ns in objects(overlay, "Namespace")
+    }
+    assert namespaces == {INVENTORY_NAMESPACE: "restricted"}
+
+
+@pytest.mark.parametrize("overlay", INVENTORY_OVERLAYS)
+def test_inventory_puts_nothing_in_the_gpu_exporter_namespace(overlay: str) -> None:
+    intruders = [
+        f"{obj['kind']}/{obj['metadata']['name']}"
+        for obj in render(overlay)
+        if obj["metadata"].get("namespace") == GPU_EXPORTER_NAMESPACE
+        or any(s.get("namespace") == GPU_EXPORTER_NAMESPACE for s in obj.get("subjects", []))
+    ]
+    assert intruders == []
+
+
+def test_gpu_exporter_namespace_is_its_own_and_enforces_privileged() -> None:
+    (namespace,) = objects(GPU_EXPORTER, "Namespace")
+    labels = namespace["metadata"]["labels"]
+    assert (namespace["metadata"]["name"], labels["pod-security.kubernetes.io/enforce"]) == (
+        GPU_EXPORTER_NAMESPACE,
+        "privileged",
+    )
+
+
+def test_gpu_exporter_namespace_holds_only_the_exporters_objects() -> None:
+    namespaced = [obj for obj in render(GPU_EXPORTER) if "namespace" in obj["metadata"]]
+    misplaced = [
+        f"{obj['kind']}/{obj['metadata']['name']}"
+        for obj in namespaced
+        if obj["metadata"]["namespace"] != GPU_EXPORTER_NAMESPACE
+        or obj["metadata"]["labels"]["app.kubernetes.io/name"] != GPU_EXPORTER_APP
+    ]
+    assert (misplaced, {obj["kind"] for obj in namespaced}) == (
+        [],
+        {"ServiceAccount", "DaemonSet", "Service"},
+    )
+
+
+def test_gpu_exporter_objects_all_carry_its_labels() -> None:
+    unlabelled = [
+        f"{obj['kind']}/{obj['metadata']['name']}"
+        for obj in render(GPU_EXPORTER)
+        if obj["metadata"].get("labels", {}).get("app.kubernetes.io/name") != GPU_EXPORTER_APP
+        or obj["metadata"]["labels"].get("app.kubernetes.io/part-of") != "gpufleet"
+    ]
+    assert unlabelled == []
+
+
+# The GPU exporter
+
+
+def test_gpu_exporter_renders_one_daemonset_and_no_other_workload() -> None:
+    workloads = [(w["kind"], w["metadata"]["name"]) for w in objects(GPU_EXPORTER, *WORKLOAD_KINDS)]
+    assert workloads == [("DaemonSet", GPU_EXPORTER_APP)]
+
+
+def test_gpu_exporter_runs_the_exporter_command() -> None:
+    container = the_container(GPU_EXPORTER)
+    assert (container["command"], container["args"]) == (["gpufleet"], ["exporter"])
+
+
+def test_gpu_exporter_may_only_read_pods_cluster_wide() -> None:
+    assert rbac_rules(GPU_EXPORTER) == {
+        Rule("ClusterRole", "", "", "pods", verb) for verb in ("get", "list", "watch")
+    }
+
+
+def test_gpu_exporter_pods_role_is_bound_to_the_daemonsets_service_account() -> None:
+    account = pod_spec(the_daemonset(GPU_EXPORTER))["serviceAccountName"]
+    subjects = [
+        (binding["roleRef"]["kind"], subject["kind"], subject["namespace"], subject["name"])
+        for binding in objects(GPU_EXPORTER, "RoleBinding", "ClusterRoleBinding")
+        for subject in binding["subjects"]
+    ]
+    assert subjects == [("ClusterRole", "ServiceAccount", GPU_EXPORTER_NAMESPACE, account)]
+
+
+def test_gpu_exporter_shares_only_the_host_pid_namespace() -> None:
+    spec = pod_spec(the_daemonset(GPU_EXPORTER))
+    shared = {field: bool(spec.get(field)) for field in ("hostPID", "hostNetwork", "hostIPC")}
+    assert shared == {"hostPID": True, "hostNetwork": False, "hostIPC": False}
+
+
+def test_gpu_exporter_mounts_only_proc_and_pod_resources_from_the_host_read_only() -> None:
+    spec = pod_spec(the_daemonset(GPU_EXPORTER))
+    host_volumes = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    mounted = {
+        host_volumes[mount["name"]]: (mount["mountPath"], mount.get("readOnly", False))
+        for _, container in containers(GPU_EXPORTER)
+        for mount in container.get("volumeMounts", [])
+        if mount["name"] in host_volumes
+    }
+    assert mounted == {host: (path, True) for host, path in GPU_EXPORTER_HOST_PATHS.items()}
+
+
+def test_gpu_exporter_env_points_at_its_host_mounts() -> None:
+    container = the_container(GPU_EXPORTER)
+    env = env_of(container)
+    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
+    host_proc = env["GPU_EXPORTER_HOST_PROC"]["value"]
+    socket = Path(env["GPU_EXPORTER_PODRESOURCES_SOCKET"]["value"])
+    assert (host_proc in mounts, str(socket.parent) in mounts) == (True, True)
+    assert (host_proc, str(socket.parent)) == (
+        GPU_EXPORTER_HOST_PATHS["/proc"],
+        GPU_EXPORTER_HOST_PATHS["/var/lib/kubelet/pod-resources"],
+    )
+
+
+def test_gpu_exporter_is_an_unprivileged_root() -> None:
+    # uid 0 only to connect to the kubelet's root-owned socket; nothing else of root.
+    spec = pod_spec(the_daemonset(GPU_EXPORTER))
+    container = the_container(GPU_EXPORTER)
+    security = container["securityContext"]
+    assert {
+        "runAsUser": effective_security(spec, container, "runAsUser"),
+        "privileged": security.get("privileged", False),
+        "allowPrivilegeEscalation": security.get("allowPrivilegeEscalation"),
+        "readOnlyRootFilesystem": security.get("readOnlyRootFilesystem"),
+        "capabilities": security.get("capabilities"),
+        "seccomp": (effective_security(spec, container, "seccompProfile") or {}).get("type"),
+    } == {
+        "runAsUser": 0,
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccomp": "RuntimeDefault",
+    }
+
+
+def test_gpu_exporter_reads_its_node_name_from_the_downward_api() -> None:
+    entry = env_of(the_container(GPU_EXPORTER))["NODE_NAME"]
+    assert entry["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+def test_gpu_exporter_serves_metrics_on_port_9400() -> None:
+    container = the_container(GPU_EXPORTER)
+    ports = {(p["name"], p["containerPort"]) for p in container["ports"]}
+    configured = int(env_of(container)["GPU_EXPORTER_PORT"]["value"])
+    assert (ports, configured) == ({("metrics", GPU_EXPORTER_PORT)}, GPU_EXPORTER_PORT)
+
+
+def test_gpu_exporter_probes_its_metrics_port() -> None:
+    container = the_container(GPU_EXPORTER)
+    probes = {
+        kind: (container[kind]["httpGet"]["path"], container[kind]["httpGet"]["port"])
+        for kind in ("livenessProbe", "readinessProbe")
+    }
+    assert probes == {
+        "livenessProbe": ("/healthz", "metrics"),
+        "readinessProbe": ("/readyz", "metrics"),
+    }
+
+
+def test_gpu_exporter_requests_little_and_is_limited() -> None:
+    assert the_container(GPU_EXPORTER)["resources"] == {
+        "requests": {"cpu": "20m", "memory": "64Mi"},
+        "limits": {"cpu": "500m", "memory": "256Mi"},
+    }
+
+
+def test_gpu_exporter_service_selects_its_pods_and_targets_the_metrics_port() -> None:
+    (service,) = objects(GPU_EXPORTER, "Service")
+    pod_labels = the_daemonset(GPU_EXPORTER)["spec"]["template"]["metadata"]["labels"]
+    selector = service["spec"]["selector"]
+    ports = [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]]
+    assert (service["spec"]["type"], selector.items() <= pod_labels.items(), ports) == (
+        "ClusterIP",
+        True,
+        [("metrics", GPU_EXPORTER_PORT, "metrics")],
+    )
+
+
+@pytest.mark.parametrize("overlay", INVENTORY_OVERLAYS)
+def test_gpu_exporter_service_selects_no_inventory_pod(overlay: str) -> None:
+    (service,) = objects(GPU_EXPORTER, "Service")
+    selector = service["spec"]["selector"].items()
+    selected = [
+        workload["metadata"]["name"]
+        for workload in objects(overlay, *WORKLOAD_KINDS)
+        if selector <= workload["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert selected == []
+
+
+def test_gpu_exporter_service_can_be_found_by_prometheus() -> None:
+    (service,) = objects(GPU_EXPORTER, "Service")
+    annotations = service["metadata"].get("annotations", {})
+    scrape = {key: annotations.get(f"prometheus.io/{key}") for key in ("scrape", "port", "path")}
+    assert (scrape, service["metadata"]["labels"]["app.kubernetes.io/name"]) == (
+        {"scrape": "true", "port": str(GPU_EXPORTER_PORT), "path": "/metrics"},
+        GPU_EXPORTER_APP,
+    )
+
+
+def test_gpu_exporter_cli_exists() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli", "exporter", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"},
+    )
+    assert (result.returncode, "--podresources-socket" in result.stdout) == (0, True), (
+        result.stdout + result.stderr
+    )
+
+
+def test_gpu_exporter_env_names_only_real_settings() -> None:
+    # Every variable the container sets, except the NVIDIA runtime's, is an
+    # ExporterSettings setting; a typo would otherwise be ignored silently.
+    runtime = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
+    names = set(env_of(the_container(GPU_EXPORTER))) - runtime
+    assert names - setting_names() == set()
+
+
+def test_gpu_exporter_overlay_files_name_only_real_settings() -> None:
+    # Comments included: the documented-but-unset settings must exist too.
+    mentioned = {
+        name
+        for path in (OVERLAYS_DIR / GPU_EXPORTER).glob("*.yaml")
+        for name in re.findall(r"\bGPU_EXPORTER_[A-Z0-9_]+", path.read_text())
+    }
+    assert {"GPU_EXPORTER_PROCESS_INFO", "GPU_EXPORTER_MAX_SERIES"} <= mentioned
+    assert mentioned - setting_names() == set()
+
+
+def test_gpu_exporter_env_values_are_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in setting_names():
+        monkeypatch.delenv(name, raising=False)
+    for name, entry in env_of(the_container(GPU_EXPORTER)).items():
+        if "value" in entry:
+            monkeypatch.setenv(name, entry["value"])
+    monkeypatch.setenv("NODE_NAME", "gpu-node-1")
+    settings = ExporterSettings()
+    assert (
+        settings.port,
+        settings.interval,
+        settings.host_proc,
+        settings.podresources_socket,
+        settings.k8s.value,
+    ) == (
+        GPU_EXPORTER_PORT,
+        5.0,
+        Path("/host/proc"),
+        Path("/var/lib/kubelet/pod-resources/kubelet.sock"),
+        "auto",
+    )
+
+
+def test_gpu_exporter_docker_fallback_is_optional_and_mounts_read_only(tmp_path: Path) -> None:
+    overlay = OVERLAYS_DIR / GPU_EXPORTER
+    (tmp_path / "docker-fallback.yaml").write_text((overlay / "docker-fallback.yaml").read_text())
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                # kustomize takes bases as relative paths only.
+                "bases": [os.path.relpath(overlay, tmp_path)],
+                "patchesStrategicMerge": ["docker-fallback.yaml"],
+            }
+        )
+    )
+    (daemonset,) = [obj for obj in kustomize(tmp_path) if obj["kind"] == "DaemonSet"]
+
+    def docker_mounts(workload: Manifest) -> list[tuple[str, str, bool]]:
+        spec = pod_spec(workload)
+        host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+        return [
+            (host[m["name"]], m["mountPath"], m.get("readOnly", False))
+            for m in spec["containers"][0]["volumeMounts"]
+            if m["name"] in host and "docker" in host[m["name"]]
+        ]
+
+    # Not in the overlay itself; with the patch, mounted where the exporter looks
+    # (GPU_EXPORTER_DOCKER_ROOT's default + /containers), next to the other mounts.
+    docker_root = ExporterSettings.model_fields["docker_root"].default
+    mount_paths = {m["mountPath"] for m in pod_spec(daemonset)["containers"][0]["volumeMounts"]}
+    assert docker_mounts(the_daemonset(GPU_EXPORTER)) == []
+    assert docker_mounts(daemonset) == [
+        ("/var/lib/docker/containers", str(docker_root / "containers"), True)
+    ]
+    assert set(GPU_EXPORTER_HOST_PATHS.values()) <= mount_paths
