@@ -12,7 +12,9 @@ It prints, against the issue's targets:
   - List latency for 1,024 GPUs (target p99 <= 20 ms),
   - update-to-delivery-at-all-watchers latency at 1,000 updates/s (target p99 <= 10 ms),
   - the highest write rate with every watcher keeping up, and watch events
-    delivered per second (target >= 50k/s),
+    delivered per second (target >= 50k/s), with the server's stream messages
+    per second beside them: the informers read WatchGpuBatches (through
+    DeviceApiClient), so one message carries several events under load,
   - the server's RSS.
 
 Usage: python bench/bench_device_api.py [--gpus 1024] [--watchers 100] [--procs N]
@@ -25,11 +27,13 @@ import asyncio
 import json
 import os
 import shutil
+import socket as socketlib
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from gpufleet.deviceapi.client import DeviceApiClient
@@ -208,14 +212,36 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def start_server(socket: Path, watch_queue: int) -> subprocess.Popen[bytes]:
+def free_port() -> int:
+    with socketlib.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def watch_counts(metrics_port: int) -> tuple[float, float]:
+    """The server's (watch events, watch messages) sent so far, from /metrics."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    events = messages = 0.0
+    for line in text.splitlines():
+        if line.startswith("gpufleet_deviceapi_watch_events_total{"):
+            events += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("gpufleet_deviceapi_watch_messages_total "):
+            messages += float(line.rsplit(" ", 1)[1])
+    return events, messages
+
+
+def start_server(socket: Path, watch_queue: int, metrics_port: int) -> subprocess.Popen[bytes]:
     """``gpufleet device-api serve`` on `socket`; returns once the socket exists."""
     env = dict(os.environ, LOG_LEVEL="warning", WATCH_QUEUE=str(watch_queue))
     gpufleet = Path(sys.executable).with_name("gpufleet")
     server = subprocess.Popen(
-        [str(gpufleet), "device-api", "serve", "--socket", str(socket), "--metrics-port", "0"],
+        [str(gpufleet), "device-api", "serve", "--socket", str(socket),
+         "--metrics-port", str(metrics_port)],
         env=env,
-    )
+    )  # fmt: skip
     for _ in range(500):
         if socket.exists():
             return server
@@ -226,7 +252,9 @@ def start_server(socket: Path, watch_queue: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("server did not start")
 
 
-async def bench(args: argparse.Namespace, socket: Path, server: subprocess.Popen[bytes]) -> None:
+async def bench(
+    args: argparse.Namespace, socket: Path, server: subprocess.Popen[bytes], metrics_port: int
+) -> None:
     watchers: Watchers | None = None
     try:
         async with DeviceApiClient(socket) as client:
@@ -250,23 +278,28 @@ async def bench(args: argparse.Namespace, socket: Path, server: subprocess.Popen
             # Paced phase: the latency target is stated at 1,000 updates/s.
             for rate in args.rates:
                 count = int(rate * args.seconds)
+                before = watch_counts(metrics_port)
                 sent, took = await write_phase(client, gpus, count, rate, seq)
                 seq += count
                 arrivals, relists = watchers.collect(str(max(sent)))
                 report(f"{rate:,.0f}/s paced", sent, took, arrivals, relists, watchers.total)
+                report_batching(before, watch_counts(metrics_port), None)
             # Flat out: one writer as fast as its round trips allow.
             count = int(args.max_writes)
+            before = watch_counts(metrics_port)
             sent, took = await write_phase(client, gpus, count, None, seq)
             seq += count
             final_rv = max(sent)
             t_done = time.monotonic()
             arrivals, relists = watchers.collect(str(final_rv))
+            after = watch_counts(metrics_port)
             drained = max(last for _, last in arrivals.values()) if arrivals else t_done
             span = max(drained, t_done) - min(sent.values())
             delivered = sum(seen for seen, _ in arrivals.values())
             report("flat out", sent, took, arrivals, relists, watchers.total)
             print(f"  delivered {delivered / span:,.0f} events/s over {span:.2f} s "
                   f"(target >= 50,000/s)")  # fmt: skip
+            report_batching(before, after, span)
             print(f"server RSS: {rss_idle:.0f} MiB with {args.gpus} GPUs idle, "
                   f"{rss_mib(server.pid):.0f} MiB after the run")  # fmt: skip
     finally:
@@ -299,6 +332,19 @@ def report(
     print(line, flush=True)
 
 
+def report_batching(
+    before: tuple[float, float], after: tuple[float, float], span: float | None
+) -> None:
+    """Events and stream messages the server sent in a phase (and per second over `span`)."""
+    events, messages = after[0] - before[0], after[1] - before[1]
+    line = f"  server sent {events:,.0f} events in {messages:,.0f} messages"
+    if messages:
+        line += f" ({events / messages:.1f} events/message)"
+    if span:
+        line += f"; {events / span:,.0f} events/s, {messages / span:,.0f} messages/s"
+    print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--role", default="bench", choices=["bench", "watchers"])
@@ -317,9 +363,10 @@ def main() -> None:
         return
     directory = Path(tempfile.mkdtemp(prefix="gfbench-", dir="/tmp"))
     socket = directory / "device.sock"
-    server = start_server(socket, args.watch_queue)
+    metrics_port = free_port()
+    server = start_server(socket, args.watch_queue, metrics_port)
     try:
-        asyncio.run(bench(args, socket, server))
+        asyncio.run(bench(args, socket, server, metrics_port))
     finally:
         server.terminate()
         server.wait(timeout=30)

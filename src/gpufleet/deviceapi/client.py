@@ -4,6 +4,12 @@ A failed call raises the same class the store raised on the server (the server
 sends its ``reason`` in trailing metadata); statuses without a reason map by
 code, so an unreachable server is an `UnavailableError` and a too-large
 request a `CapacityError`.
+
+`watch` reads WatchGpuBatches (several events per stream message, see
+``service.py``) and yields the events one by one, so callers never see the
+batching. Each event is parsed on its own rather than as part of its batch:
+protobuf sub-messages share their parent's memory, so one cached
+``event.object`` would otherwise keep its whole batch alive.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from gpufleet.deviceapi.errors import (
 )
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2, gpu_pb2_grpc
 
-__all__ = ["REASON_KEY", "DeviceApiClient", "channel_target", "translate_error"]
+__all__ = ["REASON_KEY", "DeviceApiClient", "channel_target", "split_batch", "translate_error"]
 
 REASON_KEY = "gpufleet-reason"
 """Trailing metadata key in which the server sends a DeviceApiError's ``reason``."""
@@ -37,6 +43,8 @@ REASON_KEY = "gpufleet-reason"
 # The server may answer a List of thousands of GPUs with more than gRPC's
 # default 4 MiB receive limit.
 _MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+
+_WATCH_BATCHES = f"/{gpu_pb2.DESCRIPTOR.services_by_name['GpuService'].full_name}/WatchGpuBatches"
 
 _ERRORS_BY_CODE: dict[grpc.StatusCode, type[DeviceApiError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -61,6 +69,50 @@ def channel_target(target: str | Path) -> str:
     if isinstance(target, Path) or text.startswith(("/", ".", "~")) or text.endswith(".sock"):
         return "unix:" + str(Path(text).expanduser().absolute())
     return text
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("WatchEventBatch: truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def split_batch(data: bytes) -> list[gpu_pb2.WatchEvent]:
+    """The events of an encoded ``WatchEventBatch``, each parsed as its own message.
+
+    Fields other than ``events`` (from a newer server) are skipped.
+    """
+    events: list[gpu_pb2.WatchEvent] = []
+    parse = gpu_pb2.WatchEvent.FromString
+    view = memoryview(data)
+    end = len(data)
+    pos = 0
+    while pos < end:
+        key, pos = _varint(data, pos)
+        wire_type = key & 7
+        if wire_type == 2:
+            size, pos = _varint(data, pos)
+            if pos + size > end:
+                raise ValueError("WatchEventBatch: truncated field")
+            if key == 0x0A:  # field 1, events
+                events.append(parse(view[pos : pos + size]))
+            pos += size
+        elif wire_type == 0:
+            _, pos = _varint(data, pos)
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise ValueError(f"WatchEventBatch: unexpected wire type {wire_type}")
+    if pos != end:
+        raise ValueError("WatchEventBatch: truncated field")
+    return events
 
 
 def translate_error(error: grpc.aio.AioRpcError) -> DeviceApiError:
@@ -105,6 +157,13 @@ class DeviceApiClient:
                 self.target, credentials, options=channel_options
             )
         self._stub: Any = gpu_pb2_grpc.GpuServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._watch_batches = self._channel.unary_stream(
+            _WATCH_BATCHES,
+            request_serializer=gpu_pb2.WatchGpusRequest.SerializeToString,
+            response_deserializer=split_batch,
+        )
+        # False once a server answered UNIMPLEMENTED (it predates WatchGpuBatches).
+        self._batched = True
         self._timeout = timeout
 
     async def __aenter__(self) -> DeviceApiClient:
@@ -177,20 +236,30 @@ class DeviceApiClient:
         behind; relist), UnavailableError (server gone or shutting down).
         Leaving the loop early cancels the stream.
         """
-        call = self._stub.WatchGpus(
-            gpu_pb2.WatchGpusRequest(
-                resource_version=resource_version,
-                label_selector=label_selector,
-                allow_bookmarks=allow_bookmarks,
-            )
+        request = gpu_pb2.WatchGpusRequest(
+            resource_version=resource_version,
+            label_selector=label_selector,
+            allow_bookmarks=allow_bookmarks,
         )
-        try:
-            while True:
-                event = await call.read()
-                if event is grpc.aio.EOF:
-                    return
-                yield event
-        except grpc.aio.AioRpcError as error:
-            raise translate_error(error) from None
-        finally:
-            call.cancel()
+        while True:
+            batched = self._batched
+            call = self._watch_batches(request) if batched else self._stub.WatchGpus(request)
+            try:
+                while True:
+                    message = await call.read()
+                    if message is grpc.aio.EOF:
+                        return
+                    if batched:
+                        for event in message:
+                            yield event
+                    else:
+                        yield message
+            except grpc.aio.AioRpcError as error:
+                if batched and error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    # A server older than WatchGpuBatches (nothing was delivered):
+                    # the same watch, one event per message.
+                    self._batched = False
+                    continue
+                raise translate_error(error) from None
+            finally:
+                call.cancel()

@@ -86,7 +86,7 @@ class DeviceApiMetrics:
         )
         self.latency = Histogram(
             f"{PREFIX}_request_duration_seconds",
-            "Device API request latency (for WatchGpus: the stream's lifetime).",
+            "Device API request latency (for watches: the stream's lifetime).",
             ("method",),
             buckets=_LATENCY_BUCKETS,
             registry=registry,
@@ -95,6 +95,11 @@ class DeviceApiMetrics:
             f"{PREFIX}_watch_events",
             "Watch events sent to clients, by event type.",
             ("type",),
+            registry=registry,
+        )
+        self.watch_messages = Counter(
+            f"{PREFIX}_watch_messages",
+            "Watch stream messages sent (a WatchGpuBatches message carries several events).",
             registry=registry,
         )
         registry.register(_StoreCollector(store))
@@ -108,9 +113,9 @@ class DeviceApiMetrics:
         self.requests.labels(method=method, code=code).inc()
         self.latency.labels(method=method).observe(seconds)
 
-    def watch_event(self, kind: str) -> None:
-        """Count one watch event sent."""
+    def watch_event(self, kind: str, count: int = 1) -> None:
+        """Count `count` watch events of one type sent (events, not stream messages)."""
         child = self._watch_event_children.get(kind)
         if child is None:
             child = self.watch_events.labels(type=kind)
-        child.inc()
+        child.inc(count)

@@ -5,14 +5,23 @@ synchronous and fast), turns a store error into a status with the error's
 reason in the ``gpufleet-reason`` trailing metadata, and turns anything
 unexpected into a generic ``internal error`` whose details stay in the log.
 
-WatchGpus streams a store `Watcher`'s events. A watch event is the same for
-every watcher that receives it, so its encoding is cached by (type,
-resourceVersion) and a hundred watchers cost one serialization, not a hundred.
+WatchGpus and WatchGpuBatches stream a store `Watcher`'s events. The store
+encodes each event once, and both send those bytes as they are (the response
+serializer passes bytes through), so a hundred watchers cost one
+serialization, not a hundred. WatchGpus sends one event per message.
+WatchGpuBatches sends everything queued (up to a cap) as one
+``WatchEventBatch``, built by concatenating the events' pre-encoded entries:
+while one message is being written more events queue up, so batches grow with
+the load by themselves and stay at one event when the watch is idle. gRPC's
+per-message cost, not encoding, is what limits a Python server's watch
+throughput; batches only form when events arrive faster than a watcher's
+sender runs (bursts, replays, concurrent writers), see docs/device-api.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,17 +39,20 @@ from gpufleet.deviceapi.errors import (
     UnavailableError,
 )
 from gpufleet.deviceapi.metrics import DeviceApiMetrics
-from gpufleet.deviceapi.store import GpuStore, Watcher
+from gpufleet.deviceapi.store import GpuStore, Watcher, WatchItem, watch_item
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2
 
-__all__ = ["SERVICE_NAME", "GpuService"]
+__all__ = ["BATCH_MAX_BYTES", "BATCH_MAX_EVENTS", "SERVICE_NAME", "GpuService"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = gpu_pb2.DESCRIPTOR.services_by_name["GpuService"].full_name
 
 _INTERNAL_REASON = "Internal"
-_SERIALIZED_CACHE = 8192
+BATCH_MAX_EVENTS = 256
+"""The most events WatchGpuBatches puts in one message."""
+BATCH_MAX_BYTES = 1024 * 1024
+"""The most bytes of one WatchGpuBatches message, unless a single event is larger."""
 
 _EVENT_TYPE_NAMES: dict[int, str] = {value: name for name, value in gpu_pb2.WatchEvent.Type.items()}
 _INTERNAL_TRAILER = ((REASON_KEY, _INTERNAL_REASON),)
@@ -76,7 +88,11 @@ class GpuService:
         max_watches: int = 256,
         on_create: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        batch_max_events: int = BATCH_MAX_EVENTS,
+        batch_max_bytes: int = BATCH_MAX_BYTES,
     ) -> None:
+        if batch_max_events < 1 or batch_max_bytes < 1:
+            raise ValueError("batch_max_events and batch_max_bytes must be >= 1")
         self._store = store
         self._metrics = metrics
         self._bookmark_interval = bookmark_interval
@@ -85,11 +101,12 @@ class GpuService:
         self._clock = clock
         self._watchers: set[Watcher] = set()
         self._closing = False
-        self._encoded: dict[tuple[int, str], bytes] = {}
+        self._batch_max_events = batch_max_events
+        self._batch_max_bytes = batch_max_bytes
 
     @property
     def active_watches(self) -> int:
-        """Open WatchGpus streams."""
+        """Open WatchGpus and WatchGpuBatches streams."""
         return len(self._watchers)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -110,11 +127,14 @@ class GpuService:
             )
             for name, (request_type, call) in unary.items()
         }
-        handlers["WatchGpus"] = grpc.unary_stream_rpc_method_handler(
-            self._watch,
-            request_deserializer=gpu_pb2.WatchGpusRequest.FromString,
-            response_serializer=_serialize,
-        )
+        for name, batched in (("WatchGpus", False), ("WatchGpuBatches", True)):
+            handlers[name] = grpc.unary_stream_rpc_method_handler(
+                # A partial, not a closure: grpc.aio recognises async generators
+                # (and partials of them) to stream their yields.
+                functools.partial(self._watch, name, batched),
+                request_deserializer=gpu_pb2.WatchGpusRequest.FromString,
+                response_serializer=_serialize,
+            )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
     def close(self) -> None:
@@ -175,10 +195,14 @@ class GpuService:
             request.name, resource_version=request.resource_version, uid=request.uid
         )
 
-    # -- WatchGpus ------------------------------------------------------------
+    # -- WatchGpus and WatchGpuBatches -----------------------------------------
 
     async def _watch(
-        self, request: gpu_pb2.WatchGpusRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        method: str,
+        batched: bool,
+        request: gpu_pb2.WatchGpusRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[bytes]:
         start = time.perf_counter()
         code = "OK"
@@ -194,7 +218,7 @@ class GpuService:
                     label_selector=request.label_selector,
                 )
                 self._watchers.add(watcher)
-                async for encoded in self._stream(watcher, request.allow_bookmarks):
+                async for encoded in self._stream(watcher, request.allow_bookmarks, batched):
                     yield encoded
             except DeviceApiError as error:
                 code = error.code.name
@@ -204,7 +228,7 @@ class GpuService:
                     code = grpc.StatusCode.UNAVAILABLE.name
                     await _abort(context, UnavailableError("server is shutting down"))
                 code = grpc.StatusCode.INTERNAL.name
-                log.exception("device API WatchGpus failed", extra={"method": "WatchGpus"})
+                log.exception("device API %s failed", method, extra={"method": method})
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error", _INTERNAL_TRAILER)
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away (or the server is stopping): just let go.
@@ -214,40 +238,54 @@ class GpuService:
             if watcher is not None:
                 self._watchers.discard(watcher)
                 watcher.close()
-            self._metrics.observe("WatchGpus", code, time.perf_counter() - start)
+            self._metrics.observe(method, code, time.perf_counter() - start)
 
-    async def _stream(self, watcher: Watcher, bookmarks: bool) -> AsyncIterator[bytes]:
-        """Encoded events of one watcher, with a bookmark when idle past the interval."""
+    async def _stream(
+        self, watcher: Watcher, bookmarks: bool, batched: bool
+    ) -> AsyncIterator[bytes]:
+        """One watcher's messages, with a bookmark when idle past the interval.
+
+        Batched: a ``WatchEventBatch`` of everything queued (up to the caps);
+        otherwise one ``WatchEvent`` per message. Either way the bytes are the
+        store's encodings, joined, never re-serialized.
+        """
         interval = self._bookmark_interval
         next_bookmark = self._clock() + interval
         metrics = self._metrics
+        messages = metrics.watch_messages
+        max_events = self._batch_max_events if batched else 1
+        max_bytes = self._batch_max_bytes
         while True:
             timeout = max(0.0, next_bookmark - self._clock()) if bookmarks else None
             # Eviction and expiry raise their DeviceApiError, which `_watch` sends on.
-            event = await watcher.get(timeout)
+            items = await watcher.take(max_events, max_bytes, timeout)
             if self._closing:
                 raise UnavailableError("server is shutting down")
-            if event is None:
+            if not items:
                 if bookmarks and self._clock() >= next_bookmark:
-                    yield watcher.bookmark().SerializeToString()
+                    event = watcher.bookmark()
+                    item = watch_item(int(event.object.metadata.resource_version), event)
+                    yield item.head + item.wire if batched else item.wire
                     metrics.watch_event("BOOKMARK")
+                    messages.inc()
                     next_bookmark = self._clock() + interval
                 continue
-            kind = _EVENT_TYPE_NAMES.get(event.type, "ERROR")
-            yield self._encode(event)
-            metrics.watch_event(kind)
+            if batched:
+                yield b"".join([part for item in items for part in (item.head, item.wire)])
+            else:
+                yield items[0].wire
+            _count_events(metrics, items)
+            messages.inc()
 
-    def _encode(self, event: gpu_pb2.WatchEvent) -> bytes:
-        rv = event.object.metadata.resource_version
-        if not rv:
-            plain: bytes = event.SerializeToString()
-            return plain
-        key = (int(event.type), rv)
-        encoded: bytes | None = self._encoded.get(key)
-        if encoded is None:
-            encoded = event.SerializeToString()
-            if len(self._encoded) >= _SERIALIZED_CACHE:
-                # Oldest first: dicts keep insertion order, and watchers lag little.
-                del self._encoded[next(iter(self._encoded))]
-            self._encoded[key] = encoded
-        return encoded
+
+def _count_events(metrics: DeviceApiMetrics, items: list[WatchItem]) -> None:
+    """Count events (not messages), one counter increment per type per message."""
+    if len(items) == 1:
+        metrics.watch_event(_EVENT_TYPE_NAMES.get(items[0].event.type, "ERROR"))
+        return
+    counts: dict[int, int] = {}
+    for item in items:
+        kind = item.event.type
+        counts[kind] = counts.get(kind, 0) + 1
+    for kind_value, count in counts.items():
+        metrics.watch_event(_EVENT_TYPE_NAMES.get(kind_value, "ERROR"), count)

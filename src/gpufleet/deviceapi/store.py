@@ -6,7 +6,9 @@ Kubernetes semantics, see ``docs/device-api-store.md``. Everything but
 watchers: a watcher sees either none or all of a write, and always in RV order.
 
 Events are shared: one ``WatchEvent`` per write is handed to every watcher that
-wants it (and kept in the history window). Consumers must treat events as
+wants it (and kept in the history window), together with its wire encoding,
+made once when the event is recorded, so the server sends the same bytes to
+every watcher without serializing per watcher. Consumers must treat events as
 read-only; they never alias the stored objects, so a careless consumer can only
 spoil its own and its peers' events, never the store.
 
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 from gpufleet.deviceapi.errors import (
     AlreadyExistsError,
@@ -49,8 +52,37 @@ MODIFIED = pb.WatchEvent.MODIFIED
 DELETED = pb.WatchEvent.DELETED
 BOOKMARK = pb.WatchEvent.BOOKMARK
 
-# A queued event with its resourceVersion, shared by every watcher that receives it.
-_Item = tuple[int, pb.WatchEvent]
+
+class WatchItem(NamedTuple):
+    """A queued event, shared by every watcher that receives it (read-only).
+
+    ``wire`` is the event's encoding; ``head`` is what precedes it as one entry
+    of ``WatchEventBatch.events`` (field 1, length-delimited), so a batch's wire
+    form is the concatenation of ``head + wire`` of its events.
+    """
+
+    rv: int
+    event: pb.WatchEvent
+    wire: bytes
+    head: bytes
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_BATCH_EVENTS_TAG = b"\x0a"  # WatchEventBatch.events: field 1, wire type 2
+
+
+def watch_item(rv: int, event: pb.WatchEvent) -> WatchItem:
+    """``event`` at ``rv``, encoded (once: the item is shared from then on)."""
+    wire = event.SerializeToString()
+    return WatchItem(rv, event, wire, _BATCH_EVENTS_TAG + _varint(len(wire)))
 
 
 class WatcherClosedError(UnavailableError):
@@ -78,14 +110,14 @@ class _Record:
 
     def __init__(self, rv: int, event: pb.WatchEvent, prev: pb.Gpu | None) -> None:
         self.rv = rv
-        self.item: _Item = (rv, event)
+        self.item: WatchItem = watch_item(rv, event)
         self.prev = prev  # the object before a MODIFIED write (never mutated: copy-on-write)
         self._labels: dict[str, str] | None = None
         self._prev_labels: dict[str, str] | None = None
-        self._added: _Item | None = None
-        self._deleted: _Item | None = None
+        self._added: WatchItem | None = None
+        self._deleted: WatchItem | None = None
 
-    def filtered(self, selector: Selector) -> _Item | None:
+    def filtered(self, selector: Selector) -> WatchItem | None:
         """What a watcher with ``selector`` receives for this write, if anything.
 
         As in Kubernetes: a MODIFIED object that starts matching arrives as ADDED,
@@ -106,14 +138,14 @@ class _Record:
             if self._added is None:
                 added = pb.WatchEvent(type=ADDED)
                 added.object.CopyFrom(event.object)
-                self._added = (self.rv, added)
+                self._added = watch_item(self.rv, added)
             return self._added
         if before:
             if self._deleted is None:
                 deleted = pb.WatchEvent(type=DELETED)
                 deleted.object.CopyFrom(self.prev)
                 deleted.object.metadata.resource_version = str(self.rv)
-                self._deleted = (self.rv, deleted)
+                self._deleted = watch_item(self.rv, deleted)
             return self._deleted
         return None
 
@@ -126,14 +158,15 @@ def _expire(waiter: asyncio.Future[bool]) -> None:
 class Watcher:
     """One watch: a bounded queue the store fills; closed (evicted) when it overflows.
 
-    Events returned by ``get`` are shared with other watchers: do not mutate them.
+    Events returned by ``get`` and items returned by ``take`` are shared with
+    other watchers: do not mutate them.
     """
 
     def __init__(
         self,
         store: GpuStore,
         selector: Selector | None,
-        backlog: list[_Item],
+        backlog: list[WatchItem],
         limit: int,
         start_rv: int,
     ) -> None:
@@ -141,7 +174,7 @@ class Watcher:
         self._selector = selector
         # The replay/initial burst is allowed on top of the bound: only live events
         # that pile up beyond `limit` mean the consumer is too slow.
-        self._queue: deque[_Item] = deque(backlog)
+        self._queue: deque[WatchItem] = deque(backlog)
         self._backlog = len(backlog)
         self._limit = limit
         self._waiter: asyncio.Future[bool] | None = None
@@ -159,19 +192,53 @@ class Watcher:
         ``WatcherClosedError`` once closed.
         """
         queue = self._queue
-        while True:
-            if queue:
-                rv, event = queue.popleft()
-                if self._backlog:
-                    self._backlog -= 1
-                self._last_rv = rv
-                return event
+        if not queue and not await self._wait(timeout):
+            return None
+        item = queue.popleft()
+        if self._backlog:
+            self._backlog -= 1
+        self._last_rv = item[0]
+        return item[1]
+
+    async def take(
+        self,
+        max_events: int,
+        max_bytes: int,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[WatchItem]:
+        """Every queued item up to a cap, in order; [] after ``timeout`` seconds without one.
+
+        At most ``max_events`` items whose batch entries (``head + wire``) add up
+        to at most ``max_bytes``, except that the first item is always taken, so
+        a single larger event goes alone. Raises like ``get``.
+        """
+        queue = self._queue
+        if not queue and not await self._wait(timeout):
+            return []
+        first = queue.popleft()
+        taken = [first]
+        size = len(first[3]) + len(first[2])
+        while queue and len(taken) < max_events:
+            head, wire = queue[0][3], queue[0][2]
+            size += len(head) + len(wire)
+            if size > max_bytes:
+                break
+            taken.append(queue.popleft())
+        if self._backlog:
+            self._backlog = max(0, self._backlog - len(taken))
+        self._last_rv = taken[-1][0]
+        return taken
+
+    async def _wait(self, timeout: float | None) -> bool:  # noqa: ASYNC109
+        """Wait until an item is queued: True then, False after ``timeout`` seconds."""
+        queue = self._queue
+        while not queue:
             if self.evicted:
                 raise WatcherEvictedError(self._evicted_why)
             if self.closed:
                 raise WatcherClosedError("the watch was closed")
             if timeout is not None and timeout <= 0:
-                return None
+                return False
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[bool] = loop.create_future()
             self._waiter = waiter
@@ -183,7 +250,8 @@ class Watcher:
                 if handle is not None:
                     handle.cancel()
             if not woken and not queue:
-                return None
+                return False
+        return True
 
     def bookmark(self) -> pb.WatchEvent:
         """A BOOKMARK at this watcher's position: resuming from it misses nothing.
@@ -254,6 +322,9 @@ class GpuStore:
         self._objects: dict[str, pb.Gpu] = {}
         self._history: deque[_Record] = deque(maxlen=history)
         self._watchers: list[Watcher] = []
+        # ADDED items of the current objects for watches from "": built (and
+        # encoded) once per object version, however many watchers start from "".
+        self._added_items: dict[str, WatchItem] = {}
         self._closed = False
         self.evicted_total = 0
         """Watchers evicted because their queue overflowed (a counter)."""
@@ -384,6 +455,7 @@ class GpuStore:
             self._state.delete(name, rv)
         self._rv = rv
         del self._objects[name]
+        self._added_items.pop(name, None)
         event = pb.WatchEvent(type=DELETED)
         event.object.CopyFrom(deleted)
         self._publish(_Record(rv, event, None))
@@ -401,12 +473,12 @@ class GpuStore:
         parsed = parse(label_selector)
         selector = None if parsed.empty else parsed
         since = parse_resource_version(resource_version)
-        backlog: list[_Item] = []
+        backlog: list[WatchItem] = []
         if not since:
             objects: Iterable[pb.Gpu] = sorted(self._objects.values(), key=_rv_of)
             if selector is not None:
                 objects = (o for o in objects if selector.matches(o.metadata.labels))
-            backlog = [(_rv_of(o), pb.WatchEvent(type=ADDED, object=o)) for o in objects]
+            backlog = [self._added_item(o) for o in objects]
             since = self._rv
         elif since > self._rv:
             raise ExpiredError(
@@ -440,6 +512,14 @@ class GpuStore:
             self._state.close()
 
     # -- internals -------------------------------------------------------------
+
+    def _added_item(self, gpu: pb.Gpu) -> WatchItem:
+        name = gpu.metadata.name
+        rv = _rv_of(gpu)
+        cached = self._added_items.get(name)
+        if cached is None or cached[0] != rv:
+            cached = self._added_items[name] = watch_item(rv, pb.WatchEvent(type=ADDED, object=gpu))
+        return cached
 
     def _check_open(self) -> None:
         if self._closed:
@@ -512,7 +592,7 @@ class GpuStore:
         evicted: list[Watcher] = []
         item = record.item
         # Watchers usually share a few selectors: decide once per selector text.
-        decided: dict[str, _Item | None] = {}
+        decided: dict[str, WatchItem | None] = {}
         for watcher in self._watchers:
             selector = watcher._selector
             if selector is None:

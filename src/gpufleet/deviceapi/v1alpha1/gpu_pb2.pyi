@@ -164,6 +164,12 @@ class WatchEvent(_message.Message):
     error: str
     def __init__(self, type: _Optional[_Union[WatchEvent.Type, str]] = ..., object: _Optional[_Union[Gpu, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
+class WatchEventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[WatchEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[WatchEvent, _Mapping]]] = ...) -> None: ...
+
 class UpdateGpuRequest(_message.Message):
     __slots__ = ("gpu",)
     GPU_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class GpuServiceStub:
                 request_serializer=gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchGpusRequest.SerializeToString,
                 response_deserializer=gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.WatchGpuBatches = channel.unary_stream(
+                '/gpufleet.device.v1alpha1.GpuService/WatchGpuBatches',
+                request_serializer=gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchGpusRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchEventBatch.FromString,
+                _registered_method=True)
         self.UpdateGpu = channel.unary_unary(
                 '/gpufleet.device.v1alpha1.GpuService/UpdateGpu',
                 request_serializer=gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.UpdateGpuRequest.SerializeToString,
@@ -93,7 +98,16 @@ class GpuServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchGpus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One event per message: simple to read by hand (grpcurl).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchGpuBatches(self, request, context):
+        """The same events with the same semantics (bookmarks, Expired, Evicted),
+        batched; what DeviceApiClient and GpuInformer use.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -138,6 +152,11 @@ def add_GpuServiceServicer_to_server(servicer, server):
                     servicer.WatchGpus,
                     request_deserializer=gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchGpusRequest.FromString,
                     response_serializer=gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchEvent.SerializeToString,
+            ),
+            'WatchGpuBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchGpuBatches,
+                    request_deserializer=gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchGpusRequest.FromString,
+                    response_serializer=gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchEventBatch.SerializeToString,
             ),
             'UpdateGpu': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateGpu,
@@ -263,6 +282,33 @@ class GpuService:
             '/gpufleet.device.v1alpha1.GpuService/WatchGpus',
             gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchGpusRequest.SerializeToString,
             gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchGpuBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gpufleet.device.v1alpha1.GpuService/WatchGpuBatches',
+            gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchGpusRequest.SerializeToString,
+            gpufleet_dot_device_dot_v1alpha1_dot_gpu__pb2.WatchEventBatch.FromString,
             options,
             channel_credentials,
             insecure,
