@@ -1,0 +1,35 @@
+"""The kernel cache feature's exception hierarchy; every message names the file, blob or reference."""
+
+from gpufleet.core.errors import GpufleetError
+
+
+class KcacheError(GpufleetError):
+    """A kernel cache operation failed."""
+
+
+class CacheFormatError(KcacheError):
+    """A cache directory (or an image's cache layer) is not a valid Triton/vLLM/Inductor cache."""
+
+
+class RegistryError(KcacheError):
+    """The registry refused, failed or answered something unexpected."""
+
+
+class AuthError(RegistryError):
+    """The registry wants credentials we do not have, or refused the ones we sent."""
+
+
+class NotFoundError(RegistryError):
+    """The repository, tag, manifest or blob does not exist."""
+
+
+class DigestMismatchError(KcacheError):
+    """Content does not match the digest that names it: tampering or corruption."""
+
+
+class UnsafeArchiveError(KcacheError):
+    """A layer holds something extraction refuses: an escape, a link, a device, setuid, too much."""
+
+
+class SignatureError(KcacheError):
+    """The image is unsigned, signed by another key, or its signature names another digest."""

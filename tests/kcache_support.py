@@ -1,0 +1,173 @@
+"""Real Triton caches for the kernel-cache tests: compiled ahead of time, no GPU needed.
+
+The kernels are compiled in a fresh interpreter (this file run as a script) so that
+``TRITON_CACHE_DIR`` and Triton's other knobs are read from a clean environment, never from the
+test process. The kernel source is written to one fixed path per source text, because Triton embeds
+the source file's path in the IR and binaries it caches; a fixed path keeps two builds of the same
+kernels byte-identical wherever their cache lives. The path does not enter Triton's cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KERNELS: tuple[str, ...] = ("add", "scale")
+ARCHS: tuple[int, ...] = (80, 90)
+WARP_SIZE = 32
+
+KERNEL_SOURCE = '''\
+"""Kernels compiled by tests/kcache_support.py."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def add(x, y, out, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    total = tl.load(x + offsets, mask=mask) + tl.load(y + offsets, mask=mask)
+    tl.store(out + offsets, total, mask=mask)
+
+
+@triton.jit
+def scale(x, out, alpha, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(out + offsets, tl.load(x + offsets, mask=mask) * alpha, mask=mask)
+'''
+
+_SIGNATURES: dict[str, dict[str, str]] = {
+    "add": {"x": "*fp32", "y": "*fp32", "out": "*fp32", "n": "i32"},
+    "scale": {"x": "*fp32", "out": "*fp32", "alpha": "fp32", "n": "i32"},
+}
+_CONSTEXPRS: dict[str, int] = {"BLOCK": 128}
+_MODULE = "gpufleet_kcache_kernels"
+
+
+@dataclass(frozen=True, slots=True)
+class CompileReport:
+    """What a compile of the kernels did: how many ran Triton's pipeline, how many hit the cache."""
+
+    compiled: int
+    cache_hits: int
+
+
+def build_triton_cache(
+    cache_dir: Path, *, archs: tuple[int, ...] = ARCHS, kernels: tuple[str, ...] = KERNELS
+) -> None:
+    """AOT-compile every kernel for every CUDA arch into ``cache_dir``, in a subprocess."""
+    report = _run(cache_dir, archs, kernels)
+    if report.compiled + report.cache_hits != len(archs) * len(kernels):
+        raise AssertionError(f"compiled {report} for {len(archs) * len(kernels)} kernels")
+
+
+def compile_again(
+    cache_dir: Path, *, archs: tuple[int, ...] = ARCHS, kernels: tuple[str, ...] = KERNELS
+) -> CompileReport:
+    """Compile the same kernels with ``TRITON_CACHE_DIR=cache_dir`` in a fresh subprocess.
+
+    ``compiled`` counts compiles in which Triton's pipeline really ran: the CUDA backend's
+    ``add_stages`` is wrapped so that every stage it registers counts its runs, and a compile is
+    real when its final stage (``cubin``) ran. A cache hit returns before ``add_stages`` is called.
+    """
+    return _run(cache_dir, archs, kernels)
+
+
+def group_dirs(cache_dir: Path) -> set[str]:
+    """The names of the group directories directly under a Triton cache directory."""
+    return {p.name for p in cache_dir.iterdir() if p.is_dir()}
+
+
+def _kernel_dir() -> Path:
+    digest = hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()[:16]
+    directory = Path(tempfile.gettempdir()) / f"gpufleet-kcache-kernels-{digest}"
+    module = directory / f"{_MODULE}.py"
+    if not module.is_file() or module.read_text() != KERNEL_SOURCE:
+        directory.mkdir(exist_ok=True)
+        # Written aside and renamed, so a concurrent test never imports half a file.
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "w") as out:
+            out.write(KERNEL_SOURCE)
+        os.replace(tmp, module)
+    return directory
+
+
+def _run(cache_dir: Path, archs: tuple[int, ...], kernels: tuple[str, ...]) -> CompileReport:
+    unknown = set(kernels) - set(_SIGNATURES)
+    if unknown:
+        raise ValueError(f"no such test kernels: {sorted(unknown)}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Triton folds some TRITON_* variables into its cache key, and others redirect the cache:
+    # none of the caller's may leak in, or a build and a later compile would disagree.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
+    env["TRITON_CACHE_DIR"] = str(cache_dir.resolve())
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # set explicitly: silences Triton's warning about it
+    request = {"kernel_dir": str(_kernel_dir()), "archs": list(archs), "kernels": list(kernels)}
+    done = subprocess.run(
+        [sys.executable, __file__, json.dumps(request)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling test kernels failed ({done.returncode}):\n{done.stderr}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return CompileReport(compiled=report["compiled"], cache_hits=report["cache_hits"])
+
+
+def _compile_in_this_process(request: dict[str, Any]) -> dict[str, int]:
+    """The subprocess side: compile, counting the stage runs of every real compile."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    runs: dict[str, int] = {}
+    original = CUDABackend.add_stages
+
+    def counting_add_stages(self: Any, stages: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        original(self, stages, *args, **kwargs)
+        for name, stage in list(stages.items()):
+            stages[name] = _counted(name, stage, runs)
+
+    CUDABackend.add_stages = counting_add_stages  # type: ignore[method-assign]
+    sys.path.insert(0, request["kernel_dir"])
+    module = importlib.import_module(_MODULE)
+    calls = 0
+    for arch in request["archs"]:
+        for kernel in request["kernels"]:
+            source = ASTSource(
+                fn=getattr(module, kernel),
+                signature=_SIGNATURES[kernel],
+                constexprs=dict(_CONSTEXPRS),
+            )
+            triton.compile(source, target=GPUTarget("cuda", arch, WARP_SIZE))
+            calls += 1
+    compiled = runs.get("cubin", 0)
+    if runs.get("ttir", 0) != compiled:
+        raise RuntimeError(f"partial pipelines ran: {runs}")
+    return {"compiled": compiled, "cache_hits": calls - compiled}
+
+
+def _counted(name: str, stage: Any, runs: dict[str, int]) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        runs[name] = runs.get(name, 0) + 1
+        return stage(*args, **kwargs)
+
+    return run
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_in_this_process(json.loads(sys.argv[1]))))
