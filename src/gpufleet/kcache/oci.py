@@ -1,0 +1,814 @@
+"""A small OCI distribution client: blobs and manifests, verified against their digests.
+
+Synchronous, on httpx. It speaks the parts of the distribution API that kernel
+cache images need: HEAD before upload, cross-repository mount, monolithic and
+chunked uploads, manifests by tag or digest, and the anonymous, Basic and
+Bearer-token auth flows with docker ``config.json`` credentials. Every byte
+read from a registry is hashed while it streams and checked against the digest
+that named it; see docs/kcache-oci.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Self, TypeAlias
+
+import httpx
+
+from gpufleet.kcache.errors import (
+    AuthError,
+    DigestMismatchError,
+    KcacheError,
+    NotFoundError,
+    RegistryError,
+)
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCTET_STREAM = "application/octet-stream"
+MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST)
+
+DOCKER_HUB = "registry-1.docker.io"
+_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", DOCKER_HUB})
+# Manifests are read whole; real ones are kilobytes, so a bigger one is an attack.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+_READ_SIZE = 1024 * 1024
+REQUEST_LOG_SIZE = 10_000
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*"  # a name or IPv4
+    r"|\[[0-9A-Fa-f:.]+\])"  # or [IPv6]
+    r"(?::[0-9]{1,5})?"
+)
+_CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]*))')
+
+
+def sha256_digest(data: bytes) -> str:
+    """The OCI digest (``sha256:<hex>``) of ``data``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _check_digest(digest: str) -> str:
+    # Digests go into URL paths and store paths: only the one exact shape passes.
+    if not _DIGEST.fullmatch(digest):
+        raise KcacheError(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex>")
+    return digest
+
+
+def _check_repository(repository: str) -> str:
+    if len(repository) > 255 or not _REPOSITORY.fullmatch(repository):
+        raise KcacheError(
+            f"invalid repository name {repository!r}: lowercase components "
+            "([a-z0-9] separated by '.', '_', '__' or '-') joined by '/'"
+        )
+    return repository
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """An image reference: ``registry/repository[:tag][@digest]``, docker.io normalised."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Reference:
+        """Parse ``host:5000/a/b:tag``, ``host/a/b@sha256:...`` or ``a/b`` (Docker Hub)."""
+
+        def bad(why: str) -> KcacheError:
+            return KcacheError(f"invalid image reference {text!r}: {why}")
+
+        if not text or text != text.strip():
+            raise bad("empty or surrounded by whitespace")
+        name, digest = text, None
+        if "@" in name:
+            name, digest = name.rsplit("@", 1)
+            if not _DIGEST.fullmatch(digest):
+                raise bad("the digest must be sha256:<64 lowercase hex>")
+        tag = None
+        slash, colon = name.rfind("/"), name.rfind(":")
+        if colon > slash:
+            name, tag = name[:colon], name[colon + 1 :]
+            if not _TAG.fullmatch(tag):
+                raise bad(f"tag {tag!r} is not [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}")
+        first, sep, rest = name.partition("/")
+        # Docker's rule: the first component is a registry only if it looks like a host.
+        if sep and ("." in first or ":" in first or first == "localhost"):
+            registry, repository = first, rest
+            if not _HOST.fullmatch(registry):
+                raise bad(f"registry {registry!r} is not host[:port]")
+        else:
+            registry, repository = "docker.io", name
+        if not repository:
+            raise bad("no repository")
+        if registry in _HUB_ALIASES:
+            registry = DOCKER_HUB
+            if "/" not in repository:
+                repository = f"library/{repository}"
+        if len(repository) > 255 or not _REPOSITORY.fullmatch(repository):
+            raise bad(f"repository {repository!r} is not lowercase components joined by '/'")
+        return cls(registry, repository, tag, digest)
+
+    def with_digest(self, digest: str) -> Reference:
+        """The same repository (and tag) pinned to ``digest``."""
+        return dataclasses.replace(self, digest=_check_digest(digest))
+
+    def with_tag(self, tag: str) -> Reference:
+        """The same repository at ``tag``, without a digest."""
+        if not _TAG.fullmatch(tag):
+            raise KcacheError(f"invalid tag {tag!r}")
+        return dataclasses.replace(self, tag=tag, digest=None)
+
+    def __str__(self) -> str:
+        text = f"{self.registry}/{self.repository}"
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """What a manifest says about a blob: its media type, digest and size."""
+
+    media_type: str
+    digest: str
+    size: int
+
+
+def _host(registry: str) -> str:
+    if registry.startswith("["):
+        return registry[1 : registry.index("]")]
+    return registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+
+
+def is_loopback(registry: str) -> bool:
+    """Whether ``registry`` (host[:port]) names this machine: localhost, 127.0.0.0/8 or ::1."""
+    host = _host(registry)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_plain_http(registry: str, forced: bool) -> None:
+    """Refuse plain HTTP to a registry off this machine unless the user forced it."""
+    if not forced and not is_loopback(registry):
+        raise KcacheError(
+            f"refusing plain HTTP to {registry}: it is not a loopback address, so credentials "
+            "and images would cross the network unencrypted and unauthenticated; "
+            "use --force-plain-http if you really mean it"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A username and password, and where they came from (named in auth errors)."""
+
+    username: str
+    password: str
+    source: str
+
+
+def _config_keys(registry: str) -> set[str]:
+    # config.json keys come as bare hosts or URLs; Docker Hub also as its v1 index.
+    if registry in _HUB_ALIASES:
+        return set(_HUB_ALIASES)
+    return {registry}
+
+
+def _key_host(key: str) -> str:
+    return key.split("://", 1)[-1].split("/", 1)[0]
+
+
+def docker_credentials(registry: str, config: Path | None = None) -> Credentials | str | None:
+    """Credentials for ``registry`` from a docker ``config.json``.
+
+    ``config`` is the file or its directory; by default ``$DOCKER_CONFIG/config.json``
+    or ``~/.docker/config.json``. Returns the credentials, ``None`` when the file
+    has none for the registry, or a message when they live in a credential helper
+    (which this client does not run).
+    """
+    if config is None:
+        config = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
+    if config.is_dir():
+        config = config / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        document = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise KcacheError(f"cannot read docker config {config}: {exc}") from exc
+    if not isinstance(document, dict):
+        raise KcacheError(f"docker config {config} is not a JSON object")
+    keys = _config_keys(registry)
+    helpers = document.get("credHelpers")
+    if isinstance(helpers, dict):
+        for key, helper in helpers.items():
+            if _key_host(str(key)) in keys:
+                return (
+                    f"{config} keeps the credentials for {registry} in credential helper "
+                    f"{helper!r} (credHelpers); helpers are not supported: pass a username "
+                    "and password, or put them under 'auths'"
+                )
+    auths = document.get("auths")
+    if isinstance(auths, dict):
+        for key, entry in auths.items():
+            if _key_host(str(key)) not in keys or not isinstance(entry, dict):
+                continue
+            found = _auth_entry(entry, f"{config} auths[{key!r}]")
+            if found is not None:
+                return found
+    store = document.get("credsStore")
+    if isinstance(store, str) and store:
+        return (
+            f"{config} keeps registry credentials in credential store {store!r} (credsStore); "
+            f"helpers are not supported: pass a username and password for {registry}, "
+            "or put them under 'auths'"
+        )
+    return None
+
+
+def _auth_entry(entry: dict[str, object], source: str) -> Credentials | None:
+    encoded = entry.get("auth")
+    if isinstance(encoded, str) and encoded:
+        try:
+            username, sep, password = (
+                base64.b64decode(encoded, validate=True).decode().partition(":")
+            )
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise KcacheError(f"{source}: 'auth' is not base64 of user:password") from exc
+        if not sep:
+            raise KcacheError(f"{source}: 'auth' is not base64 of user:password")
+        return Credentials(username, password, source)
+    user, secret = entry.get("username"), entry.get("password")
+    if isinstance(user, str) and isinstance(secret, str) and user:
+        return Credentials(user, secret, source)
+    return None
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """The registry's ``errors[0]`` code and message, or the HTTP status."""
+    detail = f"HTTP {response.status_code}"
+    try:
+        errors = json.loads(response.read()).get("errors")
+        first = errors[0]
+        return f"{detail} {first.get('code', '?')}: {first.get('message', '')}".rstrip(": ")
+    except (ValueError, AttributeError, LookupError, TypeError, httpx.HTTPError):
+        return detail
+
+
+def _merge_scopes(scopes: Iterable[str]) -> list[str]:
+    """``type:name:actions`` scopes with one entry per resource and its actions united."""
+    merged: dict[str, list[str]] = {}
+    for scope in scopes:
+        resource, _, actions = scope.rpartition(":")
+        known = merged.setdefault(resource, [])
+        known += [action for action in actions.split(",") if action and action not in known]
+    return [f"{resource}:{','.join(actions)}" for resource, actions in merged.items()]
+
+
+def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = {m[1].lower(): m[2] or m[3] for m in _CHALLENGE_PARAM.finditer(rest)}
+    return scheme.lower(), params
+
+
+Content: TypeAlias = bytes | Callable[[], Iterable[bytes]] | None
+
+
+class RegistryClient:
+    """One registry, over one HTTP connection pool; use as a context manager or ``close()``.
+
+    ``plain_http``: None picks HTTP for loopback hosts and HTTPS otherwise; True
+    forces HTTP (check it first with `check_plain_http`); False forces HTTPS.
+    Credentials: ``username``/``password``, else docker ``config.json``, else none.
+    """
+
+    def __init__(
+        self,
+        registry: str,
+        *,
+        plain_http: bool | None = None,
+        docker_config: Path | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 60.0,
+        chunk_size: int = 8 * 1024 * 1024,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if (username is None) != (password is None):
+            raise KcacheError(f"credentials for {registry}: a username needs a password")
+        if chunk_size <= 0:
+            raise KcacheError(f"chunk_size must be positive, not {chunk_size}")
+        self.registry = registry
+        self.chunk_size = chunk_size
+        scheme = (
+            "http" if (is_loopback(registry) if plain_http is None else plain_http) else "https"
+        )
+        self._base = f"{scheme}://{registry}"
+        self._credentials: Credentials | str | None
+        if username is not None and password is not None:
+            self._credentials = Credentials(username, password, "the given username/password")
+        else:
+            self._credentials = docker_credentials(registry, docker_config)
+        # Bounded: a long-lived client (the node agent) must not grow without end.
+        self._requests: deque[tuple[str, str]] = deque(maxlen=REQUEST_LOG_SIZE)
+        self._tokens: dict[tuple[str, ...], str] = {}
+        self._basic = False  # set once the registry asked for Basic: then send it up front
+        self._http = httpx.Client(
+            transport=transport,
+            timeout=timeout,
+            event_hooks={"request": [self._record]},
+            headers={"User-Agent": "gpufleet-kcache"},
+        )
+
+    def _record(self, request: httpx.Request) -> None:
+        self._requests.append((request.method, request.url.raw_path.decode()))
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path with query) of each HTTP request sent, oldest first.
+
+        Token requests and redirect hops included; the last `REQUEST_LOG_SIZE` are kept.
+        """
+        return list(self._requests)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- auth -------------------------------------------------------------------------------
+
+    def _auth_headers(self, scopes: tuple[str, ...]) -> dict[str, str]:
+        token = self._tokens.get(scopes)
+        if token is not None:
+            return {"Authorization": f"Bearer {token}"}
+        if self._basic and isinstance(self._credentials, Credentials):
+            return {"Authorization": self._basic_header(self._credentials)}
+        return {}
+
+    @staticmethod
+    def _basic_header(credentials: Credentials) -> str:
+        pair = f"{credentials.username}:{credentials.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode()
+
+    def _missing_credentials(self, what: str) -> AuthError:
+        if isinstance(self._credentials, str):
+            return AuthError(
+                f"registry {self.registry} requires credentials for {what}: {self._credentials}"
+            )
+        return AuthError(
+            f"registry {self.registry} requires credentials for {what} and none were given "
+            "(pass a username and password, or log in so docker config.json has them)"
+        )
+
+    def _refused(self, what: str, response: httpx.Response) -> AuthError:
+        who = (
+            f"user {self._credentials.username!r} from {self._credentials.source}"
+            if isinstance(self._credentials, Credentials)
+            else "anonymous access"
+        )
+        return AuthError(
+            f"registry {self.registry} refused {who} for {what} ({_error_detail(response)})"
+        )
+
+    def _answer(self, challenge: str, scopes: tuple[str, ...], what: str) -> None:
+        """Learn how to authenticate from a 401's ``WWW-Authenticate``; raise if we cannot."""
+        scheme, params = _parse_challenge(challenge)
+        if scheme == "basic":
+            if not isinstance(self._credentials, Credentials):
+                raise self._missing_credentials(what)
+            self._basic = True
+        elif scheme == "bearer" and params.get("realm"):
+            self._tokens[scopes] = self._fetch_token(params, scopes, what)
+        else:
+            raise AuthError(f"registry {self.registry} sent an unusable challenge {challenge!r}")
+
+    def _fetch_token(self, params: dict[str, str], scopes: tuple[str, ...], what: str) -> str:
+        # Our scopes, not only the challenge's: a mount needs pull on the source as well.
+        wanted = _merge_scopes([*scopes, *params.get("scope", "").split()])
+        query: dict[str, str | list[str]] = {"scope": wanted}
+        if params.get("service"):
+            query["service"] = params["service"]
+        realm = httpx.URL(params["realm"])
+        auth = None
+        if isinstance(self._credentials, Credentials):
+            # The realm comes from the registry; never let it pull our password into clear text.
+            if realm.scheme != "https" and not (
+                self._base.startswith("http:") or is_loopback(realm.netloc.decode())
+            ):
+                raise AuthError(
+                    f"registry {self.registry} sends us to token service {realm} over plain "
+                    "HTTP; refusing to send credentials there"
+                )
+            auth = httpx.BasicAuth(self._credentials.username, self._credentials.password)
+        try:
+            response = self._http.get(realm, params=query, auth=auth)
+        except httpx.HTTPError as exc:
+            raise AuthError(f"token service {params['realm']} for {self.registry}: {exc}") from exc
+        if response.status_code in (401, 403):
+            if auth is None:
+                raise self._missing_credentials(what)
+            raise self._refused(what, response)
+        if response.status_code != 200:
+            raise AuthError(
+                f"token service {params['realm']} for {self.registry} answered "
+                f"{_error_detail(response)}"
+            )
+        try:
+            body = response.json()
+            token = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise AuthError(f"token service {params['realm']} for {self.registry} sent no token")
+        return token
+
+    # -- transport --------------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        return f"{self._base}/v2/{path}"
+
+    def _send(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        *,
+        scopes: tuple[str, ...],
+        what: str,
+        headers: dict[str, str] | None = None,
+        content: Content = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """Send one request, answering at most one auth challenge; ``what`` names it in errors.
+
+        ``content`` is bytes or a factory of byte chunks, so a body can be sent
+        again after a challenge without holding a file in memory.
+        """
+        for attempt in (1, 2):
+            body = content() if callable(content) else content
+            request = self._http.build_request(
+                method, url, headers={**(headers or {}), **self._auth_headers(scopes)}, content=body
+            )
+            try:
+                # Registries may redirect blob GETs to storage; httpx drops our
+                # Authorization when such a redirect leaves the registry's origin.
+                response = self._http.send(request, stream=stream, follow_redirects=method == "GET")
+            except httpx.HTTPError as exc:
+                raise RegistryError(f"{method} {what} at {self.registry}: {exc}") from exc
+            if response.status_code != 401:
+                return response
+            response.read()
+            response.close()
+            challenge = response.headers.get("WWW-Authenticate")
+            if attempt == 2 or not challenge:
+                # Still 401 after answering the challenge: what we sent was not enough.
+                if isinstance(self._credentials, Credentials):
+                    raise self._refused(what, response)
+                raise self._missing_credentials(what)
+            self._answer(challenge, scopes, what)
+        raise AssertionError("unreachable")
+
+    def _fail(self, response: httpx.Response, what: str) -> RegistryError:
+        detail = _error_detail(response)
+        response.close()
+        if response.status_code == 404:
+            return NotFoundError(f"{what} not found in {self.registry} ({detail})")
+        if response.status_code == 403:
+            return AuthError(f"registry {self.registry} denied {what} ({detail})")
+        return RegistryError(f"registry {self.registry} failed {what}: {detail}")
+
+    @staticmethod
+    def _pull(repository: str) -> tuple[str, ...]:
+        return (f"repository:{repository}:pull",)
+
+    @staticmethod
+    def _push(repository: str) -> tuple[str, ...]:
+        return (f"repository:{repository}:pull,push",)
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    def blob_exists(self, repository: str, digest: str) -> bool:
+        """Whether ``repository`` has blob ``digest`` (a HEAD request)."""
+        return self._blob_exists(repository, digest, self._pull(_check_repository(repository)))
+
+    def _blob_exists(self, repository: str, digest: str, scopes: tuple[str, ...]) -> bool:
+        what = f"blob {_check_digest(digest)} in {repository}"
+        url = self._url(f"{repository}/blobs/{digest}")
+        response = self._send("HEAD", url, scopes=scopes, what=what)
+        response.close()
+        if response.status_code == 200:
+            return True
+        if response.status_code == 404:
+            return False
+        raise self._fail(response, what)
+
+    def push_blob(
+        self,
+        repository: str,
+        data: bytes | Path,
+        digest: str | None = None,
+        *,
+        mount_from: str | None = None,
+        chunked: bool | None = None,
+        media_type: str = OCTET_STREAM,
+    ) -> Descriptor:
+        """Upload a blob unless ``repository`` has it; returns its descriptor.
+
+        HEAD first; then a cross-repository mount from ``mount_from`` when given;
+        then a monolithic PUT, or PATCH chunks of ``chunk_size`` when the blob is
+        larger (or ``chunked``). A file is streamed, never read whole; without
+        ``digest`` it is hashed in one extra pass. The registry's
+        ``Docker-Content-Digest`` must match.
+        """
+        _check_repository(repository)
+        if isinstance(data, Path):
+            size = data.stat().st_size
+            if digest is None:
+                digest = _file_digest(data)
+        else:
+            size = len(data)
+            actual = sha256_digest(data)
+            if digest is not None and digest != actual:
+                raise DigestMismatchError(
+                    f"blob for {repository} claims {digest} but its content hashes to {actual}"
+                )
+            digest = actual
+        _check_digest(digest)
+        descriptor = Descriptor(media_type, digest, size)
+        what = f"upload of blob {digest} to {repository}"
+        scopes = self._push(repository)
+        if self._blob_exists(repository, digest, scopes):
+            return descriptor
+        params: dict[str, str] = {}
+        if mount_from is not None and mount_from != repository:
+            scopes += self._pull(_check_repository(mount_from))
+            params = {"mount": digest, "from": mount_from}
+        response = self._send(
+            "POST", httpx.URL(self._url(f"{repository}/blobs/uploads/"), params=params),
+            scopes=scopes, what=what,
+        )  # fmt: skip
+        response.close()
+        if response.status_code == 201 and params:
+            self._check_stored(response, digest, what)
+            return descriptor
+        # 202 also answers a mount the registry would not do: it opened an upload instead.
+        if response.status_code != 202:
+            raise self._fail(response, what)
+        location = self._location(response, what)
+        if chunked or (chunked is None and size > self.chunk_size):
+            location = self._upload_chunks(location, data, size, scopes, what)
+            final: Content = None
+            headers = {"Content-Length": "0"}
+        else:
+            final = data if isinstance(data, bytes) else (lambda: _read_file(data, 0, size))
+            headers = {"Content-Type": OCTET_STREAM, "Content-Length": str(size)}
+        put_url = location.copy_merge_params({"digest": digest})
+        response = self._send(
+            "PUT", put_url, scopes=scopes, what=what, headers=headers, content=final
+        )
+        response.close()
+        if response.status_code != 201:
+            raise self._fail(response, what)
+        self._check_stored(response, digest, what)
+        return descriptor
+
+    def _upload_chunks(
+        self, location: httpx.URL, data: bytes | Path, size: int, scopes: tuple[str, ...], what: str
+    ) -> httpx.URL:
+        offset = 0
+        while offset < size:
+            end = min(offset + self.chunk_size, size)
+            # One chunk in memory at a time (chunk_size bounds it), so it can be resent.
+            chunk = data[offset:end] if isinstance(data, bytes) else _read_range(data, offset, end)
+            headers = {
+                "Content-Type": OCTET_STREAM,
+                "Content-Length": str(end - offset),
+                "Content-Range": f"{offset}-{end - 1}",
+            }
+            response = self._send(
+                "PATCH", location, scopes=scopes, what=what, headers=headers, content=chunk
+            )
+            response.close()
+            if response.status_code != 202:
+                raise self._fail(response, what)
+            location = self._location(response, what)
+            offset = end
+        return location
+
+    def _location(self, response: httpx.Response, what: str) -> httpx.URL:
+        location = response.headers.get("Location")
+        if not location:
+            raise RegistryError(f"registry {self.registry} sent no upload Location for {what}")
+        return response.url.join(location)
+
+    def _check_stored(self, response: httpx.Response, digest: str, what: str) -> None:
+        stored = response.headers.get("Docker-Content-Digest")
+        if stored is not None and stored != digest:
+            raise DigestMismatchError(
+                f"registry {self.registry} stored {stored} for {what}, not {digest}"
+            )
+
+    def iter_blob(self, repository: str, digest: str) -> Iterator[bytes]:
+        """Stream blob ``digest``; after the last chunk, raise `DigestMismatchError` if it lied.
+
+        Whatever a caller did with the chunks is garbage when that error comes.
+        """
+        what = f"blob {_check_digest(digest)} in {_check_repository(repository)}"
+        url = self._url(f"{repository}/blobs/{digest}")
+        response = self._send("GET", url, scopes=self._pull(repository), what=what, stream=True)
+        try:
+            if response.status_code != 200:
+                raise self._fail(response, what)
+            hasher = hashlib.sha256()
+            for chunk in response.iter_bytes(_READ_SIZE):
+                hasher.update(chunk)
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"reading {what} from {self.registry}: {exc}") from exc
+        finally:
+            response.close()
+        actual = "sha256:" + hasher.hexdigest()
+        if actual != digest:
+            raise DigestMismatchError(
+                f"{what} at {self.registry} is corrupt or tampered with: "
+                f"its content hashes to {actual}"
+            )
+
+    def pull_blob(self, repository: str, digest: str, sink: BinaryIO) -> int:
+        """Stream blob ``digest`` into ``sink``; returns the bytes written.
+
+        Raises `DigestMismatchError` at the end when the content does not match:
+        the caller must then treat what it wrote as garbage.
+        """
+        written = 0
+        for chunk in self.iter_blob(repository, digest):
+            sink.write(chunk)
+            written += len(chunk)
+        return written
+
+    # -- manifests --------------------------------------------------------------------------
+
+    def push_manifest(
+        self, repository: str, reference: str, manifest: bytes, media_type: str
+    ) -> str:
+        """Put ``manifest`` under ``reference`` (a tag or its digest); returns its digest."""
+        digest = sha256_digest(manifest)
+        what = f"manifest {reference} in {_check_repository(repository)}"
+        if reference.startswith("sha256:") and reference != digest:
+            raise DigestMismatchError(f"{what}: the manifest's content hashes to {digest}")
+        response = self._send(
+            "PUT", self._url(f"{repository}/manifests/{self._reference(reference)}"),
+            scopes=self._push(repository), what=what,
+            headers={"Content-Type": media_type}, content=manifest,
+        )  # fmt: skip
+        response.close()
+        if response.status_code != 201:
+            raise self._fail(response, what)
+        self._check_stored(response, digest, what)
+        return digest
+
+    def get_manifest(
+        self, repository: str, reference: str, *, accept: tuple[str, ...] = MANIFEST_TYPES
+    ) -> tuple[bytes, str, str]:
+        """Fetch a manifest by tag or digest: (bytes, media type, digest).
+
+        By digest, the bytes must hash to it; by tag, to the registry's
+        ``Docker-Content-Digest`` when it sends one. Else `DigestMismatchError`.
+        """
+        what = f"manifest {reference} in {_check_repository(repository)}"
+        response = self._send(
+            "GET", self._url(f"{repository}/manifests/{self._reference(reference)}"),
+            scopes=self._pull(repository), what=what,
+            headers={"Accept": ", ".join(accept)}, stream=True,
+        )  # fmt: skip
+        try:
+            if response.status_code != 200:
+                raise self._fail(response, what)
+            body = bytearray()
+            for chunk in response.iter_bytes(_READ_SIZE):
+                body += chunk
+                if len(body) > MAX_MANIFEST_BYTES:
+                    raise RegistryError(
+                        f"{what} at {self.registry} is larger than {MAX_MANIFEST_BYTES} bytes"
+                    )
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"reading {what} from {self.registry}: {exc}") from exc
+        finally:
+            response.close()
+        data = bytes(body)
+        digest = sha256_digest(data)
+        expected: str | None = response.headers.get("Docker-Content-Digest")
+        if reference.startswith("sha256:"):
+            expected = reference
+        if expected is not None and expected != digest:
+            raise DigestMismatchError(
+                f"{what} at {self.registry} should be {expected} but its content hashes to {digest}"
+            )
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        if media_type not in accept:
+            media_type = _declared_media_type(data) or media_type
+        return data, media_type, digest
+
+    def resolve(self, repository: str, reference: str) -> str | None:
+        """The digest ``reference`` (a tag or digest) points at; None when absent."""
+        what = f"manifest {reference} in {_check_repository(repository)}"
+        response = self._send(
+            "HEAD", self._url(f"{repository}/manifests/{self._reference(reference)}"),
+            scopes=self._pull(repository), what=what, headers={"Accept": ", ".join(MANIFEST_TYPES)},
+        )  # fmt: skip
+        response.close()
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise self._fail(response, what)
+        digest: str | None = response.headers.get("Docker-Content-Digest")
+        if digest is None or not _DIGEST.fullmatch(digest):
+            # Not every registry names the digest on HEAD: hash the manifest itself.
+            try:
+                return self.get_manifest(repository, reference)[2]
+            except NotFoundError:
+                return None
+        return digest
+
+    def delete_manifest(self, repository: str, digest: str) -> None:
+        """Delete the manifest ``digest`` (and so every tag pointing at it)."""
+        what = f"manifest {_check_digest(digest)} in {_check_repository(repository)}"
+        response = self._send(
+            "DELETE", self._url(f"{repository}/manifests/{digest}"),
+            scopes=(f"repository:{repository}:delete", *self._push(repository)), what=what,
+        )  # fmt: skip
+        response.close()
+        if response.status_code not in (200, 202):
+            raise self._fail(response, what)
+
+    @staticmethod
+    def _reference(reference: str) -> str:
+        if reference.startswith("sha256:"):
+            return _check_digest(reference)
+        if not _TAG.fullmatch(reference):
+            raise KcacheError(f"invalid tag {reference!r}")
+        return reference
+
+
+def _declared_media_type(data: bytes) -> str | None:
+    try:
+        declared = json.loads(data).get("mediaType")
+    except (ValueError, AttributeError):
+        return None
+    return declared if isinstance(declared, str) else None
+
+
+def _read_file(path: Path, start: int, end: int) -> Iterator[bytes]:
+    with path.open("rb") as file:
+        file.seek(start)
+        remaining = end - start
+        while remaining > 0:
+            chunk = file.read(min(_READ_SIZE, remaining))
+            if not chunk:
+                raise KcacheError(f"{path} shrank while it was being uploaded")
+            remaining -= len(chunk)
+            yield chunk
+
+
+def _read_range(path: Path, start: int, end: int) -> bytes:
+    return b"".join(_read_file(path, start, end))
+
+
+def _file_digest(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_READ_SIZE):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()
