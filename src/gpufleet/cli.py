@@ -16,6 +16,7 @@ from gpufleet.deviceapi.cli import gpus_app
 from gpufleet.exporter.cli import exporter as exporter_command
 from gpufleet.gpu.cli import app as gpu_app
 from gpufleet.inventory.cli import app as inventory_app
+from gpufleet.kcache.cli import app as cache_app
 
 app = typer.Typer(
     name="gpufleet",
@@ -29,6 +30,7 @@ app.add_typer(gpu_app, name="gpu")
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(device_api_app, name="device-api")
 app.add_typer(gpus_app, name="gpus")
+app.add_typer(cache_app, name="cache")
 app.command("exporter")(exporter_command)
 
 

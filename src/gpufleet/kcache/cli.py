@@ -1,0 +1,315 @@
+"""``gpufleet cache``: build, inspect, check, extract, sign and verify kernel cache images."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from pydantic import Field
+from rich.table import Table
+
+from gpufleet.core.config import CommonSettings, load_settings
+from gpufleet.core.console import stdout_console
+from gpufleet.core.errors import GpufleetError
+from gpufleet.gpu.cli import NvmlOpt, SimulateOpt
+from gpufleet.kcache.errors import KcacheError
+from gpufleet.kcache.model import CacheSummary
+
+if TYPE_CHECKING:
+    # Typing only: the registry client (httpx) is imported by the commands that use it.
+    from gpufleet.kcache.oci import Reference, RegistryClient
+
+app = typer.Typer(
+    help="Kernel cache images: JIT kernel caches (Triton, vLLM, Inductor) as OCI images."
+)
+
+
+def _default_store() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "gpufleet" / "kcache"
+
+
+class CacheSettings(CommonSettings):
+    """Registry credentials and store defaults, from the environment."""
+
+    registry_username: str | None = None
+    registry_password: str | None = None
+    kcache_store: Path = Field(default_factory=_default_store)
+    kcache_mount_root: str | None = None
+    cosign_password: str | None = None
+
+
+PlainHttpOpt = Annotated[
+    bool,
+    typer.Option(
+        "--plain-http",
+        help="Talk HTTP, not HTTPS. Automatic for loopback registries; elsewhere it needs "
+        "--force-plain-http too.",
+    ),
+]
+ForcePlainOpt = Annotated[
+    bool, typer.Option("--force-plain-http", help="Allow --plain-http to a non-loopback registry.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@contextlib.contextmanager
+def _client(
+    reference: str, plain_http: bool, force: bool
+) -> Iterator[tuple[RegistryClient, Reference]]:
+    from gpufleet.kcache.oci import Reference, RegistryClient, check_plain_http
+
+    ref = Reference.parse(reference)
+    if plain_http:
+        check_plain_http(ref.registry, force)
+    settings = load_settings(CacheSettings)
+    client = RegistryClient(
+        ref.registry,
+        plain_http=True if plain_http else None,
+        username=settings.registry_username,
+        password=settings.registry_password,
+    )
+    try:
+        yield client, ref
+    finally:
+        client.close()
+
+
+def _is_dir(target: str) -> bool:
+    return Path(target).is_dir()
+
+
+@app.command()
+def build(
+    directory: Annotated[Path, typer.Argument(help="The cache directory.")],
+    tag: Annotated[str, typer.Option("-t", "--tag", help="Where to push: REGISTRY/REPO:TAG.")],
+    mount_root: Annotated[
+        str | None,
+        typer.Option(
+            "--mount-root",
+            help="The path pods will see the cache at "
+            "[env KCACHE_MOUNT_ROOT; /var/cache/gpufleet/kernels].",
+        ),
+    ] = None,
+    allow_unknown: Annotated[
+        bool, typer.Option("--allow-unknown", help="Pack files the format does not know.")
+    ] = False,
+    plain_http: PlainHttpOpt = False,
+    force_plain_http: ForcePlainOpt = False,
+) -> None:
+    """Pack a cache directory into a reproducible OCI image and push it; prints REF@DIGEST."""
+    from gpufleet.kcache.image import DEFAULT_MOUNT_ROOT, build_image
+    from gpufleet.kcache.transfer import push_image
+
+    settings = load_settings(CacheSettings, kcache_mount_root=mount_root)
+    with tempfile.TemporaryDirectory(prefix="gpufleet-build-") as workdir:
+        image = build_image(
+            directory, Path(workdir),
+            mount_root=settings.kcache_mount_root or DEFAULT_MOUNT_ROOT,
+            allow_unknown=allow_unknown,
+        )  # fmt: skip
+        with _client(tag, plain_http, force_plain_http) as (client, ref):
+            digest = push_image(client, ref, image)
+    sys.stdout.write(f"{ref}@{digest}\n")
+
+
+def _summary_of(target: str, plain_http: bool, force: bool) -> tuple[CacheSummary, dict[str, str]]:
+    """The summary (and labels) of a directory or a remote image."""
+    if _is_dir(target):
+        from gpufleet.kcache.format import summarize
+
+        return summarize(Path(target)), {}
+    from gpufleet.kcache.transfer import fetch_image
+
+    with _client(target, plain_http, force) as (client, ref):
+        remote = fetch_image(client, ref)
+    return remote.summary, remote.labels
+
+
+@app.command()
+def inspect(
+    target: Annotated[
+        str, typer.Argument(metavar="REF|DIR", help="An image or a cache directory.")
+    ],
+    as_json: JsonOpt = False,
+    plain_http: PlainHttpOpt = False,
+    force_plain_http: ForcePlainOpt = False,
+) -> None:
+    """Print what a cache holds: kind, targets, Triton versions, kernels, entries, size."""
+    from gpufleet.kcache.compat import target_text
+
+    summary, labels = _summary_of(target, plain_http, force_plain_http)
+    if as_json:
+        body = {
+            "kind": summary.kind.value,
+            "targets": [
+                {"backend": t.backend, "arch": t.arch, "warp_size": t.warp_size}
+                for t in summary.targets
+            ],
+            "triton_versions": list(summary.triton_versions),
+            "entry_count": summary.entry_count,
+            "size_bytes": summary.size_bytes,
+            "kernel_names": list(summary.kernel_names),
+            "labels": labels,
+        }
+        sys.stdout.write(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        return
+    table = Table(title=target, show_header=False)
+    table.add_row("kind", summary.kind.value)
+    table.add_row("targets", ", ".join(target_text(t) for t in summary.targets))
+    table.add_row("triton", ", ".join(summary.triton_versions) or "-")
+    table.add_row("entries", str(summary.entry_count))
+    table.add_row("size", f"{summary.size_bytes} bytes")
+    table.add_row("kernels", ", ".join(summary.kernel_names))
+    for key in sorted(labels):
+        table.add_row(key, labels[key])
+    stdout_console().print(table)
+
+
+@app.command()
+def check(
+    target: Annotated[
+        str, typer.Argument(metavar="REF|DIR", help="An image or a cache directory.")
+    ],
+    nvml: NvmlOpt = False,
+    simulate: SimulateOpt = None,
+    as_json: JsonOpt = False,
+    plain_http: PlainHttpOpt = False,
+    force_plain_http: ForcePlainOpt = False,
+) -> None:
+    """Which local GPUs can use the cache, and why. Exit 0: at least one; 1: none; 2: error."""
+    from gpufleet.gpu.select import SourceChoice, open_source
+    from gpufleet.kcache.compat import check as check_gpus
+    from gpufleet.kcache.compat import target_text
+
+    try:
+        summary, _ = _summary_of(target, plain_http, force_plain_http)
+        source = open_source(SourceChoice(simulate=simulate, nvml=nvml or simulate is None))
+        try:
+            devices = source.devices().devices
+        finally:
+            source.close()
+    except GpufleetError as exc:  # exit 2 is part of this command's contract
+        sys.stderr.write(f"gpufleet cache check: {exc}\n")
+        raise typer.Exit(2) from None
+    verdicts = check_gpus(summary, devices)
+    if as_json:
+        rows = [
+            {
+                "index": v.index, "uuid": v.uuid, "name": v.name, "matches": v.matches,
+                "target": None if v.target is None else target_text(v.target), "reason": v.reason,
+            }
+            for v in verdicts
+        ]  # fmt: skip
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        table = Table(title=f"{target}: {', '.join(target_text(t) for t in summary.targets)}")
+        for column in ("index", "GPU", "target", "match", "why"):
+            table.add_column(column)
+        for v in verdicts:
+            table.add_row(
+                str(v.index), v.name, "-" if v.target is None else target_text(v.target),
+                "yes" if v.matches else "no", v.reason,
+            )  # fmt: skip
+        stdout_console().print(table)
+    raise typer.Exit(0 if any(v.matches for v in verdicts) else 1)
+
+
+@app.command()
+def extract(
+    reference: Annotated[str, typer.Argument(metavar="REF")],
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store",
+            help="The content-addressed store [env KCACHE_STORE; ~/.cache/gpufleet/kcache].",
+        ),
+    ] = None,
+    mount_root: Annotated[
+        str | None,
+        typer.Option(
+            "--mount-root",
+            help="Where pods will see the cache; __grp__ child paths "
+            "are rewritten to it [env KCACHE_MOUNT_ROOT; the image's label].",
+        ),
+    ] = None,
+    verify_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--verify-key",
+            metavar="PUB",
+            help="Refuse the image unless signed by this cosign public key.",
+        ),
+    ] = None,
+    max_bytes: Annotated[
+        int | None, typer.Option("--max-bytes", help="Refuse caches larger than this.")
+    ] = None,
+    max_entries: Annotated[
+        int | None, typer.Option("--max-entries", help="Refuse layers with more entries.")
+    ] = None,
+    plain_http: PlainHttpOpt = False,
+    force_plain_http: ForcePlainOpt = False,
+) -> None:
+    """Pull into <store>/sha256/<hex>/ atomically (again: nothing to do); prints the path."""
+    from gpufleet.kcache.extract import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
+    from gpufleet.kcache.sign import load_public_key
+    from gpufleet.kcache.store import CacheStore
+    from gpufleet.kcache.transfer import MOUNT_ROOT_LABEL, fetch_image, pull_to_store
+
+    settings = load_settings(CacheSettings, kcache_store=store, kcache_mount_root=mount_root)
+    key = None if verify_key is None else load_public_key(verify_key)
+    with _client(reference, plain_http, force_plain_http) as (client, ref):
+        root = settings.kcache_mount_root
+        if root is None:
+            root = fetch_image(client, ref).labels.get(MOUNT_ROOT_LABEL)
+        if not root:
+            raise KcacheError(f"{ref}: no --mount-root given and the image names none")
+        pulled = pull_to_store(
+            client, ref, CacheStore(settings.kcache_store), mount_root=root,
+            verify_key=key, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
+            max_entries=max_entries or DEFAULT_MAX_ENTRIES,
+        )  # fmt: skip
+    sys.stdout.write(f"{pulled.path}\n")
+
+
+@app.command()
+def sign(
+    reference: Annotated[str, typer.Argument(metavar="REF")],
+    key: Annotated[
+        Path, typer.Option("--key", help="EC P-256 private key (PEM; password in COSIGN_PASSWORD).")
+    ],
+    plain_http: PlainHttpOpt = False,
+    force_plain_http: ForcePlainOpt = False,
+) -> None:
+    """Sign an image in cosign's key-based format (tag sha256-<digest>.sig)."""
+    from gpufleet.kcache.sign import load_private_key, sign_image
+
+    settings = load_settings(CacheSettings)
+    password = None if settings.cosign_password is None else settings.cosign_password.encode()
+    private = load_private_key(key, password)
+    with _client(reference, plain_http, force_plain_http) as (client, ref):
+        digest = sign_image(client, ref, private)
+    sys.stdout.write(f"{digest}\n")
+
+
+@app.command()
+def verify(
+    reference: Annotated[str, typer.Argument(metavar="REF")],
+    key: Annotated[Path, typer.Option("--key", help="The signer's public key (PEM).")],
+    plain_http: PlainHttpOpt = False,
+    force_plain_http: ForcePlainOpt = False,
+) -> None:
+    """Verify an image's signature; prints the verified manifest digest."""
+    from gpufleet.kcache.sign import load_public_key, verify_image
+
+    public = load_public_key(key)
+    with _client(reference, plain_http, force_plain_http) as (client, ref):
+        digest = verify_image(client, ref, public)
+    sys.stdout.write(f"{digest}\n")

@@ -1,0 +1,156 @@
+"""Moving cache images between a directory, a registry and the node's store.
+
+These are the functions the CLI (and later the node agent) calls: push a built
+image, read a remote image's summary without pulling its layer, and pull a
+layer into the content-addressed store, verifying the signature first when a
+key is given.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gpufleet.kcache.errors import KcacheError
+from gpufleet.kcache.extract import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, extract_layer
+from gpufleet.kcache.image import (
+    CACHE_SIZE_LABEL,
+    CONFIG_MEDIA_TYPE,
+    LAYER_MEDIA_TYPE,
+    MANIFEST_MEDIA_TYPE,
+    MOUNT_ROOT_LABEL,
+    BuiltImage,
+    labels_of,
+    summary_from_labels,
+)
+from gpufleet.kcache.model import CacheSummary
+from gpufleet.kcache.oci import Reference, RegistryClient
+from gpufleet.kcache.sign import verify_image
+from gpufleet.kcache.store import CacheStore
+
+__all__ = [
+    "MOUNT_ROOT_LABEL",
+    "Pulled",
+    "RemoteImage",
+    "fetch_image",
+    "pull_to_store",
+    "push_image",
+]
+
+
+def push_image(client: RegistryClient, reference: Reference, image: BuiltImage) -> str:
+    """Push layer, config and manifest; returns the manifest digest.
+
+    Blobs the registry already has are not sent again.
+    """
+    if reference.tag is None and reference.digest is None:
+        raise KcacheError(f"{reference}: name a tag to push to")
+    client.push_blob(reference.repository, image.layer_path, image.layer_digest)
+    client.push_blob(reference.repository, image.config, image.config_digest)
+    tag = reference.tag or image.manifest_digest
+    digest = client.push_manifest(reference.repository, tag, image.manifest, MANIFEST_MEDIA_TYPE)
+    if digest != image.manifest_digest:
+        raise KcacheError(
+            f"{reference}: the registry stored the manifest as {digest}, "
+            f"not {image.manifest_digest}"
+        )
+    return digest
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteImage:
+    """A cache image in a registry, known by its manifest and config only."""
+
+    reference: Reference
+    digest: str
+    layer_digest: str
+    layer_size: int
+    labels: dict[str, str]
+    summary: CacheSummary
+
+    @property
+    def size_bytes(self) -> int:
+        """The cache's size as the image declares it (the extracted files must add up to it)."""
+        try:
+            return int(self.labels[CACHE_SIZE_LABEL])
+        except (KeyError, ValueError) as exc:
+            raise KcacheError(f"{self.reference}: no valid {CACHE_SIZE_LABEL} label") from exc
+
+
+def fetch_image(client: RegistryClient, reference: Reference) -> RemoteImage:
+    """Read the manifest and the config (not the layer) of a cache image."""
+    ref = reference.digest or reference.tag or "latest"
+    manifest_bytes, media_type, digest = client.get_manifest(reference.repository, ref)
+    if media_type != MANIFEST_MEDIA_TYPE:
+        raise KcacheError(f"{reference}: not a cache image (manifest type {media_type})")
+    try:
+        manifest = json.loads(manifest_bytes)
+        config = manifest["config"]
+        (layer,) = manifest["layers"]
+        if config["mediaType"] != CONFIG_MEDIA_TYPE or layer["mediaType"] != LAYER_MEDIA_TYPE:
+            raise ValueError("unexpected media types")
+        config_digest, layer_digest, layer_size = config["digest"], layer["digest"], layer["size"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise KcacheError(
+            f"{reference}: not a cache image (one tar+gzip layer expected): {exc}"
+        ) from exc
+    with tempfile.TemporaryFile() as sink:
+        client.pull_blob(reference.repository, str(config_digest), sink)
+        sink.seek(0)
+        labels = labels_of(sink.read())
+    return RemoteImage(
+        reference.with_digest(digest), digest, str(layer_digest), int(layer_size), labels,
+        summary_from_labels(labels),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Pulled:
+    """Where an image's cache lies in the store, and whether this call put it there."""
+
+    path: Path
+    digest: str
+    extracted: bool
+
+
+def pull_to_store(
+    client: RegistryClient,
+    reference: Reference,
+    store: CacheStore,
+    *,
+    mount_root: str,
+    verify_key: ec.EllipticCurvePublicKey | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> Pulled:
+    """Pull, verify and extract into ``<store>/sha256/<hex>/``; nothing to do if it is there.
+
+    With `verify_key`, the signature is checked before a single byte of the
+    layer is read, and the digest it vouches for is the digest extracted.
+    """
+    if verify_key is not None:
+        digest = verify_image(client, reference, verify_key)
+        reference = reference.with_digest(digest)
+    image = fetch_image(client, reference)
+    if store.is_complete(image.digest):
+        return Pulled(store.path(image.digest), image.digest, extracted=False)
+    extracted = False
+
+    def fill(target: Path) -> None:
+        nonlocal extracted
+        with tempfile.TemporaryFile(dir=store.root) as layer:
+            # The whole blob is verified against its digest before extraction starts.
+            client.pull_blob(reference.repository, image.layer_digest, layer)
+            layer.seek(0)
+            extract_layer(
+                layer, target, mount_root=mount_root, expected_size=image.size_bytes,
+                max_bytes=max_bytes, max_entries=max_entries,
+            )  # fmt: skip
+        extracted = True
+
+    path = store.install(image.digest, fill)
+    return Pulled(path, image.digest, extracted)

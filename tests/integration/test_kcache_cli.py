@@ -1,0 +1,268 @@
+"""``gpufleet cache`` end to end: real Triton kernels, the real registry, the real CLI.
+
+Kernels are compiled ahead of time for cuda arch 80 and 90, packed, pushed to
+Debian's docker-registry, pulled and extracted into a store; then Triton
+compiles the same kernels against the extracted cache and must not compile
+anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gpufleet.kcache.oci import Reference, RegistryClient
+from tests.conftest import require
+from tests.kcache_support import build_triton_cache, compile_again, group_dirs
+
+pytestmark = pytest.mark.integration
+
+GPUFLEET = [sys.executable, "-m", "gpufleet.cli", "cache"]
+
+
+def cache_cli(
+    *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    full_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "KCACHE_", "COSIGN_"))
+    }
+    full_env.update(env or {})
+    result = subprocess.run(
+        [*GPUFLEET, *args], capture_output=True, text=True, env=full_env, timeout=180, check=False
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real Triton cache with two kernels for arch 80 and 90 (built once for the module)."""
+    cache = tmp_path_factory.mktemp("triton") / "cache"
+    build_triton_cache(cache)
+    return cache
+
+
+@pytest.fixture
+def cache_copy(tmp_path: Path) -> Path:
+    """A private cache a test may delete: compiled in place so its __grp__ paths are its own."""
+    cache = tmp_path / "cache"
+    build_triton_cache(cache)
+    return cache
+
+
+@pytest.fixture
+def registry(test_servers: dict[str, str]) -> str:
+    (address,) = require(test_servers, "REGISTRY")
+    return address
+
+
+def new_ref(registry: str, name: str = "kernels") -> str:
+    return f"{registry}/kcache-cli/{name}-{uuid.uuid4().hex[:8]}:v1"
+
+
+def build(directory: Path, ref: str, *extra: str) -> str:
+    """Push ``directory`` to ``ref``; returns the manifest digest the CLI printed."""
+    out = cache_cli("build", str(directory), "-t", ref, *extra).stdout.strip()
+    assert out.startswith(ref + "@sha256:")
+    return out.rsplit("@", 1)[1]
+
+
+def test_inspect_shows_both_targets_of_a_real_cache(compiled: Path, registry: str) -> None:
+    ref = new_ref(registry)
+    build(compiled, ref)
+    summary = json.loads(cache_cli("inspect", ref, "--json").stdout)
+    targets = {(t["backend"], t["arch"], t["warp_size"]) for t in summary["targets"]}
+    assert targets == {("cuda", 80, 32), ("cuda", 90, 32)}
+    assert summary["kind"] == "triton"
+    assert summary["entry_count"] == 4
+    assert set(summary["kernel_names"]) == {"add", "scale"}
+    local = json.loads(cache_cli("inspect", str(compiled), "--json").stdout)
+    assert local["targets"] == summary["targets"]
+
+
+def test_check_matches_h100_to_arch_90_and_not_80(compiled: Path, registry: str) -> None:
+    ref = new_ref(registry)
+    build(compiled, ref)
+    result = cache_cli("check", ref, "--simulate", "dgx-h100", "--json")
+    verdicts = json.loads(result.stdout)
+    assert len(verdicts) == 8
+    assert {v["target"] for v in verdicts} == {"cuda/90/32"}
+    assert all(v["matches"] for v in verdicts)
+
+
+def test_check_exits_1_when_no_gpu_matches(tmp_path: Path, registry: str) -> None:
+    only_80 = tmp_path / "a100-only"
+    build_triton_cache(only_80, archs=(80,))
+    result = cache_cli("check", str(only_80), "--simulate", "dgx-h100", check=False)
+    assert result.returncode == 1
+    assert "no kernels for cuda arch 90" in " ".join(result.stdout.split())
+    a100 = cache_cli("check", str(only_80), "--simulate", "dgx-a100", check=False)
+    assert a100.returncode == 0
+
+
+def test_check_exits_2_on_error(tmp_path: Path) -> None:
+    result = cache_cli("check", "127.0.0.1:1/nothing/here:v1", "--simulate", "l4", check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_building_twice_gives_the_same_digest(compiled: Path, registry: str) -> None:
+    assert build(compiled, new_ref(registry)) == build(compiled, new_ref(registry))
+
+
+def test_the_extracted_cache_is_hit_after_the_original_is_deleted(
+    cache_copy: Path, tmp_path: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+    digest = build(cache_copy, ref)
+    groups = group_dirs(cache_copy)
+    shutil.rmtree(cache_copy)
+    store = tmp_path / "store"
+    # The store's path for this digest is where this "pod" sees the cache: the mount root.
+    expected = store / "sha256" / digest.split(":", 1)[1]
+    out = cache_cli("extract", ref, "--store", str(store), "--mount-root", str(expected))
+    path = Path(out.stdout.strip())
+    assert path == expected
+    report = compile_again(path)
+    assert (report.compiled, report.cache_hits) == (0, 4)
+    assert group_dirs(path) == groups
+
+
+def test_without_the_rewrite_the_moved_cache_misses(
+    cache_copy: Path, tmp_path: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+    build(cache_copy, ref)
+    shutil.rmtree(cache_copy)
+    out = cache_cli(
+        "extract", ref, "--store", str(tmp_path / "store"), "--mount-root", "/not/where/it/is"
+    )
+    report = compile_again(Path(out.stdout.strip()))
+    assert report.compiled == 4
+
+
+def test_a_second_extract_of_the_same_digest_does_nothing(
+    compiled: Path, tmp_path: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+    build(compiled, ref)
+    store = tmp_path / "store"
+    args = ("extract", ref, "--store", str(store), "--mount-root", "/var/cache/k")
+    path = Path(cache_cli(*args).stdout.strip())
+    marker_time = {p: p.stat().st_mtime_ns for p in path.rglob("*")}
+    assert Path(cache_cli(*args).stdout.strip()) == path
+    assert {p: p.stat().st_mtime_ns for p in path.rglob("*")} == marker_time
+
+
+def test_a_flipped_byte_in_the_registry_fails_the_pull(
+    compiled: Path, tmp_path: Path, registry: str, test_servers: dict[str, str]
+) -> None:
+    (data_root,) = require(test_servers, "REGISTRY_DATA")
+    ref = new_ref(registry)
+    build(compiled, ref)
+    parsed = Reference.parse(ref)
+    with RegistryClient(parsed.registry) as client:
+        raw, _, _ = client.get_manifest(parsed.repository, "v1")
+    layer = json.loads(raw)["layers"][0]["digest"].split(":", 1)[1]
+    blob = Path(data_root) / "docker/registry/v2/blobs/sha256" / layer[:2] / layer / "data"
+    original = blob.read_bytes()
+    try:
+        blob.write_bytes(original[:100] + bytes([original[100] ^ 0xFF]) + original[101:])
+        store = tmp_path / "store"
+        result = cache_cli("extract", ref, "--store", str(store), "--mount-root", "/m", check=False)
+        assert result.returncode != 0
+        assert "sha256:" + layer in result.stderr
+        assert installed(store) == []
+    finally:
+        blob.write_bytes(original)
+
+
+def installed(store: Path) -> list[Path]:
+    """Caches the store holds (its sha256/<hex> directories)."""
+    return sorted(p for p in (store / "sha256").glob("*") if p.is_dir())
+
+
+def write_keys(directory: Path, name: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = directory / f"{name}.key", directory / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private, public
+
+
+def test_signed_images_verify_and_extract_only_with_the_right_key(
+    compiled: Path, tmp_path: Path, registry: str
+) -> None:
+    mine_key, mine_pub = write_keys(tmp_path, "mine")
+    _, other_pub = write_keys(tmp_path, "other")
+    ref = new_ref(registry)
+    digest = build(compiled, ref)
+    unsigned = cache_cli("verify", ref, "--key", str(mine_pub), check=False)
+    assert unsigned.returncode != 0
+    cache_cli("sign", ref, "--key", str(mine_key))
+    assert cache_cli("verify", ref, "--key", str(mine_pub)).stdout.strip() == digest
+    wrong = cache_cli("verify", ref, "--key", str(other_pub), check=False)
+    assert wrong.returncode != 0
+    store = tmp_path / "store"
+    ok = cache_cli(
+        "extract", ref, "--store", str(store), "--mount-root", "/m", "--verify-key", str(mine_pub)
+    )
+    assert digest.split(":", 1)[1] in ok.stdout
+    refused = cache_cli(
+        "extract", ref, "--store", str(tmp_path / "s2"), "--mount-root", "/m",
+        "--verify-key", str(other_pub), check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert installed(tmp_path / "s2") == []
+
+
+def test_a_retagged_different_image_is_refused_by_verify(
+    compiled: Path, tmp_path: Path, registry: str
+) -> None:
+    key, pub = write_keys(tmp_path, "k")
+    signed_ref = new_ref(registry, "signed")
+    build(compiled, signed_ref)
+    cache_cli("sign", signed_ref, "--key", str(key))
+    only_80 = tmp_path / "only80"
+    build_triton_cache(only_80, archs=(80,))
+    # Push a different image under the signed image's tag: the signature names the old digest.
+    build(only_80, signed_ref)
+    result = cache_cli("verify", signed_ref, "--key", str(pub), check=False)
+    assert result.returncode != 0
+    assert "signature" in result.stderr.lower()
+
+
+def test_push_and_pull_need_credentials_on_an_htpasswd_registry(
+    compiled: Path, tmp_path: Path, test_servers: dict[str, str]
+) -> None:
+    address, user, password = require(
+        test_servers, "REGISTRY_AUTH", "REGISTRY_AUTH_USER", "REGISTRY_AUTH_PASSWORD"
+    )
+    ref = f"{address}/kcache-cli/private:v1"
+    anonymous = cache_cli("build", str(compiled), "-t", ref, check=False)
+    assert anonymous.returncode != 0
+    assert "Traceback" not in anonymous.stderr
+    creds = {"REGISTRY_USERNAME": user, "REGISTRY_PASSWORD": password}
+    cache_cli("build", str(compiled), "-t", ref, env=creds)
+    summary = json.loads(cache_cli("inspect", ref, "--json", env=creds).stdout)
+    assert summary["entry_count"] == 4
