@@ -1,4 +1,4 @@
-"""The kernel cache feature's exception hierarchy; every message names the file, blob or reference."""
+"""The kernel cache feature's exceptions; every message names the file, blob or reference."""
 
 from gpufleet.core.errors import GpufleetError
 

@@ -12,7 +12,7 @@ class CacheKind(enum.StrEnum):
     TRITON = "triton"
     """A ``TRITON_CACHE_DIR``: kernel group directories."""
     VLLM = "vllm"
-    """vLLM's ``torch_compile_cache/<hash>/rank_<r>_<dp>/`` tree (inductor + triton caches inside)."""
+    """vLLM's ``torch_compile_cache/<hash>/rank_<r>_<dp>/`` tree (Inductor and Triton inside)."""
     INDUCTOR = "inductor"
     """A ``TORCHINDUCTOR_CACHE_DIR`` (with its ``triton/`` subtree)."""
 
