@@ -20,7 +20,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gpufleet.kcache.oci import Reference, RegistryClient
+from gpufleet.kcache.oci import RegistryClient
+from gpufleet.kcache.reference import Reference
 from tests.conftest import require
 from tests.kcache_support import build_triton_cache, compile_again, group_dirs
 

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from gpufleet.kcache.credentials import Credentials, docker_credentials
 from gpufleet.kcache.errors import (
     AuthError,
     DigestMismatchError,
@@ -40,14 +41,12 @@ from gpufleet.kcache.errors import (
 )
 from gpufleet.kcache.oci import (
     OCI_MANIFEST,
-    Credentials,
     Descriptor,
-    Reference,
     RegistryClient,
     check_plain_http,
-    docker_credentials,
     sha256_digest,
 )
+from gpufleet.kcache.reference import Reference
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration

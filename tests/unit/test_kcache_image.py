@@ -22,9 +22,8 @@ from gpufleet.kcache.image import (
     MANIFEST_MEDIA_TYPE,
     BuiltImage,
     build_image,
-    labels_of,
-    summary_from_labels,
 )
+from gpufleet.kcache.labels import labels_of, summary_from_labels
 from gpufleet.kcache.model import CacheKind, CacheSummary, Target
 
 STAGES = ("source", "ttir", "ttgir", "llir", "ptx", "cubin")

@@ -20,17 +20,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from gpufleet.kcache.errors import DigestMismatchError, NotFoundError, SignatureError
+from gpufleet.kcache.keys import (
+    SigningKeyError,
+    load_private_key,
+    load_public_key,
+    password_from_env,
+)
 from gpufleet.kcache.sign import (
     OCI_CONFIG_MEDIA_TYPE,
     OCI_MANIFEST_MEDIA_TYPE,
     SIGNATURE_ANNOTATION,
     SIGNATURE_TYPE,
     SIMPLE_SIGNING_MEDIA_TYPE,
-    SigningKeyError,
-    load_private_key,
-    load_public_key,
     parse_payload,
-    password_from_env,
     payload,
     sign_image,
     sign_payload,
@@ -368,7 +370,7 @@ def test_the_default_config_names_the_payload_layer() -> None:
 
 @dataclass(frozen=True)
 class Ref:
-    """An image reference shaped like `kcache.oci.Reference`."""
+    """An image reference shaped like `kcache.reference.Reference`."""
 
     registry: str
     repository: str

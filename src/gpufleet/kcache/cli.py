@@ -24,7 +24,8 @@ from gpufleet.kcache.model import CacheSummary
 
 if TYPE_CHECKING:
     # Typing only: the registry client (httpx) is imported by the commands that use it.
-    from gpufleet.kcache.oci import Reference, RegistryClient
+    from gpufleet.kcache.oci import RegistryClient
+    from gpufleet.kcache.reference import Reference
 
 app = typer.Typer(
     help="Kernel cache images: JIT kernel caches (Triton, vLLM, Inductor) as OCI images."
@@ -64,7 +65,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 def _client(
     reference: str, plain_http: bool, force: bool
 ) -> Iterator[tuple[RegistryClient, Reference]]:
-    from gpufleet.kcache.oci import Reference, RegistryClient, check_plain_http
+    from gpufleet.kcache.oci import RegistryClient, check_plain_http
+    from gpufleet.kcache.reference import Reference
 
     ref = Reference.parse(reference)
     if plain_http:
@@ -259,7 +261,7 @@ def extract(
 ) -> None:
     """Pull into <store>/sha256/<hex>/ atomically (again: nothing to do); prints the path."""
     from gpufleet.kcache.extract import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
-    from gpufleet.kcache.sign import load_public_key
+    from gpufleet.kcache.keys import load_public_key
     from gpufleet.kcache.store import CacheStore
     from gpufleet.kcache.transfer import MOUNT_ROOT_LABEL, fetch_image, pull_to_store
 
@@ -289,7 +291,8 @@ def sign(
     force_plain_http: ForcePlainOpt = False,
 ) -> None:
     """Sign an image in cosign's key-based format (tag sha256-<digest>.sig)."""
-    from gpufleet.kcache.sign import load_private_key, sign_image
+    from gpufleet.kcache.keys import load_private_key
+    from gpufleet.kcache.sign import sign_image
 
     settings = load_settings(CacheSettings)
     password = None if settings.cosign_password is None else settings.cosign_password.encode()
@@ -307,7 +310,8 @@ def verify(
     force_plain_http: ForcePlainOpt = False,
 ) -> None:
     """Verify an image's signature; prints the verified manifest digest."""
-    from gpufleet.kcache.sign import load_public_key, verify_image
+    from gpufleet.kcache.keys import load_public_key
+    from gpufleet.kcache.sign import verify_image
 
     public = load_public_key(key)
     with _client(reference, plain_http, force_plain_http) as (client, ref):

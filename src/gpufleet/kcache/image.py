@@ -3,9 +3,10 @@
 One gzip layer holds ``io.triton.cache/<path>`` for every cache file and
 ``io.triton.manifest/manifest.json`` (path, size and sha256 of every stored
 file). The config carries MCV's ``cache.triton.image/*`` labels and ours
-(``io.gpufleet.kcache/*``). Nothing about the build machine or the moment of
-the build reaches the bytes: the same cache content gives the same digests.
-See docs/kcache-image.md for the rules.
+(``io.gpufleet.kcache/*``), which `kcache.labels` encodes and reads (its
+public names are re-exported here). Nothing about the build machine or the
+moment of the build reaches the bytes: the same cache content gives the same
+digests. See docs/kcache-image.md for the rules.
 """
 
 from __future__ import annotations
@@ -13,20 +14,32 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 import posixpath
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from gpufleet.kcache import format as cache_format
 from gpufleet.kcache.errors import CacheFormatError
-from gpufleet.kcache.model import CacheKind, CacheSummary, Target
+from gpufleet.kcache.labels import (
+    CACHE_SIZE_LABEL,
+    CACHE_TYPE_LABEL,
+    ENTRY_COUNT_LABEL,
+    MCV_SUMMARY_LABEL,
+    MOUNT_ROOT_LABEL,
+    SUMMARY_LABEL,
+    TRITON_VERSION_LABEL,
+    canonical_json,
+    labels_for,
+    labels_of,
+    summary_from_labels,
+)
+from gpufleet.kcache.model import CacheKind, CacheSummary
 
 __all__ = [
     "CACHE_SIZE_LABEL",
@@ -56,14 +69,6 @@ LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 DEFAULT_MOUNT_ROOT = "/var/cache/gpufleet/kernels"
-
-MCV_SUMMARY_LABEL = "cache.triton.image/summary"
-ENTRY_COUNT_LABEL = "cache.triton.image/entry-count"
-CACHE_SIZE_LABEL = "cache.triton.image/cache-size-bytes"
-CACHE_TYPE_LABEL = "io.gpufleet.kcache/cache-type"
-SUMMARY_LABEL = "io.gpufleet.kcache/summary"
-TRITON_VERSION_LABEL = "io.gpufleet.kcache/triton-version"
-MOUNT_ROOT_LABEL = "io.gpufleet.kcache/mount-root"
 
 MANIFEST_SCHEMA_VERSION = 1
 FILE_MODE = 0o644
@@ -139,8 +144,8 @@ def build_image(
         tmp.unlink(missing_ok=True)
         raise
     stored = replace(summary, size_bytes=layer.cache_bytes)
-    labels = _labels(stored, mount_root)
-    config = _canonical_json(
+    labels = labels_for(stored, mount_root)
+    config = canonical_json(
         {
             "architecture": "amd64",
             "config": {"Labels": labels},
@@ -150,7 +155,7 @@ def build_image(
         }
     )
     config_digest = _digest(config)
-    manifest = _canonical_json(
+    manifest = canonical_json(
         {
             "schemaVersion": 2,
             "mediaType": MANIFEST_MEDIA_TYPE,
@@ -172,58 +177,6 @@ def build_image(
         layer_size=layer.size,
         summary=stored,
         labels=labels,
-    )
-
-
-def labels_of(config: bytes) -> dict[str, str]:
-    """The labels of an image config blob (``config.Labels``); empty when it has none."""
-    try:
-        doc = json.loads(config)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CacheFormatError(f"image config: not JSON: {exc}") from exc
-    inner = doc.get("config") if isinstance(doc, dict) else None
-    labels = inner.get("Labels") if isinstance(inner, dict) else None
-    if labels is None:
-        return {}
-    if not isinstance(labels, dict) or not all(
-        isinstance(key, str) and isinstance(value, str) for key, value in labels.items()
-    ):
-        raise CacheFormatError("image config: config.Labels is not a map of strings")
-    return dict(labels)
-
-
-def summary_from_labels(labels: Mapping[str, str]) -> CacheSummary:
-    """The cache summary an image's labels declare.
-
-    Our own ``io.gpufleet.kcache/summary`` label is preferred and must agree
-    with MCV's entry-count and size labels; an image built by MCV (no label of
-    ours) yields a Triton summary from MCV's labels alone, with no kernel
-    names or Triton versions.
-    """
-    if SUMMARY_LABEL in labels:
-        summary = _summary_from_json(labels)
-        for key, value in ((ENTRY_COUNT_LABEL, summary.entry_count),
-                           (CACHE_SIZE_LABEL, summary.size_bytes)):  # fmt: skip
-            if key in labels and _count_label(labels, key) != value:
-                raise CacheFormatError(
-                    f"label {key}={labels[key]!r} disagrees with {SUMMARY_LABEL} ({value})"
-                )
-        return summary
-    if MCV_SUMMARY_LABEL not in labels:
-        raise CacheFormatError(
-            f"not a kernel cache image: neither {SUMMARY_LABEL} nor {MCV_SUMMARY_LABEL} label"
-        )
-    doc = _json_label(labels, MCV_SUMMARY_LABEL)
-    targets = doc.get("targets") if isinstance(doc, dict) else None
-    if not isinstance(targets, list):
-        raise CacheFormatError(f"label {MCV_SUMMARY_LABEL}: no 'targets' list")
-    return CacheSummary(
-        kind=CacheKind.TRITON,
-        targets=_sorted_targets(_mcv_target(item) for item in targets),
-        triton_versions=(),
-        entry_count=_count_label(labels, ENTRY_COUNT_LABEL),
-        size_bytes=_count_label(labels, CACHE_SIZE_LABEL),
-        kernel_names=(),
     )
 
 
@@ -305,7 +258,7 @@ def _write_layer(root: Path, files: list[Path], kind: CacheKind, out: IO[bytes])
                 size, sha = _add_file(tar, name, root, file)
                 listed.append({"path": name, "size": size, "sha256": sha})
                 cache_bytes += size
-            manifest = _canonical_json(
+            manifest = canonical_json(
                 {"schemaVersion": MANIFEST_SCHEMA_VERSION, "cacheType": kind.value, "files": listed}
             )
             manifest_dir = MANIFEST_PATH.rsplit("/", 1)[0]
@@ -369,127 +322,6 @@ def _relative(path: Path) -> PurePosixPath:
     except UnicodeEncodeError as exc:
         raise CacheFormatError(f"{path}: the file name is not UTF-8") from exc
     return rel
-
-
-# -- config and labels ---------------------------------------------------------------------------
-
-
-def _labels(summary: CacheSummary, mount_root: str) -> dict[str, str]:
-    mcv_targets = [
-        {"backend": t.backend, "arch": str(t.arch), "warp_size": t.warp_size}
-        for t in summary.targets
-    ]
-    return {
-        MCV_SUMMARY_LABEL: _canonical_json({"targets": mcv_targets}).decode(),
-        ENTRY_COUNT_LABEL: str(summary.entry_count),
-        CACHE_SIZE_LABEL: str(summary.size_bytes),
-        CACHE_TYPE_LABEL: summary.kind.value,
-        SUMMARY_LABEL: _canonical_json(_summary_to_json(summary)).decode(),
-        TRITON_VERSION_LABEL: ",".join(summary.triton_versions),
-        MOUNT_ROOT_LABEL: mount_root,
-    }
-
-
-def _summary_to_json(summary: CacheSummary) -> dict[str, object]:
-    return {
-        "kind": summary.kind.value,
-        "targets": [
-            {"backend": t.backend, "arch": t.arch, "warp_size": t.warp_size}
-            for t in summary.targets
-        ],
-        "triton_versions": list(summary.triton_versions),
-        "entry_count": summary.entry_count,
-        "size_bytes": summary.size_bytes,
-        "kernel_names": list(summary.kernel_names),
-    }
-
-
-def _summary_from_json(labels: Mapping[str, str]) -> CacheSummary:
-    label = SUMMARY_LABEL
-    doc = _json_label(labels, label)
-    if not isinstance(doc, dict):
-        raise CacheFormatError(f"label {label}: not a JSON object")
-    try:
-        kind = CacheKind(doc["kind"])
-        targets = doc["targets"]
-        versions = doc["triton_versions"]
-        names = doc["kernel_names"]
-        counts = doc["entry_count"], doc["size_bytes"]
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CacheFormatError(f"label {label}: missing or invalid field {exc}") from exc
-    if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
-        raise CacheFormatError(f"label {label}: 'targets' is not a list of objects")
-    for field, value in (("triton_versions", versions), ("kernel_names", names)):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise CacheFormatError(f"label {label}: {field!r} is not a list of strings")
-    if not all(_is_count(value) for value in counts):
-        raise CacheFormatError(f"label {label}: entry_count and size_bytes must be counts")
-    return CacheSummary(
-        kind=kind,
-        targets=_sorted_targets(_target(t, label) for t in targets),
-        triton_versions=tuple(sorted(set(versions))),
-        entry_count=counts[0],
-        size_bytes=counts[1],
-        kernel_names=tuple(sorted(set(names))),
-    )
-
-
-def _target(item: dict[str, object], label: str) -> Target:
-    backend, arch, warp = item.get("backend"), item.get("arch"), item.get("warp_size")
-    if (
-        not isinstance(backend, str)
-        or not backend
-        or isinstance(arch, bool)
-        or not isinstance(arch, int | str)
-        or arch == ""
-        or isinstance(warp, bool)
-        or not isinstance(warp, int)
-        or warp <= 0
-    ):
-        raise CacheFormatError(f"label {label}: invalid target {item!r}")
-    return Target(backend, arch, warp)
-
-
-def _mcv_target(item: object) -> Target:
-    """MCV writes arch as a string; a CUDA arch is a number to us (90 for sm_90)."""
-    if not isinstance(item, dict):
-        raise CacheFormatError(f"label {MCV_SUMMARY_LABEL}: invalid target {item!r}")
-    arch = item.get("arch")
-    if isinstance(arch, str) and arch.isascii() and arch.isdigit():
-        item = {**item, "arch": int(arch)}
-    return _target(item, MCV_SUMMARY_LABEL)
-
-
-def _sorted_targets(targets: Iterable[Target]) -> tuple[Target, ...]:
-    """Distinct and sorted as `format.scan` sorts them (a str arch never compares with an int)."""
-
-    def key(t: Target) -> tuple[str, int, str, int]:
-        return (t.backend, t.arch if isinstance(t.arch, int) else -1, str(t.arch), t.warp_size)
-
-    return tuple(sorted(set(targets), key=key))
-
-
-def _json_label(labels: Mapping[str, str], key: str) -> object:
-    try:
-        return json.loads(labels[key])
-    except ValueError as exc:
-        raise CacheFormatError(f"label {key}: not JSON: {exc}") from exc
-
-
-def _count_label(labels: Mapping[str, str], key: str) -> int:
-    text = labels.get(key)
-    if text is None or not text.isascii() or not text.isdigit():
-        raise CacheFormatError(f"label {key}: missing or not a non-negative integer ({text!r})")
-    return int(text)
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _canonical_json(doc: object) -> bytes:
-    """Sorted keys, no spaces, UTF-8: one byte string per document, whoever serializes it."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _digest(data: bytes) -> str:

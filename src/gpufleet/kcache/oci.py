@@ -3,20 +3,18 @@
 Synchronous, on httpx. It speaks the parts of the distribution API that kernel
 cache images need: HEAD before upload, cross-repository mount, monolithic and
 chunked uploads, manifests by tag or digest, and the anonymous, Basic and
-Bearer-token auth flows with docker ``config.json`` credentials. Every byte
-read from a registry is hashed while it streams and checked against the digest
-that named it; see docs/kcache-oci.md.
+Bearer-token auth flows. Every byte read from a registry is hashed while it
+streams and checked against the digest that named it; see docs/kcache-oci.md.
+Image references live in `kcache.reference` and docker ``config.json``
+credentials in `kcache.credentials`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import dataclasses
 import hashlib
 import ipaddress
 import json
-import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +25,7 @@ from typing import BinaryIO, Self, TypeAlias
 
 import httpx
 
+from gpufleet.kcache.credentials import Credentials, docker_credentials
 from gpufleet.kcache.errors import (
     AuthError,
     DigestMismatchError,
@@ -34,117 +33,51 @@ from gpufleet.kcache.errors import (
     NotFoundError,
     RegistryError,
 )
+from gpufleet.kcache.reference import (
+    DOCKER_HUB,
+    Reference,
+    check_digest,
+    check_repository,
+    check_tag,
+    is_digest,
+)
+
+__all__ = [
+    "DOCKER_HUB",
+    "DOCKER_MANIFEST",
+    "MANIFEST_TYPES",
+    "MAX_MANIFEST_BYTES",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "OCTET_STREAM",
+    "REQUEST_LOG_SIZE",
+    "Content",
+    "Credentials",
+    "Descriptor",
+    "Reference",
+    "RegistryClient",
+    "check_plain_http",
+    "docker_credentials",
+    "is_loopback",
+    "sha256_digest",
+]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCTET_STREAM = "application/octet-stream"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST)
-
-DOCKER_HUB = "registry-1.docker.io"
-_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", DOCKER_HUB})
 # Manifests are read whole; real ones are kilobytes, so a bigger one is an attack.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 _READ_SIZE = 1024 * 1024
 REQUEST_LOG_SIZE = 10_000
 
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_HOST = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*"  # a name or IPv4
-    r"|\[[0-9A-Fa-f:.]+\])"  # or [IPv6]
-    r"(?::[0-9]{1,5})?"
-)
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]*))')
 
 
 def sha256_digest(data: bytes) -> str:
     """The OCI digest (``sha256:<hex>``) of ``data``."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _check_digest(digest: str) -> str:
-    # Digests go into URL paths and store paths: only the one exact shape passes.
-    if not _DIGEST.fullmatch(digest):
-        raise KcacheError(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex>")
-    return digest
-
-
-def _check_repository(repository: str) -> str:
-    if len(repository) > 255 or not _REPOSITORY.fullmatch(repository):
-        raise KcacheError(
-            f"invalid repository name {repository!r}: lowercase components "
-            "([a-z0-9] separated by '.', '_', '__' or '-') joined by '/'"
-        )
-    return repository
-
-
-@dataclass(frozen=True, slots=True)
-class Reference:
-    """An image reference: ``registry/repository[:tag][@digest]``, docker.io normalised."""
-
-    registry: str
-    repository: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Reference:
-        """Parse ``host:5000/a/b:tag``, ``host/a/b@sha256:...`` or ``a/b`` (Docker Hub)."""
-
-        def bad(why: str) -> KcacheError:
-            return KcacheError(f"invalid image reference {text!r}: {why}")
-
-        if not text or text != text.strip():
-            raise bad("empty or surrounded by whitespace")
-        name, digest = text, None
-        if "@" in name:
-            name, digest = name.rsplit("@", 1)
-            if not _DIGEST.fullmatch(digest):
-                raise bad("the digest must be sha256:<64 lowercase hex>")
-        tag = None
-        slash, colon = name.rfind("/"), name.rfind(":")
-        if colon > slash:
-            name, tag = name[:colon], name[colon + 1 :]
-            if not _TAG.fullmatch(tag):
-                raise bad(f"tag {tag!r} is not [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}")
-        first, sep, rest = name.partition("/")
-        # Docker's rule: the first component is a registry only if it looks like a host.
-        if sep and ("." in first or ":" in first or first == "localhost"):
-            registry, repository = first, rest
-            if not _HOST.fullmatch(registry):
-                raise bad(f"registry {registry!r} is not host[:port]")
-        else:
-            registry, repository = "docker.io", name
-        if not repository:
-            raise bad("no repository")
-        if registry in _HUB_ALIASES:
-            registry = DOCKER_HUB
-            if "/" not in repository:
-                repository = f"library/{repository}"
-        if len(repository) > 255 or not _REPOSITORY.fullmatch(repository):
-            raise bad(f"repository {repository!r} is not lowercase components joined by '/'")
-        return cls(registry, repository, tag, digest)
-
-    def with_digest(self, digest: str) -> Reference:
-        """The same repository (and tag) pinned to ``digest``."""
-        return dataclasses.replace(self, digest=_check_digest(digest))
-
-    def with_tag(self, tag: str) -> Reference:
-        """The same repository at ``tag``, without a digest."""
-        if not _TAG.fullmatch(tag):
-            raise KcacheError(f"invalid tag {tag!r}")
-        return dataclasses.replace(self, tag=tag, digest=None)
-
-    def __str__(self) -> str:
-        text = f"{self.registry}/{self.repository}"
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,92 +114,6 @@ def check_plain_http(registry: str, forced: bool) -> None:
             "and images would cross the network unencrypted and unauthenticated; "
             "use --force-plain-http if you really mean it"
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """A username and password, and where they came from (named in auth errors)."""
-
-    username: str
-    password: str
-    source: str
-
-
-def _config_keys(registry: str) -> set[str]:
-    # config.json keys come as bare hosts or URLs; Docker Hub also as its v1 index.
-    if registry in _HUB_ALIASES:
-        return set(_HUB_ALIASES)
-    return {registry}
-
-
-def _key_host(key: str) -> str:
-    return key.split("://", 1)[-1].split("/", 1)[0]
-
-
-def docker_credentials(registry: str, config: Path | None = None) -> Credentials | str | None:
-    """Credentials for ``registry`` from a docker ``config.json``.
-
-    ``config`` is the file or its directory; by default ``$DOCKER_CONFIG/config.json``
-    or ``~/.docker/config.json``. Returns the credentials, ``None`` when the file
-    has none for the registry, or a message when they live in a credential helper
-    (which this client does not run).
-    """
-    if config is None:
-        config = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
-    if config.is_dir():
-        config = config / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        document = json.loads(config.read_text())
-    except (OSError, ValueError) as exc:
-        raise KcacheError(f"cannot read docker config {config}: {exc}") from exc
-    if not isinstance(document, dict):
-        raise KcacheError(f"docker config {config} is not a JSON object")
-    keys = _config_keys(registry)
-    helpers = document.get("credHelpers")
-    if isinstance(helpers, dict):
-        for key, helper in helpers.items():
-            if _key_host(str(key)) in keys:
-                return (
-                    f"{config} keeps the credentials for {registry} in credential helper "
-                    f"{helper!r} (credHelpers); helpers are not supported: pass a username "
-                    "and password, or put them under 'auths'"
-                )
-    auths = document.get("auths")
-    if isinstance(auths, dict):
-        for key, entry in auths.items():
-            if _key_host(str(key)) not in keys or not isinstance(entry, dict):
-                continue
-            found = _auth_entry(entry, f"{config} auths[{key!r}]")
-            if found is not None:
-                return found
-    store = document.get("credsStore")
-    if isinstance(store, str) and store:
-        return (
-            f"{config} keeps registry credentials in credential store {store!r} (credsStore); "
-            f"helpers are not supported: pass a username and password for {registry}, "
-            "or put them under 'auths'"
-        )
-    return None
-
-
-def _auth_entry(entry: dict[str, object], source: str) -> Credentials | None:
-    encoded = entry.get("auth")
-    if isinstance(encoded, str) and encoded:
-        try:
-            username, sep, password = (
-                base64.b64decode(encoded, validate=True).decode().partition(":")
-            )
-        except (binascii.Error, UnicodeDecodeError) as exc:
-            raise KcacheError(f"{source}: 'auth' is not base64 of user:password") from exc
-        if not sep:
-            raise KcacheError(f"{source}: 'auth' is not base64 of user:password")
-        return Credentials(username, password, source)
-    user, secret = entry.get("username"), entry.get("password")
-    if isinstance(user, str) and isinstance(secret, str) and user:
-        return Credentials(user, secret, source)
-    return None
 
 
 def _error_detail(response: httpx.Response) -> str:
@@ -521,10 +368,10 @@ class RegistryClient:
 
     def blob_exists(self, repository: str, digest: str) -> bool:
         """Whether ``repository`` has blob ``digest`` (a HEAD request)."""
-        return self._blob_exists(repository, digest, self._pull(_check_repository(repository)))
+        return self._blob_exists(repository, digest, self._pull(check_repository(repository)))
 
     def _blob_exists(self, repository: str, digest: str, scopes: tuple[str, ...]) -> bool:
-        what = f"blob {_check_digest(digest)} in {repository}"
+        what = f"blob {check_digest(digest)} in {repository}"
         url = self._url(f"{repository}/blobs/{digest}")
         response = self._send("HEAD", url, scopes=scopes, what=what)
         response.close()
@@ -552,7 +399,7 @@ class RegistryClient:
         ``digest`` it is hashed in one extra pass. The registry's
         ``Docker-Content-Digest`` must match.
         """
-        _check_repository(repository)
+        check_repository(repository)
         if isinstance(data, Path):
             size = data.stat().st_size
             if digest is None:
@@ -565,7 +412,7 @@ class RegistryClient:
                     f"blob for {repository} claims {digest} but its content hashes to {actual}"
                 )
             digest = actual
-        _check_digest(digest)
+        check_digest(digest)
         descriptor = Descriptor(media_type, digest, size)
         what = f"upload of blob {digest} to {repository}"
         scopes = self._push(repository)
@@ -573,7 +420,7 @@ class RegistryClient:
             return descriptor
         params: dict[str, str] = {}
         if mount_from is not None and mount_from != repository:
-            scopes += self._pull(_check_repository(mount_from))
+            scopes += self._pull(check_repository(mount_from))
             params = {"mount": digest, "from": mount_from}
         response = self._send(
             "POST", httpx.URL(self._url(f"{repository}/blobs/uploads/"), params=params),
@@ -645,7 +492,7 @@ class RegistryClient:
 
         Whatever a caller did with the chunks is garbage when that error comes.
         """
-        what = f"blob {_check_digest(digest)} in {_check_repository(repository)}"
+        what = f"blob {check_digest(digest)} in {check_repository(repository)}"
         url = self._url(f"{repository}/blobs/{digest}")
         response = self._send("GET", url, scopes=self._pull(repository), what=what, stream=True)
         try:
@@ -685,7 +532,7 @@ class RegistryClient:
     ) -> str:
         """Put ``manifest`` under ``reference`` (a tag or its digest); returns its digest."""
         digest = sha256_digest(manifest)
-        what = f"manifest {reference} in {_check_repository(repository)}"
+        what = f"manifest {reference} in {check_repository(repository)}"
         if reference.startswith("sha256:") and reference != digest:
             raise DigestMismatchError(f"{what}: the manifest's content hashes to {digest}")
         response = self._send(
@@ -707,7 +554,7 @@ class RegistryClient:
         By digest, the bytes must hash to it; by tag, to the registry's
         ``Docker-Content-Digest`` when it sends one. Else `DigestMismatchError`.
         """
-        what = f"manifest {reference} in {_check_repository(repository)}"
+        what = f"manifest {reference} in {check_repository(repository)}"
         response = self._send(
             "GET", self._url(f"{repository}/manifests/{self._reference(reference)}"),
             scopes=self._pull(repository), what=what,
@@ -743,7 +590,7 @@ class RegistryClient:
 
     def resolve(self, repository: str, reference: str) -> str | None:
         """The digest ``reference`` (a tag or digest) points at; None when absent."""
-        what = f"manifest {reference} in {_check_repository(repository)}"
+        what = f"manifest {reference} in {check_repository(repository)}"
         response = self._send(
             "HEAD", self._url(f"{repository}/manifests/{self._reference(reference)}"),
             scopes=self._pull(repository), what=what, headers={"Accept": ", ".join(MANIFEST_TYPES)},
@@ -754,7 +601,7 @@ class RegistryClient:
         if response.status_code != 200:
             raise self._fail(response, what)
         digest: str | None = response.headers.get("Docker-Content-Digest")
-        if digest is None or not _DIGEST.fullmatch(digest):
+        if digest is None or not is_digest(digest):
             # Not every registry names the digest on HEAD: hash the manifest itself.
             try:
                 return self.get_manifest(repository, reference)[2]
@@ -764,7 +611,7 @@ class RegistryClient:
 
     def delete_manifest(self, repository: str, digest: str) -> None:
         """Delete the manifest ``digest`` (and so every tag pointing at it)."""
-        what = f"manifest {_check_digest(digest)} in {_check_repository(repository)}"
+        what = f"manifest {check_digest(digest)} in {check_repository(repository)}"
         response = self._send(
             "DELETE", self._url(f"{repository}/manifests/{digest}"),
             scopes=(f"repository:{repository}:delete", *self._push(repository)), what=what,
@@ -776,10 +623,8 @@ class RegistryClient:
     @staticmethod
     def _reference(reference: str) -> str:
         if reference.startswith("sha256:"):
-            return _check_digest(reference)
-        if not _TAG.fullmatch(reference):
-            raise KcacheError(f"invalid tag {reference!r}")
-        return reference
+            return check_digest(reference)
+        return check_tag(reference)
 
 
 def _declared_media_type(data: bytes) -> str | None:

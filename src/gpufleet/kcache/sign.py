@@ -6,6 +6,8 @@ small OCI image tagged ``sha256-<hex>.sig`` in the image's own repository, the
 base64 DER signature in the layer's ``dev.cosignproject.cosign/signature``
 annotation. ``cosign verify --key`` reads what `sign_image` writes, and
 `verify_image` reads what ``cosign sign --key`` writes (see docs/kcache-sign.md).
+Loading and checking keys is `kcache.keys`' job; its public names are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gpufleet.kcache.errors import (
     DigestMismatchError,
@@ -31,9 +32,45 @@ from gpufleet.kcache.errors import (
     NotFoundError,
     SignatureError,
 )
+from gpufleet.kcache.keys import (
+    COSIGN_PASSWORD_ENV,
+    SigningKeyError,
+    is_p256,
+    load_private_key,
+    load_public_key,
+    not_p256_error,
+    password_from_env,
+)
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
+
+__all__ = [
+    "COSIGN_PASSWORD_ENV",
+    "MAX_PAYLOAD_BYTES",
+    "MAX_SIGNATURE_LAYERS",
+    "OCI_CONFIG_MEDIA_TYPE",
+    "OCI_MANIFEST_MEDIA_TYPE",
+    "SIGNATURE_ANNOTATION",
+    "SIGNATURE_TYPE",
+    "SIMPLE_SIGNING_MEDIA_TYPE",
+    "ImageReference",
+    "SignatureRegistry",
+    "SignedClaims",
+    "SigningKeyError",
+    "load_private_key",
+    "load_public_key",
+    "parse_payload",
+    "password_from_env",
+    "payload",
+    "sign_image",
+    "sign_payload",
+    "signature_config",
+    "signature_manifest",
+    "signature_tag",
+    "verify_image",
+    "verify_payload",
+]
 
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 SIMPLE_SIGNING_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
@@ -41,29 +78,21 @@ SIGNATURE_TYPE = "cosign container image signature"
 """``critical.type`` of every cosign image signature payload."""
 OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
-COSIGN_PASSWORD_ENV = "COSIGN_PASSWORD"
 MAX_PAYLOAD_BYTES = 1 << 20
 """A simple signing payload is a few hundred bytes; anything far larger is hostile."""
 MAX_SIGNATURE_LAYERS = 1000
 """Each layer costs a blob pull; a .sig image with more is refused rather than walked."""
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-_PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
-_COSIGN_KEY_TYPES = (b"ENCRYPTED SIGSTORE PRIVATE KEY", b"ENCRYPTED COSIGN PRIVATE KEY")
 _MANIFEST_MEDIA_TYPES = (
     OCI_MANIFEST_MEDIA_TYPE,
     "application/vnd.docker.distribution.manifest.v2+json",
 )
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
-_P256_ONLY = "cosign's key-based signatures here use EC P-256 (prime256v1) keys only"
-
-
-class SigningKeyError(KcacheError):
-    """A key file is unreadable, of an unsupported kind, or its password is wrong."""
 
 
 class ImageReference(Protocol):
-    """The parts of an image reference signing needs (`kcache.oci.Reference` has them)."""
+    """The parts of an image reference signing needs (`kcache.reference.Reference` has them)."""
 
     @property
     def registry(self) -> str: ...
@@ -140,15 +169,15 @@ def parse_payload(data: bytes) -> SignedClaims:
 
 def sign_payload(key: ec.EllipticCurvePrivateKey, data: bytes) -> str:
     """ECDSA P-256 / SHA-256 signature of ``data``: base64 of the ASN.1 DER encoding."""
-    if not _is_p256(key):
-        raise SigningKeyError(f"signing key: {_describe(key)}; {_P256_ONLY}")
+    if not is_p256(key):
+        raise not_p256_error(key, "signing key")
     return base64.b64encode(key.sign(data, _ECDSA_SHA256)).decode("ascii")
 
 
 def verify_payload(public_key: ec.EllipticCurvePublicKey, data: bytes, signature_b64: str) -> None:
     """Check a base64 DER signature over ``data``; SignatureError when it does not verify."""
-    if not _is_p256(public_key):
-        raise SigningKeyError(f"public key: {_describe(public_key)}; {_P256_ONLY}")
+    if not is_p256(public_key):
+        raise not_p256_error(public_key, "public key")
     try:
         der = base64.b64decode(signature_b64, validate=True)
     except (binascii.Error, ValueError):
@@ -180,81 +209,6 @@ def signature_manifest(
     if config is None:
         config = signature_config([layer["digest"]])
     return _manifest([layer], config)
-
-
-# -- keys ----------------------------------------------------------------------------------
-
-
-def password_from_env(environ: Mapping[str, str]) -> bytes | None:
-    """The private key password from ``COSIGN_PASSWORD`` (cosign's variable), if set."""
-    value = environ.get(COSIGN_PASSWORD_ENV)
-    return None if value is None else value.encode()
-
-
-def load_private_key(path: Path, password: bytes | None = None) -> ec.EllipticCurvePrivateKey:
-    """An EC P-256 private key from a PEM (PKCS#8 or SEC1, optionally encrypted) or DER file.
-
-    ``password`` is used only when the key is encrypted. cosign's own
-    ``ENCRYPTED SIGSTORE PRIVATE KEY`` files are refused with a way out: their
-    NaCl secretbox encryption is beyond the ``cryptography`` library.
-    """
-    data = _read_key(path)
-    pem_type = _pem_type(data)
-    if pem_type in _COSIGN_KEY_TYPES:
-        raise SigningKeyError(
-            f"{path}: cosign's encrypted key format (scrypt + NaCl secretbox) is not supported; "
-            "sign with a PEM EC P-256 key instead: `openssl genpkey -algorithm EC "
-            "-pkeyopt ec_paramgen_curve:P-256 -out kcache.key` (add -aes256 to protect it "
-            f"with a password, passed in {COSIGN_PASSWORD_ENV}), publish `openssl pkey -in "
-            "kcache.key -pubout -out kcache.pub`, and `cosign import-key-pair --key "
-            "kcache.key` if cosign should sign with the same key"
-        )
-    if pem_type is not None and pem_type.endswith(b"PUBLIC KEY"):
-        raise SigningKeyError(f"{path} holds a public key; signing needs the private key")
-    load = (
-        serialization.load_der_private_key
-        if pem_type is None
-        else serialization.load_pem_private_key
-    )
-    try:
-        key: Any = load(data, password=None)
-    except TypeError:
-        # Encrypted: only now is a password needed (COSIGN_PASSWORD may be set for
-        # another key, so a password given for a plain key is not an error).
-        if not password:
-            raise SigningKeyError(
-                f"{path} is encrypted and no password was given (set {COSIGN_PASSWORD_ENV})"
-            ) from None
-        try:
-            key = load(data, password=password)
-        except ValueError:
-            raise SigningKeyError(f"{path}: wrong password (or a damaged key)") from None
-    except ValueError as exc:
-        raise SigningKeyError(f"{path}: not a PEM or DER private key: {exc}") from None
-    except UnsupportedAlgorithm as exc:
-        raise SigningKeyError(f"{path}: unsupported key: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not _is_p256(key):
-        raise SigningKeyError(f"{path}: {_describe(key)}; {_P256_ONLY}")
-    return key
-
-
-def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
-    """An EC P-256 public key from a PEM (``cosign.pub``: SubjectPublicKeyInfo) or DER file."""
-    data = _read_key(path)
-    pem_type = _pem_type(data)
-    if pem_type is not None and pem_type.endswith(b"PRIVATE KEY"):
-        raise SigningKeyError(f"{path} holds a private key; verifying needs the public key")
-    try:
-        key: Any = (
-            serialization.load_der_public_key(data)
-            if pem_type is None
-            else serialization.load_pem_public_key(data)
-        )
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise SigningKeyError(f"{path}: not a PEM or DER public key: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not _is_p256(key):
-        raise SigningKeyError(f"{path}: {_describe(key)}; {_P256_ONLY}")
-    return key
 
 
 # -- images --------------------------------------------------------------------------------
@@ -472,31 +426,3 @@ def _image_digest(client: SignatureRegistry, reference: ImageReference) -> str:
     if reference.digest is not None and digest != reference.digest:
         raise DigestMismatchError(f"{reference}: the registry answered digest {digest}")
     return digest
-
-
-def _read_key(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise SigningKeyError(f"{path}: cannot read key: {exc.strerror}") from None
-
-
-def _pem_type(data: bytes) -> bytes | None:
-    match = _PEM_BEGIN.search(data)
-    return match.group(1) if match else None
-
-
-def _describe(key: object) -> str:
-    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
-        return f"an EC {key.curve.name} key"
-    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
-        return f"an RSA {key.key_size}-bit key"
-    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
-        return "an Ed25519 key"
-    return f"a {type(key).__name__}"
-
-
-def _is_p256(key: object) -> bool:
-    return isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) and isinstance(
-        key.curve, ec.SECP256R1
-    )

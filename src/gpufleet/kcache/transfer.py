@@ -18,17 +18,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gpufleet.kcache.errors import KcacheError
 from gpufleet.kcache.extract import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, extract_layer
 from gpufleet.kcache.image import (
-    CACHE_SIZE_LABEL,
     CONFIG_MEDIA_TYPE,
     LAYER_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPE,
-    MOUNT_ROOT_LABEL,
     BuiltImage,
+)
+from gpufleet.kcache.labels import (
+    CACHE_SIZE_LABEL,
+    MOUNT_ROOT_LABEL,
     labels_of,
     summary_from_labels,
 )
 from gpufleet.kcache.model import CacheSummary
-from gpufleet.kcache.oci import Reference, RegistryClient
+from gpufleet.kcache.oci import RegistryClient
+from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.sign import verify_image
 from gpufleet.kcache.store import CacheStore
 
