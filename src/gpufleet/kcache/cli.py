@@ -146,21 +146,11 @@ def inspect(
 ) -> None:
     """Print what a cache holds: kind, targets, Triton versions, kernels, entries, size."""
     from gpufleet.kcache.compat import target_text
+    from gpufleet.kcache.labels import summary_json
 
     summary, labels = _summary_of(target, plain_http, force_plain_http)
     if as_json:
-        body = {
-            "kind": summary.kind.value,
-            "targets": [
-                {"backend": t.backend, "arch": t.arch, "warp_size": t.warp_size}
-                for t in summary.targets
-            ],
-            "triton_versions": list(summary.triton_versions),
-            "entry_count": summary.entry_count,
-            "size_bytes": summary.size_bytes,
-            "kernel_names": list(summary.kernel_names),
-            "labels": labels,
-        }
+        body = {**summary_json(summary), "labels": labels}
         sys.stdout.write(json.dumps(body, indent=2, sort_keys=True) + "\n")
         return
     table = Table(title=target, show_header=False)

@@ -29,6 +29,7 @@ __all__ = [
     "labels_for",
     "labels_of",
     "summary_from_labels",
+    "summary_json",
 ]
 
 MCV_SUMMARY_LABEL = "cache.triton.image/summary"
@@ -106,13 +107,14 @@ def labels_for(summary: CacheSummary, mount_root: str) -> dict[str, str]:
         ENTRY_COUNT_LABEL: str(summary.entry_count),
         CACHE_SIZE_LABEL: str(summary.size_bytes),
         CACHE_TYPE_LABEL: summary.kind.value,
-        SUMMARY_LABEL: canonical_json(_summary_to_json(summary)).decode(),
+        SUMMARY_LABEL: canonical_json(summary_json(summary)).decode(),
         TRITON_VERSION_LABEL: ",".join(summary.triton_versions),
         MOUNT_ROOT_LABEL: mount_root,
     }
 
 
-def _summary_to_json(summary: CacheSummary) -> dict[str, object]:
+def summary_json(summary: CacheSummary) -> dict[str, object]:
+    """A summary as JSON-ready data: the value of our summary label, and `inspect --json`."""
     return {
         "kind": summary.kind.value,
         "targets": [
