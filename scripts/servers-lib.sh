@@ -51,3 +51,26 @@ server_args() {
     state=$(realpath -m "$2")
     mine=$state/$name
 }
+
+# The pid in pid file $1 if that process is alive and its command line
+# contains $2: a stale pid file must never make us signal whatever reused the
+# number.
+live_pid() {
+    local pidfile=$1 pattern=$2 pid
+    [ -f "$pidfile" ] || return 1
+    pid=$(cat "$pidfile")
+    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$pattern" || return 1
+    echo "$pid"
+}
+
+# SIGTERM process $1, and SIGKILL it if it is still there after 5 s.
+terminate() {
+    local pid=$1 i
+    kill "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+}

@@ -24,29 +24,14 @@ server_args registry "$@"
 bin=/usr/bin/docker-registry
 instances=(anon auth)
 
-# The pid in INSTANCE's pid file, if that process is alive and still this
-# registry (a stale pid file must never make us signal whatever reused the number).
+# The pid of INSTANCE's registry, if it is alive and still that registry.
 running_pid() {
-    local dir=$mine/$1 pid
-    [ -f "$dir/pid" ] || return 1
-    pid=$(cat "$dir/pid")
-    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "docker-registry serve $dir/config.yml" || return 1
-    echo "$pid"
+    live_pid "$mine/$1/pid" "docker-registry serve $mine/$1/config.yml"
 }
 
 stop_one() {
-    local dir=$mine/$1 pid i
-    if pid=$(running_pid "$1"); then
-        kill "$pid" 2>/dev/null || true
-        for ((i = 0; i < 50; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -9 "$pid" 2>/dev/null || true
-        fi
-    fi
+    local dir=$mine/$1 pid
+    if pid=$(running_pid "$1"); then terminate "$pid"; fi
     rm -f "$dir/pid" "$dir/port"
 }
 

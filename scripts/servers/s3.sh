@@ -13,29 +13,14 @@ source scripts/servers-lib.sh
 
 server_args s3 "$@"
 
-# The pid in the pid file, if that process is alive and still our moto server
-# (a stale pid file must never make us signal whatever reused the number).
+# The pid of our moto server, if it is alive and still moto.
 running_pid() {
-    local pid
-    [ -f "$mine/pid" ] || return 1
-    pid=$(cat "$mine/pid")
-    [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q moto_server || return 1
-    echo "$pid"
+    live_pid "$mine/pid" moto_server
 }
 
 stop() {
-    local pid i
-    if pid=$(running_pid); then
-        kill "$pid" 2>/dev/null || true
-        for ((i = 0; i < 50; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -9 "$pid" 2>/dev/null || true
-        fi
-    fi
+    local pid
+    if pid=$(running_pid); then terminate "$pid"; fi
     rm -f "$mine/pid" "$mine/port"
     # A stopped server's endpoint must not linger for the tests to find.
     if [ -f "$state/env" ]; then sed -i '/^S3_ENDPOINT=/d' "$state/env"; fi
