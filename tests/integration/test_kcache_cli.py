@@ -20,8 +20,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gpufleet.kcache.image import DEFAULT_MOUNT_ROOT, build_image
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.reference import Reference
+from gpufleet.kcache.transfer import push_image
 from tests.conftest import require
 from tests.kcache_support import build_triton_cache, compile_again, group_dirs
 
@@ -267,3 +269,21 @@ def test_push_and_pull_need_credentials_on_an_htpasswd_registry(
     cache_cli("build", str(compiled), "-t", ref, env=creds)
     summary = json.loads(cache_cli("inspect", ref, "--json", env=creds).stdout)
     assert summary["entry_count"] == 4
+
+
+def test_mount_from_pushes_an_image_to_a_new_repository_without_uploading_the_layer(
+    compiled: Path, tmp_path: Path, registry: str
+) -> None:
+    first = new_ref(registry, "first")
+    digest = build(compiled, first)
+    source = Reference.parse(first).repository
+    second = new_ref(registry, "second")
+    built = build_image(compiled, tmp_path, mount_root=DEFAULT_MOUNT_ROOT)
+    with RegistryClient(registry) as client:
+        pushed = push_image(client, Reference.parse(second), built, mount_from=source)
+        sent = list(client.requests)
+    assert pushed == digest
+    repo = Reference.parse(second).repository
+    assert any(m == "POST" and "mount=" in p for m, p in sent)
+    assert not any(m in ("PATCH", "PUT") and f"/v2/{repo}/blobs/" in p for m, p in sent)
+    assert cache_cli("build", str(compiled), "-t", second, "--mount-from", source).returncode == 0

@@ -103,6 +103,15 @@ def build(
     allow_unknown: Annotated[
         bool, typer.Option("--allow-unknown", help="Pack files the format does not know.")
     ] = False,
+    mount_from: Annotated[
+        str | None,
+        typer.Option(
+            "--mount-from",
+            metavar="REPO",
+            help="Another repository of the same registry that may hold the blobs already: "
+            "they are mounted from it instead of uploaded.",
+        ),
+    ] = None,
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
 ) -> None:
@@ -118,7 +127,7 @@ def build(
             allow_unknown=allow_unknown,
         )  # fmt: skip
         with _client(tag, plain_http, force_plain_http) as (client, ref):
-            digest = push_image(client, ref, image)
+            digest = push_image(client, ref, image, mount_from=mount_from)
     sys.stdout.write(f"{ref}@{digest}\n")
 
 

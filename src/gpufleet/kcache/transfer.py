@@ -45,15 +45,25 @@ __all__ = [
 ]
 
 
-def push_image(client: RegistryClient, reference: Reference, image: BuiltImage) -> str:
+def push_image(
+    client: RegistryClient,
+    reference: Reference,
+    image: BuiltImage,
+    *,
+    mount_from: str | None = None,
+) -> str:
     """Push layer, config and manifest; returns the manifest digest.
 
-    Blobs the registry already has are not sent again.
+    Blobs the repository already has are not sent again; with `mount_from`
+    (another repository of the same registry) the registry is first asked to
+    mount them from there, which costs no upload at all.
     """
     if reference.tag is None and reference.digest is None:
         raise KcacheError(f"{reference}: name a tag to push to")
-    client.push_blob(reference.repository, image.layer_path, image.layer_digest)
-    client.push_blob(reference.repository, image.config, image.config_digest)
+    client.push_blob(
+        reference.repository, image.layer_path, image.layer_digest, mount_from=mount_from
+    )
+    client.push_blob(reference.repository, image.config, image.config_digest, mount_from=mount_from)
     tag = reference.tag or image.manifest_digest
     digest = client.push_manifest(reference.repository, tag, image.manifest, MANIFEST_MEDIA_TYPE)
     if digest != image.manifest_digest:
