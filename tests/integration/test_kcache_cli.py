@@ -287,3 +287,23 @@ def test_mount_from_pushes_an_image_to_a_new_repository_without_uploading_the_la
     assert any(m == "POST" and "mount=" in p for m, p in sent)
     assert not any(m in ("PATCH", "PUT") and f"/v2/{repo}/blobs/" in p for m, p in sent)
     assert cache_cli("build", str(compiled), "-t", second, "--mount-from", source).returncode == 0
+
+
+def test_a_vllm_cache_is_hit_at_its_nested_triton_path_after_extraction(
+    tmp_path: Path, registry: str
+) -> None:
+    source = tmp_path / "vllm"
+    rank = source / "torch_compile_cache" / "d4ec7c2a7d" / "rank_0_0"
+    build_triton_cache(rank / "triton_cache")  # compiled in place: its own absolute paths
+    (rank / "inductor_cache" / "47").mkdir(parents=True)
+    (rank / "inductor_cache" / "47" / "c47v2of4lrhyox6un5t4z2l3xr.py").write_text("# kernel\n")
+    (rank / "cache_key_factors.json").write_text('{"code_hash": "0", "env": {}}')
+    ref = new_ref(registry, "vllm")
+    digest = build(source, ref)
+    assert json.loads(cache_cli("inspect", ref, "--json").stdout)["kind"] == "vllm"
+    shutil.rmtree(source)
+    store = tmp_path / "store"
+    mount = store / "sha256" / digest.split(":", 1)[1]
+    cache_cli("extract", ref, "--store", str(store), "--mount-root", str(mount))
+    nested = mount / "torch_compile_cache" / "d4ec7c2a7d" / "rank_0_0" / "triton_cache"
+    assert compile_again(nested).compiled == 0
