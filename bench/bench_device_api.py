@@ -475,9 +475,12 @@ def server_counts(metrics_port: int) -> tuple[float, float, float]:
     return events, messages, evicted
 
 
-def start_server(socket: Path, watch_queue: int, metrics_port: int) -> subprocess.Popen[bytes]:
+def start_server(
+    socket: Path, watch_queue: int, metrics_port: int, watch_linger: float = 0.0
+) -> subprocess.Popen[bytes]:
     """``gpufleet device-api serve`` on `socket`; returns once the socket exists."""
-    env = dict(os.environ, LOG_LEVEL="warning", WATCH_QUEUE=str(watch_queue))
+    env = dict(os.environ, LOG_LEVEL="warning", WATCH_QUEUE=str(watch_queue),
+               WATCH_LINGER=f"{watch_linger * 1000:g}ms")  # fmt: skip
     gpufleet = Path(sys.executable).with_name("gpufleet")
     server = subprocess.Popen(
         [str(gpufleet), "device-api", "serve", "--socket", str(socket),
@@ -517,6 +520,7 @@ async def bench(
             watchers.wait_ready()
             print(f"device API: {args.gpus} GPUs, {args.watchers} watchers in "
                   f"{len(watchers.procs)} processes, {os.cpu_count()} CPUs, "
+                  f"WATCH_LINGER {args.watch_linger:g} ms, "
                   f"1-min load {os.getloadavg()[0]:.2f} at start")  # fmt: skip
             list_p99 = pct(list_ms, 0.99)
             print(f"List of {args.gpus} GPUs: p50 {pct(list_ms, 0.5):.1f} ms, "
@@ -636,6 +640,8 @@ def main() -> None:
     parser.add_argument("--refine", type=int, default=2, help="bisections after the steps")
     parser.add_argument("--max-rate", type=float, default=64000.0)
     parser.add_argument("--watch-queue", type=int, default=4096)
+    parser.add_argument("--watch-linger", type=float, default=0.0,
+                        help="the server's WATCH_LINGER, in milliseconds")  # fmt: skip
     args = parser.parse_args()
     if args.role == "watchers":
         asyncio.run(watcher_main(args.socket, args.watchers))
@@ -648,7 +654,7 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="gfbench-", dir="/tmp"))
     socket = directory / "device.sock"
     metrics_port = free_port()
-    server = start_server(socket, args.watch_queue, metrics_port)
+    server = start_server(socket, args.watch_queue, metrics_port, args.watch_linger / 1000)
     try:
         asyncio.run(bench(args, socket, server, metrics_port))
     finally:

@@ -280,3 +280,61 @@ async def test_the_client_falls_back_to_one_event_messages_on_an_older_server() 
             store.close()
     assert first.object.metadata.name == "gpu-0"
     assert batched is False
+
+
+async def test_with_watch_linger_a_burst_of_writes_arrives_in_one_message() -> None:
+    with short_tmp() as directory:
+        # The longest linger allowed, so that five round trips fit in it easily.
+        async with (
+            running_server(directory, watch_linger="50ms") as running,
+            running.client() as api,
+        ):
+            gpu = await api.create(make_gpu("gpu-0"))
+            since = gpu.metadata.resource_version
+            async with grpc.aio.insecure_channel(f"unix:{running.socket}") as channel:
+                call = _raw(channel, BATCHES, gpu_pb2.WatchEventBatch.FromString)(_request(since))
+                await asyncio.sleep(0.1)  # the watch is open and idle
+                for k in range(5):
+                    gpu = await api.update_status(with_condition(gpu, "True", f"R{k}"))
+                async with asyncio.timeout(10):  # it lingers, but not indefinitely
+                    batches = await _read_until(call, gpu.metadata.resource_version, batched=True)
+    assert [len(batch.events) for batch in batches] == [5]
+    assert [e.object.status.conditions[0].reason for e in batches[0].events] == [
+        f"R{k}" for k in range(5)
+    ]
+
+
+async def test_the_one_event_watch_never_lingers() -> None:
+    store = GpuStore()
+    # A linger far beyond what the settings allow, so a lingering send would show.
+    service = GpuService(
+        store, metrics=DeviceApiMetrics(CollectorRegistry(), store), watch_linger=3.0
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((service.handler(),))
+    with short_tmp() as directory:
+        server.add_insecure_port(f"unix:{directory}/s.sock")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{directory}/s.sock") as channel:
+                since = _request(str(store.resource_version))
+                one = _raw(channel, ONE, gpu_pb2.WatchEvent.FromString)(since)
+                batches = _raw(channel, BATCHES, gpu_pb2.WatchEventBatch.FromString)(since)
+                await asyncio.sleep(0.1)  # both watches are open and idle
+                store.create(make_gpu("gpu-0"))
+                batched = asyncio.ensure_future(batches.read())
+                async with asyncio.timeout(10):
+                    single = await one.read()
+                # The one-event watch has its event while the batch still lingers.
+                lingering = not batched.done()
+                async with asyncio.timeout(10):
+                    batch = await batched
+                one.cancel()
+                batches.cancel()
+        finally:
+            service.close()
+            await server.stop(0)
+            store.close()
+    assert single.object.metadata.name == "gpu-0"
+    assert lingering
+    assert [e.object.metadata.name for e in batch.events] == ["gpu-0"]

@@ -1,13 +1,18 @@
-"""Watch batching: the store's `take` caps and the client's batch splitting."""
+"""Watch batching: the store's `take` caps and linger, and the client's batch splitting."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
 
+from gpufleet.core.config import load_settings
+from gpufleet.core.errors import ConfigError
 from gpufleet.deviceapi.client import split_batch
-from gpufleet.deviceapi.store import GpuStore, watch_item
+from gpufleet.deviceapi.config import DeviceApiSettings
+from gpufleet.deviceapi.errors import WatcherEvictedError
+from gpufleet.deviceapi.store import GpuStore, WatcherClosedError, watch_item
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2 as pb
 
 
@@ -49,6 +54,115 @@ async def test_take_keeps_to_the_byte_cap_but_always_takes_one_event() -> None:
     assert [item.event.object.metadata.name for item in first] == ["gpu-big"]
     assert all(sum(len(i.head) + len(i.wire) for i in batch) <= cap for batch in rest)
     assert sum(len(batch) for batch in rest) == 10
+
+
+def _names(items: list[object]) -> list[str]:
+    return [item.event.object.metadata.name for item in items]  # type: ignore[attr-defined]
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_without_linger_take_returns_as_soon_as_one_event_is_queued() -> None:
+    store = _store()
+    watcher = store.watch()
+    task = asyncio.create_task(watcher.take(256, 1 << 20, None, 0.0))
+    await _settle()
+    store.create(_gpu("gpu-0"))
+    await _settle()
+    assert task.done()
+    store.create(_gpu("gpu-1"))
+    assert _names(task.result()) == ["gpu-0"]
+    assert _names(await watcher.take(256, 1 << 20, timeout=0)) == ["gpu-1"]
+
+
+async def test_linger_coalesces_a_burst_into_one_batch() -> None:
+    store = _store()
+    watcher = store.watch()
+    task = asyncio.create_task(watcher.take(256, 1 << 20, None, 0.05))
+    await _settle()
+    store.create(_gpu("gpu-0"))
+    await _settle()
+    assert not task.done()  # lingering for more
+    for i in range(1, 5):
+        store.create(_gpu(f"gpu-{i}"))
+        await _settle()
+    assert _names(await asyncio.wait_for(task, 5)) == [f"gpu-{i}" for i in range(5)]
+
+
+async def test_a_full_batch_ends_the_linger_early() -> None:
+    store = _store()
+    watcher = store.watch()
+    task = asyncio.create_task(watcher.take(3, 1 << 20, None, 30.0))
+    await _settle()
+    store.create(_gpu("gpu-0"))
+    store.create(_gpu("gpu-1"))
+    await _settle()
+    assert not task.done()
+    store.create(_gpu("gpu-2"))
+    store.create(_gpu("gpu-3"))
+    await _settle()
+    assert task.done()
+    assert _names(task.result()) == ["gpu-0", "gpu-1", "gpu-2"]
+
+
+async def test_linger_counts_from_when_the_event_was_recorded() -> None:
+    store = _store()
+    watcher = store.watch()
+    store.create(_gpu("gpu-0"))
+    await asyncio.sleep(0.06)
+    # Recorded longer ago than the linger: taken at once, no further wait.
+    task = asyncio.create_task(watcher.take(256, 1 << 20, None, 0.05))
+    await _settle()
+    assert task.done()
+    assert _names(task.result()) == ["gpu-0"]
+
+
+async def test_an_idle_event_is_held_for_the_linger_then_sent() -> None:
+    store = _store()
+    watcher = store.watch()
+    task = asyncio.create_task(watcher.take(256, 1 << 20, None, 0.2))
+    await _settle()
+    store.create(_gpu("gpu-0"))
+    await asyncio.sleep(0.02)  # well inside the linger: still held
+    assert not task.done()
+    items = await asyncio.wait_for(task, 5)
+    assert _names(items) == ["gpu-0"]
+
+
+async def test_a_watcher_that_overflows_while_lingering_is_evicted() -> None:
+    store = GpuStore(watch_queue=3)
+    watcher = store.watch()
+    task = asyncio.create_task(watcher.take(256, 1 << 20, None, 30.0))
+    await _settle()
+    for i in range(5):
+        store.create(_gpu(f"gpu-{i}"))
+    with pytest.raises(WatcherEvictedError):
+        await asyncio.wait_for(task, 5)
+    assert store.evicted_total == 1
+
+
+async def test_closing_a_lingering_watcher_ends_its_take() -> None:
+    store = _store()
+    watcher = store.watch()
+    task = asyncio.create_task(watcher.take(256, 1 << 20, None, 30.0))
+    await _settle()
+    store.create(_gpu("gpu-0"))
+    await _settle()
+    watcher.close()
+    with pytest.raises(WatcherClosedError):
+        await asyncio.wait_for(task, 5)
+
+
+def test_watch_linger_is_a_duration_of_at_most_50ms() -> None:
+    assert load_settings(DeviceApiSettings).watch_linger == 0.0
+    assert load_settings(DeviceApiSettings, watch_linger="5ms").watch_linger == 0.005
+    with pytest.raises(ConfigError, match="WATCH_LINGER"):
+        load_settings(DeviceApiSettings, watch_linger="60ms")
+    with pytest.raises(ConfigError, match="WATCH_LINGER"):
+        load_settings(DeviceApiSettings, watch_linger="-1ms")
 
 
 def test_a_joined_batch_is_a_valid_watch_event_batch_and_splits_into_its_events() -> None:

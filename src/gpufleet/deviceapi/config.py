@@ -78,6 +78,7 @@ class DeviceApiSettings(CommonSettings):
     watch_history: int = Field(default=10_000, ge=1)
     watch_queue: int = Field(default=1024, ge=1)
     bookmark_interval: Duration = Field(default=30.0, gt=0)
+    watch_linger: Duration = Field(default=0.0, ge=0, le=0.05)
     max_streams: int = Field(default=256, ge=1)
     metrics_port: int = Field(default=8081, ge=0, le=65535)
     readiness_gate: bool = True

@@ -153,6 +153,7 @@ async def serve(
         gpu_store,
         metrics=metrics,
         bookmark_interval=settings.bookmark_interval,
+        watch_linger=settings.watch_linger,
         max_watches=settings.max_streams,
         on_create=gate.notify,
     )

@@ -16,6 +16,9 @@ the load by themselves and stay at one event when the watch is idle. gRPC's
 per-message cost, not encoding, is what limits a Python server's watch
 throughput; batches only form when events arrive faster than a watcher's
 sender runs (bursts, replays, concurrent writers), see docs/device-api.md.
+An optional linger (``WATCH_LINGER``, off by default) makes a batched sender
+wait until that long after its first event was written, so that a steady
+stream of writes leaves in fewer, larger messages; WatchGpus never lingers.
 """
 
 from __future__ import annotations
@@ -90,9 +93,12 @@ class GpuService:
         clock: Callable[[], float] = time.monotonic,
         batch_max_events: int = BATCH_MAX_EVENTS,
         batch_max_bytes: int = BATCH_MAX_BYTES,
+        watch_linger: float = 0.0,
     ) -> None:
         if batch_max_events < 1 or batch_max_bytes < 1:
             raise ValueError("batch_max_events and batch_max_bytes must be >= 1")
+        if watch_linger < 0:
+            raise ValueError("watch_linger must be >= 0")
         self._store = store
         self._metrics = metrics
         self._bookmark_interval = bookmark_interval
@@ -103,6 +109,7 @@ class GpuService:
         self._closing = False
         self._batch_max_events = batch_max_events
         self._batch_max_bytes = batch_max_bytes
+        self._watch_linger = watch_linger
 
     @property
     def active_watches(self) -> int:
@@ -255,10 +262,12 @@ class GpuService:
         messages = metrics.watch_messages
         max_events = self._batch_max_events if batched else 1
         max_bytes = self._batch_max_bytes
+        # Only batches linger: a one-event message gains nothing from waiting.
+        linger = self._watch_linger if batched else 0.0
         while True:
             timeout = max(0.0, next_bookmark - self._clock()) if bookmarks else None
             # Eviction and expiry raise their DeviceApiError, which `_watch` sends on.
-            items = await watcher.take(max_events, max_bytes, timeout)
+            items = await watcher.take(max_events, max_bytes, timeout, linger)
             if self._closing:
                 raise UnavailableError("server is shutting down")
             if not items:

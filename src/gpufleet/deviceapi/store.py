@@ -19,6 +19,7 @@ this module holds the state: objects, the counter, the history and the watchers.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from bisect import bisect_right
 from collections import deque
@@ -58,13 +59,15 @@ class WatchItem(NamedTuple):
 
     ``wire`` is the event's encoding; ``head`` is what precedes it as one entry
     of ``WatchEventBatch.events`` (field 1, length-delimited), so a batch's wire
-    form is the concatenation of ``head + wire`` of its events.
+    form is the concatenation of ``head + wire`` of its events. ``at`` is when
+    the write was recorded (``time.monotonic``), which bounds a sender's linger.
     """
 
     rv: int
     event: pb.WatchEvent
     wire: bytes
     head: bytes
+    at: float = 0.0
 
 
 def _varint(value: int) -> bytes:
@@ -79,10 +82,14 @@ def _varint(value: int) -> bytes:
 _BATCH_EVENTS_TAG = b"\x0a"  # WatchEventBatch.events: field 1, wire type 2
 
 
-def watch_item(rv: int, event: pb.WatchEvent) -> WatchItem:
-    """``event`` at ``rv``, encoded (once: the item is shared from then on)."""
+def watch_item(rv: int, event: pb.WatchEvent, at: float = 0.0) -> WatchItem:
+    """``event`` at ``rv``, encoded (once: the item is shared from then on).
+
+    ``at`` is when the write was recorded; 0 (long ago) for items never worth a
+    linger (replays, the initial ADDED burst, bookmarks).
+    """
     wire = event.SerializeToString()
-    return WatchItem(rv, event, wire, _BATCH_EVENTS_TAG + _varint(len(wire)))
+    return WatchItem(rv, event, wire, _BATCH_EVENTS_TAG + _varint(len(wire)), at)
 
 
 class WatcherClosedError(UnavailableError):
@@ -106,11 +113,12 @@ def _rv_of(gpu: pb.Gpu) -> int:
 class _Record:
     """One write in the history window, with its per-selector variants built lazily."""
 
-    __slots__ = ("_added", "_deleted", "_labels", "_prev_labels", "item", "prev", "rv")
+    __slots__ = ("_added", "_deleted", "_labels", "_prev_labels", "at", "item", "prev", "rv")
 
     def __init__(self, rv: int, event: pb.WatchEvent, prev: pb.Gpu | None) -> None:
         self.rv = rv
-        self.item: WatchItem = watch_item(rv, event)
+        self.at = time.monotonic()
+        self.item: WatchItem = watch_item(rv, event, self.at)
         self.prev = prev  # the object before a MODIFIED write (never mutated: copy-on-write)
         self._labels: dict[str, str] | None = None
         self._prev_labels: dict[str, str] | None = None
@@ -138,14 +146,14 @@ class _Record:
             if self._added is None:
                 added = pb.WatchEvent(type=ADDED)
                 added.object.CopyFrom(event.object)
-                self._added = watch_item(self.rv, added)
+                self._added = watch_item(self.rv, added, self.at)
             return self._added
         if before:
             if self._deleted is None:
                 deleted = pb.WatchEvent(type=DELETED)
                 deleted.object.CopyFrom(self.prev)
                 deleted.object.metadata.resource_version = str(self.rv)
-                self._deleted = watch_item(self.rv, deleted)
+                self._deleted = watch_item(self.rv, deleted, self.at)
             return self._deleted
         return None
 
@@ -178,6 +186,9 @@ class Watcher:
         self._backlog = len(backlog)
         self._limit = limit
         self._waiter: asyncio.Future[bool] | None = None
+        # The store wakes the waiter once the queue holds this many items (a
+        # lingering sender waits for a full batch, everyone else for one item).
+        self._wake_len = 1
         self._last_rv = start_rv
         self.closed = False
         self.evicted = False
@@ -205,16 +216,27 @@ class Watcher:
         max_events: int,
         max_bytes: int,
         timeout: float | None = None,  # noqa: ASYNC109
+        linger: float = 0.0,
     ) -> list[WatchItem]:
         """Every queued item up to a cap, in order; [] after ``timeout`` seconds without one.
 
         At most ``max_events`` items whose batch entries (``head + wire``) add up
         to at most ``max_bytes``, except that the first item is always taken, so
         a single larger event goes alone. Raises like ``get``.
+
+        With ``linger`` > 0, once an item is queued this waits until ``linger``
+        seconds after that item was *recorded* by the store, or until
+        ``max_events`` items are queued, whichever comes first, so that events
+        written close together leave in one batch. An item recorded longer ago
+        than that (a replay, or a sender running late) is taken at once.
         """
         queue = self._queue
         if not queue and not await self._wait(timeout):
             return []
+        if linger > 0 and len(queue) < max_events:
+            delay = queue[0][4] + linger - time.monotonic()
+            if delay > 0:
+                await self._linger(delay, max_events)
         first = queue.popleft()
         taken = [first]
         size = len(first[3]) + len(first[2])
@@ -252,6 +274,24 @@ class Watcher:
             if not woken and not queue:
                 return False
         return True
+
+    async def _linger(self, delay: float, count: int) -> None:
+        """Wait ``delay`` seconds, or until ``count`` items are queued; raises like ``get``."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        self._wake_len = count
+        handle = loop.call_later(delay, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            self._wake_len = 1
+            handle.cancel()
+        if self.evicted:
+            raise WatcherEvictedError(self._evicted_why)
+        if self.closed:
+            raise WatcherClosedError("the watch was closed")
 
     def bookmark(self) -> pb.WatchEvent:
         """A BOOKMARK at this watcher's position: resuming from it misses nothing.
@@ -612,7 +652,7 @@ class GpuStore:
                 continue
             queue.append(got)
             waiter = watcher._waiter
-            if waiter is not None and not waiter.done():
+            if waiter is not None and len(queue) >= watcher._wake_len and not waiter.done():
                 waiter.set_result(True)
         for watcher in evicted:
             watcher._evict()
