@@ -127,26 +127,31 @@ async def _read_until_raw(call: Any, count: int) -> list[bytes]:
     return out
 
 
-async def test_a_batch_keeps_to_a_small_byte_cap() -> None:
+@contextlib.asynccontextmanager
+async def bare_service(**options: Any) -> AsyncIterator[tuple[GpuStore, grpc.aio.Channel]]:
+    """A GpuService with non-default `options` on a unix socket, and a channel to it."""
     store = GpuStore()
-    service = GpuService(
-        store, metrics=DeviceApiMetrics(CollectorRegistry(), store), batch_max_bytes=2000
-    )
+    service = GpuService(store, metrics=DeviceApiMetrics(CollectorRegistry(), store), **options)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((service.handler(),))
     with short_tmp() as directory:
         server.add_insecure_port(f"unix:{directory}/s.sock")
         await server.start()
         try:
-            for i in range(40):
-                store.create(make_gpu(f"gpu-{i:02d}", i))
             async with grpc.aio.insecure_channel(f"unix:{directory}/s.sock") as channel:
-                call = _raw(channel, BATCHES, bytes)(_request(""))
-                raw = await _read_until_raw(call, 40)
+                yield store, channel
         finally:
             service.close()
             await server.stop(0)
             store.close()
+
+
+async def test_a_batch_keeps_to_a_small_byte_cap() -> None:
+    async with bare_service(batch_max_bytes=2000) as (store, channel):
+        for i in range(40):
+            store.create(make_gpu(f"gpu-{i:02d}", i))
+        call = _raw(channel, BATCHES, bytes)(_request(""))
+        raw = await _read_until_raw(call, 40)
     assert len(raw) > 1
     assert all(len(b) <= 2000 for b in raw)
 
@@ -305,36 +310,22 @@ async def test_with_watch_linger_a_burst_of_writes_arrives_in_one_message() -> N
 
 
 async def test_the_one_event_watch_never_lingers() -> None:
-    store = GpuStore()
     # A linger far beyond what the settings allow, so a lingering send would show.
-    service = GpuService(
-        store, metrics=DeviceApiMetrics(CollectorRegistry(), store), watch_linger=3.0
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((service.handler(),))
-    with short_tmp() as directory:
-        server.add_insecure_port(f"unix:{directory}/s.sock")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"unix:{directory}/s.sock") as channel:
-                since = _request(str(store.resource_version))
-                one = _raw(channel, ONE, gpu_pb2.WatchEvent.FromString)(since)
-                batches = _raw(channel, BATCHES, gpu_pb2.WatchEventBatch.FromString)(since)
-                await asyncio.sleep(0.1)  # both watches are open and idle
-                store.create(make_gpu("gpu-0"))
-                batched = asyncio.ensure_future(batches.read())
-                async with asyncio.timeout(10):
-                    single = await one.read()
-                # The one-event watch has its event while the batch still lingers.
-                lingering = not batched.done()
-                async with asyncio.timeout(10):
-                    batch = await batched
-                one.cancel()
-                batches.cancel()
-        finally:
-            service.close()
-            await server.stop(0)
-            store.close()
+    async with bare_service(watch_linger=3.0) as (store, channel):
+        since = _request(str(store.resource_version))
+        one = _raw(channel, ONE, gpu_pb2.WatchEvent.FromString)(since)
+        batches = _raw(channel, BATCHES, gpu_pb2.WatchEventBatch.FromString)(since)
+        await asyncio.sleep(0.1)  # both watches are open and idle
+        store.create(make_gpu("gpu-0"))
+        batched = asyncio.ensure_future(batches.read())
+        async with asyncio.timeout(10):
+            single = await one.read()
+        # The one-event watch has its event while the batch still lingers.
+        lingering = not batched.done()
+        async with asyncio.timeout(10):
+            batch = await batched
+        one.cancel()
+        batches.cancel()
     assert single.object.metadata.name == "gpu-0"
     assert lingering
     assert [e.object.metadata.name for e in batch.events] == ["gpu-0"]
