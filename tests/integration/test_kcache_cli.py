@@ -307,3 +307,14 @@ def test_a_vllm_cache_is_hit_at_its_nested_triton_path_after_extraction(
     cache_cli("extract", ref, "--store", str(store), "--mount-root", str(mount))
     nested = mount / "torch_compile_cache" / "d4ec7c2a7d" / "rank_0_0" / "triton_cache"
     assert compile_again(nested).compiled == 0
+
+
+def test_extract_without_mount_root_uses_the_one_the_image_names(
+    compiled: Path, tmp_path: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+    build(compiled, ref, "--mount-root", "/var/cache/from-label")
+    path = Path(cache_cli("extract", ref, "--store", str(tmp_path / "store")).stdout.strip())
+    (group_file,) = list(path.glob("*/__grp__add.json"))[:1]
+    children = json.loads(group_file.read_text())["child_paths"].values()
+    assert all(c.startswith(f"/var/cache/from-label/{group_file.parent.name}/") for c in children)

@@ -19,7 +19,6 @@ from gpufleet.core.config import CommonSettings, load_settings
 from gpufleet.core.console import stdout_console
 from gpufleet.core.errors import GpufleetError
 from gpufleet.gpu.cli import NvmlOpt, SimulateOpt
-from gpufleet.kcache.errors import KcacheError
 from gpufleet.kcache.model import CacheSummary
 
 if TYPE_CHECKING:
@@ -262,18 +261,14 @@ def extract(
     from gpufleet.kcache.extract import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
     from gpufleet.kcache.keys import load_public_key
     from gpufleet.kcache.store import CacheStore
-    from gpufleet.kcache.transfer import MOUNT_ROOT_LABEL, fetch_image, pull_to_store
+    from gpufleet.kcache.transfer import pull_to_store
 
     settings = load_settings(CacheSettings, kcache_store=store, kcache_mount_root=mount_root)
     key = None if verify_key is None else load_public_key(verify_key)
     with _client(reference, plain_http, force_plain_http) as (client, ref):
-        root = settings.kcache_mount_root
-        if root is None:
-            root = fetch_image(client, ref).labels.get(MOUNT_ROOT_LABEL)
-        if not root:
-            raise KcacheError(f"{ref}: no --mount-root given and the image names none")
         pulled = pull_to_store(
-            client, ref, CacheStore(settings.kcache_store), mount_root=root,
+            client, ref, CacheStore(settings.kcache_store),
+            mount_root=settings.kcache_mount_root,
             verify_key=key, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
             max_entries=max_entries or DEFAULT_MAX_ENTRIES,
         )  # fmt: skip

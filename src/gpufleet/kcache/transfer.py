@@ -8,6 +8,7 @@ key is given.
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 from dataclasses import dataclass
@@ -111,10 +112,9 @@ def fetch_image(client: RegistryClient, reference: Reference) -> RemoteImage:
         raise KcacheError(
             f"{reference}: not a cache image (one tar+gzip layer expected): {exc}"
         ) from exc
-    with tempfile.TemporaryFile() as sink:
-        client.pull_blob(reference.repository, str(config_digest), sink)
-        sink.seek(0)
-        labels = labels_of(sink.read())
+    config_blob = io.BytesIO()
+    client.pull_blob(reference.repository, str(config_digest), config_blob)
+    labels = labels_of(config_blob.getvalue())
     return RemoteImage(
         reference.with_digest(digest), digest, str(layer_digest), int(layer_size), labels,
         summary_from_labels(labels),
@@ -135,7 +135,7 @@ def pull_to_store(
     reference: Reference,
     store: CacheStore,
     *,
-    mount_root: str,
+    mount_root: str | None = None,
     verify_key: ec.EllipticCurvePublicKey | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_entries: int = DEFAULT_MAX_ENTRIES,
@@ -144,11 +144,15 @@ def pull_to_store(
 
     With `verify_key`, the signature is checked before a single byte of the
     layer is read, and the digest it vouches for is the digest extracted.
+    Without `mount_root`, the one the image's label names is used.
     """
     if verify_key is not None:
         digest = verify_image(client, reference, verify_key)
         reference = reference.with_digest(digest)
     image = fetch_image(client, reference)
+    root = mount_root or image.labels.get(MOUNT_ROOT_LABEL)
+    if not root:
+        raise KcacheError(f"{reference}: no --mount-root given and the image names none")
     if store.is_complete(image.digest):
         return Pulled(store.path(image.digest), image.digest, extracted=False)
     extracted = False
@@ -160,7 +164,7 @@ def pull_to_store(
             client.pull_blob(reference.repository, image.layer_digest, layer)
             layer.seek(0)
             extract_layer(
-                layer, target, mount_root=mount_root, expected_size=image.size_bytes,
+                layer, target, mount_root=root, expected_size=image.size_bytes,
                 max_bytes=max_bytes, max_entries=max_entries,
             )  # fmt: skip
         extracted = True
