@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
+from gpufleet.kube.client import Kube, KubeSettings, connect
+from tests.doubles.kubeapi import KubeApiDouble
 
 STATE = Path(__file__).resolve().parent.parent / ".testservers"
 
@@ -32,3 +36,11 @@ def require(servers: dict[str, str], *keys: str) -> list[str]:
             "run `make test`, or `scripts/test-servers.sh start` before pytest"
         )
     return [servers[key] for key in keys]
+
+
+@pytest.fixture
+async def kube(api: KubeApiDouble) -> AsyncIterator[Kube]:
+    """A client of the module's own ``api`` double, with no rate limit to speak of."""
+    settings = KubeSettings(qps=1000, burst=1000)
+    async with await connect(settings, configuration=api.client_configuration()) as client:
+        yield client

@@ -29,6 +29,7 @@ from gpufleet.inventory.service import (
     run_pod_watch,
 )
 from gpufleet.kube.client import Kube, connect
+from tests import polling
 from tests.doubles.kubeapi import ExecReply, ExecRequest, KubeApiDouble
 
 pytestmark = pytest.mark.integration
@@ -91,13 +92,8 @@ async def start_watch(api: KubeApiDouble, settings: Any, make: Callable[..., Any
 
 
 async def eventually(check: Callable[[], bool], limit: float = 20.0) -> None:
-    """Poll until ``check()`` holds; fail after ``limit`` seconds (a hang, not a timing)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not check():
-        if loop.time() > deadline:
-            pytest.fail("condition not reached")
-        await asyncio.sleep(0.02)
+    """`tests.polling.eventually` with this module's longer hang guard (controllers are slower)."""
+    await polling.eventually(check, limit)
 
 
 def readings(db: Path, where: str = "1=1") -> list[tuple[str, str, str]]:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gpufleet.kube.client import Kube, KubeSettings, connect
+from gpufleet.kube.client import Kube
 from gpufleet.kube.errors import ExecError, ExecTimeout
 from gpufleet.kube.exec import exec_command
 from tests.doubles.kubeapi import ExecHandler, ExecReply, ExecRequest, KubeApiDouble
@@ -25,13 +25,6 @@ async def api() -> AsyncIterator[KubeApiDouble]:
         double.set_node_fleet("gpu-node-1", "dgx-h100")
         double.add_pod(NS, "plugin-1", node_name="gpu-node-1", labels={"app": "plugin"})
         yield double
-
-
-@pytest.fixture
-async def kube(api: KubeApiDouble) -> AsyncIterator[Kube]:
-    settings = KubeSettings(qps=1000, burst=1000)
-    async with await connect(settings, configuration=api.client_configuration()) as client:
-        yield client
 
 
 def reply_with(reply: ExecReply, seen: list[ExecRequest] | None = None) -> ExecHandler:

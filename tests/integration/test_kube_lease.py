@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gpufleet.kube.client import Kube, KubeSettings, call_json, connect
+from gpufleet.kube.client import Kube, call_json
 from gpufleet.kube.errors import LeaseLost
 from gpufleet.kube.lease import LeaderElector
 from gpufleet.kube.ratelimit import TokenBucket
@@ -27,13 +27,6 @@ SLACK = 0.5  # scheduling and loopback latency on a busy CI machine
 async def api() -> AsyncIterator[KubeApiDouble]:
     async with KubeApiDouble() as double:
         yield double
-
-
-@pytest.fixture
-async def kube(api: KubeApiDouble) -> AsyncIterator[Kube]:
-    settings = KubeSettings(qps=1000, burst=1000)
-    async with await connect(settings, configuration=api.client_configuration()) as client:
-        yield client
 
 
 class Running:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 from gpufleet.core.retry import Backoff
-from gpufleet.kube.client import Kube, KubeSettings, connect
+from gpufleet.kube.client import Kube
 from gpufleet.kube.identity import machine_id
 from gpufleet.kube.watch import Informer, KubeObject
 from tests.doubles.kubeapi import KubeApiDouble
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -24,13 +25,6 @@ LABELS = {"app": "nvidia-device-plugin-daemonset"}
 async def api() -> AsyncIterator[KubeApiDouble]:
     async with KubeApiDouble(bookmark_interval=0.2) as double:
         yield double
-
-
-@pytest.fixture
-async def kube(api: KubeApiDouble) -> AsyncIterator[Kube]:
-    settings = KubeSettings(qps=1000, burst=1000)
-    async with await connect(settings, configuration=api.client_configuration()) as client:
-        yield client
 
 
 class Events:
@@ -57,16 +51,6 @@ class Events:
 
     def names(self, kind: str) -> list[str]:
         return [name for seen_kind, name, _ in self.seen if seen_kind == kind]
-
-
-async def eventually(condition: Callable[[], bool], limit: float = 5.0) -> None:
-    """Poll until `condition()` holds; fail after `limit` seconds (a hang, not a timing)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not condition():
-        if loop.time() > deadline:
-            pytest.fail("condition not reached")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
