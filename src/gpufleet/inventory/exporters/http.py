@@ -22,9 +22,10 @@ replay, so a receiver can drop the duplicates a retry after a lost response make
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -125,21 +126,13 @@ class HttpExporter:
         headers["Content-Type"] = "application/json"
         headers["Idempotency-Key"] = batch_hash(batch)
         what = f"POST {self._where} ({len(batch)} readings)"
-        try:
+        with self._transport_errors(what):
             async with self._client().post(
                 self.settings.http_endpoint, data=body, headers=headers, allow_redirects=False
             ) as response:
                 if 200 <= response.status < 300:
                     return
                 raise await self._status_error(what, response)
-        except TimeoutError as exc:
-            # aiohttp's connect and read timeouts are TimeoutError subclasses too.
-            raise ExporterError(
-                self.name, f"{what}: no answer within {self.settings.http_timeout:g}s",
-                error_type="timeout",
-            ) from exc  # fmt: skip
-        except aiohttp.ClientError as exc:
-            raise self._transport_error(what, exc) from exc
 
     async def _status_error(self, what: str, response: aiohttp.ClientResponse) -> ExporterError:
         status = response.status
@@ -164,12 +157,25 @@ class HttpExporter:
             return ExporterError(self.name, detail, error_type="server")
         return ExporterError(self.name, detail)
 
-    def _transport_error(self, what: str, exc: aiohttp.ClientError) -> ExporterError:
-        reason = _WHITESPACE.sub(" ", str(exc) or type(exc).__name__)
-        if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
-            # Refused, unresolvable, TLS failures, and servers hanging up mid-answer.
-            return ExporterError(self.name, f"{what}: {reason}", error_type="connection")
-        return ExporterError(self.name, f"{what}: {reason}")
+    @contextlib.contextmanager
+    def _transport_errors(self, what: str) -> Iterator[None]:
+        """Timeouts and aiohttp failures of one request, as `ExporterError`s naming it."""
+        try:
+            yield
+        except TimeoutError as exc:
+            # aiohttp's connect and read timeouts are TimeoutError subclasses too.
+            raise ExporterError(
+                self.name, f"{what}: no answer within {self.settings.http_timeout:g}s",
+                error_type="timeout",
+            ) from exc  # fmt: skip
+        except aiohttp.ClientError as exc:
+            reason = _WHITESPACE.sub(" ", str(exc) or type(exc).__name__)
+            if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+                # Refused, unresolvable, TLS failures, and servers hanging up mid-answer.
+                raise ExporterError(
+                    self.name, f"{what}: {reason}", error_type="connection"
+                ) from exc
+            raise ExporterError(self.name, f"{what}: {reason}") from exc
 
     async def health(self) -> None:
         """OPTIONS the endpoint: any answer below 500 except 401/403 means reachable.
@@ -179,7 +185,7 @@ class HttpExporter:
         token is refused, which would fail every write, so that is unhealthy.
         """
         what = f"OPTIONS {self._where}"
-        try:
+        with self._transport_errors(what):
             async with self._client().options(
                 self.settings.http_endpoint, headers=self._headers(), allow_redirects=False
             ) as response:
@@ -194,13 +200,6 @@ class HttpExporter:
                     if excerpt:
                         detail += f": {excerpt}"
                     raise ExporterError(self.name, detail, error_type="server")
-        except TimeoutError as exc:
-            raise ExporterError(
-                self.name, f"{what}: no answer within {self.settings.http_timeout:g}s",
-                error_type="timeout",
-            ) from exc  # fmt: skip
-        except aiohttp.ClientError as exc:
-            raise self._transport_error(what, exc) from exc
 
     async def close(self) -> None:
         """Close the session and its connections."""
