@@ -286,24 +286,20 @@ class GpuProvider:
             try:
                 await self.check_health()
                 await self.reconcile()
-            except UnavailableError as exc:
-                self._ready = False
-                delay = self._backoff.delay(attempt)
-                attempt += 1
-                _log.warning(
-                    "device API unavailable; will re-register",
-                    extra={"error": str(exc), "retry_in_s": round(delay, 3)},
-                )
             except Exception as exc:
                 # Whatever went wrong this round, the next one starts from scratch.
                 self._ready = False
                 delay = self._backoff.delay(attempt)
                 attempt += 1
-                _log.error(
-                    "provider round failed",
-                    exc_info=not isinstance(exc, DeviceApiError | GpuError),
-                    extra={"error": str(exc), "retry_in_s": round(delay, 3)},
-                )
+                context = {"error": str(exc), "retry_in_s": round(delay, 3)}
+                if isinstance(exc, UnavailableError):
+                    _log.warning("device API unavailable; will re-register", extra=context)
+                else:
+                    _log.error(
+                        "provider round failed",
+                        exc_info=not isinstance(exc, DeviceApiError | GpuError),
+                        extra=context,
+                    )
             else:
                 attempt = 0
                 delay = self._interval
