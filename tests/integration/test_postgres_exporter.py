@@ -427,6 +427,130 @@ def replace_settings(settings: PostgresSettings, **changes: Any) -> PostgresSett
     return PostgresSettings(**{**settings.model_dump(), **changes})
 
 
+# --- how a batch is written ---------------------------------------------------------------
+
+
+def inserting_transactions(server: Server, table: str) -> dict[str, int]:
+    """GPU serial -> how many transactions inserted its readings (xmin tells)."""
+    with server.connect() as conn:
+        cur = conn.execute(
+            psycopg.sql.SQL("SELECT gpu, count(DISTINCT xmin::text) FROM {} GROUP BY gpu").format(
+                psycopg.sql.Identifier(table)
+            )
+        )
+        return {gpu: int(n) for gpu, n in cur.fetchall()}
+
+
+def transactions(server: Server, table: str) -> int:
+    with server.connect() as conn:
+        cur = conn.execute(
+            psycopg.sql.SQL("SELECT count(DISTINCT xmin::text) FROM {}").format(
+                psycopg.sql.Identifier(table)
+            )
+        )
+        row = cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, 2),  # the default: two transactions on two connections
+        ({"postgres_write_parallelism": 1}, 1),
+        ({"postgres_write_parallelism": 3}, 3),
+        ({"postgres_pool_max": 1}, 1),  # never more parts than connections
+    ],
+)
+async def test_a_batch_is_written_as_parallel_transactions(
+    server: Server, tables: tuple[str, str], overrides: dict[str, Any], expected: int
+) -> None:
+    (batch,) = fleet_batches(1, 500)
+    await write_all(make_settings(server, tables, **overrides), [batch])
+    assert count(server, tables[0]) == 500
+    assert transactions(server, tables[0]) == expected
+
+
+async def test_a_gpu_seen_twice_in_a_split_batch_is_written_by_one_transaction(
+    server: Server, tables: tuple[str, str]
+) -> None:
+    # Two sweeps of 300 GPUs in one batch: both readings of a GPU (and so its
+    # one placement) go to the same part, so parts never wait on each other.
+    batch = [
+        reading(f"SN-{g}", at=T0 + timedelta(minutes=sweep), index=g)
+        for sweep in (0, 5)
+        for g in range(300)
+    ]
+    await write_all(make_settings(server, tables), [batch])
+    assert transactions(server, tables[0]) == 2
+    assert set(inserting_transactions(server, tables[0]).values()) == {1}
+    assert count(server, tables[1]) == 300
+    assert placements(server, tables[1])[0][2:] == (T0, T0 + timedelta(minutes=5))
+
+
+async def test_new_readings_take_the_plain_insert_and_a_replay_the_conflict_path(
+    server: Server, tables: tuple[str, str]
+) -> None:
+    batches = fleet_batches(3, 500)
+    exporter = PostgresExporter(make_settings(server, tables))
+    try:
+        for batch in batches:
+            await exporter.write(batch)
+        assert exporter.conflicting_batches == 0
+        await exporter.write(batches[1])  # sent again, say after a lost acknowledgement
+        # Each of the batch's two parts met stored rows, and stored nothing new.
+        assert exporter.conflicting_batches == 2
+        # A batch half old, half new: the new half is stored, the old not twice.
+        mixed = batches[2][:250] + fleet_batches(4, 500)[3][:250]
+        await exporter.write(mixed)
+    finally:
+        await exporter.close()
+    assert count(server, tables[0]) == 1_750
+    assert count(server, tables[1]) == 1_750
+
+
+async def test_when_one_part_is_refused_the_other_is_stored_and_the_batch_is_permanent(
+    server: Server, tables: tuple[str, str]
+) -> None:
+    # The refused batch goes to the dead-letter file whole; the part that
+    # committed is in the table, and harmless if the batch is ever replayed.
+    (batch,) = fleet_batches(1, 400)
+    too_long = "".join(uuid.uuid4().hex for _ in range(500))  # too big for the node index
+    batch[0] = replace(batch[0], node=too_long)
+    exporter = PostgresExporter(make_settings(server, tables))
+    try:
+        with pytest.raises(PermanentExporterError):
+            await exporter.write(batch)
+    finally:
+        await exporter.close()
+    stored = count(server, tables[0])
+    assert 0 < stored < 400
+    assert count(server, tables[1]) == stored
+
+
+async def test_the_time_indexes_are_brin_and_the_others_btree(
+    server: Server, tables: tuple[str, str]
+) -> None:
+    exporter = PostgresExporter(make_settings(server, tables))
+    try:
+        await exporter.open()
+    finally:
+        await exporter.close()
+    with server.connect() as conn:
+        cur = conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s", [tables[0]]
+        )
+        methods = {name: ddl.split(" USING ")[1].split()[0] for name, ddl in cur.fetchall()}
+    table = tables[0]
+    assert methods == {
+        f"idx_{table}_key": "btree",
+        f"idx_{table}_cluster": "btree",
+        f"idx_{table}_node": "btree",
+        f"idx_{table}_read_time": "brin",
+        f"idx_{table}_created_at": "brin",
+    }
+
+
 # --- placements --------------------------------------------------------------------------
 
 

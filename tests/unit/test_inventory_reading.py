@@ -56,6 +56,19 @@ def test_naive_read_time_is_refused() -> None:
         format_time(datetime(2026, 1, 1))
 
 
+def test_the_same_instant_formats_alike_in_any_zone_and_cached_or_not() -> None:
+    # format_time is memoised; equal aware datetimes are one instant, so the
+    # cache may answer for either zone, and a naive time is refused every time.
+    zones = [UTC, timezone(timedelta(hours=9)), timezone(timedelta(hours=-5, minutes=-30))]
+    texts = {format_time(T0.astimezone(zone)) for zone in zones for _ in range(2)}
+    assert texts == {"2026-11-24T12:30:15.123Z"}
+    later = T0 + timedelta(milliseconds=1)
+    assert format_time(later) == "2026-11-24T12:30:15.124Z"
+    for _ in range(2):
+        with pytest.raises(ValueError, match="timezone-aware"):
+            format_time(datetime(2026, 1, 1))
+
+
 def test_gpu_is_the_board_serial() -> None:
     (reading,) = make([device(serial="1654922001234")])
     assert reading.gpu == "1654922001234"

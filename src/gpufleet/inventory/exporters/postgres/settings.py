@@ -49,6 +49,7 @@ class PostgresSettings(GpufleetSettings):
     postgres_placements_table: SqlIdentifier = "placements"
     postgres_auto_migrate: bool = True
     postgres_pool_max: int = Field(default=4, ge=1, le=100)
+    postgres_write_parallelism: int = Field(default=2, ge=1, le=16)
     postgres_connect_timeout: Duration = Field(default=10.0, gt=0)
 
     @field_validator("postgres_placements_table")
@@ -57,6 +58,11 @@ class PostgresSettings(GpufleetSettings):
         if value == info.data.get("postgres_table"):
             raise ValueError("must differ from POSTGRES_TABLE")
         return value
+
+    @property
+    def write_parts(self) -> int:
+        """How many transactions one batch may be split into: no more than the pool holds."""
+        return min(self.postgres_write_parallelism, self.postgres_pool_max)
 
     @property
     def target(self) -> str:
