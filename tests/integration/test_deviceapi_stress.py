@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -108,9 +107,12 @@ async def test_a_stalled_watcher_is_evicted_without_slowing_the_writer() -> None
                 first = asyncio.ensure_future(anext(stream))
                 await asyncio.sleep(0.1)
 
-                start = time.monotonic()
-                await _write_statuses(writer, gpus, updates)
-                took = time.monotonic() - start
+                # Nothing has read the stalled stream yet, so a writer that waited
+                # on watchers would never finish: the timeout only guards a hang.
+                async with asyncio.timeout(300):
+                    await _write_statuses(writer, gpus, updates)
+                # Evicted while the writes went on: its queue overflowed because the
+                # writer kept writing past the point where the watcher stopped.
                 evicted = running.store.evicted_total
 
                 # Reading now drains what was in flight, then ends with the eviction.
@@ -119,4 +121,3 @@ async def test_a_stalled_watcher_is_evicted_without_slowing_the_writer() -> None
                 with contextlib.suppress(Exception):
                     await stream.aclose()
     assert evicted == 1
-    assert took < 60, f"the writer took {took:.1f}s for {updates} updates"
