@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -260,6 +261,35 @@ async def test_a_pod_created_after_its_process_is_attributed_once_the_informer_s
             mine = [s for s in process_samples(await world.scrape()) if s.labels["pid"] == str(pid)]
             if mine and mine[0].labels["pod_name"] == "late-pod":
                 break
+
+
+async def test_a_static_pod_process_is_attributed_through_its_mirror_pod(world: World) -> None:
+    # The kubelet names a static pod's cgroup after its own 32-hex UID; the API
+    # only has the mirror pod, with another UID and that one in an annotation.
+    static_uid, name = "5c1a9f1e0b7d4e3a9c2f8e6d4b2a1908", f"gpu-probe-{NODE}"
+    world.api.add_pod("kube-system", name, node_name=NODE, labels={}, containers=("probe",))
+
+    def make_mirror(pod: dict[str, Any]) -> None:
+        pod["metadata"]["annotations"] = {
+            "kubernetes.io/config.hash": static_uid,
+            "kubernetes.io/config.mirror": static_uid,
+            "kubernetes.io/config.source": "file",
+        }
+
+    pod = world.api.update_pod("kube-system", name, make_mirror)
+    assert pod["metadata"]["uid"] != static_uid
+    container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    pid = 30_000
+    world.nvml.add_process(3, pid, used_memory_bytes=2**20)
+    world.proc.add(pid, cgroup=containerd_cgroup_v2(static_uid, container_id))
+    async with asyncio.timeout(15):
+        while True:
+            await world.next_snapshot()
+            mine = [s for s in process_samples(await world.scrape()) if s.labels["pid"] == str(pid)]
+            labels = mine[0].labels if mine else {}
+            if labels.get("pod_name") == name:
+                break
+    assert (labels["pod_namespace"], labels["container_name"]) == ("kube-system", "probe")
 
 
 async def test_a_lost_gpu_reports_gpu_up_0_while_the_others_keep_reporting(world: World) -> None:

@@ -20,7 +20,11 @@ OTHER_UID = "1e2feb89-414c-443c-9027-c4d1c386bbc4"
 OTHER_UID_ = OTHER_UID.replace("-", "_")
 CID = "cd447e35b8b6d8fe442e3d437204e52db2221a58008a05a6c4647159c324c985"
 OTHER_CID = "05b6e6e307d4bedc51431193e6c3f3391a2b8f1ff1fd42a29755d4c13a902931"
-CANONICAL_UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# A static pod's UID is the kubelet's MD5 of its manifest: 32 hex digits, no dashes.
+STATIC_UID = "5c1a9f1e0b7d4e3a9c2f8e6d4b2a1908"
+CANONICAL_UID = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}"
+)
 CONTAINER_ID = re.compile(r"[0-9a-f]{12,128}")
 NODE_CID = "afbd67f9619699cfe1988ad9f06c144a025b413f8a9a021ea648a7dd06839eb9"
 
@@ -59,6 +63,25 @@ def v2_file(path: str) -> str:
 
 
 POD_CASES = [
+    # --- static pods: the kubelet's 32-hex UID --------------------------------------
+    pytest.param(
+        v2_file(
+            "/kubepods.slice/kubepods-burstable.slice/"
+            f"kubepods-burstable-pod{STATIC_UID}.slice/cri-containerd-{CID}.scope"
+        ),
+        (STATIC_UID, CID),
+        id="v2 systemd driver static pod gives its kubelet uid and the container",
+    ),
+    pytest.param(
+        v1_file(f"/kubepods/burstable/pod{STATIC_UID}/{CID}"),
+        (STATIC_UID, CID),
+        id="v1 cgroupfs static pod gives its kubelet uid and the container",
+    ),
+    pytest.param(
+        v2_file(f"/kubepods/pod{STATIC_UID.upper()}/{CID}"),
+        (STATIC_UID, CID),
+        id="static pod uid comes back in lower case",
+    ),
     # --- cgroup v1, cgroupfs driver -------------------------------------------------
     pytest.param(
         v1_file(f"/kubepods/burstable/pod{UID}/{CID}"),
@@ -304,8 +327,18 @@ NOT_A_POD_CASES = [
         id="pod segment with a non-hex uid",
     ),
     pytest.param(
-        v2_file(f"/kubepods/besteffort/pod{UID.replace('-', '')}/{CID}"),
-        id="pod segment with a 32-hex static pod hash is not a uid",
+        v2_file(f"/kubepods/besteffort/pod{STATIC_UID}0/{CID}"),
+        id="pod segment with 33 hex digits",
+    ),
+    pytest.param(
+        v2_file(f"/machine.slice/libpod-{CID}.scope"),
+        id="podman container scope (64 hex after pod)",
+    ),
+    pytest.param(
+        v2_file(
+            f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{STATIC_UID[:31]}.slice"
+        ),
+        id="static pod slice one digit short",
     ),
     pytest.param(
         v2_file(f"/kubepods/besteffort/pod{UID}0/{CID}"),
@@ -382,6 +415,7 @@ def test_cgroup_parse_never_raises_and_returns_only_well_formed_refs() -> None:
     segments = [
         "", "..", "kubepods", "burstable", "kubepods.slice", "kubepods-besteffort.slice",
         f"pod{UID}", f"kubepods-burstable-pod{UID_}.slice", f"kubelet-kubepods-pod{UID_}.slice",
+        f"pod{STATIC_UID}", f"kubepods-pod{STATIC_UID}.slice",
         f"kubepods-pod{UID_}.slice:cri-containerd:{CID}", CID, f"cri-containerd-{CID}.scope",
         f"crio-{CID}.scope", f"crio-conmon-{CID}.scope", f"docker-{CID}.scope", "container",
         "system.slice", "\x00", "pod", "-pod", ":",

@@ -69,6 +69,51 @@ def test_a_deleted_pod_is_forgotten_and_moves_the_generation() -> None:
     assert index.generation == generation + 1
 
 
+STATIC_UID = "5c1a9f1e0b7d4e3a9c2f8e6d4b2a1908"  # what the kubelet calls the static pod
+MIRROR_UID = "77777777-2222-4333-8444-555555555555"  # the mirror pod's own UID in the API
+
+
+def mirror_pod(static_uid: str = STATIC_UID) -> dict[str, Any]:
+    mirror = pod(MIRROR_UID, name="gpu-probe-node-1")
+    mirror["metadata"]["namespace"] = "kube-system"
+    mirror["metadata"]["annotations"] = {
+        "kubernetes.io/config.hash": static_uid,
+        "kubernetes.io/config.mirror": static_uid,
+        "kubernetes.io/config.source": "file",
+    }
+    return mirror
+
+
+def test_a_static_pod_is_found_through_its_mirror_pod() -> None:
+    index = PodIndex()
+    index.upsert(mirror_pod())
+    owner = Owner("kube-system", "gpu-probe-node-1", "main")
+    assert index.lookup(CgroupRef(STATIC_UID, CID)) == owner
+    assert index.lookup(CgroupRef(MIRROR_UID, CID)) == owner
+    assert len(index) == 1
+
+
+def test_a_deleted_or_changed_mirror_pod_no_longer_answers_for_the_old_static_uid() -> None:
+    index = PodIndex()
+    index.upsert(mirror_pod())
+    changed = "0" * 32
+    index.upsert(mirror_pod(changed))  # the manifest changed: a new static UID
+    assert index.lookup(CgroupRef(STATIC_UID, CID)) is None
+    assert index.lookup(CgroupRef(changed, CID)) is not None
+    index.remove(mirror_pod(changed))
+    assert index.lookup(CgroupRef(changed, CID)) is None
+
+
+def test_only_the_mirror_annotation_makes_an_alias() -> None:
+    # config.hash alone is on every static pod the kubelet knows, but only a
+    # mirror pod (config.mirror) stands for one in the API.
+    index = PodIndex()
+    plain = pod()
+    plain["metadata"]["annotations"] = {"kubernetes.io/config.hash": STATIC_UID}
+    index.upsert(plain)
+    assert index.lookup(CgroupRef(STATIC_UID, CID)) is None
+
+
 def write_docker_config(root: Path, container_id: str, labels: dict[str, str] | str) -> None:
     directory = root / "containers" / container_id
     directory.mkdir(parents=True)

@@ -37,9 +37,13 @@ __all__ = ["CgroupRef", "parse_cgroup"]
 # a real cgroup file, and skipping it keeps the parse cheap whatever it is fed.
 _MAX_LINE = 8192
 
+# A pod UID (8-4-4-4-12, with "_" for "-" in systemd slice names), or the
+# 32-hex UID the kubelet gives a static pod (the MD5 of its manifest and
+# source), which its mirror pod carries in the kubernetes.io/config.mirror
+# annotation.
 _UID = (
     r"(?P<uid>[0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}"
-    r"[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12})"
+    r"[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12}|[0-9a-fA-F]{32})"
 )
 
 # cgroupfs driver: the segment is exactly "pod" + UID.
@@ -69,7 +73,8 @@ class CgroupRef:
     """The pod, and when known the container, that a process's cgroup names."""
 
     pod_uid: str
-    """Canonical pod UID: lower-case, with dashes (8-4-4-4-12)."""
+    """Canonical pod UID: lower-case, with dashes (8-4-4-4-12); for a static
+    pod, the kubelet's 32 lower-case hex digits."""
     container_id: str | None
     """Bare runtime container id (no ``containerd://``, ``cri-containerd-`` or
     ``.scope``); None when only the pod level is known."""

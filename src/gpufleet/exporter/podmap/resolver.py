@@ -62,6 +62,10 @@ def label_name(pod_label: str) -> str:
     return "label_" + _LABEL_CHARS.sub("_", pod_label)
 
 
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+"""On a mirror pod: the UID the kubelet gave the static pod it stands for."""
+
+
 @dataclass(frozen=True, slots=True)
 class _PodRecord:
     namespace: str
@@ -81,6 +85,10 @@ class PodIndex:
     def __init__(self, *, label_allowlist: re.Pattern[str] | None = None) -> None:
         self._allow = label_allowlist
         self._pods: dict[str, _PodRecord] = {}
+        # A static pod's cgroup is named after the kubelet's own UID for it,
+        # which the mirror pod in the API carries as an annotation: that UID
+        # -> the mirror pod's UID.
+        self._mirrors: dict[str, str] = {}
         self.generation = 0
         """Moves on every change, so cached negative lookups know to ask again."""
 
@@ -100,23 +108,42 @@ class PodIndex:
                 container_id = container.get("containerID")
                 if container_id and container.get("name"):
                     containers[bare_container_id(str(container_id))] = str(container["name"])
-        self._pods[uid.lower()] = _PodRecord(
+        uid = uid.lower()
+        self._pods[uid] = _PodRecord(
             namespace=str(metadata.get("namespace") or ""),
             name=str(metadata.get("name") or ""),
             containers=containers,
             labels=self._copied_labels(metadata.get("labels") or {}),
         )
+        self._forget_mirror(uid)
+        mirror = (metadata.get("annotations") or {}).get(MIRROR_ANNOTATION)
+        if isinstance(mirror, str) and mirror:
+            self._mirrors[mirror.lower()] = uid
         self.generation += 1
 
     def remove(self, pod: Mapping[str, Any]) -> None:
         """Forget a deleted pod."""
-        uid = str((pod.get("metadata") or {}).get("uid") or "")
-        if self._pods.pop(uid.lower(), None) is not None:
+        uid = str((pod.get("metadata") or {}).get("uid") or "").lower()
+        if self._pods.pop(uid, None) is not None:
+            self._forget_mirror(uid)
             self.generation += 1
 
+    def _forget_mirror(self, uid: str) -> None:
+        for static_uid in [k for k, v in self._mirrors.items() if v == uid]:
+            del self._mirrors[static_uid]
+
     def lookup(self, ref: CgroupRef) -> Owner | None:
-        """The owner of a cgroup; the container is ``""`` when its ID is not in the pod's status."""
+        """The owner of a cgroup; the container is ``""`` when its ID is not in the pod's status.
+
+        A static pod's cgroup names the kubelet's UID for it; its mirror pod
+        (the API's copy, with its own UID) is found by its
+        ``kubernetes.io/config.mirror`` annotation, and its status lists the
+        static pod's containers.
+        """
         record = self._pods.get(ref.pod_uid)
+        if record is None:
+            mirror = self._mirrors.get(ref.pod_uid)
+            record = self._pods.get(mirror) if mirror is not None else None
         if record is None:
             return None
         container = record.containers.get(ref.container_id or "", "")
