@@ -7,6 +7,9 @@ and the fake's replies cross a real socket in the real v1 wire format::
     async with FakeKubelet(directory / "kubelet.sock") as kubelet:
         kubelet.set_pods([
             FakePod("ml", "train-0", [FakeContainer("main", {"nvidia.com/gpu": [uuid]})]),
+            FakePod("ml", "train-1", [FakeContainer("main", claims=[
+                FakeClaim("train-1-gpu", "ml", [FakeClaimDevice("gpu.nvidia.com", node, "gpu-1")]),
+            ])]),
         ])
         kubelet.pad_to(5 * 1024 * 1024)          # a busy node: a reply over 5 MiB
         kubelet.fail_with(grpc.StatusCode.UNAVAILABLE)
@@ -31,9 +34,29 @@ import grpc.aio
 
 from gpufleet.exporter.podmap.kubelet_v1 import api_pb2, api_pb2_grpc
 
-__all__ = ["FakeContainer", "FakeKubelet", "FakePod"]
+__all__ = ["FakeClaim", "FakeClaimDevice", "FakeContainer", "FakeKubelet", "FakePod"]
 
 _MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FakeClaimDevice:
+    """One device a DRA claim was allocated, as the kubelet reports it (a ``ClaimResource``)."""
+
+    driver: str
+    pool: str
+    device: str
+    cdi_devices: Sequence[str] = ()
+    """Fully qualified CDI device names, e.g. ``k8s.gpu.nvidia.com/device=gpu-0``."""
+
+
+@dataclass(frozen=True)
+class FakeClaim:
+    """One ResourceClaim a container uses (a ``DynamicResource``), with its allocated devices."""
+
+    name: str
+    namespace: str
+    devices: Sequence[FakeClaimDevice] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +68,8 @@ class FakeContainer:
     """Resource name -> device ids, e.g. ``{"nvidia.com/gpu": ["GPU-…"]}``."""
     cpu_ids: Sequence[int] = ()
     """Exclusive CPUs, as the static CPU manager reports them."""
+    claims: Sequence[FakeClaim] = ()
+    """DRA claims, reported under ``dynamic_resources`` (the kubelet's DRA feature gate on)."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +251,22 @@ def _devices_message(resource_name: str, ids: Sequence[str]) -> api_pb2.Containe
     return api_pb2.ContainerDevices(resource_name=resource_name, device_ids=list(ids))
 
 
+def _claim_message(claim: FakeClaim) -> api_pb2.DynamicResource:
+    return api_pb2.DynamicResource(
+        claim_name=claim.name,
+        claim_namespace=claim.namespace,
+        claim_resources=[
+            api_pb2.ClaimResource(
+                cdi_devices=[api_pb2.CDIDevice(name=name) for name in device.cdi_devices],
+                driver_name=device.driver,
+                pool_name=device.pool,
+                device_name=device.device,
+            )
+            for device in claim.devices
+        ],
+    )
+
+
 def _pod_message(pod: FakePod) -> api_pb2.PodResources:
     return api_pb2.PodResources(
         namespace=pod.namespace,
@@ -235,6 +276,7 @@ def _pod_message(pod: FakePod) -> api_pb2.PodResources:
                 name=container.name,
                 devices=[_devices_message(n, ids) for n, ids in container.devices.items()],
                 cpu_ids=list(container.cpu_ids),
+                dynamic_resources=[_claim_message(claim) for claim in container.claims],
             )
             for container in pod.containers
         ],

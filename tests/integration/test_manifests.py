@@ -103,8 +103,10 @@ EXPECTED_RBAC = {
     "check": CONTROLLER | _rules("Role", "gpu-operator", "", "pods", "delete"),
     "agent": _rules("ClusterRole", "", "", "nodes", "get"),
     # The pod informer of its own node (fieldSelector spec.nodeName): pods span every
-    # namespace, so cluster-wide, read-only.
-    GPU_EXPORTER: _rules("ClusterRole", "", "", "pods", "get", "list", "watch"),
+    # namespace, so cluster-wide, read-only. ResourceSlices (cluster-scoped) of its
+    # node likewise: they map DRA-allocated devices to GPU UUIDs.
+    GPU_EXPORTER: _rules("ClusterRole", "", "", "pods", "get", "list", "watch")
+    | _rules("ClusterRole", "", "resource.k8s.io", "resourceslices", "get", "list", "watch"),
 }
 
 
@@ -700,9 +702,11 @@ def test_gpu_exporter_runs_the_exporter_command() -> None:
     assert (container["command"], container["args"]) == (["gpufleet"], ["exporter"])
 
 
-def test_gpu_exporter_may_only_read_pods_cluster_wide() -> None:
+def test_gpu_exporter_may_only_read_pods_and_resource_slices_cluster_wide() -> None:
     assert rbac_rules(GPU_EXPORTER) == {
-        Rule("ClusterRole", "", "", "pods", verb) for verb in ("get", "list", "watch")
+        Rule("ClusterRole", "", group, resource, verb)
+        for group, resource in (("", "pods"), ("resource.k8s.io", "resourceslices"))
+        for verb in ("get", "list", "watch")
     }
 
 

@@ -24,6 +24,11 @@ from gpufleet.exporter.podmap.resolver import (
     PodIndex,
     ProcessAttributor,
 )
+from gpufleet.exporter.podmap.resourceslices import (
+    ResourceSliceIndex,
+    ResourceSliceWatch,
+    resource_slice_listers,
+)
 from gpufleet.exporter.settings import ExporterSettings
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.gpu.source import GpuSource
@@ -62,6 +67,8 @@ class Exporter:
     server: HealthServer
     pods: PodIndex | None
     informer: Informer | None
+    slices: ResourceSliceWatch | None = None
+    """This node's ResourceSlices (DRA device -> GPU UUID), with Kubernetes on."""
 
 
 @contextlib.asynccontextmanager
@@ -77,13 +84,16 @@ async def exporter(
     """Start everything; the collection loop runs until ``stop`` is set or the context exits.
 
     With `kube`, processes are attributed through a pod informer of this node;
-    with `podresources`, whole devices through the kubelet's PodResources API.
+    with `podresources`, whole devices through the kubelet's PodResources API,
+    and with both, devices allocated through DRA claims too, resolved to GPU
+    UUIDs by an informer of this node's ResourceSlices.
     """
     registry = registry if registry is not None else REGISTRY
     procfs = ProcFs(resolve_host_proc(settings.host_proc))
     lookups: list[OwnerLookup] = []
     pods: PodIndex | None = None
     informer: Informer | None = None
+    slices: ResourceSliceWatch | None = None
     if kube is not None:
         pods = PodIndex(label_allowlist=settings.label_allowlist)
         informer = Informer(
@@ -94,9 +104,20 @@ async def exporter(
             on_add=pods.on_add, on_update=pods.on_update, on_delete=pods.on_delete
         )
         lookups.append(pods.lookup)
+        if podresources:
+            # Only PodResources names DRA devices; without it nothing would ask.
+            slices = ResourceSliceWatch(
+                resource_slice_listers(kube.api_client),
+                ResourceSliceIndex(),
+                node_name=settings.node_name,
+            )
     lookups.append(DockerLabels(settings.docker_root).lookup)
     kubelet = (
-        PodResourcesClient(settings.podresources_socket, ttl=settings.podresources_ttl)
+        PodResourcesClient(
+            settings.podresources_socket,
+            ttl=settings.podresources_ttl,
+            dra=slices.index if slices is not None else None,
+        )
         if podresources
         else None
     )
@@ -146,6 +167,11 @@ async def exporter(
     try:
         if informer is not None:
             tasks.append(asyncio.create_task(informer.run()))
+        if slices is not None:
+            # Not a readiness check: without it the exporter still serves every
+            # series, and a cluster without DRA (or without the RBAC rule) must
+            # not keep the exporter unready.
+            tasks.append(asyncio.create_task(slices.run()))
         tasks.append(
             asyncio.create_task(
                 collector.run(
@@ -162,12 +188,14 @@ async def exporter(
                 "node": settings.node_name,
             },
         )
-        yield Exporter(collector, metrics, server, pods, informer)
+        yield Exporter(collector, metrics, server, pods, informer, slices)
     finally:
         stop.set()
         await server.stop()
         if informer is not None:
             await informer.stop()
+        if slices is not None:
+            await slices.stop()
         for task in tasks:
             task.cancel()
         for task in tasks:

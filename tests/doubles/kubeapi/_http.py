@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +30,11 @@ from tests.doubles.kubeapi._objects import (
     RESOURCES,
     ApiError,
     ResourceType,
+    from_wire,
     status_body,
+    to_wire,
 )
+from tests.doubles.kubeapi._patch import apply_patch
 from tests.doubles.kubeapi._selectors import Selector
 from tests.doubles.kubeapi._store import Store, Watcher
 
@@ -67,6 +70,7 @@ class RecordedRequest:
 @dataclass(frozen=True, slots=True)
 class _Route:
     resource: ResourceType
+    """As served at the version the request names (the store keeps `RESOURCES`' version)."""
     namespace: str | None
     name: str | None
     subresource: str | None
@@ -101,17 +105,23 @@ class KmockHandler(kmock.KubernetesScaffold):
 
 
 class ApiFront:
-    """Answers the emulated resources over HTTP from a ``Store``."""
+    """Answers the emulated resources over HTTP from a ``Store``.
+
+    ``served`` is every (resource, version) answered; a version not in it is
+    left to kmock, which answers 404 as a server that does not serve it.
+    """
 
     def __init__(
         self,
         store: Store,
         *,
+        served: Iterable[ResourceType],
         exec_handler: Callable[[], ExecHandler],
         bookmark_interval: float,
         stopping: asyncio.Event,
     ) -> None:
         self.store = store
+        self._served = {(r.group, r.version, r.plural): r for r in served}
         self.requests: list[RecordedRequest] = []
         self.exec_by_uid: collections.Counter[str] = collections.Counter()
         self._exec_handler = exec_handler
@@ -120,7 +130,7 @@ class ApiFront:
 
     async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse | None:
         """Record the request; answer it if it addresses an emulated resource."""
-        route = _route(raw_request)
+        route = _route(raw_request, self._served)
         self.requests.append(
             RecordedRequest(
                 time=time.monotonic(),
@@ -145,12 +155,14 @@ class ApiFront:
             return _json(status_body(500, "InternalError", f"double failed: {exc!r}"), 500)
 
     async def _serve(self, raw: web.BaseRequest, route: _Route) -> web.StreamResponse:
-        resource, namespace, name, sub = (
+        wire, namespace, name, sub = (
             route.resource,
             route.namespace,
             route.name,
             route.subresource,
         )
+        # The store keeps one version of each resource; `wire` is the one asked for.
+        resource = RESOURCES[wire.plural]
         params = raw.query
         if (resource.namespaced and name is not None and namespace is None) or (
             not resource.namespaced and namespace is not None
@@ -164,37 +176,45 @@ class ApiFront:
                 store.check_list_version(
                     params.get("resourceVersion", ""), params.get("resourceVersionMatch", "")
                 )
-                return _json(
-                    store.list_objects(
-                        resource,
-                        namespace,
-                        _selector(resource, params),
-                        limit=_int(params.get("limit", "0"), "limit"),
-                        continue_token=params.get("continue", ""),
-                    )
+                body = store.list_objects(
+                    resource,
+                    namespace,
+                    _selector(resource, params),
+                    limit=_int(params.get("limit", "0"), "limit"),
+                    continue_token=params.get("continue", ""),
                 )
+                body["apiVersion"] = wire.api_version
+                body["items"] = [to_wire(wire, obj) for obj in body["items"]]
+                return _json(body)
             case "watch":
-                return await self._watch(raw, resource, namespace, name)
+                return await self._watch(raw, resource, wire, namespace, name)
             case "get":
                 assert name is not None
-                return _json(store.require(resource, namespace, name))
+                return _json(to_wire(wire, store.require(resource, namespace, name)))
             case "create" if name is None:
-                return _json(store.create(resource, namespace, await _body(raw)), 201)
+                created = store.create(resource, namespace, from_wire(wire, await _body(raw)))
+                return _json(to_wire(wire, created), 201)
             case "update" if name is not None:
+                body = from_wire(wire, await _body(raw))
                 return _json(
-                    store.replace(resource, namespace, name, await _body(raw), subresource=sub)
+                    to_wire(wire, store.replace(resource, namespace, name, body, subresource=sub))
                 )
             case "patch" if name is not None:
                 content_type = raw.headers.get("Content-Type", "")
-                return _json(
-                    store.patch(
-                        resource, namespace, name, content_type, await raw.read(), subresource=sub
+                patch = await raw.read()
+                if wire == resource:
+                    patched = store.patch(
+                        resource, namespace, name, content_type, patch, subresource=sub
                     )
-                )
+                else:  # the patch is written against the version the client speaks
+                    current = to_wire(wire, store.require(resource, namespace, name))
+                    body = from_wire(wire, apply_patch(content_type, current, patch))
+                    patched = store.replace(resource, namespace, name, body, subresource=sub)
+                return _json(to_wire(wire, patched))
             case "delete" if name is not None:
                 options = await _body(raw, default={})
                 preconditions = options.get("preconditions") if isinstance(options, dict) else None
-                return _json(store.delete(resource, namespace, name, preconditions))
+                return _json(to_wire(wire, store.delete(resource, namespace, name, preconditions)))
             case "exec" if name is not None:
                 return await self._exec(raw, namespace, name)
         raise ApiError(
@@ -204,7 +224,12 @@ class ApiFront:
         )
 
     async def _watch(
-        self, raw: web.BaseRequest, resource: ResourceType, namespace: str | None, name: str | None
+        self,
+        raw: web.BaseRequest,
+        resource: ResourceType,
+        wire: ResourceType,
+        namespace: str | None,
+        name: str | None,
     ) -> web.StreamResponse:
         params = raw.query
         selector = _selector(resource, params, name=name)
@@ -215,7 +240,7 @@ class ApiFront:
         await response.prepare(raw)
         try:
             watcher = self.store.watch(
-                resource, namespace, selector, params.get("resourceVersion", "")
+                resource, namespace, selector, params.get("resourceVersion", ""), wire=wire
             )
         except ApiError as err:  # the real server says 410 inside a 200 stream, then ends it
             await response.write(
@@ -259,7 +284,7 @@ class ApiFront:
                 return
             if bookmarks and now >= next_bookmark:
                 # The queue is empty, so this watcher has seen every write up to now.
-                await response.write(self._bookmark(watcher.resource))
+                await response.write(self._bookmark(watcher.wire))
                 next_bookmark = now + interval
             wait = min(
                 deadline - now if deadline is not None else interval,
@@ -320,13 +345,15 @@ class ApiFront:
         return await serve_exec(raw, request, self._exec_handler(), self._stopping)
 
 
-def _route(raw: web.BaseRequest) -> _Route | None:
+def _route(
+    raw: web.BaseRequest, served: Mapping[tuple[str, str, str], ResourceType]
+) -> _Route | None:
     match = _PATH.match(raw.path)
     if match is None:
         return None
-    resource = RESOURCES.get(match["plural"])
     group, version = ("", "v1") if match["core"] else (match["group"], match["version"])
-    if resource is None or (resource.group, resource.version) != (group, version):
+    resource = served.get((group, version, match["plural"]))
+    if resource is None:
         return None
     name, sub = match["name"], match["sub"]
     if sub == "exec":

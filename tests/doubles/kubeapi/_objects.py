@@ -7,13 +7,19 @@ every field the ``kubernetes_asyncio`` models insist on when they deserialize
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from tests.doubles.kubeapi._dra import convert_resource_slice
+
 JsonObject = dict[str, Any]
+
+Converter = Callable[[JsonObject, str, str], JsonObject]
+"""``convert(obj, source_version, target_version)``: one object as another version shows it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +32,8 @@ class ResourceType:
     version: str
     namespaced: bool
     subresources: tuple[str, ...] = ()
+    convert: Converter | None = None
+    """For a resource served at several versions: between its versions and the stored one."""
 
     @property
     def api_version(self) -> str:
@@ -37,11 +45,43 @@ class ResourceType:
         """``pods`` or ``leases.coordination.k8s.io``, as the server names it in messages."""
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
+    def served_as(self, version: str) -> ResourceType:
+        """This resource as served at another version of its group."""
+        if version != self.version and self.convert is None:
+            raise ValueError(f"{self.qualified} is served at {self.version} only")
+        return dataclasses.replace(self, version=version)
+
 
 PODS = ResourceType("pods", "Pod", "", "v1", namespaced=True, subresources=("exec", "status"))
 NODES = ResourceType("nodes", "Node", "", "v1", namespaced=False, subresources=("status",))
 LEASES = ResourceType("leases", "Lease", "coordination.k8s.io", "v1", namespaced=True)
-RESOURCES: dict[str, ResourceType] = {r.plural: r for r in (PODS, NODES, LEASES)}
+RESOURCE_SLICES = ResourceType(
+    "resourceslices",
+    "ResourceSlice",
+    "resource.k8s.io",
+    "v1",
+    namespaced=False,
+    convert=convert_resource_slice,
+)
+RESOURCES: dict[str, ResourceType] = {r.plural: r for r in (PODS, NODES, LEASES, RESOURCE_SLICES)}
+"""Every resource the store holds, at the version it stores (a served version's view is
+converted on the way in and out, see `to_wire` and `from_wire`)."""
+
+
+def to_wire(resource: ResourceType, obj: JsonObject) -> JsonObject:
+    """A stored object as the served version ``resource`` shows it (the same dict if unchanged)."""
+    stored = RESOURCES[resource.plural]
+    if resource.version == stored.version or resource.convert is None:
+        return obj
+    return resource.convert(obj, stored.version, resource.version)
+
+
+def from_wire(resource: ResourceType, body: Any) -> Any:
+    """A request body sent to the served version ``resource``, as the store keeps it."""
+    stored = RESOURCES[resource.plural]
+    if resource.version == stored.version or resource.convert is None or not isinstance(body, dict):
+        return body
+    return resource.convert(body, resource.version, stored.version)
 
 
 class ApiError(Exception):

@@ -35,6 +35,12 @@ _FIELDS: dict[str, dict[str, Callable[[JsonObject], str]]] = {
         "metadata.name": lambda o: o["metadata"].get("name", ""),
         "metadata.namespace": lambda o: o["metadata"].get("namespace", ""),
     },
+    # resource.k8s.io ResourceSlices; nodeName is unset on slices for many nodes.
+    "resourceslices": {
+        "metadata.name": lambda o: o["metadata"].get("name", ""),
+        "spec.nodeName": lambda o: o.get("spec", {}).get("nodeName") or "",
+        "spec.driver": lambda o: o.get("spec", {}).get("driver") or "",
+    },
 }
 
 

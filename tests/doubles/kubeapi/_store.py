@@ -32,6 +32,7 @@ from tests.doubles.kubeapi._objects import (
     JsonObject,
     ResourceType,
     timestamp,
+    to_wire,
 )
 from tests.doubles.kubeapi._patch import apply_patch
 from tests.doubles.kubeapi._selectors import Selector
@@ -42,19 +43,19 @@ _SNAPSHOTS_KEPT = 32
 
 @dataclass(slots=True)
 class _Event:
-    """One write, as watchers see it; JSON of the objects is rendered once and shared."""
+    """One write, as watchers see it; its JSON is rendered once per version and shared."""
 
     rv: int
     resource: str
     type: str
     old: JsonObject | None
     new: JsonObject
-    _json: dict[int, bytes] = field(default_factory=dict)
+    _json: dict[tuple[int, str], bytes] = field(default_factory=dict)
 
-    def encoded(self, obj: JsonObject) -> bytes:
-        key = id(obj)
+    def encoded(self, obj: JsonObject, wire: ResourceType) -> bytes:
+        key = (id(obj), wire.version)
         if key not in self._json:
-            self._json[key] = json.dumps(obj, separators=(",", ":")).encode()
+            self._json[key] = json.dumps(to_wire(wire, obj), separators=(",", ":")).encode()
         return self._json[key]
 
 
@@ -65,11 +66,19 @@ def _line(event_type: str, encoded_object: bytes) -> bytes:
 class Watcher:
     """One open watch: filters events and queues them as ready-to-send JSON lines.
 
-    A ``None`` in ``queue`` means the store dropped the watch.
+    ``wire`` is the version the watcher asked for: objects are sent as it shows
+    them. A ``None`` in ``queue`` means the store dropped the watch.
     """
 
-    def __init__(self, resource: ResourceType, namespace: str | None, selector: Selector) -> None:
+    def __init__(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        selector: Selector,
+        wire: ResourceType | None = None,
+    ) -> None:
         self.resource = resource
+        self.wire = wire if wire is not None else resource
         self.namespace = namespace
         self.selector = selector
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -89,13 +98,14 @@ class Watcher:
         """
         if event.type == "DELETED":
             if self._selects(event.old):
-                self.queue.put_nowait(_line("DELETED", event.encoded(event.new)))
+                self.queue.put_nowait(_line("DELETED", event.encoded(event.new, self.wire)))
             return
         was, now = self._selects(event.old), self._selects(event.new)
         if now:
-            self.queue.put_nowait(_line("MODIFIED" if was else "ADDED", event.encoded(event.new)))
+            encoded = event.encoded(event.new, self.wire)
+            self.queue.put_nowait(_line("MODIFIED" if was else "ADDED", encoded))
         elif was:
-            self.queue.put_nowait(_line("DELETED", event.encoded(event.new)))
+            self.queue.put_nowait(_line("DELETED", event.encoded(event.new, self.wire)))
 
 
 class Store:
@@ -378,17 +388,20 @@ class Store:
         namespace: str | None,
         selector: Selector,
         resource_version: str,
+        *,
+        wire: ResourceType | None = None,
     ) -> Watcher:
         """Open a watch; its queue already holds the replay.
 
         ``""`` or ``"0"``: a synthetic ADDED per current object. ``N``: exactly
         the events after ``N``, or 410 Expired when they are no longer kept.
+        Objects are sent as ``wire`` (a served version of ``resource``) shows them.
         """
-        watcher = Watcher(resource, namespace, selector)
+        watcher = Watcher(resource, namespace, selector, wire)
         if resource_version in ("", "0"):
             for obj in self._candidates(resource, namespace, selector):
                 if selector.matches(obj):
-                    encoded = json.dumps(obj, separators=(",", ":")).encode()
+                    encoded = json.dumps(to_wire(watcher.wire, obj), separators=(",", ":")).encode()
                     watcher.queue.put_nowait(_line("ADDED", encoded))
         else:
             since = _parse_rv(resource_version)

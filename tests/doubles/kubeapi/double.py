@@ -24,32 +24,58 @@ import yaml
 from kubernetes_asyncio.client import Configuration
 
 from gpufleet.gpu.sim import SimFleet
+from tests.doubles.kubeapi._dra import (
+    NVIDIA_GPU_DRIVER,
+    RESOURCE_SLICE_VERSIONS,
+    gpu_slice_devices,
+    new_resource_slice,
+)
 from tests.doubles.kubeapi._exec import ExecHandler, SmiRenderer, default_handler
 from tests.doubles.kubeapi._http import ApiFront, KmockHandler, RecordedRequest
 from tests.doubles.kubeapi._objects import (
     LEASES,
     NODES,
     PODS,
-    RESOURCES,
+    RESOURCE_SLICES,
     JsonObject,
+    ResourceType,
     new_node,
     new_pod,
     set_ready,
 )
 from tests.doubles.kubeapi._store import Store
 
-_KINDS = {"pods": PODS, "nodes": NODES, "leases": LEASES}
+_KINDS = {"pods": PODS, "nodes": NODES, "leases": LEASES, "resourceslices": RESOURCE_SLICES}
 
 
 class KubeApiDouble:
-    """An API server double for pods, nodes and leases, with exec into simulated GPU nodes.
+    """An API server double for pods, nodes, leases and ResourceSlices, with exec into GPU nodes.
 
     ``bookmark_interval`` is how often watches that allow bookmarks get one
     (seconds); ``history_limit`` is how many past events a watch can resume
     from before it gets 410 Gone, as etcd compaction would give it.
+    ``resource_slice_versions`` are the ``resource.k8s.io`` versions that serve
+    ResourceSlices (all three by default, as Kubernetes 1.34; ``("v1beta1",)``
+    is a 1.32 server, ``()`` one without DRA): any other version answers 404.
     """
 
-    def __init__(self, *, bookmark_interval: float = 1.0, history_limit: int = 100_000) -> None:
+    def __init__(
+        self,
+        *,
+        bookmark_interval: float = 1.0,
+        history_limit: int = 100_000,
+        resource_slice_versions: Sequence[str] = RESOURCE_SLICE_VERSIONS,
+    ) -> None:
+        unknown = set(resource_slice_versions) - set(RESOURCE_SLICE_VERSIONS)
+        if unknown:
+            raise ValueError(
+                f"ResourceSlices are not served at {sorted(unknown)}; "
+                f"choose from {list(RESOURCE_SLICE_VERSIONS)}"
+            )
+        served: list[ResourceType] = [PODS, NODES, LEASES]
+        served += [RESOURCE_SLICES.served_as(v) for v in dict.fromkeys(resource_slice_versions)]
+        self.resource_slice_versions = tuple(dict.fromkeys(resource_slice_versions))
+        """The versions that serve ResourceSlices, as given."""
         self._store = Store(history_limit=history_limit)
         self._stopping = asyncio.Event()
         self._smi = SmiRenderer()
@@ -57,13 +83,14 @@ class KubeApiDouble:
         self._exec_handler: ExecHandler | None = None
         self._front = ApiFront(
             self._store,
+            served=served,
             exec_handler=lambda: self._exec_handler or self._default_exec,
             bookmark_interval=bookmark_interval,
             stopping=self._stopping,
         )
         self.kmock = KmockHandler(front=self._front)
         """kmock's handler: add reactions for paths the double does not emulate."""
-        for resource in RESOURCES.values():
+        for resource in served:
             self.kmock.resources[f"{resource.api_version}/{resource.plural}"] = kmock.ResourceInfo(
                 kind=resource.kind,
                 singular=resource.kind.lower(),
@@ -194,8 +221,57 @@ class KubeApiDouble:
         """Delete the pod at once; watchers get DELETED."""
         self._store.delete(PODS, namespace, name)
 
+    def add_resource_slice(
+        self,
+        name: str,
+        *,
+        node_name: str,
+        devices: Sequence[JsonObject],
+        driver: str = NVIDIA_GPU_DRIVER,
+        pool: str | None = None,
+        generation: int = 1,
+    ) -> JsonObject:
+        """Publish a ResourceSlice of ``node_name``, as a DRA driver does; returns a copy.
+
+        ``devices`` are in the ``v1`` shape (see `slice_device` and
+        `gpu_slice_devices`); a client of ``v1beta1`` sees them under
+        ``basic``. The pool is named after the node unless ``pool`` says
+        otherwise, as NVIDIA's driver names it.
+        """
+        obj = new_resource_slice(
+            name,
+            node_name=node_name,
+            driver=driver,
+            pool=pool if pool is not None else node_name,
+            devices=devices,
+            generation=generation,
+        )
+        return _copy(self._store.create(RESOURCE_SLICES, None, obj))
+
+    def add_gpu_resource_slice(
+        self, node_name: str, fleet: SimFleet, *, name: str | None = None
+    ) -> JsonObject:
+        """Publish the slice NVIDIA's DRA driver would publish for ``fleet`` on ``node_name``.
+
+        Whole GPUs are ``gpu-<index>``; a GPU in MIG mode is published as its
+        MIG devices instead. Each carries its NVML UUID as attribute ``uuid``.
+        """
+        return self.add_resource_slice(
+            name or f"{node_name}-{NVIDIA_GPU_DRIVER}-gpus",
+            node_name=node_name,
+            devices=gpu_slice_devices(fleet),
+        )
+
+    def update_resource_slice(self, name: str, mutate: Callable[[JsonObject], None]) -> JsonObject:
+        """Apply ``mutate`` to a copy of the slice (``v1`` shape) and store it (one MODIFIED)."""
+        return _copy(self._store.mutate(RESOURCE_SLICES, None, name, mutate))
+
+    def delete_resource_slice(self, name: str) -> None:
+        """Delete the slice; watchers get DELETED."""
+        self._store.delete(RESOURCE_SLICES, None, name)
+
     def get(self, kind: str, namespace: str | None, name: str) -> JsonObject | None:
-        """A copy of a stored object; ``kind`` is ``pods``, ``nodes`` or ``leases``."""
+        """A copy of a stored object: ``pods``, ``nodes``, ``leases``, ``resourceslices`` (v1)."""
         obj = self._store.get(_KINDS[kind], namespace, name)
         return None if obj is None else _copy(obj)
 

@@ -15,8 +15,14 @@ exactly as the kubelet reports them. Each replica therefore has its one owner,
 and a lookup by bare GPU UUID does not pretend that a shared GPU belongs to a
 single pod: who uses a shared GPU is a question for per-process attribution.
 
-GPUs handed out through Dynamic Resource Allocation (``dynamic_resources``) are
-not read: their claims name a driver pool and device, not a GPU UUID.
+GPUs and MIG devices handed out through Dynamic Resource Allocation are read
+from ``dynamic_resources``. A claim names each device as (driver, pool, device),
+not by UUID; with a `DraResolver` (this node's ResourceSlices, see
+`resourceslices`), each is resolved to the GPU or MIG UUID the driver
+published. A device whose slice is not known yet has no owner until it is. One
+claim may be shared: a device claimed by several containers of one pod is
+owned by the pod (container ``""``), and one claimed by several pods has no
+single owner, as for time-sliced GPUs.
 """
 
 from __future__ import annotations
@@ -29,17 +35,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 
 from gpufleet.exporter.errors import PodResourcesError
 from gpufleet.exporter.podmap.kubelet_v1 import api_pb2, api_pb2_grpc
+from gpufleet.exporter.podmap.resourceslices import DraDevice
 
 __all__ = [
     "DEFAULT_SOCKET",
+    "ContainerAllocation",
     "ContainerRef",
+    "DraResolver",
     "PodResourcesClient",
     "is_gpu_resource",
 ]
@@ -55,6 +64,11 @@ _log = logging.getLogger(__name__)
 # non-empty profile is accepted rather than a fixed table.
 _GPU_RESOURCE = re.compile(r"nvidia\.com/(?:gpu(?:\.shared)?|mig-[A-Za-z0-9][A-Za-z0-9._-]*)")
 
+# A DRA device is resolved to whatever its driver published as ``uuid``; only
+# NVML's own UUIDs may become GPU owners, so that no other driver's value can
+# collide with a GPU index ("0") or another key of the device map.
+_NVML_UUID = re.compile(r"(?:GPU|MIG)-")
+
 _MIB = 1024 * 1024
 
 
@@ -65,6 +79,30 @@ class ContainerRef:
     namespace: str
     pod: str
     container: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerAllocation:
+    """What the kubelet allocated to one container: GPU device-plugin ids and DRA devices."""
+
+    ref: ContainerRef
+    device_ids: tuple[str, ...]
+    """Device-plugin ids of GPU resources only (see `is_gpu_resource`), as advertised."""
+    dra_devices: tuple[DraDevice, ...]
+    """Every (driver, pool, device) of the container's DRA claims, of any driver."""
+
+
+class DraResolver(Protocol):
+    """Resolves DRA devices to UUIDs: what `resourceslices.ResourceSliceIndex` provides."""
+
+    @property
+    def generation(self) -> int:
+        """Moves whenever any answer of `uuid` may have changed."""
+        ...
+
+    def uuid(self, device: DraDevice) -> str | None:
+        """The UUID the driver published for ``device``, or None."""
+        ...
 
 
 def is_gpu_resource(resource_name: str) -> bool:
@@ -85,7 +123,8 @@ class PodResourcesClient:
 
     The channel opens on first use. The gRPC receive limit is raised from the
     default 4 MiB to ``max_message_bytes`` because ``List`` answers for every
-    pod on the node, and a busy node's reply outgrows 4 MiB.
+    pod on the node, and a busy node's reply outgrows 4 MiB. With `dra`, GPUs
+    allocated through DRA claims are resolved to their UUIDs through it.
     """
 
     def __init__(
@@ -96,6 +135,7 @@ class PodResourcesClient:
         max_message_bytes: int = 64 * _MIB,
         timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        dra: DraResolver | None = None,
     ) -> None:
         self._socket_path = Path(socket_path)
         self._ttl = ttl
@@ -104,10 +144,16 @@ class PodResourcesClient:
         self._clock = clock
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
-        self._devices: Mapping[str, ContainerRef] | None = None
+        self._dra = dra
+        self._allocations: tuple[ContainerAllocation, ...] | None = None
         self._fetched_at = 0.0
+        # The device map is rebuilt when the allocations or the resolver's
+        # answers change, not on every call: the collector asks every interval.
+        self._devices: Mapping[str, ContainerRef] | None = None
+        self._devices_from: tuple[tuple[ContainerAllocation, ...], int] | None = None
         self._list_calls = 0
         self._warned_duplicates: set[str] = set()
+        self._noted_shared: set[str] = set()
         # Callers arriving while a List is in flight wait for its answer
         # instead of sending their own: one List per ttl, not per caller.
         self._refresh = asyncio.Lock()
@@ -125,14 +171,30 @@ class PodResourcesClient:
     async def devices(self) -> Mapping[str, ContainerRef]:
         """Device id -> the container it is allocated to, for GPU resources only.
 
-        Ids are exactly as the device plugin advertised them: a GPU UUID
+        Device-plugin ids are exactly as the plugin advertised them: a GPU UUID
         (``GPU-…``), a MIG UUID (``MIG-…``), an index such as ``"0"``, or a
-        shared replica ``<uuid>::<n>``. Served from cache while younger than
-        ``ttl``; otherwise one List call. Raises `PodResourcesError`, naming
-        the socket, when the socket is missing, the kubelet refuses or does not
-        answer in ``timeout``, the reply is over ``max_message_bytes``, or the
-        kubelet does not serve the v1 API. A failure is neither retried within
-        the call nor cached: the next call sends one List again.
+        shared replica ``<uuid>::<n>``. DRA devices appear under the GPU or MIG
+        UUID that `dra` resolves them to, once it can; a DRA device shared by
+        the containers of one pod maps to that pod with container ``""``, and
+        one shared by several pods is left out. The kubelet's answer is the
+        one `allocations` returns; errors are its errors.
+        """
+        allocations = await self.allocations()
+        key = (allocations, self._dra.generation if self._dra is not None else 0)
+        if self._devices is None or self._devices_from != key:
+            self._devices = MappingProxyType(self._owners(allocations))
+            self._devices_from = key
+        return self._devices
+
+    async def allocations(self) -> tuple[ContainerAllocation, ...]:
+        """Every container with GPU device-plugin ids or DRA devices, in the kubelet's order.
+
+        Served from cache while younger than ``ttl``; otherwise one List call.
+        Raises `PodResourcesError`, naming the socket, when the socket is
+        missing, the kubelet refuses or does not answer in ``timeout``, the
+        reply is over ``max_message_bytes``, or the kubelet does not serve the
+        v1 API. A failure is neither retried within the call nor cached: the
+        next call sends one List again.
         """
         cached = self._cached()
         if cached is not None:
@@ -142,9 +204,9 @@ class PodResourcesClient:
             if cached is not None:
                 return cached
             reply = await self._list()
-            devices = MappingProxyType(self._index(reply))
-            self._devices, self._fetched_at = devices, self._clock()
-            return devices
+            allocations = _allocations(reply)
+            self._allocations, self._fetched_at = allocations, self._clock()
+            return allocations
 
     async def close(self) -> None:
         """Close the channel; a later `devices` call opens a new one."""
@@ -152,10 +214,10 @@ class PodResourcesClient:
         if channel is not None:
             await channel.close()
 
-    def _cached(self) -> Mapping[str, ContainerRef] | None:
-        if self._devices is None or self._clock() - self._fetched_at >= self._ttl:
+    def _cached(self) -> tuple[ContainerAllocation, ...] | None:
+        if self._allocations is None or self._clock() - self._fetched_at >= self._ttl:
             return None
-        return self._devices
+        return self._allocations
 
     async def _list(self) -> api_pb2.ListPodResourcesResponse:
         # gRPC would report a missing socket as a generic UNAVAILABLE after a
@@ -219,19 +281,43 @@ class PodResourcesClient:
             return f"{where}: kubelet unavailable ({details})"
         return f"{where}: {code.name} ({details})"
 
-    def _index(self, reply: api_pb2.ListPodResourcesResponse) -> dict[str, ContainerRef]:
+    def _owners(self, allocations: tuple[ContainerAllocation, ...]) -> dict[str, ContainerRef]:
         owners: dict[str, ContainerRef] = {}
-        for pod in reply.pod_resources:
-            for container in pod.containers:
-                ref = ContainerRef(pod.namespace, pod.name, container.name)
-                for devices in container.devices:
-                    if not is_gpu_resource(devices.resource_name):
-                        continue
-                    for device_id in devices.device_ids:
-                        first = owners.setdefault(device_id, ref)
-                        if first != ref:
-                            self._warn_duplicate(device_id, first, ref)
+        for allocation in allocations:
+            for device_id in allocation.device_ids:
+                first = owners.setdefault(device_id, allocation.ref)
+                if first != allocation.ref:
+                    self._warn_duplicate(device_id, first, allocation.ref)
+        if self._dra is None:
+            return owners
+        # One claim may be shared by several containers and pods, so a DRA
+        # device legitimately appears more than once: collect every claimant.
+        claimants: dict[str, dict[ContainerRef, None]] = {}
+        for allocation in allocations:
+            for device in allocation.dra_devices:
+                uuid = self._dra.uuid(device)
+                if uuid is not None and _NVML_UUID.match(uuid):
+                    claimants.setdefault(uuid, {})[allocation.ref] = None
+        for uuid, refs in claimants.items():
+            owner = _single_owner(list(refs))
+            if owner is None:
+                self._note_shared(uuid, list(refs))
+                continue
+            first = owners.setdefault(uuid, owner)
+            if first != owner:
+                self._warn_duplicate(uuid, first, owner)
         return owners
+
+    def _note_shared(self, uuid: str, refs: list[ContainerRef]) -> None:
+        # Sharing a claim across pods is allowed (and an admin-access claim of
+        # a monitoring pod looks the same): not a fault, so info, once.
+        if uuid in self._noted_shared:
+            return
+        self._noted_shared.add(uuid)
+        _log.info(
+            "GPU claimed through DRA by several pods; it has no single owner",
+            extra={"gpu_uuid": uuid, "pods": sorted({f"{r.namespace}/{r.pod}" for r in refs})},
+        )
 
     def _warn_duplicate(self, device_id: str, kept: ContainerRef, dropped: ContainerRef) -> None:
         # The kubelet never hands one device to two containers; if it seems to,
@@ -248,6 +334,38 @@ class PodResourcesClient:
                 "socket": str(self._socket_path),
             },
         )
+
+
+def _allocations(reply: api_pb2.ListPodResourcesResponse) -> tuple[ContainerAllocation, ...]:
+    found: list[ContainerAllocation] = []
+    for pod in reply.pod_resources:
+        for container in pod.containers:
+            device_ids = tuple(
+                device_id
+                for devices in container.devices
+                if is_gpu_resource(devices.resource_name)
+                for device_id in devices.device_ids
+            )
+            dra_devices = tuple(
+                DraDevice(claimed.driver_name, claimed.pool_name, claimed.device_name)
+                for dynamic in container.dynamic_resources
+                for claimed in dynamic.claim_resources
+                if claimed.driver_name and claimed.pool_name and claimed.device_name
+            )
+            if device_ids or dra_devices:
+                ref = ContainerRef(pod.namespace, pod.name, container.name)
+                found.append(ContainerAllocation(ref, device_ids, dra_devices))
+    return tuple(found)
+
+
+def _single_owner(refs: list[ContainerRef]) -> ContainerRef | None:
+    if len(refs) == 1:
+        return refs[0]
+    pods = {(ref.namespace, ref.pod) for ref in refs}
+    if len(pods) == 1:
+        ((namespace, pod),) = pods
+        return ContainerRef(namespace, pod, "")
+    return None
 
 
 def _size(n: int) -> str:

@@ -1,0 +1,319 @@
+"""Which GPU a Dynamic Resource Allocation device is, from this node's ResourceSlices.
+
+A DRA claim names each device it was allocated as (driver, pool, device), for
+NVIDIA's driver ``("gpu.nvidia.com", "<node name>", "gpu-0")`` or a MIG device
+such as ``"gpu-0-mig-9-4-2"``. The kubelet's PodResources API reports exactly
+that triple and nothing more. The GPU or MIG UUID that NVML knows is published
+by the DRA driver in the cluster-scoped ``ResourceSlice`` objects of the node,
+as the device attribute ``uuid`` (or ``<driver>/uuid``, the same attribute
+qualified with the driver's domain).
+
+`ResourceSliceIndex` maps (driver, pool, device) to that UUID. It is fed by an
+informer over this node's slices (``fieldSelector=spec.nodeName=<node>``),
+which `ResourceSliceWatch` runs against the newest API version the server
+serves: ``resource.k8s.io/v1`` (Kubernetes 1.34+), else ``v1beta2`` (1.33),
+else ``v1beta1`` (1.32). In ``v1`` and ``v1beta2`` a device's attributes are
+at ``spec.devices[].attributes``; in ``v1beta1`` they are one level down, at
+``spec.devices[].basic.attributes``. Both are read whatever the version says.
+
+Device names are the driver's own and opaque here: nothing parses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+from kubernetes_asyncio.client import ResourceV1Api, ResourceV1beta1Api, ResourceV1beta2Api
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from gpufleet.core.retry import Backoff
+from gpufleet.kube.client import api_status, call_json
+from gpufleet.kube.watch import Informer, KubeObject
+
+__all__ = [
+    "RESOURCE_API_VERSIONS",
+    "DraDevice",
+    "ResourceSliceIndex",
+    "ResourceSliceWatch",
+    "resource_slice_listers",
+    "slice_devices",
+]
+
+log = logging.getLogger(__name__)
+
+RESOURCE_API_VERSIONS = ("v1", "v1beta2", "v1beta1")
+"""The ``resource.k8s.io`` versions that serve ResourceSlices, most preferred first."""
+
+ListFunc = Callable[..., Awaitable[Any]]
+"""A generated ``list_resource_slice`` method."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class DraDevice:
+    """One device of a DRA pool, as a claim's allocation (and PodResources) names it."""
+
+    driver: str
+    pool: str
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Slice:
+    generation: int
+    """The pool generation the slice belongs to: a newer one supersedes older slices."""
+    uuids: Mapping[DraDevice, str]
+
+
+def slice_devices(obj: KubeObject) -> dict[DraDevice, str]:
+    """The devices of one ResourceSlice (the API's JSON) that carry a string ``uuid`` attribute.
+
+    Anything malformed (a missing driver, pool or device name, attributes that
+    are not objects, a ``uuid`` that is an int or empty) is left out, never
+    raised: the objects come from a third-party driver.
+    """
+    spec = _mapping(obj.get("spec")) if isinstance(obj, Mapping) else None
+    if spec is None:
+        return {}
+    driver, devices = spec.get("driver"), spec.get("devices")
+    pool_name = (_mapping(spec.get("pool")) or {}).get("name")
+    if not (_text(driver) and _text(pool_name) and isinstance(devices, list)):
+        return {}
+    names = ("uuid", f"{driver}/uuid")
+    found: dict[DraDevice, str] = {}
+    for entry in devices:
+        device = _mapping(entry)
+        name = device.get("name") if device is not None else None
+        if device is None or not _text(name):
+            continue
+        uuid = _string_attribute(_attributes(device), names)
+        if uuid is not None:
+            found[DraDevice(driver, pool_name, name)] = uuid
+    return found
+
+
+def _attributes(device: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    attributes = _mapping(device.get("attributes"))
+    if attributes is not None:
+        return attributes  # v1, v1beta2
+    basic = _mapping(device.get("basic"))  # v1beta1
+    return _mapping(basic.get("attributes")) if basic is not None else None
+
+
+def _string_attribute(attributes: Mapping[str, Any] | None, names: tuple[str, ...]) -> str | None:
+    if attributes is None:
+        return None
+    for name in names:
+        # An attribute is an object with exactly one of string, int, bool, version.
+        value = _mapping(attributes.get(name)) or {}
+        text = value.get("string")
+        if _text(text):
+            return text
+    return None
+
+
+def _mapping(value: Any) -> Mapping[str, Any] | None:
+    return value if isinstance(value, Mapping) else None
+
+
+def _text(value: Any) -> TypeGuard[str]:
+    return isinstance(value, str) and value != ""
+
+
+def _generation(obj: KubeObject) -> int:
+    pool = _mapping((_mapping(obj.get("spec")) or {}).get("pool"))
+    generation = pool.get("generation") if pool is not None else None
+    # bool is an int to Python; a generation never is.
+    return generation if isinstance(generation, int) and not isinstance(generation, bool) else 0
+
+
+def _name(obj: KubeObject) -> str:
+    metadata = _mapping(obj.get("metadata")) if isinstance(obj, Mapping) else None
+    name = metadata.get("name") if metadata is not None else None
+    return name if isinstance(name, str) else ""
+
+
+class ResourceSliceIndex:
+    """(driver, pool, device) -> GPU or MIG UUID, kept by a ResourceSlice informer's events.
+
+    When two slices name the same device (a pool being republished under a new
+    generation), the slice of the newer pool generation wins.
+    """
+
+    def __init__(self) -> None:
+        self._slices: dict[str, _Slice] = {}
+        self._uuids: dict[DraDevice, str] = {}
+        self.generation = 0
+        """Moves on every change of the map, so cached lookups know to ask again."""
+
+    def __len__(self) -> int:
+        return len(self._uuids)
+
+    def uuid(self, device: DraDevice) -> str | None:
+        """The UUID the driver published for ``device``; None while no slice names it."""
+        return self._uuids.get(device)
+
+    def items(self) -> dict[DraDevice, str]:
+        """A copy of the whole map."""
+        return dict(self._uuids)
+
+    def upsert(self, obj: KubeObject) -> None:
+        """Index (or re-index) one ResourceSlice; devices it no longer lists are forgotten."""
+        name = _name(obj)
+        if not name:
+            return
+        fresh = _Slice(_generation(obj), slice_devices(obj))
+        if self._slices.get(name) == fresh:
+            return
+        self._slices[name] = fresh
+        self._rebuild()
+        log.debug(
+            "ResourceSlice indexed",
+            extra={"resource_slice": name, "devices_with_uuid": len(fresh.uuids)},
+        )
+
+    def remove(self, obj: KubeObject) -> None:
+        """Forget a deleted ResourceSlice."""
+        if self._slices.pop(_name(obj), None) is not None:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        uuids: dict[DraDevice, str] = {}
+        # Later entries overwrite earlier ones: the newest pool generation wins.
+        for _, entry in sorted(self._slices.items(), key=lambda kv: (kv[1].generation, kv[0])):
+            uuids.update(entry.uuids)
+        if uuids != self._uuids:
+            self._uuids = uuids
+            self.generation += 1
+
+    async def on_add(self, obj: KubeObject) -> None:
+        """Informer handler."""
+        self.upsert(obj)
+
+    async def on_update(self, old: KubeObject, new: KubeObject) -> None:
+        """Informer handler: a driver republishes a slice when its devices change."""
+        self.upsert(new)
+
+    async def on_delete(self, obj: KubeObject) -> None:
+        """Informer handler."""
+        self.remove(obj)
+
+
+def resource_slice_listers(api_client: Any) -> dict[str, ListFunc]:
+    """``list_resource_slice`` of every version in `RESOURCE_API_VERSIONS`, over one API client."""
+    apis: dict[str, Any] = {
+        "v1": ResourceV1Api(api_client),
+        "v1beta2": ResourceV1beta2Api(api_client),
+        "v1beta1": ResourceV1beta1Api(api_client),
+    }
+    return {version: apis[version].list_resource_slice for version in RESOURCE_API_VERSIONS}
+
+
+class ResourceSliceWatch:
+    """Find the ResourceSlice version the server serves, then keep `index` current.
+
+    `listers` maps a version to its ``list_resource_slice`` (see
+    `resource_slice_listers`), in order of preference. `run` lists each in
+    turn, once, with this node's field selector: a 404 means the version is not
+    served. The first that answers is watched by an `Informer` limited to this
+    node's slices. When none is served, DRA attribution is off: one info line,
+    and `run` returns. Any other failure (403 without the RBAC rule, the API
+    server unreachable) is logged once per distinct status and retried with
+    backoff, since it says nothing about what the server serves.
+    """
+
+    def __init__(
+        self,
+        listers: Mapping[str, ListFunc],
+        index: ResourceSliceIndex,
+        *,
+        node_name: str,
+        backoff: Backoff | None = None,
+        request_timeout: float = 60.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._listers = dict(listers)
+        self.index = index
+        self._field_selector = f"spec.nodeName={node_name}"
+        self._backoff = backoff if backoff is not None else Backoff()
+        self._request_timeout = request_timeout
+        self._sleep = sleep
+        self._rand = rand
+        self._stopping = False
+        self.version: str | None = None
+        """The version being watched; None before it is known, and when none is served."""
+        self.informer: Informer | None = None
+        self.decided = asyncio.Event()
+        """Set once the served version (or that none is served) is known."""
+
+    async def run(self) -> None:
+        """Pick the version, then run the informer until `stop()` or cancellation."""
+        version = await self._choose_version()
+        self.version = version
+        self.decided.set()
+        if version is None:
+            log.info(
+                "no resource.k8s.io version serves ResourceSlices: "
+                "GPUs allocated through DRA are not attributed to pods",
+                extra={"tried": list(self._listers)},
+            )
+            return
+        if self._stopping:
+            return
+        informer = Informer(self._listers[version], field_selector=self._field_selector)
+        informer.add_handlers(
+            on_add=self.index.on_add, on_update=self.index.on_update, on_delete=self.index.on_delete
+        )
+        self.informer = informer
+        log.info(
+            "watching ResourceSlices for DRA attribution",
+            extra={"api_version": f"resource.k8s.io/{version}", "selector": self._field_selector},
+        )
+        await informer.run()
+
+    async def stop(self) -> None:
+        """End `run()`'s informer; a `run()` still choosing the version ends before watching."""
+        self._stopping = True
+        if self.informer is not None:
+            await self.informer.stop()
+
+    async def _choose_version(self) -> str | None:
+        attempt = 0
+        reported: object = None
+        while True:
+            try:
+                return await self._first_served()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                status = api_status(exc)
+                what = status if status is not None else type(exc).__name__
+                if what != reported:
+                    reported = what
+                    log.warning(
+                        "cannot tell which ResourceSlice version is served, retrying",
+                        extra={"error": f"{type(exc).__name__}: {exc}", "status": status},
+                    )
+            await self._sleep(self._backoff.delay(attempt, self._rand))
+            attempt += 1
+
+    async def _first_served(self) -> str | None:
+        for version, list_func in self._listers.items():
+            try:
+                await call_json(
+                    list_func,
+                    field_selector=self._field_selector,
+                    limit=1,
+                    _request_timeout=self._request_timeout,
+                )
+            except ApiException as exc:
+                if api_status(exc) == 404:
+                    continue
+                raise
+            return version
+        return None
