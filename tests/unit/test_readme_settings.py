@@ -1,9 +1,10 @@
-"""The README documents every environment variable gpufleet reads.
+"""The README documents every environment variable gpufleet reads, and every flag.
 
 Each settings model (a `GpufleetSettings` subclass) maps its fields to
 environment variables; a variable the README does not name is a setting users
 cannot find. Every module of the package is imported, so a model added
-anywhere is checked without touching this test.
+anywhere is checked without touching this test. The flags are read from the
+CLI itself (every leaf command of `gpufleet`).
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import pkgutil
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import typer
 from pydantic import AliasChoices
 
 import gpufleet
+from gpufleet.cli import app
 from gpufleet.core.config import GpufleetSettings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+_TYPER_BUILTINS = {"--install-completion", "--show-completion", "--help"}
 
 
 def _settings_models() -> Iterator[type[GpufleetSettings]]:
@@ -59,4 +64,32 @@ def test_every_environment_variable_is_in_the_readme() -> None:
         for field, names in _variables(model)
         if not any(re.search(rf"(?<![A-Z0-9_]){re.escape(n)}(?![A-Z0-9_])", readme) for n in names)
     ]
+    assert missing == []
+
+
+def _commands(command: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any]]:
+    subcommands = getattr(command, "commands", None)
+    if subcommands is None:
+        yield path, command
+        return
+    for name, sub in subcommands.items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_every_command_line_flag_is_in_the_readme() -> None:
+    readme = README.read_text()
+    commands = list(_commands(typer.main.get_command(app), ("gpufleet",)))
+    assert len(commands) >= 20  # the walk reaches the leaf commands
+    flags = {
+        (" ".join(path), option)
+        for path, command in commands
+        for param in command.params
+        for option in [*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ())]
+        if option.startswith("--") and option not in _TYPER_BUILTINS
+    }
+    missing = sorted(
+        f"{path} {flag}"
+        for path, flag in flags
+        if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", readme)
+    )
     assert missing == []
