@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from gpufleet.kube.client import Kube, KubeSettings, connect
 from tests.doubles.kubeapi import KubeApiDouble
+from tests.doubles.podresources import FakeKubelet
 
 STATE = Path(__file__).resolve().parent.parent / ".testservers"
 
@@ -44,3 +47,23 @@ async def kube(api: KubeApiDouble) -> AsyncIterator[Kube]:
     settings = KubeSettings(qps=1000, burst=1000)
     async with await connect(settings, configuration=api.client_configuration()) as client:
         yield client
+
+
+@pytest.fixture
+def socket_path() -> Iterator[Path]:
+    """A unix socket path in a fresh directory under /tmp.
+
+    A socket path has at most 107 bytes, and pytest's tmp_path can be longer.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="gf-sock-", dir="/tmp"))
+    try:
+        yield directory / "kubelet.sock"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+async def kubelet(socket_path: Path) -> AsyncIterator[FakeKubelet]:
+    """The fake kubelet's PodResources service on ``socket_path``."""
+    async with FakeKubelet(socket_path) as fake:
+        yield fake

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import pytest
+
+
+class _Collector(Protocol):
+    def latest_snapshot(self) -> Any: ...
 
 
 async def eventually(condition: Callable[[], bool], limit: float = 5.0) -> None:
@@ -16,3 +21,19 @@ async def eventually(condition: Callable[[], bool], limit: float = 5.0) -> None:
         if loop.time() > deadline:
             pytest.fail("condition not reached")
         await asyncio.sleep(0.01)
+
+
+async def next_snapshot(collector: _Collector, limit: float = 10.0) -> Any:
+    """The GPU exporter's first snapshot from a collection that started after this call.
+
+    The collection in flight may have started before the change being
+    waited for, so this waits for two new snapshots. Fails as a hang after
+    ``limit`` seconds for each.
+    """
+    before = collector.latest_snapshot()
+    for _ in range(2):
+        async with asyncio.timeout(limit):
+            while collector.latest_snapshot() is before:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        before = collector.latest_snapshot()
+    return before

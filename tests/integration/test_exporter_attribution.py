@@ -33,6 +33,7 @@ from gpufleet.kube.client import Kube, KubeSettings, connect
 from tests.doubles.hostproc import HostProc, containerd_cgroup_v2
 from tests.doubles.kubeapi import KubeApiDouble
 from tests.doubles.podresources import FakeContainer, FakeKubelet, FakePod
+from tests.polling import next_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -71,15 +72,9 @@ class World:
 
     async def next_snapshot(self) -> Snapshot:
         """Wait for a collection that started after this call."""
-        collector = self.exporter.collector
-        before = collector.latest_snapshot()
-        for _ in range(2):  # the one in flight may have started before the change
-            async with asyncio.timeout(10):
-                while collector.latest_snapshot() is before:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
-            before = collector.latest_snapshot()
-        assert before is not None
-        return before
+        snapshot: Snapshot | None = await next_snapshot(self.exporter.collector)
+        assert snapshot is not None
+        return snapshot
 
 
 def process_samples(samples: list[Sample], name: str = "process_gpu_memory") -> list[Sample]:

@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from tests.doubles.podresources import (
     FakeKubelet,
     FakePod,
 )
+from tests.polling import next_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -94,22 +94,6 @@ def dgx_slice() -> dict[str, Any]:
 
 
 # --- PodResourcesClient with the ResourceSlice index ----------------------------------------
-
-
-@pytest.fixture
-def socket_path() -> Iterator[Path]:
-    # A unix socket path has at most 107 bytes; pytest's tmp_path can be longer.
-    directory = Path(tempfile.mkdtemp(prefix="gfd-", dir="/tmp"))
-    try:
-        yield directory / "kubelet.sock"
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-async def kubelet(socket_path: Path) -> AsyncIterator[FakeKubelet]:
-    async with FakeKubelet(socket_path) as fake:
-        yield fake
 
 
 @pytest.fixture
@@ -301,13 +285,7 @@ class World:
 
     async def next_snapshot(self) -> None:
         """Wait for a collection that started after this call."""
-        collector = self.exporter.collector
-        before = collector.latest_snapshot()
-        for _ in range(2):  # the one in flight may have started before the change
-            async with asyncio.timeout(10):
-                while collector.latest_snapshot() is before:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
-            before = collector.latest_snapshot()
+        await next_snapshot(self.exporter.collector)
 
     async def owners_once(self, done: Callable[[dict[str, Owner]], bool]) -> dict[str, Owner]:
         """The owners from the first collection that satisfies ``done`` (a hang guard of 15 s)."""

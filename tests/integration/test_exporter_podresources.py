@@ -6,10 +6,8 @@ import asyncio
 import gc
 import logging
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -50,22 +48,6 @@ def simulated_gpus(preset: str) -> tuple[GpuDevice, ...]:
 
 def one_gpu_pod(namespace: str, name: str, device_id: str) -> FakePod:
     return FakePod(namespace, name, [FakeContainer("main", {"nvidia.com/gpu": [device_id]})])
-
-
-@pytest.fixture
-def socket_path() -> Iterator[Path]:
-    # A unix socket path has at most 107 bytes; pytest's tmp_path can be longer.
-    directory = Path(tempfile.mkdtemp(prefix="gfk-", dir="/tmp"))
-    try:
-        yield directory / "kubelet.sock"
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-async def kubelet(socket_path: Path) -> AsyncIterator[FakeKubelet]:
-    async with FakeKubelet(socket_path) as fake:
-        yield fake
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from gpufleet.gpu import sim
 from gpufleet.kube.client import call_json
 from tests.doubles.kubeapi import KubeApiDouble, slice_device
+from tests.integration.test_kubeapi_double import collect
 
 pytestmark = pytest.mark.integration
 
@@ -46,16 +47,6 @@ async def client(api: KubeApiDouble) -> AsyncIterator[ApiClient]:
 
 def one_gpu(name: str = "gpu-0", uuid: str = UUID) -> list[dict[str, Any]]:
     return [slice_device(name, {"uuid": uuid, "index": 0}, {"memory": "80Gi"})]
-
-
-async def collect(stream: watch.Watch, count: int) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    async with asyncio.timeout(5):
-        async for event in stream:
-            events.append(event)
-            if len(events) == count:
-                break
-    return events
 
 
 async def test_v1_list_by_node_name_returns_only_that_nodes_slices(
