@@ -288,7 +288,11 @@ class PostgresExporter:
             )
 
     async def write(self, batch: Sequence[Reading]) -> None:
-        """Insert the batch in one transaction; readings already present are ignored."""
+        """Insert the batch, one transaction per part; readings already present are ignored.
+
+        Returns once every part has committed. When a part fails the others
+        may have committed: sending the whole batch again is harmless.
+        """
         if not batch:
             return
         for r in batch:
@@ -316,7 +320,7 @@ class PostgresExporter:
         """One part in three round trips: BEGIN, COPY, then INSERT, upsert and COMMIT together.
 
         The readings go in with a plain INSERT first: ``ON CONFLICT`` makes
-        every row a speculative insertion, which costs about a fifth of the
+        every row a speculative insertion, which costs about a quarter of the
         insert, for the rare batch that meets rows already stored. Such a batch
         (one sent again after a failure) fails on the unique key, is rolled
         back, and goes again through ``INSERT … ON CONFLICT DO NOTHING``.
