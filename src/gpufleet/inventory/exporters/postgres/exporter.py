@@ -94,11 +94,12 @@ def split_batch(batch: Sequence[Reading], parallelism: int) -> list[list[Reading
 
     One batch's rows keep the server busy while the client waits, and the
     client busy while the server waits; parts on two connections overlap the
-    two. A part gets at least ``MIN_PART`` readings, since each commit costs a
-    WAL flush. Every reading of one GPU goes to the same part (by the hash of
-    its serial), so two parts never upsert the same placement and never wait
-    on each other's row locks. ``hash`` differs between processes; that is
-    fine, the parts only have to be disjoint within one call.
+    two. There are at most ``len(batch) // MIN_PART`` parts (about equal, being
+    a hash split), since each commit costs a WAL flush. Every reading of one
+    GPU goes to the same part (by the hash of its serial), so two parts never
+    upsert the same placement and never wait on each other's row locks.
+    ``hash`` differs between processes; that is fine, the parts only have to
+    be disjoint within one call.
     """
     count = max(1, min(parallelism, len(batch) // MIN_PART))
     if count == 1:
