@@ -36,7 +36,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from gpufleet.kcache.transfer import pull_to_store, push_image
 
 GENERATOR_VERSION = 2
 REPOSITORY = "bench/kcache"
+ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_BIN = "/usr/bin/docker-registry"
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 CHUNK = 4096
@@ -286,12 +286,6 @@ def ensure_tool(binary: str, package: str) -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def answers(registry: str) -> bool:
     try:
         with urllib.request.urlopen(f"http://{registry}/v2/", timeout=2) as response:
@@ -302,68 +296,29 @@ def answers(registry: str) -> bool:
 
 @contextlib.contextmanager
 def own_registry(state: Path) -> Iterator[str]:
-    """A throwaway docker-registry on a free loopback port, storage under `state`."""
-    binary = REGISTRY_BIN if os.access(REGISTRY_BIN, os.X_OK) else None
-    binary = binary or ensure_tool("docker-registry", "docker-registry")
-    port = free_port()
-    config = state / "config.yml"
-    # As scripts/servers/registry.sh configures it; quiet logs, no access log.
-    config.write_text(
-        f"""version: 0.1
-log:
-  level: warn
-  formatter: text
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {state / "data"}
-  redirect:
-    disable: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 127.0.0.1:{port}
-  secret: {os.urandom(16).hex()}
-health:
-  storagedriver:
-    enabled: false
-"""
+    """A throwaway docker-registry, started as the tests start theirs, storage under `state`.
+
+    `scripts/servers/registry.sh` (which installs Debian's docker-registry if
+    need be) runs its registries with their state in `state`; the anonymous one
+    is measured.
+    """
+    script = ROOT / "scripts" / "servers" / "registry.sh"
+    env = state / "env"
+    env.touch()
+    subprocess.run(
+        ["bash", str(script), "start", str(state)], check=True, stdout=subprocess.DEVNULL
     )
-    log = (state / "server.log").open("wb")
-    # A clean environment: distribution reads REGISTRY_* variables as config overrides.
-    proc = subprocess.Popen(
-        [binary, "serve", str(config)],
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    registry = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while not answers(registry):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(
-                    f"bench_kcache_pull: docker-registry did not come up on {registry}:\n"
-                    + (state / "server.log").read_text(errors="replace")
-                )
-            time.sleep(0.1)
+        registry = read_registry(env)
+        if registry is None:
+            sys.exit(f"bench_kcache_pull: {script} started no registry (see {state})")
         yield registry
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        subprocess.run(["bash", str(script), "stop", str(state)], check=False)
 
 
-def find_test_registry() -> str | None:
-    """The test servers' anonymous registry, if `.testservers/env` names one that answers."""
-    env = Path(__file__).resolve().parent.parent / ".testservers" / "env"
+def read_registry(env: Path) -> str | None:
+    """The anonymous registry named in a test-servers env file, if it answers."""
     if not env.is_file():
         return None
     for line in env.read_text().splitlines():
@@ -371,6 +326,11 @@ def find_test_registry() -> str | None:
             registry = line.removeprefix("REGISTRY=").strip()
             return registry if answers(registry) else None
     return None
+
+
+def find_test_registry() -> str | None:
+    """The test servers' anonymous registry, if `.testservers/env` names one that answers."""
+    return read_registry(ROOT / ".testservers" / "env")
 
 
 def tool_version(argv: list[str]) -> str:
