@@ -92,13 +92,17 @@ async def test_every_informer_ends_with_the_store_after_a_burst_of_status_update
     assert mismatched == []
 
 
-async def test_a_stalled_watcher_is_evicted_without_slowing_the_writer() -> None:
+@pytest.mark.parametrize("batched", [True, False], ids=["WatchGpuBatches", "WatchGpus"])
+async def test_a_stalled_watcher_is_evicted_without_slowing_the_writer(batched: bool) -> None:
     updates = max(UPDATES, 2000)
     with short_tmp() as directory:
         async with running_server(directory, watch_queue=64) as running:
             # Without BDP probing the stalled client's receive window stays at 64 KiB,
             # so the server's writes to it block soon and its queue overflows.
             stalled_client = DeviceApiClient(running.socket, options=[("grpc.http2.bdp_probe", 0)])
+            # WatchGpus: the state a client is in once a server predating
+            # WatchGpuBatches has answered UNIMPLEMENTED.
+            stalled_client._batched = batched
             async with running.client() as writer, stalled_client as stalled:
                 gpus = [await writer.create(make_gpu(f"gpu-{i:04d}", i)) for i in range(16)]
                 # Opened and never read: the server keeps writing until flow control
@@ -120,4 +124,5 @@ async def test_a_stalled_watcher_is_evicted_without_slowing_the_writer() -> None
                     await asyncio.wait_for(_drain(first, stream), 30)
                 with contextlib.suppress(Exception):
                     await stream.aclose()
+    assert stalled._batched is batched  # the eviction came through the RPC meant
     assert evicted == 1
