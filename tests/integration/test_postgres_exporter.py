@@ -496,10 +496,10 @@ async def test_new_readings_take_the_plain_insert_and_a_replay_the_conflict_path
     try:
         for batch in batches:
             await exporter.write(batch)
-        assert exporter.conflicting_batches == 0
+        assert exporter.conflicting_parts == 0
         await exporter.write(batches[1])  # sent again, say after a lost acknowledgement
         # Each of the batch's two parts met stored rows, and stored nothing new.
-        assert exporter.conflicting_batches == 2
+        assert exporter.conflicting_parts == 2
         # A batch half old, half new: the new half is stored, the old not twice.
         mixed = batches[2][:250] + fleet_batches(4, 500)[3][:250]
         await exporter.write(mixed)

@@ -155,8 +155,8 @@ class PostgresExporter:
         self._schema_lock = asyncio.Lock()
         self._copy_lock = asyncio.Lock()
         self._sql = WriteStatements(settings.postgres_table, settings.postgres_placements_table)
-        self.conflicting_batches = 0
-        """Batch writes that met readings already stored and took the ON CONFLICT path."""
+        self.conflicting_parts = 0
+        """Parts (transactions) that met readings already stored and took the ON CONFLICT path."""
 
     def _where(self) -> str:
         s = self.settings
@@ -303,11 +303,6 @@ class PostgresExporter:
                 )
         pool = await self._ready_pool()
         parts = split_batch(batch, self.settings.write_parts)
-        if len(parts) == 1:
-            await self._run(
-                pool, lambda conn: self._write(conn, batch), f"write {len(batch)} readings"
-            )
-            return
         results = await asyncio.gather(
             *(self._run(pool, self._writer(part), f"write {len(part)} readings") for part in parts),
             return_exceptions=True,
@@ -332,7 +327,7 @@ class PostgresExporter:
             try:
                 await self._commit(conn, self._sql.insert_new, upsert)
             except pgerr.UniqueViolation:
-                self.conflicting_batches += 1
+                self.conflicting_parts += 1
                 await conn.rollback()
                 await self._fill(conn, batch)
                 await self._commit(conn, self._sql.insert, upsert)

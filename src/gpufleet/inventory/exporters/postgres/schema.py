@@ -133,22 +133,22 @@ def schema_statements(
     ]
     # gpuid's four indexes on the readings. Where a GPU or a machine has been is
     # the placements table's question; its key leads with (cluster, gpu).
+    # The time indexes are BRIN: readings arrive in time order (see
+    # docs/postgres-exporter.md).
     indexes = [
-        (readings, r, "cluster", "cluster"),
-        (readings, r, "node", "node"),
+        (readings, r, "cluster", "(cluster)"),
+        (readings, r, "node", "(node)"),
         (readings, r, "read_time", "USING brin (read_time)"),
         (readings, r, "created_at", "USING brin (created_at)"),
-        (placements, p, "machine", "machine"),
-        (placements, p, "node", "node"),
-        (placements, p, "uuid", "uuid"),
+        (placements, p, "machine", "(machine)"),
+        (placements, p, "node", "(node)"),
+        (placements, p, "uuid", "(uuid)"),
     ]
     return tables, [
-        sql.SQL("CREATE INDEX IF NOT EXISTS {name} ON {table} {columns}").format(
-            name=_index_name(table, suffix),
-            table=ident,
-            columns=sql.SQL(columns if columns.startswith("USING") else f"({columns})"),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {name} ON {table} {spec}").format(
+            name=_index_name(table, suffix), table=ident, spec=sql.SQL(spec)
         )
-        for table, ident, suffix, columns in indexes
+        for table, ident, suffix, spec in indexes
     ]
 
 
