@@ -1,27 +1,29 @@
 """How fast does the PostgreSQL exporter write? Batched COPY vs one INSERT per reading.
 
-gpufleet writes a 500-reading batch as two transactions on two connections
-(``POSTGRES_WRITE_PARALLELISM=2``), started one after the other so the client
-builds the second part's rows while the server inserts the first: COPY into a
-temporary table, one INSERT … SELECT into the readings, one upsert of the
-placements, COMMIT. The peers are what straightforward code does (gpuid's
-first exporter did the first): one INSERT per reading, each committed on its
-own; and the same with the reading's placement upserted in its transaction,
-which leaves the tables as the exporter does. All write to tables with the
-same columns and indexes, on the same server, in the same run. The naive
-writers run on fewer readings (they are that slow); the figures are
-per-reading rates.
+gpufleet writes a 500-reading batch as one transaction: COPY into a temporary
+table, one INSERT … SELECT into the readings, one upsert of the placements,
+COMMIT. When batches wait (a replay after an outage), the delivery pipeline has
+up to ``POSTGRES_BATCHES_IN_FLIGHT`` (4) of them on the way; they overlap
+their work but commit one after the other, oldest first. The peers are what
+straightforward code does (gpuid's first exporter did the first): one INSERT
+per reading, each committed on its own; and the same with the reading's
+placement upserted in its transaction, which leaves the tables as the
+exporter does. All write to tables with the same columns and indexes, on the
+same server, in the same run. The naive writers run on fewer readings (they
+are that slow); the figures are per-reading rates.
 
 The data is what a controller produces: a fleet of 8,000 GPUs (1,000 nodes of
 8) scanned every 5 minutes, so every batch holds 500 different GPUs and moves
 500 placements, and the readings outnumber the placements 12 to 1 by the end.
 Each writer gets fresh tables per round. Before its clock starts, the exporter
 writes warm-up batches, so connecting, migrating and preparing statements are
-not measured; the naive writers connect before their clock starts too. Every
-figure is one batch at a time, as the delivery pipeline sends them; a second
-line shows the exporter writing each batch as one transaction. The figures are
-the median of ``--rounds`` rounds (3 by default), since a shared VM varies from
-run to run.
+not measured; the naive writers connect before their clock starts too. The
+exporter is fed as the delivery pipeline feeds it: up to ``max_in_flight``
+batches, oldest first, the next started when the oldest returns. Further lines
+show one batch at a time (whole, and split in two transactions on two
+connections), and the real ``DeliveryPipeline`` draining the readings from its
+spool, which adds reading and decoding each batch. The figures are the median
+of ``--rounds`` rounds (3 by default), since a shared VM varies from run to run.
 
 The server is the one ``scripts/test-servers.sh start`` left in
 ``.testservers/env``, or else a throwaway one this script starts with
@@ -38,16 +40,21 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+from prometheus_client import CollectorRegistry
 from psycopg import sql
 
+from gpufleet.inventory.delivery import DeliveryConfig, DeliveryPipeline
 from gpufleet.inventory.exporters.postgres import PostgresExporter, PostgresSettings
+from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading
+from gpufleet.inventory.spool import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 READINGS = 100_000
@@ -122,7 +129,12 @@ def settings(env: dict[str, str], suffix: str) -> PostgresSettings:
 
 
 async def gpufleet_rate(config: PostgresSettings, readings: list[Reading]) -> float:
-    """Readings per second through PostgresExporter, one batch at a time."""
+    """Readings per second through PostgresExporter, fed as the delivery pipeline feeds it.
+
+    Up to ``exporter.max_in_flight`` batches are in flight, started oldest
+    first; the next one starts when the oldest has returned (a sliding window
+    over the head, like ``DeliveryPipeline``).
+    """
     batches = [readings[i : i + BATCH] for i in range(0, len(readings), BATCH)]
     # An earlier sweep: the measured batches still move every placement's last_seen.
     warmup = fleet_readings(WARMUP_BATCHES * BATCH, sweep_offset=-1_000)
@@ -130,14 +142,56 @@ async def gpufleet_rate(config: PostgresSettings, readings: list[Reading]) -> fl
     try:
         # Not measured: connecting the pool's connections, migrating, preparing.
         await exporter.open()
-        for i in range(0, len(warmup), BATCH):
-            await exporter.write(warmup[i : i + BATCH])
+        await write_all(exporter, [warmup[i : i + BATCH] for i in range(0, len(warmup), BATCH)])
         start = time.perf_counter()
-        for batch in batches:
-            await exporter.write(batch)
+        await write_all(exporter, batches)
         return len(readings) / (time.perf_counter() - start)
     finally:
         await exporter.close()
+
+
+async def write_all(exporter: PostgresExporter, batches: list[list[Reading]]) -> None:
+    window: deque[asyncio.Task[None]] = deque()
+    pending = iter(batches)
+    while True:
+        for batch in pending:
+            window.append(asyncio.create_task(exporter.write(batch)))
+            if len(window) >= exporter.max_in_flight:
+                break
+        if not window:
+            return
+        await window.popleft()
+
+
+async def pipeline_rate(config: PostgresSettings, readings: list[Reading]) -> float:
+    """Readings per second drained from a spool by the real DeliveryPipeline.
+
+    The readings are accepted (written to the spool and sealed into batches)
+    before the clock starts; the figure is the replay after an outage: read a
+    batch from the spool, decode it, write it, ack it.
+    """
+    warmup = fleet_readings(WARMUP_BATCHES * BATCH, sweep_offset=-1_000)
+    exporter = PostgresExporter(config)
+    with tempfile.TemporaryDirectory(prefix="gpufleet-bench-spool-") as tmp:
+        spool = Spool(Path(tmp, "bench.spool"), max_bytes=1 << 34)
+        delivery = DeliveryPipeline(
+            exporter, spool, cluster="bench", metrics=ExportMetrics(CollectorRegistry()),
+            config=DeliveryConfig(batch_size=BATCH),
+        )  # fmt: skip
+        try:
+            await exporter.open()
+            await delivery.submit(warmup)
+            if not await delivery.drain(within=60):
+                raise RuntimeError("warm-up batches were not delivered")
+            await delivery.submit(readings)
+            spool.seal(BATCH)
+            start = time.perf_counter()
+            if not await delivery.drain(within=600):
+                raise RuntimeError("the pipeline did not drain the spool")
+            return len(readings) / (time.perf_counter() - start)
+        finally:
+            await exporter.close()
+            spool.close()
 
 
 def naive_rate(config: PostgresSettings, readings: list[Reading], *, placements: bool) -> float:
@@ -180,8 +234,10 @@ def drop(config: PostgresSettings) -> None:
 
 
 WRITERS = {
-    "ours": "gpufleet PostgresExporter (defaults: 2 parts)",
-    "one_part": "  same, POSTGRES_WRITE_PARALLELISM=1",
+    "ours": "gpufleet PostgresExporter (defaults: 4 in flight)",
+    "one_batch": "  one batch at a time (POSTGRES_BATCHES_IN_FLIGHT=1)",
+    "split": "  same, split in two (POSTGRES_WRITE_PARALLELISM=2)",
+    "pipeline": "  defaults, drained from the spool by DeliveryPipeline",
     "naive_same": "naive, same work: INSERT + placement upsert, commit",
     "naive": "naive, readings only: autocommitted INSERT",
 }
@@ -190,12 +246,16 @@ WRITERS = {
 def one_round(env: dict[str, str], readings: list[Reading]) -> dict[str, float]:
     """Readings/s of every writer, each on fresh tables."""
     runs = {name: settings(env, name) for name in WRITERS}
-    runs["one_part"] = runs["one_part"].model_copy(update={"postgres_write_parallelism": 1})
+    runs["one_batch"] = runs["one_batch"].model_copy(update={"postgres_batches_in_flight": 1})
+    runs["split"] = runs["split"].model_copy(
+        update={"postgres_batches_in_flight": 1, "postgres_write_parallelism": 2}
+    )
     try:
         rates = {
-            "ours": asyncio.run(gpufleet_rate(runs["ours"], readings)),
-            "one_part": asyncio.run(gpufleet_rate(runs["one_part"], readings)),
+            name: asyncio.run(gpufleet_rate(runs[name], readings))
+            for name in ("ours", "one_batch", "split")
         }
+        rates["pipeline"] = asyncio.run(pipeline_rate(runs["pipeline"], readings))
         for name, with_placements in (("naive_same", True), ("naive", False)):
             # The naive writers get the same tables (columns, indexes), already warm.
             asyncio.run(gpufleet_rate(runs[name], []))

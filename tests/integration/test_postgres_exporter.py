@@ -456,10 +456,10 @@ def transactions(server: Server, table: str) -> int:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({}, 2),  # the default: two transactions on two connections
-        ({"postgres_write_parallelism": 1}, 1),
+        ({}, 1),  # the default: one transaction (batches overlap instead)
+        ({"postgres_write_parallelism": 2}, 2),  # two transactions on two connections
         ({"postgres_write_parallelism": 3}, 3),
-        ({"postgres_pool_max": 1}, 1),  # never more parts than connections
+        ({"postgres_write_parallelism": 2, "postgres_pool_max": 1}, 1),  # no more than the pool
     ],
 )
 async def test_a_batch_is_written_as_parallel_transactions(
@@ -481,7 +481,7 @@ async def test_a_gpu_seen_twice_in_a_split_batch_is_written_by_one_transaction(
         for sweep in (0, 5)
         for g in range(300)
     ]
-    await write_all(make_settings(server, tables), [batch])
+    await write_all(make_settings(server, tables, postgres_write_parallelism=2), [batch])
     assert transactions(server, tables[0]) == 2
     assert set(inserting_transactions(server, tables[0]).values()) == {1}
     assert count(server, tables[1]) == 300
@@ -492,7 +492,7 @@ async def test_new_readings_take_the_plain_insert_and_a_replay_the_conflict_path
     server: Server, tables: tuple[str, str]
 ) -> None:
     batches = fleet_batches(3, 500)
-    exporter = PostgresExporter(make_settings(server, tables))
+    exporter = PostgresExporter(make_settings(server, tables, postgres_write_parallelism=2))
     try:
         for batch in batches:
             await exporter.write(batch)
@@ -517,7 +517,7 @@ async def test_when_one_part_is_refused_the_other_is_stored_and_the_batch_is_per
     (batch,) = fleet_batches(1, 400)
     too_long = "".join(uuid.uuid4().hex for _ in range(500))  # too big for the node index
     batch[0] = replace(batch[0], node=too_long)
-    exporter = PostgresExporter(make_settings(server, tables))
+    exporter = PostgresExporter(make_settings(server, tables, postgres_write_parallelism=2))
     try:
         with pytest.raises(PermanentExporterError):
             await exporter.write(batch)

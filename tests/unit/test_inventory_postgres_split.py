@@ -67,8 +67,12 @@ def test_small_batches_are_not_split(size: int, parallelism: int, parts: int) ->
 
 def test_write_parallelism_never_exceeds_the_pool() -> None:
     common = {"postgres_host": "db", "postgres_db": "inv", "postgres_user": "u"}
-    assert PostgresSettings(**common).write_parts == 2
-    assert PostgresSettings(**common, postgres_pool_max=1).write_parts == 1
+    assert PostgresSettings(**common).write_parts == 1  # batches overlap instead (in flight)
+    assert PostgresSettings(**common, postgres_write_parallelism=2).write_parts == 2
+    assert (
+        PostgresSettings(**common, postgres_write_parallelism=2, postgres_pool_max=1).write_parts
+        == 1
+    )
     assert PostgresSettings(**common, postgres_write_parallelism=3).write_parts == 3
     assert (
         PostgresSettings(**common, postgres_write_parallelism=8, postgres_pool_max=4).write_parts

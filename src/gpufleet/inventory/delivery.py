@@ -10,18 +10,25 @@ Later batches wait behind a failing one, so replay keeps the order.
 A batch the sink refuses for good (``PermanentExporterError``: an HTTP 4xx)
 goes to the dead-letter file with its reason instead of blocking the line.
 
-Memory holds at most one batch: the queue itself is the spool on disk.
+An exporter that commits overlapping writes in the order they started
+(``max_in_flight`` > 1: PostgreSQL) is sent that many batches at once, oldest
+first; when one fails, the ones behind it have stored nothing and go again
+after it. Memory holds only the batches in flight: the queue itself is the
+spool on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 from gpufleet.core.retry import Backoff
 from gpufleet.inventory.errors import ExporterError, PermanentExporterError
@@ -31,6 +38,23 @@ from gpufleet.inventory.reading import Reading
 from gpufleet.inventory.spool import Spool, SpooledBatch, SpoolFullError, SpoolStats
 
 log = logging.getLogger(__name__)
+
+
+_Outcome = Literal["delivered", "dead_lettered", "failed"]
+
+
+class _Writer(Protocol):
+    def write(self, batch: Sequence[Reading]) -> Awaitable[None]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Sending:
+    """A batch being written: its task and when it started."""
+
+    batch: SpooledBatch
+    write: Awaitable[None]
+    task: asyncio.Task[None]
+    started: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +93,12 @@ class DeliveryPipeline:
         # Readings left pending by an earlier process are due at once.
         self._first_pending_at: float | None = float("-inf") if self._pending else None
         self._failing = False
+        # Exporters with lines of writes that commit in order (PostgreSQL)
+        # take several batches at once; the others one at a time.
+        self._max_in_flight = (
+            max(1, int(getattr(exporter, "max_in_flight", 1))) if hasattr(exporter, "line") else 1
+        )
+        self._writer: _Writer = exporter
         self._refresh_gauges(spool.stats())
 
     @property
@@ -132,30 +162,88 @@ class DeliveryPipeline:
     async def _pump(self, deadline: float | None) -> bool:
         draining = deadline is not None
         attempt = 0
-        while True:
-            stopping = self._stop.is_set()
-            await self._seal(force=draining or stopping)
-            batch = await asyncio.to_thread(self.spool.oldest)
+        window: deque[_Sending] = deque()
+        try:
+            while True:
+                stopping = self._stop.is_set()
+                await self._seal(force=draining or stopping)
+                out_of_time = await self._fill(window, deadline)
+                if not window:
+                    if out_of_time:
+                        return False
+                    self._refresh_gauges(await asyncio.to_thread(self.spool.stats))
+                    if draining or stopping:
+                        return True
+                    await self._wait_for_work()
+                    continue
+                outcome = await self._settle(window.popleft())
+                if outcome == "delivered":
+                    attempt = 0
+                    continue
+                # Whatever was sent behind a batch that did not go through was
+                # not committed (exporters commit in order): it goes again.
+                await self._abandon(window)
+                if outcome == "dead_lettered":
+                    attempt = 0
+                    continue
+                if stopping:
+                    return False  # one last try was made; the spool keeps the rest
+                delay = self.config.backoff.delay(attempt, self._rand)
+                attempt += 1
+                if deadline is not None:
+                    delay = min(delay, max(0.0, deadline - self._clock()))
+                if await self._sleep_unless_stopped(delay) and draining:
+                    return False
+        finally:
+            # Cancelled (the service is shutting down): the writes in flight
+            # end with it, and nothing they did is acked.
+            for sending in window:
+                sending.task.cancel()
+            await asyncio.gather(*(sending.task for sending in window), return_exceptions=True)
+            for sending in window:
+                # A write cancelled before it ran: close it, or Python warns
+                # that it was never awaited.
+                if inspect.iscoroutine(sending.write):
+                    sending.write.close()
+
+    async def _fill(self, window: deque[_Sending], deadline: float | None) -> bool:
+        """Start writing the next batches, up to the exporter's ``max_in_flight``.
+
+        Returns ``True`` if the deadline has passed (nothing more is started).
+        """
+        after = window[-1].batch.seq if window else None
+        while len(window) < self._max_in_flight:
+            batch = await asyncio.to_thread(self.spool.next_batch, after)
             if batch is None:
-                self._refresh_gauges(await asyncio.to_thread(self.spool.stats))
-                if draining or stopping:
-                    return True
-                await self._wait_for_work()
-                continue
-            remaining = None if deadline is None else deadline - self._clock()
-            if remaining is not None and remaining <= 0:
                 return False
-            if await self._deliver(batch, remaining):
-                attempt = 0
-                continue
-            if stopping:
-                return False  # one last try was made; the spool keeps the rest
-            delay = self.config.backoff.delay(attempt, self._rand)
-            attempt += 1
-            if deadline is not None:
-                delay = min(delay, max(0.0, deadline - self._clock()))
-            if await self._sleep_unless_stopped(delay) and draining:
-                return False
+            budget = None if deadline is None else deadline - self._clock()
+            if budget is not None and budget <= 0:
+                return True
+            if not window:
+                # A new line: its writes commit in order and stop at its first
+                # failure, so nothing ever commits past a batch that did not.
+                self._writer = self._new_line()
+            # Called in spool order, here and now: the order of the calls is
+            # the order of the commits.
+            write = self._writer.write(batch.readings)
+            task = asyncio.create_task(self._write(write, budget))
+            window.append(_Sending(batch, write, task, self._clock()))
+            after = batch.seq
+        return False
+
+    def _new_line(self) -> _Writer:
+        line = getattr(self.exporter, "line", None)
+        return line() if self._max_in_flight > 1 and line is not None else self.exporter
+
+    @staticmethod
+    async def _write(write: Awaitable[None], budget: float | None) -> None:
+        await asyncio.wait_for(write, budget)
+
+    @staticmethod
+    async def _abandon(window: deque[_Sending]) -> None:
+        """Let the writes behind a failed batch end, and forget them; they stay in the spool."""
+        await asyncio.gather(*(sending.task for sending in window), return_exceptions=True)
+        window.clear()
 
     async def _seal(self, *, force: bool) -> None:
         if not self._pending:
@@ -193,12 +281,12 @@ class DeliveryPipeline:
             return False
         return True
 
-    async def _deliver(self, batch: SpooledBatch, budget: float | None) -> bool:
-        """Write one batch; ``True`` if it left the spool (delivered or dead-lettered)."""
+    async def _settle(self, sending: _Sending) -> _Outcome:
+        """Wait for one batch's write, then ack, dead-letter or keep it."""
+        batch, started = sending.batch, sending.started
         labels = (self.name, self.cluster)
-        started = self._clock()
         try:
-            await asyncio.wait_for(self.exporter.write(batch.readings), budget)
+            await sending.task
         except PermanentExporterError as exc:
             self.metrics.duration.labels(*labels).observe(self._clock() - started)
             self.metrics.failure.labels(*labels, exc.error_type).inc()
@@ -215,7 +303,7 @@ class DeliveryPipeline:
                     "error": str(exc),
                 },
             )
-            return True
+            return "dead_lettered"
         except Exception as exc:
             error_type = _error_type(exc)
             self.metrics.duration.labels(*labels).observe(self._clock() - started)
@@ -237,7 +325,7 @@ class DeliveryPipeline:
                 exc_info=not isinstance(exc, ExporterError | TimeoutError),
             )
             self._failing = True
-            return False
+            return "failed"
         self.metrics.duration.labels(*labels).observe(self._clock() - started)
         self.metrics.success.labels(*labels).inc()
         await asyncio.to_thread(self.spool.ack, batch)
@@ -246,7 +334,7 @@ class DeliveryPipeline:
         if self._failing:
             self._failing = False
             log.info("exporter recovered", extra={"exporter": self.name, "batch": batch.hash})
-        return True
+        return "delivered"
 
     def _refresh_gauges(self, stats: SpoolStats) -> None:
         self.metrics.queue.labels(self.name).set(stats.readings)

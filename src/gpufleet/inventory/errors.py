@@ -32,5 +32,18 @@ class PermanentExporterError(ExporterError):
         super().__init__(exporter, message, error_type=error_type)
 
 
+class EarlierWriteFailed(ExporterError):
+    """A batch was not committed because the one written before it, still in flight, failed.
+
+    Exporters that take several batches at once (``max_in_flight`` > 1)
+    commit them in the order their ``write`` calls started, and raise this for
+    every batch behind a failed one: nothing of it was stored, and it is sent
+    again after the earlier batch.
+    """
+
+    def __init__(self, exporter: str, message: str) -> None:
+        super().__init__(exporter, message, error_type="aborted")
+
+
 class HistoryError(InventoryError):
     """A history query could not be answered (missing or foreign database)."""

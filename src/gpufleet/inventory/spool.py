@@ -247,9 +247,14 @@ class Spool:
 
     def oldest(self) -> SpooledBatch | None:
         """The next batch to deliver, or ``None`` when there is none."""
+        return self.next_batch(after=None)
+
+    def next_batch(self, after: int | None) -> SpooledBatch | None:
+        """The oldest batch sealed after batch ``after`` (a ``seq``), or the oldest of all."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT seq, hash, body, attempts FROM batches ORDER BY seq LIMIT 1"
+                "SELECT seq, hash, body, attempts FROM batches WHERE seq > ? ORDER BY seq LIMIT 1",
+                (-1 if after is None else after,),
             ).fetchone()
         if row is None:
             return None

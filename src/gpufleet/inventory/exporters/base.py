@@ -21,7 +21,17 @@ REMOTE_EXPORTERS = frozenset({"postgres", "s3", "http"})
 
 
 class Exporter(Protocol):
-    """A sink for inventory readings."""
+    """A sink for inventory readings.
+
+    An exporter may also offer lines of ordered writes: ``max_in_flight`` (an
+    int) and ``line()``, which returns an object with the same ``write``. Up
+    to ``max_in_flight`` writes of one line may be in flight at once; they
+    must commit in the order they were called, and once one of them has
+    failed, every later write of that line must store nothing and fail
+    (``EarlierWriteFailed``, unless it failed for a reason of its own first).
+    The delivery pipeline then sends that many batches at once, and starts a
+    new line whenever it sends batches again.
+    """
 
     name: str
 

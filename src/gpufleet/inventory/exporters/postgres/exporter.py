@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import psycopg
@@ -20,7 +20,7 @@ import psycopg.errors as pgerr
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gpufleet.inventory.errors import ExporterError, PermanentExporterError
+from gpufleet.inventory.errors import EarlierWriteFailed, ExporterError, PermanentExporterError
 from gpufleet.inventory.exporters.postgres.schema import (
     COLUMNS,
     COPY_TYPES,
@@ -65,8 +65,10 @@ def _error_type(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, TimeoutError):
         return "timeout"
-    if isinstance(exc, pgerr.TransactionRollback):
-        return "server"  # deadlock or serialisation failure: retry the batch
+    if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("40"):
+        # Class 40, transaction rollback (a deadlock, a serialisation failure):
+        # psycopg's classes for them do not derive from TransactionRollback.
+        return "server"
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
         # Errors while connecting carry no SQLSTATE; only the text tells why.
         message = str(exc).lower()
@@ -134,6 +136,92 @@ def raise_worst(errors: list[BaseException]) -> None:
     raise (retryable or errors)[0]
 
 
+class WriteTurn:
+    """One write's place in a ``WriteLine``, behind the write called before it.
+
+    Batches written at once overlap their work, not their effects: a batch
+    runs its INSERT and upsert only once the batch ahead has run its own (so
+    two batches never wait on each other's row locks in opposite directions,
+    which no server could see as a deadlock), and commits only once the batch
+    ahead has committed. When the batch ahead fails, this one commits nothing
+    and raises ``EarlierWriteFailed``. Readings thus become visible batch by
+    batch, in the order the writes were called, exactly as if they were sent
+    one at a time.
+    """
+
+    __slots__ = ("_parts_left", "ahead", "outcome", "statements_done")
+
+    def __init__(self, ahead: WriteTurn | None) -> None:
+        # Only the turn ahead is referenced, and only until this one finishes,
+        # so a line never keeps a chain of finished turns alive.
+        self.ahead = ahead
+        self.statements_done = asyncio.Event()
+        self.outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._parts_left = 0
+
+    def part(self) -> Callable[[], None]:
+        """A callback for one part, to call once its statements have run (or it failed)."""
+        self._parts_left += 1
+        called = False
+
+        def ready() -> None:
+            nonlocal called
+            if called:
+                return
+            called = True
+            self._parts_left -= 1
+            if self._parts_left == 0:
+                self.statements_done.set()
+
+        return ready
+
+    async def ahead_ok(self) -> bool:
+        """Wait until the batch ahead has committed or failed; ``True`` if committed (or none)."""
+        if self.ahead is None:
+            return True
+        return await asyncio.shield(self.ahead.outcome)
+
+    def ahead_known_ok(self) -> bool:
+        """Whether the batch ahead is known to have committed (or there is none)."""
+        ahead = self.ahead
+        return ahead is None or (ahead.outcome.done() and ahead.outcome.result())
+
+    def ahead_known_failed(self) -> bool:
+        """Whether the batch ahead is known to have failed."""
+        ahead = self.ahead
+        return ahead is not None and ahead.outcome.done() and not ahead.outcome.result()
+
+    def finish(self, committed: bool) -> None:
+        """Record the outcome (the first call wins) and leave the line."""
+        self.statements_done.set()
+        if not self.outcome.done():
+            self.outcome.set_result(committed)
+        self.ahead = None
+
+
+class WriteLine:
+    """Writes that commit in the order they were called, and stop at the first failure.
+
+    Up to ``PostgresExporter.max_in_flight`` calls may overlap. Once one write
+    of the line has failed, every later write of the same line stores nothing
+    and raises ``EarlierWriteFailed``, whenever it is called: a line never
+    commits past a gap. Sending the batches again takes a new line.
+    """
+
+    def __init__(self, exporter: PostgresExporter) -> None:
+        self._exporter = exporter
+        self._last: WriteTurn | None = None
+
+    def write(self, batch: Sequence[Reading]) -> Coroutine[Any, Any, None]:
+        """Write the batch after the ones written before it on this line.
+
+        The place in line is taken by the call itself, not when the returned
+        coroutine first runs: the order of the calls is the order of the commits.
+        """
+        turn = self._last = WriteTurn(self._last)
+        return self._exporter.write_in_turn(batch, turn)
+
+
 class PostgresExporter:
     """Writes readings and placements to PostgreSQL, a batch in one or a few transactions.
 
@@ -146,6 +234,8 @@ class PostgresExporter:
 
     def __init__(self, settings: PostgresSettings) -> None:
         self.settings = settings
+        self.max_in_flight = settings.batches_in_flight
+        """Writes a ``WriteLine`` may have in flight at once (the delivery pipeline's window)."""
         self._pool: AsyncConnectionPool | None = None
         self._schema_ready = False
         self._closed = False
@@ -294,25 +384,56 @@ class PostgresExporter:
         Returns once every part has committed. When a part fails the others
         may have committed: sending the whole batch again is harmless.
         """
-        if not batch:
-            return
-        for r in batch:
-            if r.read_time.tzinfo is None:
-                raise PermanentExporterError(
-                    self.name, f"reading of GPU {r.gpu} on {r.node}: read_time has no timezone"
-                )
-        pool = await self._ready_pool()
-        parts = split_batch(batch, self.settings.write_parts)
-        results = await asyncio.gather(
-            *(self._run(pool, self._writer(part), f"write {len(part)} readings") for part in parts),
-            return_exceptions=True,
-        )
-        raise_worst([r for r in results if isinstance(r, BaseException)])
+        await self.write_in_turn(batch, WriteTurn(None))
 
-    def _writer(self, part: Sequence[Reading]) -> _Work:
-        return lambda conn: self._write(conn, part)
+    def line(self) -> WriteLine:
+        """A new line of writes that may overlap and commit in order (see ``WriteLine``)."""
+        return WriteLine(self)
 
-    async def _write(self, conn: psycopg.AsyncConnection[Any], batch: Sequence[Reading]) -> None:
+    async def write_in_turn(self, batch: Sequence[Reading], turn: WriteTurn) -> None:
+        """``write()``, with the statements and the commit after those of ``turn.ahead``."""
+        errors: list[BaseException] = []
+        committed = False
+        try:
+            if turn.ahead_known_failed():
+                raise self._behind_failed()
+            if not batch:
+                # Nothing to store, but a line must not run past a failure.
+                if not await turn.ahead_ok():
+                    raise self._behind_failed()
+                committed = True
+                return
+            for r in batch:
+                if r.read_time.tzinfo is None:
+                    raise PermanentExporterError(
+                        self.name, f"reading of GPU {r.gpu} on {r.node}: read_time has no timezone"
+                    )
+            pool = await self._ready_pool()
+            parts = split_batch(batch, self.settings.write_parts)
+            results = await asyncio.gather(
+                *(
+                    self._run(pool, self._writer(part, turn), f"write {len(part)} readings")
+                    for part in parts
+                ),
+                return_exceptions=True,
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            committed = not errors
+        finally:
+            turn.finish(committed)
+        raise_worst(errors)
+
+    def _writer(self, part: Sequence[Reading], turn: WriteTurn) -> _Work:
+        ready = turn.part()
+        return lambda conn: self._write(conn, part, turn, ready)
+
+    async def _write(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: Sequence[Reading],
+        turn: WriteTurn,
+        ready: Callable[[], None],
+    ) -> None:
         """One part in three round trips: BEGIN, COPY, then INSERT, upsert and COMMIT together.
 
         The readings go in with a plain INSERT first: ``ON CONFLICT`` makes
@@ -320,22 +441,28 @@ class PostgresExporter:
         insert, for the rare batch that meets rows already stored. Such a batch
         (one sent again after a failure) fails on the unique key, is rolled
         back, and goes again through ``INSERT … ON CONFLICT DO NOTHING``.
+        Behind a batch still in flight, the statements wait for that batch's,
+        and COMMIT for its commit, in a fourth round trip.
         """
         upsert = self._sql.upsert_distinct if distinct_placements(batch) else self._sql.upsert
         try:
             await self._fill(conn, batch)
+            if turn.ahead is not None:
+                await turn.ahead.statements_done.wait()
             try:
-                await self._commit(conn, self._sql.insert_new, upsert)
+                await self._commit(conn, self._sql.insert_new, upsert, turn, ready)
             except pgerr.UniqueViolation:
                 self.conflicting_parts += 1
                 await conn.rollback()
                 await self._fill(conn, batch)
-                await self._commit(conn, self._sql.insert, upsert)
+                await self._commit(conn, self._sql.insert, upsert, turn, ready)
         except BaseException:
             if not conn.closed:
                 with contextlib.suppress(psycopg.Error):
                     await conn.rollback()
             raise
+        finally:
+            ready()
 
     async def _fill(self, conn: psycopg.AsyncConnection[Any], batch: Sequence[Reading]) -> None:
         """COPY the batch into the session's batch table, in a new transaction."""
@@ -350,12 +477,32 @@ class PostgresExporter:
             await self._copy(conn, batch)
 
     async def _commit(
-        self, conn: psycopg.AsyncConnection[Any], insert: bytes, upsert: bytes
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        insert: bytes,
+        upsert: bytes,
+        turn: WriteTurn,
+        ready: Callable[[], None],
     ) -> None:
+        if turn.ahead_known_failed():
+            raise self._behind_failed()
+        commit_now = turn.ahead_known_ok()
         async with conn.pipeline():
             await conn.execute(insert, prepare=True)
             await conn.execute(upsert, prepare=True)
-            await conn.commit()
+            if commit_now:
+                await conn.commit()
+        ready()
+        if commit_now:
+            return
+        if not await turn.ahead_ok():
+            raise self._behind_failed()
+        await conn.commit()
+
+    def _behind_failed(self) -> EarlierWriteFailed:
+        return EarlierWriteFailed(
+            self.name, f"{self._where()}: not committed, because the batch written before it failed"
+        )
 
     async def _copy(self, conn: psycopg.AsyncConnection[Any], batch: Sequence[Reading]) -> None:
         async with conn.cursor().copy(self._sql.copy) as copy:
@@ -388,13 +535,16 @@ class PostgresExporter:
             raise
         except PoolTimeout as exc:
             # The pool only says it waited; one direct attempt says why.
-            reason = await self._diagnose()
-            await self._discard(pool)
+            error_type, reason, reachable = await self._diagnose()
+            if not reachable:
+                # A pool whose connections are busy (writes held up by a lock,
+                # say) is kept: closing it would fail them too.
+                await self._discard(pool)
             raise ExporterError(
                 self.name,
                 f"cannot {doing} at {self._where()}: no connection within "
-                f"{self.settings.postgres_connect_timeout:g}s: {reason[1]}",
-                error_type=reason[0],
+                f"{self.settings.postgres_connect_timeout:g}s: {reason}",
+                error_type=error_type,
             ) from exc
         except (psycopg.Error, OSError) as exc:
             message = f"cannot {doing} at {self._where()}: {_first_line(exc)}"
@@ -405,16 +555,17 @@ class PostgresExporter:
                 await self._discard(pool)
             raise ExporterError(self.name, message, error_type=error_type) from exc
 
-    async def _diagnose(self) -> tuple[str, str]:
-        """(error_type, reason) from one direct connection attempt."""
+    async def _diagnose(self) -> tuple[str, str, bool]:
+        """(error_type, reason, server reachable) from one direct connection attempt."""
         kwargs = self.settings.connection_kwargs()
         try:
             async with asyncio.timeout(self.settings.postgres_connect_timeout + 1):
                 conn = await psycopg.AsyncConnection.connect(**kwargs)
         except (psycopg.Error, OSError, TimeoutError) as exc:
-            return _error_type(exc), _first_line(exc) or "timed out"
+            return _error_type(exc), _first_line(exc) or "timed out", False
         await conn.close()
-        return "connection", f"pool of {self.settings.postgres_pool_max} exhausted or reconnecting"
+        pool_max = self.settings.postgres_pool_max
+        return "connection", f"pool of {pool_max} exhausted or reconnecting", True
 
     async def _discard(self, pool: AsyncConnectionPool) -> None:
         """Drop a pool that lost its server, so the next call connects at once.

@@ -48,8 +48,9 @@ class PostgresSettings(GpufleetSettings):
     postgres_table: SqlIdentifier = "gpu"
     postgres_placements_table: SqlIdentifier = "placements"
     postgres_auto_migrate: bool = True
-    postgres_pool_max: int = Field(default=4, ge=1, le=100)
-    postgres_write_parallelism: int = Field(default=2, ge=1, le=16)
+    postgres_pool_max: int = Field(default=6, ge=1, le=100)
+    postgres_write_parallelism: int = Field(default=1, ge=1, le=16)
+    postgres_batches_in_flight: int = Field(default=4, ge=1, le=16)
     postgres_connect_timeout: Duration = Field(default=10.0, gt=0)
 
     @field_validator("postgres_placements_table")
@@ -63,6 +64,16 @@ class PostgresSettings(GpufleetSettings):
     def write_parts(self) -> int:
         """How many transactions one batch may be split into: no more than the pool holds."""
         return min(self.postgres_write_parallelism, self.postgres_pool_max)
+
+    @property
+    def batches_in_flight(self) -> int:
+        """How many batches may be written at once.
+
+        As many as the pool has connections for, keeping one free for health
+        checks while the writes in flight are held up.
+        """
+        room = (self.postgres_pool_max - 1) // self.write_parts
+        return max(1, min(self.postgres_batches_in_flight, room))
 
     @property
     def target(self) -> str:
