@@ -133,47 +133,47 @@ async def until(fetch: Callable[[], Awaitable[list[int]]], want: int = 1) -> lis
     return rows
 
 
-def blocked_by(
-    observer: psycopg.AsyncConnection[Any], holder: int
+def exporter_sessions(
+    observer: psycopg.AsyncConnection[Any], where: str, param: object
 ) -> Callable[[], Awaitable[list[int]]]:
-    """The exporter's sessions waiting on a lock that session ``holder`` holds."""
+    """The pids of the exporter's sessions that also match ``where`` (one ``%s``)."""
 
     async def fetch() -> list[int]:
         cur = await observer.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name = %s AND wait_event_type = 'Lock' "
-            "AND %s = ANY(pg_blocking_pids(pid)) ORDER BY pid",
-            [APP, holder],
+            f"AND application_name = %s AND {where} ORDER BY pid",
+            [APP, param],
         )
         return [pid for (pid,) in await cur.fetchall()]
 
     return fetch
+
+
+def blocked_by(
+    observer: psycopg.AsyncConnection[Any], holder: int
+) -> Callable[[], Awaitable[list[int]]]:
+    """The exporter's sessions waiting on a lock that session ``holder`` holds."""
+    where = "wait_event_type = 'Lock' AND %s = ANY(pg_blocking_pids(pid))"
+    return exporter_sessions(observer, where, holder)
 
 
 def idle_after_upsert(
     observer: psycopg.AsyncConnection[Any], placements_table: str
 ) -> Callable[[], Awaitable[list[int]]]:
     """The exporter's sessions whose statements ran and that wait to commit."""
-
-    async def fetch() -> list[int]:
-        cur = await observer.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name = %s AND state = 'idle in transaction' "
-            "AND backend_xid IS NOT NULL AND query LIKE %s ORDER BY pid",
-            [APP, f'%INSERT INTO "{placements_table}"%'],
-        )
-        return [pid for (pid,) in await cur.fetchall()]
-
-    return fetch
+    where = "state = 'idle in transaction' AND backend_xid IS NOT NULL AND query LIKE %s"
+    return exporter_sessions(observer, where, f'%INSERT INTO "{placements_table}"%')
 
 
-async def hold_placement(locker: psycopg.AsyncConnection[Any], table: str, gpu: str) -> int:
-    """Lock the placement row of ``gpu`` in ``locker``'s open transaction; returns its pid."""
+async def hold_placement(locker: psycopg.AsyncConnection[Any], table: str, *gpus: str) -> int:
+    """Lock the placement rows of ``gpus`` in ``locker``'s open transaction; returns its pid."""
     cur = await locker.execute(
-        sql.SQL("SELECT gpu FROM {} WHERE gpu = %s FOR UPDATE").format(sql.Identifier(table)),
-        [gpu],
+        sql.SQL("SELECT gpu FROM {} WHERE gpu = ANY(%s) ORDER BY gpu FOR UPDATE").format(
+            sql.Identifier(table)
+        ),
+        [list(gpus)],
     )
-    assert await cur.fetchall() == [(gpu,)]
+    assert await cur.fetchall() == [(gpu,) for gpu in sorted(gpus)]
     return locker.info.backend_pid
 
 
@@ -501,12 +501,7 @@ async def test_health_answers_while_the_writes_in_flight_are_held_up(
             await aconnect(server, autocommit=False) as locker,
             await aconnect(server) as observer,
         ):
-            await locker.execute(
-                sql.SQL("SELECT gpu FROM {} WHERE gpu = ANY(%s) FOR UPDATE").format(
-                    sql.Identifier(tables[1])
-                ),
-                [[r.gpu for r in locked]],
-            )
+            await hold_placement(locker, tables[1], *(r.gpu for r in locked))
             line = exporter.line()
             async with writing(line.write(a), line.write(b), line.write(c)) as tasks:
                 try:
@@ -552,12 +547,7 @@ async def test_a_health_check_that_finds_the_pool_busy_fails_but_leaves_the_writ
             await aconnect(server, autocommit=False) as locker,
             await aconnect(server) as observer,
         ):
-            await locker.execute(
-                sql.SQL("SELECT gpu FROM {} WHERE gpu = ANY(%s) FOR UPDATE").format(
-                    sql.Identifier(tables[1])
-                ),
-                [[r.gpu for r in locked]],
-            )
+            await hold_placement(locker, tables[1], *(r.gpu for r in locked))
             async with writing(exporter.write(a)) as tasks:
                 try:
                     await until(blocked_by(observer, locker.info.backend_pid), want=2)
