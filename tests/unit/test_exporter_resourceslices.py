@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from typing import Any
@@ -16,6 +18,7 @@ from gpufleet.exporter.podmap.resourceslices import (
     ResourceSliceWatch,
     slice_devices,
 )
+from tests.polling import eventually
 
 DRIVER = "gpu.nvidia.com"
 NODE = "gpu-node-1"
@@ -280,15 +283,42 @@ async def test_the_first_version_that_lists_is_chosen_after_404s() -> None:
     assert listers["v1beta1"].calls[0]["field_selector"] == f"spec.nodeName={NODE}"
 
 
-async def test_when_every_version_answers_404_dra_is_off_and_said_once(
+async def test_when_no_version_is_served_dra_is_off_until_a_later_check_finds_one(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    listers = {v: FakeLister(404) for v in ("v1", "v1beta2", "v1beta1")}
-    watch = watcher(listers, NoSleep())
+    # Two checks find nothing (a cluster without the DRA API); the third finds
+    # v1, as when an administrator enables resource.k8s.io while we run.
+    listers = {v: FakeLister(404, 404) for v in ("v1", "v1beta2", "v1beta1")}
+    seen: list[tuple[float, str | None, bool]] = []
+    watch: ResourceSliceWatch
+
+    async def sleep(delay: float) -> None:
+        seen.append((delay, watch.version, watch.decided.is_set()))
+
+    watch = ResourceSliceWatch(
+        listers, ResourceSliceIndex(), node_name=NODE, rediscover=120.0, sleep=sleep
+    )
     with caplog.at_level(logging.INFO, logger="gpufleet.exporter.podmap.resourceslices"):
-        await watch.run()
-    assert (watch.version, watch.decided.is_set(), watch.informer) == (None, True, None)
+        task = asyncio.create_task(watch.run())
+        try:
+            await eventually(lambda: watch.version == "v1")
+        finally:
+            await watch.stop()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    # Between the checks: decided (DRA off), nothing watched, one line said.
+    assert seen == [(120.0, None, True), (120.0, None, True)]
+    # Three probes of v1 (the informer's own list and watch come after), two of the others.
+    probes = [[c for c in lister.calls if c.get("limit") == 1] for lister in listers.values()]
+    assert [len(calls) for calls in probes] == [3, 2, 2]
     assert len([r for r in caplog.records if "not attributed" in r.getMessage()]) == 1
+    assert any("watching ResourceSlices" in r.getMessage() for r in caplog.records)
+
+
+def test_rediscover_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="rediscover"):
+        ResourceSliceWatch({}, ResourceSliceIndex(), node_name=NODE, rediscover=0)
 
 
 async def test_a_forbidden_list_is_retried_with_backoff_not_taken_for_not_served(

@@ -220,10 +220,12 @@ class ResourceSliceWatch:
     `resource_slice_listers`), in order of preference. `run` lists each in
     turn, once, with this node's field selector: a 404 means the version is not
     served. The first that answers is watched by an `Informer` limited to this
-    node's slices. When none is served, DRA attribution is off: one info line,
-    and `run` returns. Any other failure (403 without the RBAC rule, the API
-    server unreachable) is logged once per distinct status and retried with
-    backoff, since it says nothing about what the server serves.
+    node's slices. When none is served, DRA attribution is off (one info line)
+    until a later check, every `rediscover` seconds, finds one: a cluster may
+    enable the DRA API while the exporter runs. Any other failure (403
+    without the RBAC rule, the API server unreachable) is logged once per
+    distinct status and retried with backoff, since it says nothing about what
+    the server serves. The version found is kept for the life of the process.
     """
 
     def __init__(
@@ -234,10 +236,14 @@ class ResourceSliceWatch:
         node_name: str,
         backoff: Backoff | None = None,
         request_timeout: float = 60.0,
+        rediscover: float = 600.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        if rediscover <= 0:
+            raise ValueError(f"rediscover must be > 0 seconds, got {rediscover!r}")
         self._listers = dict(listers)
+        self._rediscover = rediscover
         self.index = index
         self._field_selector = f"spec.nodeName={node_name}"
         self._backoff = backoff if backoff is not None else Backoff()
@@ -253,17 +259,23 @@ class ResourceSliceWatch:
 
     async def run(self) -> None:
         """Pick the version, then run the informer until `stop()` or cancellation."""
-        version = await self._choose_version()
-        self.version = version
-        self.decided.set()
-        if version is None:
-            log.info(
-                "no resource.k8s.io version serves ResourceSlices: "
-                "GPUs allocated through DRA are not attributed to pods",
-                extra={"tried": list(self._listers)},
-            )
-            return
-        if self._stopping:
+        while True:
+            version = await self._choose_version()
+            self.version = version
+            first = not self.decided.is_set()
+            self.decided.set()
+            if version is not None or self._stopping:
+                break
+            if first:
+                log.info(
+                    "no resource.k8s.io version serves ResourceSlices: "
+                    "GPUs allocated through DRA are not attributed to pods",
+                    extra={"tried": list(self._listers), "checking_every_s": self._rediscover},
+                )
+            await self._sleep(self._rediscover)
+            if self._stopping:
+                return
+        if self._stopping or version is None:
             return
         informer = Informer(self._listers[version], field_selector=self._field_selector)
         informer.add_handlers(
