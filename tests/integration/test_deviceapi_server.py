@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import signal
 import socket
 import stat
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -136,6 +139,7 @@ async def test_reflection_lists_the_gpu_service() -> None:
 
 
 async def test_metrics_count_requests_by_method_and_code() -> None:
+    frozen_before = gc.get_freeze_count()
     with short_tmp() as directory:
         async with running_server(directory) as running, running.client() as api:
             await api.create(make_gpu("gpu-0"))
@@ -163,6 +167,49 @@ async def test_metrics_count_requests_by_method_and_code() -> None:
     assert samples[("gpufleet_deviceapi_gpus", ())] == 1
     assert samples[("gpufleet_deviceapi_watchers", ())] == 0
     assert samples[("gpufleet_deviceapi_watchers_evicted_total", ())] == 0
+    # serve() inside another program (this test) leaves its garbage collector alone.
+    assert samples[("gpufleet_deviceapi_gc_frozen_objects", ())] == frozen_before
+    assert gc.get_freeze_count() == frozen_before
+
+
+async def test_the_server_process_freezes_its_start_up_objects_out_of_the_gc() -> None:
+    # Full collections walking every start-up object stopped the event loop
+    # for 30-60 ms; `gpufleet device-api serve` freezes them once serving.
+    gpufleet = Path(sys.executable).with_name("gpufleet")
+    with short_tmp() as directory, socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        server = await asyncio.create_subprocess_exec(
+            str(gpufleet), "device-api", "serve", "--socket", str(directory / "device.sock"),
+            "--metrics-port", str(port), env=dict(os.environ, LOG_LEVEL="warning"),
+        )  # fmt: skip
+        try:
+            text = ""
+            async with aiohttp.ClientSession() as session:
+                for _ in range(500):
+                    try:
+                        async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                            text = await response.text()
+                            break
+                    except aiohttp.ClientConnectionError:
+                        assert server.returncode is None, f"server exited: {server.returncode}"
+                        await asyncio.sleep(0.02)
+            server.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(server.wait(), 30) == 0
+        finally:
+            if server.returncode is None:
+                server.kill()
+                await server.wait()
+    frozen = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gpufleet_deviceapi_gc_frozen_objects"
+    ]
+    # Modules, functions and descriptors alone are tens of thousands of objects.
+    assert len(frozen) == 1
+    assert frozen[0] > 10_000
 
 
 async def test_shutdown_ends_open_watches_with_unavailable() -> None:

@@ -7,6 +7,7 @@ time by a collector, so they can never drift from the store's own counts.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -44,6 +45,9 @@ class StoreStats(Protocol):
         ...
 
 
+_FROZEN_HELP = "Start-up objects kept out of the cyclic garbage collector's scans (gc.freeze)."
+
+
 class _StoreCollector(Collector):
     """Yields the store's gauges and eviction counter from a snapshot at scrape time."""
 
@@ -62,6 +66,8 @@ class _StoreCollector(Collector):
             "Watchers closed because they fell behind their bounded queue.",
             value=self._store.evicted_total,
         )
+        frozen = gc.get_freeze_count()
+        yield GaugeMetricFamily(f"{PREFIX}_gc_frozen_objects", _FROZEN_HELP, value=frozen)
 
     def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         # Describing without collecting keeps registration from touching the store.
@@ -71,6 +77,7 @@ class _StoreCollector(Collector):
             f"{PREFIX}_watchers_evicted",
             "Watchers closed because they fell behind their bounded queue.",
         )
+        yield GaugeMetricFamily(f"{PREFIX}_gc_frozen_objects", _FROZEN_HELP)
 
 
 class DeviceApiMetrics:
