@@ -95,9 +95,10 @@ class DeliveryPipeline:
         self._failing = False
         # Exporters with lines of writes that commit in order (PostgreSQL)
         # take several batches at once; the others one at a time.
-        self._max_in_flight = (
-            max(1, int(getattr(exporter, "max_in_flight", 1))) if hasattr(exporter, "line") else 1
-        )
+        line = getattr(exporter, "line", None)
+        in_flight = int(getattr(exporter, "max_in_flight", 1)) if line is not None else 1
+        self._max_in_flight = max(1, in_flight)
+        self._new_line: Callable[[], _Writer] | None = line if in_flight > 1 else None
         self._writer: _Writer = exporter
         self._refresh_gauges(spool.stats())
 
@@ -219,7 +220,7 @@ class DeliveryPipeline:
             budget = None if deadline is None else deadline - self._clock()
             if budget is not None and budget <= 0:
                 return True
-            if not window:
+            if not window and self._new_line is not None:
                 # A new line: its writes commit in order and stop at its first
                 # failure, so nothing ever commits past a batch that did not.
                 self._writer = self._new_line()
@@ -230,10 +231,6 @@ class DeliveryPipeline:
             window.append(_Sending(batch, write, task, self._clock()))
             after = batch.seq
         return False
-
-    def _new_line(self) -> _Writer:
-        line = getattr(self.exporter, "line", None)
-        return line() if self._max_in_flight > 1 and line is not None else self.exporter
 
     @staticmethod
     async def _write(write: Awaitable[None], budget: float | None) -> None:
