@@ -41,8 +41,8 @@ run: $(STAMP)
 	$(BIN)/gpufleet inventory history --moved
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
 
 unit: $(STAMP)

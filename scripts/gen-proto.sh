@@ -12,6 +12,15 @@ cd "$(dirname "$0")/.."
 out=${OUT:-src/gpufleet/deviceapi/v1alpha1}
 out_podresources=${OUT_PODRESOURCES:-src/gpufleet/exporter/podmap/kubelet_v1}
 python=${PYTHON:-.venv/bin/python}
+# The generator is pinned in pyproject.toml's dev extra (grpcio-tools==X);
+# another version writes other code, so refuse it rather than drift.
+pinned=$("$python" scripts/grpc-tools-pin.py)
+installed=$("$python" -c 'import importlib.metadata as m; print(m.version("grpcio-tools"))')
+if [ "$pinned" != "$installed" ]; then
+    echo "gen-proto: grpcio-tools $installed is installed, pyproject.toml pins $pinned;" \
+        "run: $python -m pip install grpcio-tools==$pinned" >&2
+    exit 1
+fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$python" -m grpc_tools.protoc -Iproto --python_out="$tmp" --pyi_out="$tmp" \
