@@ -10,6 +10,7 @@ import typer
 from gpufleet import __version__
 from gpufleet.core.config import CommonSettings, load_settings
 from gpufleet.core.errors import ConfigError, GpufleetError
+from gpufleet.core.extras import missing_extra
 from gpufleet.core.logging import configure_logging
 from gpufleet.deviceapi.cli import app as device_api_app
 from gpufleet.deviceapi.cli import gpus_app
@@ -71,6 +72,14 @@ def main() -> None:
     except GpufleetError as exc:
         print(f"gpufleet: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except Exception as exc:
+        # The modules of an optional extra are imported where they are used,
+        # so a command that needs one finds out here, not at start-up.
+        needed = missing_extra(exc)
+        if needed is None:
+            raise
+        print(f"gpufleet: configuration error: {needed}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

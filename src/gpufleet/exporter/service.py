@@ -8,6 +8,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
@@ -16,6 +17,7 @@ from gpufleet.core.signals import stop_on_signals
 from gpufleet.exporter.collector import GpuCollector
 from gpufleet.exporter.errors import ExporterError
 from gpufleet.exporter.metrics import RenderOptions, SnapshotMetrics
+from gpufleet.exporter.podmap.draindex import ResourceSliceIndex
 from gpufleet.exporter.podmap.podresources import PodResourcesClient
 from gpufleet.exporter.podmap.procfs import ProcFs, resolve_host_proc
 from gpufleet.exporter.podmap.resolver import (
@@ -24,16 +26,14 @@ from gpufleet.exporter.podmap.resolver import (
     PodIndex,
     ProcessAttributor,
 )
-from gpufleet.exporter.podmap.resourceslices import (
-    ResourceSliceIndex,
-    ResourceSliceWatch,
-    resource_slice_listers,
-)
 from gpufleet.exporter.settings import ExporterSettings
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.gpu.source import GpuSource
-from gpufleet.kube.client import Kube, connect
-from gpufleet.kube.watch import Informer
+
+if TYPE_CHECKING:
+    from gpufleet.exporter.podmap.resourceslices import ResourceSliceWatch
+    from gpufleet.kube.client import Kube
+    from gpufleet.kube.watch import Informer
 
 __all__ = ["Exporter", "run_exporter", "server_ssl_context"]
 
@@ -95,6 +95,13 @@ async def exporter(
     informer: Informer | None = None
     slices: ResourceSliceWatch | None = None
     if kube is not None:
+        # Only with the API: the `k8s` extra is not needed to run without it.
+        from gpufleet.exporter.podmap.resourceslices import (
+            ResourceSliceWatch,
+            resource_slice_listers,
+        )
+        from gpufleet.kube.watch import Informer
+
         pods = PodIndex(label_allowlist=settings.label_allowlist)
         informer = Informer(
             kube.core.list_pod_for_all_namespaces,
@@ -231,6 +238,8 @@ async def run_exporter(
     podresources = in_cluster or settings.podresources_socket.exists()
     try:
         if own_kube:
+            from gpufleet.kube.client import connect
+
             kube = await connect(settings)
         async with exporter(
             settings, source=source, kube=kube, registry=registry, podresources=podresources,

@@ -19,7 +19,7 @@ from pydantic_settings import NoDecode
 from gpufleet.core.config import CaseInsensitiveEnum, CommonSettings, Duration
 from gpufleet.exporter.metrics import DEFAULT_PROCESS_LABELS, PROCESS_LABEL_CHOICES
 from gpufleet.exporter.podmap.podresources import DEFAULT_SOCKET
-from gpufleet.kube.client import KubeSettings
+from gpufleet.kube.settings import KubeSettings
 
 __all__ = ["MIN_INTERVAL", "SERVICE_ACCOUNT_TOKEN", "ExporterSettings", "K8sMode"]
 

@@ -14,8 +14,7 @@ from pydantic_settings import NoDecode
 from gpufleet.core.config import CommonSettings, Duration
 from gpufleet.inventory.exporters.base import ExporterType
 from gpufleet.inventory.spool import FullPolicy
-from gpufleet.kube.client import KubeSettings
-from gpufleet.kube.lease import LeaseSettings
+from gpufleet.kube.settings import KubeSettings, LeaseSettings
 
 
 def _split_names(value: object) -> object:

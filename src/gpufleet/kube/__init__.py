@@ -1,36 +1,44 @@
 """Kubernetes plumbing: one rate-limited client, informers, exec, node identity, leases.
 
 Features use these instead of talking to the API on their own; see
-`docs/kube.md` for the design notes.
+`docs/kube.md` for the design notes. The names below are imported on first
+use, so that importing `gpufleet.kube.settings` (which a feature's settings
+model does) does not need `kubernetes_asyncio`, the `k8s` extra.
 """
 
-from gpufleet.kube.client import Kube, KubeSettings, api_status, call_json, connect
-from gpufleet.kube.errors import ExecError, ExecTimeout, KubeError, LeaseLost
-from gpufleet.kube.exec import MAX_OUTPUT_BYTES, ExecResult, exec_command
-from gpufleet.kube.identity import machine_id, machine_id_from_provider_id
-from gpufleet.kube.lease import LeaderElector, LeaseSettings
-from gpufleet.kube.ratelimit import TokenBucket
-from gpufleet.kube.watch import Informer, KubeObject, object_key
+from __future__ import annotations
 
-__all__ = [
-    "MAX_OUTPUT_BYTES",
-    "ExecError",
-    "ExecResult",
-    "ExecTimeout",
-    "Informer",
-    "Kube",
-    "KubeError",
-    "KubeObject",
-    "KubeSettings",
-    "LeaderElector",
-    "LeaseLost",
-    "LeaseSettings",
-    "TokenBucket",
-    "api_status",
-    "call_json",
-    "connect",
-    "exec_command",
-    "machine_id",
-    "machine_id_from_provider_id",
-    "object_key",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "Kube": "client",
+    "KubeSettings": "settings",
+    "api_status": "client",
+    "call_json": "client",
+    "connect": "client",
+    "ExecError": "errors",
+    "ExecTimeout": "errors",
+    "KubeError": "errors",
+    "LeaseLost": "errors",
+    "MAX_OUTPUT_BYTES": "exec",
+    "ExecResult": "exec",
+    "exec_command": "exec",
+    "machine_id": "identity",
+    "machine_id_from_provider_id": "identity",
+    "LeaderElector": "lease",
+    "LeaseSettings": "settings",
+    "TokenBucket": "ratelimit",
+    "Informer": "watch",
+    "KubeObject": "watch",
+    "object_key": "watch",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -20,41 +20,16 @@ from kubernetes_asyncio.client import ApiClient, CoordinationV1Api, CoreV1Api
 from kubernetes_asyncio.client.configuration import Configuration
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.stream import WsApiClient
-from pydantic import Field, ValidationInfo, field_validator
 
-from gpufleet.core.config import GpufleetSettings
 from gpufleet.kube.errors import KubeError
 from gpufleet.kube.ratelimit import TokenBucket
+from gpufleet.kube.settings import KubeSettings
 
 __all__ = ["Kube", "KubeSettings", "api_status", "call_json", "connect"]
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_KUBECONFIG = "~/.kube/config"
-
-
-class KubeSettings(GpufleetSettings):
-    """How to reach the API server, and how hard to use it (gpuid's names and defaults).
-
-    `KUBECONFIG` is a kubeconfig path (or a `:`-separated list, as kubectl
-    reads it). Without it, a process in a pod (`KUBERNETES_SERVICE_HOST` set
-    by the kubelet) uses its service account; anywhere else `~/.kube/config`.
-    """
-
-    kubeconfig: str | None = None
-    kubernetes_service_host: str | None = None
-    qps: float = Field(default=50.0, gt=0, allow_inf_nan=False)
-    burst: int = Field(default=100, ge=1)
-
-    @field_validator("burst")
-    @classmethod
-    def _burst_covers_qps(cls, burst: int, info: ValidationInfo) -> int:
-        # Fields validate in order, so QPS is already known here (or invalid,
-        # and then reported on its own).
-        qps = info.data.get("qps")
-        if isinstance(qps, float) and burst < qps:
-            raise ValueError(f"must be >= QPS ({qps:g})")
-        return burst
 
 
 class _Limited:

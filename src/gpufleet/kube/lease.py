@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,53 +36,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes_asyncio.client.exceptions import ApiException
-from pydantic import Field, ValidationInfo, field_validator
 
-from gpufleet.core.config import Duration, GpufleetSettings
 from gpufleet.kube.client import Kube, api_status, call_json
 from gpufleet.kube.errors import LeaseLost
+from gpufleet.kube.settings import LeaseSettings
 
 __all__ = ["LeaderElector", "LeaseSettings"]
 
 log = logging.getLogger(__name__)
-
-
-class LeaseSettings(GpufleetSettings):
-    """Leader election settings, with gpuid's variable names and defaults.
-
-    `LEASE_DURATION` > `LEASE_RENEW_DEADLINE` > `LEASE_RETRY_PERIOD` > 0, so
-    a leader gives up before its Lease can look expired to anyone else. The
-    identity is `POD_NAME` (from the downward API), else the hostname.
-    """
-
-    leader_election: bool = False
-    lease_namespace: str = Field(default="gpuid", min_length=1)
-    lease_name: str = Field(default="gpuid-leader", min_length=1)
-    lease_duration: Duration = Field(default=15.0, gt=0)
-    lease_renew_deadline: Duration = Field(default=10.0, gt=0)
-    lease_retry_period: Duration = Field(default=2.0, gt=0)
-    pod_name: str | None = None
-
-    @field_validator("lease_renew_deadline")
-    @classmethod
-    def _renew_deadline_below_duration(cls, value: float, info: ValidationInfo) -> float:
-        duration = info.data.get("lease_duration")
-        if isinstance(duration, float) and not value < duration:
-            raise ValueError(f"must be less than LEASE_DURATION ({duration:g}s)")
-        return value
-
-    @field_validator("lease_retry_period")
-    @classmethod
-    def _retry_period_below_renew_deadline(cls, value: float, info: ValidationInfo) -> float:
-        deadline = info.data.get("lease_renew_deadline")
-        if isinstance(deadline, float) and not value < deadline:
-            raise ValueError(f"must be less than LEASE_RENEW_DEADLINE ({deadline:g}s)")
-        return value
-
-    @property
-    def identity(self) -> str:
-        """Who this replica is in the Lease: `POD_NAME`, else the hostname."""
-        return self.pod_name or socket.gethostname()
 
 
 @dataclass(frozen=True)

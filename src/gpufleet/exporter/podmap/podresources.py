@@ -41,8 +41,8 @@ import grpc
 import grpc.aio
 
 from gpufleet.exporter.errors import PodResourcesError
+from gpufleet.exporter.podmap.draindex import DraDevice
 from gpufleet.exporter.podmap.kubelet_v1 import api_pb2, api_pb2_grpc
-from gpufleet.exporter.podmap.resourceslices import DraDevice
 
 __all__ = [
     "DEFAULT_SOCKET",
