@@ -8,18 +8,38 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR := .run
 
+CORE_STAMP := $(VENV)/.installed-core
+# Integration tests of the extras' client libraries (psycopg, boto3, httpx,
+# cryptography, kubernetes_asyncio), run again at the declared floors.
+FLOOR_TESTS := tests/unit --ignore=tests/unit/test_deviceapi_generated.py \
+	tests/integration/test_postgres_exporter.py tests/integration/test_s3_exporter.py \
+	tests/integration/test_http_exporter.py tests/integration/test_kcache_oci.py \
+	tests/integration/test_kube_client.py tests/integration/test_kube_watch.py \
+	tests/integration/test_kube_exec.py tests/integration/test_kube_lease.py
+
 .PHONY: help venv run test lint unit bench proto clean
 
 help:
-	@echo "make run    set up .venv and run a GPU inventory scan on simulated GPUs"
-	@echo "make test   set up .venv, start the test servers, run lint, mypy and the tests"
-	@echo "make bench  run the benchmarks under bench/"
+	@echo "make run    set up .venv with the core only and run a GPU inventory scan on simulated GPUs"
+	@echo "make test   set up .venv (all extras + dev tools), .venv-core and .venv-floor, start the"
+	@echo "            test servers, run lint, mypy and the tests (floor venv: unit + client tests)"
+	@echo "make unit   the unit tests only (no servers)"
 	@echo "make lint   ruff check, ruff format --check, mypy"
-	@echo "make proto  regenerate the gRPC code from proto/"
+	@echo "make bench  run the benchmarks under bench/"
+	@echo "make proto  regenerate the gRPC code from proto/ with the pinned grpcio-tools"
+	@echo "make venv   set up .venv with all extras and the dev tools"
+	@echo "make clean  remove the venvs, the demo's files and the tool caches"
+	@echo "make help   this list"
 
 $(STAMP): pyproject.toml scripts/bootstrap-venv.sh
 	PYTHON=$(PYTHON) scripts/bootstrap-venv.sh $(VENV)
 	$(BIN)/pip install --quiet -e '.[all,dev]'
+	touch $@ $(CORE_STAMP)
+
+# `make run` needs the core only: no extras, no test tools (Triton alone is ~1 GB).
+$(CORE_STAMP): pyproject.toml scripts/bootstrap-venv.sh
+	PYTHON=$(PYTHON) scripts/bootstrap-venv.sh $(VENV)
+	$(BIN)/pip install --quiet -e .
 	touch $@
 
 venv: $(STAMP)
@@ -27,7 +47,7 @@ venv: $(STAMP)
 # The main job on simulated GPUs: three VMs come and go; the third lands on the
 # physical GPUs the first one had. The scans go to SQLite and stdout, then the
 # history shows which GPUs moved between machines.
-run: $(STAMP)
+run: $(CORE_STAMP)
 	@rm -rf $(RUN_DIR) && mkdir -p $(RUN_DIR)
 	@export CLUSTER_NAME=demo SQLITE_PATH=$(RUN_DIR)/inventory.db LOG_FORMAT=text; \
 	set -e; \
@@ -50,8 +70,13 @@ unit: $(STAMP)
 
 test: lint
 	scripts/ensure-kubectl.sh
+	PYTHON=$(PYTHON) scripts/core-venv.sh .venv-core
+	PYTHON=$(PYTHON) scripts/floor-venv.sh .venv-floor
 	scripts/test-servers.sh start
-	$(BIN)/pytest -q; rc=$$?; scripts/test-servers.sh stop; exit $$rc
+	$(BIN)/pytest -q; rc=$$?; \
+	echo "== the same client tests at the declared floors (.venv-floor)"; \
+	.venv-floor/bin/pytest -q -p no:cacheprovider $(FLOOR_TESTS); floor=$$?; \
+	scripts/test-servers.sh stop; [ $$rc = 0 ] && exit $$floor; exit $$rc
 
 # The peers the benchmarks compare against (nvitop-exporter) come from the bench extra.
 $(VENV)/.installed-bench: $(STAMP) pyproject.toml
@@ -65,4 +90,4 @@ proto: $(STAMP)
 	scripts/gen-proto.sh
 
 clean:
-	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-core .venv-floor $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache
