@@ -100,3 +100,10 @@ def test_inventory_history_keeps_every_identifying_field_whole(
     values = {p[key] for p in placements for key in keys}
     lines = on_a_terminal(columns, "inventory", "history", "--db", db, "--moved")
     assert broken(values, lines) == []
+
+
+def test_a_lost_gpus_message_is_shown_however_narrow_the_terminal() -> None:
+    fleet = str(Path(__file__).resolve().parents[1] / "data" / "fleets" / "h100_overrides.yaml")
+    lines = on_a_terminal(80, "gpu", "list", "--fleet", fleet)
+    assert "left out to fit 80 columns: product, cc, memory, mig" in [s.strip() for s in lines]
+    assert "GPU 3: lost: nvmlDeviceGetMigMode: GPU is lost" in lines
