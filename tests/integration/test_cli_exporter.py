@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import shlex
 import signal
 import socket
 import ssl
@@ -25,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 pytestmark = pytest.mark.integration
 
 GPUFLEET = [sys.executable, "-m", "gpufleet.cli"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -178,3 +181,79 @@ def test_help_names_every_environment_variable_it_documents(tmp_path: Path) -> N
     text = " ".join(result.stdout.split())
     for variable in ("GPU_EXPORTER_BIND_ADDRESS", "GPU_EXPORTER_INTERVAL", "NODE_NAME"):
         assert f"[env {variable}" in text
+
+
+def readme_try_it() -> tuple[list[str], str]:
+    """The README's exporter example: the command's argv and the curl line after it."""
+    section = (REPO / "README.md").read_text().split("\n## GPU exporter\n", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    command, curl = block.group(1).strip().splitlines()
+    assert command.endswith("# try it")
+    return shlex.split(command, comments=True), curl
+
+
+def test_the_readmes_try_it_example_serves_gpu_and_process_series(
+    tmp_path: Path, started: list[subprocess.Popen[str]]
+) -> None:
+    argv, curl = readme_try_it()
+    assert argv[:2] == ["gpufleet", "exporter"]
+    documented = argv[argv.index("--port") + 1]
+    match = re.fullmatch(r"curl -s localhost:(\d+)(/metrics) \| grep '(.+)'", curl)
+    assert match is not None
+    assert match.group(1) == documented
+    port = free_port()
+    argv[argv.index("--port") + 1] = str(port)
+    # The example's paths are relative to a clone's root, where a reader runs it.
+    proc = subprocess.Popen(
+        [*GPUFLEET, *argv[1:]], env=env(tmp_path), cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    started.append(proc)
+    url = f"http://127.0.0.1:{port}{match.group(2)}"
+    text = fetch(url)
+    while "gpu_utilization{" not in text:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.1)
+        text = fetch(url)
+    assert [line for line in text.splitlines() if re.search(match.group(3), line)]
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    gpu_labels = {"hostname", "index", "devicename", "uuid", "pod", "namespace", "container"}
+    process_labels = gpu_labels - {"pod", "namespace", "container"} | {
+        "pid", "username", "pod_name", "pod_namespace", "container_name",
+    }  # fmt: skip
+    for name in ("gpu_utilization", "gpu_memory_used", "gpu_temperature"):
+        assert {frozenset(s.labels) for s in families[name].samples} == {frozenset(gpu_labels)}
+    for name in ("process_gpu_memory", "process_gpu_sm_utilization"):
+        samples = families[name].samples
+        assert {frozenset(s.labels) for s in samples} == {frozenset(process_labels)}
+        assert sorted((s.labels["index"], s.labels["pid"]) for s in samples) == [
+            ("0", "4242"), ("0", "4317"), ("3", "5120"),
+        ]  # fmt: skip
+
+
+def test_a_source_flag_overrides_the_simulate_variable(
+    tmp_path: Path, started: list[subprocess.Popen[str]]
+) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*GPUFLEET, "exporter", "--fleet", str(REPO / "tests/data/fleets/two_l4.yaml"),
+         "--disable-k8s", "--bind-address", "127.0.0.1", "--port", str(port)],
+        env={**env(tmp_path), "GPU_EXPORTER_SIMULATE": "dgx-h100"}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    started.append(proc)
+    text = fetch(f"http://127.0.0.1:{port}/metrics")
+    while "gpu_utilization{" not in text:
+        time.sleep(0.1)
+        text = fetch(f"http://127.0.0.1:{port}/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {s.labels["devicename"] for s in families["gpu_utilization"].samples} == {"NVIDIA L4"}
+
+
+def test_two_gpu_sources_are_refused_with_one_line(tmp_path: Path) -> None:
+    result = run(tmp_path, "--simulate", "l4", "--fleet", "fleet.yaml", "--disable-k8s")
+    assert result.returncode != 0
+    assert "choose exactly one GPU source" in result.stderr
+    assert "--simulate, --fleet" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -10,12 +10,40 @@ import typer
 
 from gpufleet.core.config import load_settings
 from gpufleet.exporter.errors import ExporterError
-from gpufleet.gpu.cli import NvmlOpt, SimulateOpt
+from gpufleet.gpu.cli import FleetOpt, NvmlOpt, SeedOpt, SimulateOpt, SmiXmlOpt
+from gpufleet.gpu.select import SourceChoice
+
+
+def _source_choice(
+    *,
+    simulate: str | None,
+    fleet: Path | None,
+    nvml: bool,
+    smi_xml: Path | None,
+    seed: int,
+    env_simulate: str | None,
+) -> SourceChoice:
+    """The GPUs to read: the source flag, else ``GPU_EXPORTER_SIMULATE``, else NVML.
+
+    A source flag overrides the variable, as every flag does, so ``--nvml`` or
+    ``--fleet FILE`` on a pod whose environment simulates reads what it says.
+    """
+    if simulate is not None or fleet is not None or nvml or smi_xml is not None:
+        choice = SourceChoice(simulate, fleet, nvml, smi_xml, seed)
+    elif env_simulate is not None:
+        choice = SourceChoice(simulate=env_simulate, seed=seed)
+    else:
+        choice = SourceChoice(nvml=True, seed=seed)
+    choice.validate()
+    return choice
 
 
 def exporter(
-    nvml: NvmlOpt = False,
     simulate: SimulateOpt = None,
+    fleet: FleetOpt = None,
+    nvml: NvmlOpt = False,
+    smi_xml: SmiXmlOpt = None,
+    seed: SeedOpt = 0,
     bind_address: Annotated[
         str | None,
         typer.Option(
@@ -119,19 +147,19 @@ def exporter(
     from gpufleet.exporter.service import run_exporter
     from gpufleet.exporter.settings import ExporterSettings, K8sMode
 
-    if nvml and simulate is not None:
-        raise ExporterError("choose one GPU source: --nvml or --simulate PRESET")
     if enable_k8s and disable_k8s:
         raise ExporterError("--enable-k8s and --disable-k8s contradict each other")
     k8s = K8sMode.ON if enable_k8s else K8sMode.OFF if disable_k8s else None
     settings = load_settings(
-        ExporterSettings, simulate=simulate, bind_address=bind_address, port=port,
+        ExporterSettings, bind_address=bind_address, port=port,
         interval=interval, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file,
         tls_client_ca_file=tls_client_ca_file, host_proc=host_proc, k8s=k8s, node_name=node,
         process_labels=process_labels, process_info=process_info,
         pod_label_allowlist=pod_label_allowlist, max_series=max_series,
         podresources_socket=podresources_socket,
     )  # fmt: skip
-    if nvml:
-        settings = settings.model_copy(update={"simulate": None})
-    asyncio.run(run_exporter(settings))
+    choice = _source_choice(
+        simulate=simulate, fleet=fleet, nvml=nvml, smi_xml=smi_xml, seed=seed,
+        env_simulate=settings.simulate,
+    )  # fmt: skip
+    asyncio.run(run_exporter(settings, choice=choice))

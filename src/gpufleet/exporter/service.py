@@ -217,20 +217,26 @@ async def exporter(
 async def run_exporter(
     settings: ExporterSettings,
     *,
+    choice: SourceChoice | None = None,
     source: GpuSource | None = None,
     kube: Kube | None = None,
     registry: CollectorRegistry | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Run the exporter until ``stop`` is set (or SIGTERM/SIGINT)."""
+    """Run the exporter until ``stop`` is set (or SIGTERM/SIGINT).
+
+    The GPUs are ``source`` when given, else the ``choice`` opened here, else
+    ``settings.simulate`` or NVML.
+    """
     if stop is None:
         with stop_on_signals() as stop:
             return await run_exporter(
-                settings, source=source, kube=kube, registry=registry, stop=stop
+                settings, choice=choice, source=source, kube=kube, registry=registry, stop=stop
             )
     own_source = source is None
     if source is None:
-        choice = SourceChoice(simulate=settings.simulate, nvml=settings.simulate is None)
+        if choice is None:
+            choice = SourceChoice(simulate=settings.simulate, nvml=settings.simulate is None)
         source = await asyncio.to_thread(open_source, choice)
     in_cluster = settings.k8s_enabled()
     own_kube = kube is None and in_cluster

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
-from gpufleet.core.console import stdout_console
+from gpufleet.core.console import Column, fitted_table, stdout_console
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.gpu.snapshot import take_snapshot
 from gpufleet.gpu.source import GpuError
@@ -44,6 +43,20 @@ SeedOpt = Annotated[
 ]
 
 
+# On a narrow terminal the lesser columns go first, so that serial, UUID and PCI
+# bus id stay whole.
+_LIST_COLUMNS = (
+    Column("idx", key=True),
+    Column("serial", key=True),
+    Column("uuid", key=True),
+    Column("product", drop=1),
+    Column("pci bus id", key=True),
+    Column("cc", drop=3),
+    Column("memory", drop=2),
+    Column("mig", drop=4),
+)
+
+
 def _gib(value: int | None) -> str:
     return "N/A" if value is None else f"{value / 2**30:.1f} GiB"
 
@@ -70,36 +83,24 @@ def list_gpus(
         }
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
         return
-    table = Table(title=f"{len(listing.devices)} GPU(s)")
-    for column in ("idx", "serial", "uuid", "product", "pci bus id", "cc", "memory", "mig"):
-        table.add_column(column)
+    rows: list[list[str | Text]] = []
     for d in listing.devices:
         cc = "N/A" if d.compute_capability is None else "{}.{}".format(*d.compute_capability)
         mig = (
             "N/A" if d.mig_mode is None else (f"on ({len(d.mig_devices)})" if d.mig_mode else "off")
         )
-        table.add_row(
-            str(d.index),
-            d.serial or "N/A",
-            d.uuid,
-            d.product_name,
-            d.pci_bus_id,
-            cc,
-            _gib(d.memory_total_bytes),
-            mig,
-        )
+        rows.append([
+            str(d.index), d.serial or "N/A", d.uuid, d.product_name, d.pci_bus_id, cc,
+            _gib(d.memory_total_bytes), mig,
+        ])  # fmt: skip
     for f in listing.faults:
-        table.add_row(
-            str(f.index),
-            "?",
-            f.uuid or "?",
-            Text(f"{f.kind}: {f.message}", style="red"),
-            f.pci_bus_id or "?",
-            "",
-            "",
-            "",
-        )
-    stdout_console().print(table)
+        kind = Text(f.kind, style="red")
+        rows.append([str(f.index), "?", f.uuid or "?", kind, f.pci_bus_id or "?", "", "", ""])
+    console = stdout_console()
+    console.print(fitted_table(console, f"{len(listing.devices)} GPU(s)", _LIST_COLUMNS, rows))
+    # Below the table, where a narrow terminal cannot leave them out.
+    for f in listing.faults:
+        console.print(Text(f"GPU {f.index}: {f.kind}: {f.message}", style="red"))
 
 
 @app.command("smi")

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from gpufleet.core.config import load_settings
-from gpufleet.core.console import stdout_console
+from gpufleet.core.console import Column, fitted_table, stdout_console
 from gpufleet.gpu.cli import FleetOpt, NvmlOpt, SeedOpt, SimulateOpt, SmiXmlOpt
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.inventory.config import HistorySettings, ScanSettings
@@ -303,9 +302,13 @@ def _print_placements(rows: list[Placement], title: str, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
         return
-    table = Table(title=f"{title}: {len(rows)} placement(s)")
-    for column in ("gpu", "uuid", "machine", "node", "cluster", "first seen", "last seen"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(r.gpu, r.uuid, r.machine, r.node, r.cluster, r.first_seen, r.last_seen)
-    stdout_console().print(table)
+    # Every field but the cluster identifies the placement; a narrow terminal
+    # gets one record per placement rather than a cut serial or timestamp.
+    columns = [Column(name, key=True) for name in ("gpu", "uuid", "machine", "node")]
+    columns += [
+        Column("cluster", drop=1),
+        *(Column(n, key=True) for n in ("first seen", "last seen")),
+    ]
+    cells = [[r.gpu, r.uuid, r.machine, r.node, r.cluster, r.first_seen, r.last_seen] for r in rows]
+    console = stdout_console()
+    console.print(fitted_table(console, f"{title}: {len(rows)} placement(s)", columns, cells))
