@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gpufleet.kcache.image import DEFAULT_MOUNT_ROOT, build_image
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.reference import Reference
+from gpufleet.kcache.store import CacheStore
 from gpufleet.kcache.transfer import push_image
 from tests.conftest import require
 from tests.kcache_support import build_triton_cache, compile_again, group_dirs
@@ -131,14 +132,54 @@ def test_the_extracted_cache_is_hit_after_the_original_is_deleted(
     groups = group_dirs(cache_copy)
     shutil.rmtree(cache_copy)
     store = tmp_path / "store"
-    # The store's path for this digest is where this "pod" sees the cache: the mount root.
-    expected = store / "sha256" / digest.split(":", 1)[1]
-    out = cache_cli("extract", ref, "--store", str(store), "--mount-root", str(expected))
+    pod = tmp_path / "pod" / "kernels"
+    out = cache_cli("extract", ref, "--store", str(store), "--mount-root", str(pod))
     path = Path(out.stdout.strip())
-    assert path == expected
-    report = compile_again(path)
+    assert path == CacheStore(store).installed(digest, str(pod))
+    mount(path, pod)
+    report = compile_again(pod)
     assert (report.compiled, report.cache_hits) == (0, 4)
     assert group_dirs(path) == groups
+
+
+def mount(path: Path, at: Path) -> None:
+    """Show the cache at `path` where a pod would see it, `at`, as a bind mount would."""
+    at.parent.mkdir(parents=True, exist_ok=True)
+    at.symlink_to(path, target_is_directory=True)
+
+
+def child_paths(cache: Path) -> list[str]:
+    """Every child path the ``__grp__`` files of an extracted Triton cache name."""
+    names = []
+    for group_file in cache.glob("*/__grp__*.json"):
+        names.extend(json.loads(group_file.read_text())["child_paths"].values())
+    assert names, f"no __grp__ files under {cache}"
+    return names
+
+
+def test_one_image_extracted_for_two_mount_roots_gives_two_caches_each_naming_its_own_root(
+    cache_copy: Path, tmp_path: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+    digest = build(cache_copy, ref)
+    shutil.rmtree(cache_copy)
+    store = tmp_path / "store"
+    first, second = tmp_path / "pod-a" / "kernels", tmp_path / "pod-b" / "kernels"
+    paths = {}
+    for root in (first, second):
+        out = cache_cli("extract", ref, "--store", str(store), "--mount-root", str(root))
+        paths[root] = Path(out.stdout.strip())
+        assert paths[root] == CacheStore(store).installed(digest, str(root))
+    assert paths[first] != paths[second]
+    for root, path in paths.items():
+        assert all(c.startswith(f"{root}/") for c in child_paths(path))
+    assert [(c.mount_root, c.path) for c in CacheStore(store).caches()] == sorted(
+        (str(root), path) for root, path in paths.items()
+    )
+    # Each pod sees only its own mount: Triton must hit every kernel through it.
+    mount(paths[second], second)
+    report = compile_again(second)
+    assert (report.compiled, report.cache_hits) == (0, 4)
 
 
 def test_without_the_rewrite_the_moved_cache_misses(
@@ -191,8 +232,8 @@ def test_a_flipped_byte_in_the_registry_fails_the_pull(
 
 
 def installed(store: Path) -> list[Path]:
-    """Caches the store holds (its sha256/<hex> directories)."""
-    return sorted(p for p in (store / "sha256").glob("*") if p.is_dir())
+    """Caches the store holds: installed ones, and any directory a failed install left."""
+    return sorted(p for p in (store / "caches" / "sha256").glob("*/*") if p.is_dir())
 
 
 def write_keys(directory: Path, name: str) -> tuple[Path, Path]:
@@ -303,9 +344,11 @@ def test_a_vllm_cache_is_hit_at_its_nested_triton_path_after_extraction(
     assert json.loads(cache_cli("inspect", ref, "--json").stdout)["kind"] == "vllm"
     shutil.rmtree(source)
     store = tmp_path / "store"
-    mount = store / "sha256" / digest.split(":", 1)[1]
-    cache_cli("extract", ref, "--store", str(store), "--mount-root", str(mount))
-    nested = mount / "torch_compile_cache" / "d4ec7c2a7d" / "rank_0_0" / "triton_cache"
+    pod = tmp_path / "pod" / "vllm"
+    out = cache_cli("extract", ref, "--store", str(store), "--mount-root", str(pod))
+    assert Path(out.stdout.strip()) == CacheStore(store).installed(digest, str(pod))
+    mount(Path(out.stdout.strip()), pod)
+    nested = pod / "torch_compile_cache" / "d4ec7c2a7d" / "rank_0_0" / "triton_cache"
     assert compile_again(nested).compiled == 0
 
 

@@ -257,7 +257,10 @@ def extract(
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
 ) -> None:
-    """Pull into <store>/sha256/<hex>/ atomically (again: nothing to do); prints the path."""
+    """Pull into the store for the mount root, atomically (again: nothing to do); prints the path.
+
+    One directory per image and mount root: <store>/caches/sha256/<hex>/<sha256 of the root>/.
+    """
     from gpufleet.kcache.extract import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
     from gpufleet.kcache.keys import load_public_key
     from gpufleet.kcache.store import CacheStore

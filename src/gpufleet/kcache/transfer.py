@@ -123,10 +123,11 @@ def fetch_image(client: RegistryClient, reference: Reference) -> RemoteImage:
 
 @dataclass(frozen=True, slots=True)
 class Pulled:
-    """Where an image's cache lies in the store, and whether this call put it there."""
+    """Where an image's cache lies in the store, for which mount root, and if this call put it."""
 
     path: Path
     digest: str
+    mount_root: str
     extracted: bool
 
 
@@ -140,8 +141,10 @@ def pull_to_store(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> Pulled:
-    """Pull, verify and extract into ``<store>/sha256/<hex>/``; nothing to do if it is there.
+    """Pull, verify and extract into the store for `mount_root`; nothing to do if it is there.
 
+    The cache lands at ``store.path(digest, mount_root)``: one directory per
+    image and mount root, since its ``__grp__`` files name the mount root.
     With `verify_key`, the signature is checked before a single byte of the
     layer is read, and the digest it vouches for is the digest extracted.
     Without `mount_root`, the one the image's label names is used.
@@ -153,8 +156,9 @@ def pull_to_store(
     root = mount_root or image.labels.get(MOUNT_ROOT_LABEL)
     if not root:
         raise KcacheError(f"{reference}: no --mount-root given and the image names none")
-    if store.is_complete(image.digest):
-        return Pulled(store.path(image.digest), image.digest, extracted=False)
+    installed = store.installed(image.digest, root)
+    if installed is not None:
+        return Pulled(installed, image.digest, root, extracted=False)
     extracted = False
 
     def fill(target: Path) -> None:
@@ -169,5 +173,5 @@ def pull_to_store(
             )  # fmt: skip
         extracted = True
 
-    path = store.install(image.digest, fill)
-    return Pulled(path, image.digest, extracted)
+    path = store.install(image.digest, root, fill)
+    return Pulled(path, image.digest, root, extracted)
