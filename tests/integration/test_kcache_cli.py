@@ -361,3 +361,69 @@ def test_extract_without_mount_root_uses_the_one_the_image_names(
     (group_file,) = list(path.glob("*/__grp__add.json"))[:1]
     children = json.loads(group_file.read_text())["child_paths"].values()
     assert all(c.startswith(f"/var/cache/from-label/{group_file.parent.name}/") for c in children)
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single line a failed command wrote on stderr."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("target", ["./nope", "../nope", "/nonexistent/nope", "~/nope"])
+def test_inspecting_a_missing_local_path_says_it_is_no_directory_and_no_image_reference(
+    target: str,
+) -> None:
+    result = cache_cli("inspect", target, check=False)
+
+    assert result.returncode == 2
+    line = one_line(result)
+    assert f"{target!r}: no such directory, and not an image reference" in line
+    assert "cache inspect takes a cache directory or an image reference" in line
+    assert "host[:port]" not in line
+
+
+def test_inspecting_a_file_says_inspect_takes_a_cache_directory_or_an_image(
+    tmp_path: Path,
+) -> None:
+    a_file = tmp_path / "summary.json"
+    a_file.write_text("{}")
+
+    result = cache_cli("inspect", str(a_file), check=False)
+
+    assert result.returncode == 2
+    assert f"{str(a_file)!r} is a file, not a cache directory or an image reference" in (
+        one_line(result)
+    )
+
+
+def test_extracting_a_local_directory_says_extract_takes_an_image_reference(
+    compiled: Path, tmp_path: Path
+) -> None:
+    result = cache_cli("extract", str(compiled), "--store", str(tmp_path / "s"), check=False)
+
+    assert result.returncode == 2
+    line = one_line(result)
+    assert f"{str(compiled)!r} is a directory, not an image reference" in line
+    assert "cache extract takes an image reference (REGISTRY/REPOSITORY" in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_inspecting_a_signature_tag_says_it_is_a_signature_and_names_the_signed_image(
+    compiled: Path, tmp_path: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+    digest = build(compiled, ref)
+    for signer in ("first", "second"):  # two signatures: two layers in the .sig manifest
+        key, _ = write_keys(tmp_path, signer)
+        cache_cli("sign", ref, "--key", str(key))
+    repository = ref.rsplit(":", 1)[0]
+    signature = f"{repository}:{digest.replace(':', '-')}.sig"
+
+    result = cache_cli("inspect", signature, check=False)
+
+    assert result.returncode == 1
+    line = one_line(result)
+    assert "a cosign signature, not a cache image" in line
+    assert line.endswith(f"{repository}@{digest}")
+    assert "unpack" not in line

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from gpufleet.kcache.labels import (
 from gpufleet.kcache.model import CacheSummary
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.reference import Reference
-from gpufleet.kcache.sign import verify_image
+from gpufleet.kcache.sign import SIMPLE_SIGNING_MEDIA_TYPE, verify_image
 from gpufleet.kcache.store import CacheStore
 
 __all__ = [
@@ -103,10 +104,16 @@ def fetch_image(client: RegistryClient, reference: Reference) -> RemoteImage:
         raise KcacheError(f"{reference}: not a cache image (manifest type {media_type})")
     try:
         manifest = json.loads(manifest_bytes)
-        config = manifest["config"]
-        (layer,) = manifest["layers"]
+        config, layers = manifest["config"], manifest["layers"]
+        _refuse_signature(reference, layers)
+        if not isinstance(layers, list) or len(layers) != 1:
+            count = len(layers) if isinstance(layers, list) else "no list of"
+            raise ValueError(f"{count} layers")
+        (layer,) = layers
         if config["mediaType"] != CONFIG_MEDIA_TYPE or layer["mediaType"] != LAYER_MEDIA_TYPE:
-            raise ValueError("unexpected media types")
+            raise ValueError(
+                f"config {config['mediaType']}, layer {layer['mediaType']}: unexpected media types"
+            )
         config_digest, layer_digest, layer_size = config["digest"], layer["digest"], layer["size"]
     except (ValueError, KeyError, TypeError) as exc:
         raise KcacheError(
@@ -119,6 +126,26 @@ def fetch_image(client: RegistryClient, reference: Reference) -> RemoteImage:
         reference.with_digest(digest), digest, str(layer_digest), int(layer_size), labels,
         summary_from_labels(labels),
     )  # fmt: skip
+
+
+def _refuse_signature(reference: Reference, layers: object) -> None:
+    """Raise, naming the image it signs, if `reference` is a cosign signature, not a cache."""
+    signed = re.fullmatch(r"sha256-([0-9a-f]{64})\.sig", reference.tag or "")
+    signature_layers = isinstance(layers, list) and any(
+        isinstance(layer, dict) and layer.get("mediaType") == SIMPLE_SIGNING_MEDIA_TYPE
+        for layer in layers
+    )
+    if signed is None and not signature_layers:
+        return
+    target = (
+        f"{reference.registry}/{reference.repository}@sha256:{signed.group(1)}"
+        if signed is not None
+        else "the image it signs"
+    )
+    raise KcacheError(
+        f"{reference}: a cosign signature, not a cache image; name the signed image instead: "
+        f"{target}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
