@@ -8,8 +8,11 @@ anything.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import pty
+import select
 import shutil
 import subprocess
 import sys
@@ -427,3 +430,103 @@ def test_inspecting_a_signature_tag_says_it_is_a_signature_and_names_the_signed_
     assert "a cosign signature, not a cache image" in line
     assert line.endswith(f"{repository}@{digest}")
     assert "unpack" not in line
+
+
+def test_debug_logs_of_an_authenticated_push_and_pull_name_no_credential_token_or_query(
+    compiled: Path, tmp_path: Path, test_servers: dict[str, str]
+) -> None:
+    address, user, password = require(
+        test_servers, "REGISTRY_AUTH", "REGISTRY_AUTH_USER", "REGISTRY_AUTH_PASSWORD"
+    )
+    ref = f"{address}/kcache-cli/logged-{uuid.uuid4().hex[:8]}:v1"
+    env = {"REGISTRY_USERNAME": user, "REGISTRY_PASSWORD": password, "LOG_LEVEL": "debug"}
+    pushed = cache_cli("build", str(compiled), "-t", ref, env=env)
+    pulled = cache_cli(
+        "extract", ref, "--store", str(tmp_path / "s"), "--mount-root", "/m", env=env
+    )
+    logs = pushed.stderr + pulled.stderr
+
+    lines = [json.loads(line) for line in logs.splitlines()]
+    requests = [line for line in lines if line["msg"] == "registry request"]
+    assert {(r["method"], r["status"]) for r in requests} >= {("POST", 202), ("PUT", 201)}
+    assert any("/blobs/uploads/" in r["url"] for r in requests if r["method"] == "PUT")
+    assert all("?" not in r["url"] for r in requests)
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    for secret in (
+        "_state=",
+        "digest=sha256",
+        "Authorization",
+        "Bearer",
+        "Basic ",
+        password,
+        basic,
+    ):
+        assert secret not in logs
+    for presigned in ("X-Amz-", "Signature=", "Expires=", "token="):
+        assert presigned not in logs
+    assert "HTTP Request" not in logs  # httpx's own lines, whole URLs and all
+
+
+def test_at_the_default_level_a_push_and_a_pull_log_no_request_lines(
+    compiled: Path, tmp_path: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+    pushed = cache_cli("build", str(compiled), "-t", ref, env={"LOG_LEVEL": "info"})
+    pulled = cache_cli(
+        "extract", ref, "--store", str(tmp_path / "s"), "--mount-root", "/m",
+        env={"LOG_LEVEL": "info"},
+    )  # fmt: skip
+
+    assert pushed.stderr == pulled.stderr == ""
+
+
+def run_with_stderr_on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """Run ``gpufleet cache ARGS`` with stderr on a pseudo-terminal: (status, stdout, stderr)."""
+    primary, secondary = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "KCACHE_"))}
+    env.update({"TERM": "xterm-256color", "COLUMNS": "160", "LOG_LEVEL": "info"})
+    env.pop("FORCE_COLOR", None)
+    env.pop("NO_COLOR", None)
+    with subprocess.Popen(
+        [*GPUFLEET, *args], stdout=subprocess.PIPE, stderr=secondary, env=env, text=True
+    ) as proc:
+        os.close(secondary)
+        seen = bytearray()
+        while True:
+            ready, _, _ = select.select([primary], [], [], 120)  # a hang guard, not a timing
+            assert ready, f"no output and no exit; so far: {bytes(seen)!r}"
+            try:
+                data = os.read(primary, 65536)
+            except OSError:  # EIO: the child closed the terminal's last descriptor
+                break
+            if not data:
+                break
+            seen += data
+        os.close(primary)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        status = proc.wait(timeout=120)
+    return status, out, seen.decode(errors="replace")
+
+
+def test_build_draws_a_progress_bar_when_stderr_is_a_terminal(
+    compiled: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+
+    status, out, terminal = run_with_stderr_on_a_terminal("build", str(compiled), "-t", ref)
+
+    assert status == 0, terminal
+    assert out.startswith(f"{ref}@sha256:")
+    assert f"push {ref}" in terminal
+    assert "━" in terminal  # the bar itself
+
+
+def test_build_draws_no_progress_bar_when_stderr_is_piped(compiled: Path, registry: str) -> None:
+    ref = new_ref(registry)
+
+    result = cache_cli("build", str(compiled), "-t", ref, env={"LOG_LEVEL": "info"})
+
+    assert "━" not in result.stderr
+    assert f"push {ref}" not in result.stderr
+    assert result.stderr == ""

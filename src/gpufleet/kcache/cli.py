@@ -149,8 +149,12 @@ def build(
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
 ) -> None:
-    """Pack a cache directory into a reproducible OCI image and push it; prints REF@DIGEST."""
+    """Pack a cache directory into a reproducible OCI image and push it; prints REF@DIGEST.
+
+    On a terminal, stderr shows the layer's upload as a progress bar.
+    """
     from gpufleet.kcache.image import DEFAULT_MOUNT_ROOT, build_image
+    from gpufleet.kcache.progress import transfer_progress
     from gpufleet.kcache.transfer import push_image
 
     settings = load_settings(CacheSettings, kcache_mount_root=mount_root)
@@ -160,8 +164,11 @@ def build(
             mount_root=settings.kcache_mount_root or DEFAULT_MOUNT_ROOT,
             allow_unknown=allow_unknown,
         )  # fmt: skip
-        with _client(tag, plain_http, force_plain_http, takes="cache build --tag") as (client, ref):
-            digest = push_image(client, ref, image, mount_from=mount_from)
+        with (
+            _client(tag, plain_http, force_plain_http, takes="cache build --tag") as (client, ref),
+            transfer_progress(f"push {ref}", image.layer_size) as progress,
+        ):
+            digest = push_image(client, ref, image, mount_from=mount_from, progress=progress)
     sys.stdout.write(f"{ref}@{digest}\n")
 
 

@@ -32,7 +32,7 @@ from gpufleet.kcache.labels import (
     summary_from_labels,
 )
 from gpufleet.kcache.model import CacheSummary
-from gpufleet.kcache.oci import RegistryClient
+from gpufleet.kcache.oci import ProgressCallback, RegistryClient
 from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.sign import SIMPLE_SIGNING_MEDIA_TYPE, verify_image
 from gpufleet.kcache.store import CacheStore
@@ -53,18 +53,21 @@ def push_image(
     image: BuiltImage,
     *,
     mount_from: str | None = None,
+    progress: ProgressCallback | None = None,
 ) -> str:
     """Push layer, config and manifest; returns the manifest digest.
 
     Blobs the repository already has are not sent again; with `mount_from`
     (another repository of the same registry) the registry is first asked to
-    mount them from there, which costs no upload at all.
+    mount them from there, which costs no upload at all. `progress` is told
+    the layer's bytes sent so far (the layer is nearly all of an image).
     """
     if reference.tag is None and reference.digest is None:
         raise KcacheError(f"{reference}: name a tag to push to")
     client.push_blob(
-        reference.repository, image.layer_path, image.layer_digest, mount_from=mount_from
-    )
+        reference.repository, image.layer_path, image.layer_digest,
+        mount_from=mount_from, progress=progress,
+    )  # fmt: skip
     client.push_blob(reference.repository, image.config, image.config_digest, mount_from=mount_from)
     tag = reference.tag or image.manifest_digest
     digest = client.push_manifest(reference.repository, tag, image.manifest, MANIFEST_MEDIA_TYPE)
