@@ -8,8 +8,11 @@ anything.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import pty
+import select
 import shutil
 import subprocess
 import sys
@@ -23,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gpufleet.kcache.image import DEFAULT_MOUNT_ROOT, build_image
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.reference import Reference
+from gpufleet.kcache.store import CacheStore
 from gpufleet.kcache.transfer import push_image
 from tests.conftest import require
 from tests.kcache_support import build_triton_cache, compile_again, group_dirs
@@ -131,14 +135,54 @@ def test_the_extracted_cache_is_hit_after_the_original_is_deleted(
     groups = group_dirs(cache_copy)
     shutil.rmtree(cache_copy)
     store = tmp_path / "store"
-    # The store's path for this digest is where this "pod" sees the cache: the mount root.
-    expected = store / "sha256" / digest.split(":", 1)[1]
-    out = cache_cli("extract", ref, "--store", str(store), "--mount-root", str(expected))
+    pod = tmp_path / "pod" / "kernels"
+    out = cache_cli("extract", ref, "--store", str(store), "--mount-root", str(pod))
     path = Path(out.stdout.strip())
-    assert path == expected
-    report = compile_again(path)
+    assert path == CacheStore(store).installed(digest, str(pod))
+    mount(path, pod)
+    report = compile_again(pod)
     assert (report.compiled, report.cache_hits) == (0, 4)
     assert group_dirs(path) == groups
+
+
+def mount(path: Path, at: Path) -> None:
+    """Show the cache at `path` where a pod would see it, `at`, as a bind mount would."""
+    at.parent.mkdir(parents=True, exist_ok=True)
+    at.symlink_to(path, target_is_directory=True)
+
+
+def child_paths(cache: Path) -> list[str]:
+    """Every child path the ``__grp__`` files of an extracted Triton cache name."""
+    names = []
+    for group_file in cache.glob("*/__grp__*.json"):
+        names.extend(json.loads(group_file.read_text())["child_paths"].values())
+    assert names, f"no __grp__ files under {cache}"
+    return names
+
+
+def test_one_image_extracted_for_two_mount_roots_gives_two_caches_each_naming_its_own_root(
+    cache_copy: Path, tmp_path: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+    digest = build(cache_copy, ref)
+    shutil.rmtree(cache_copy)
+    store = tmp_path / "store"
+    first, second = tmp_path / "pod-a" / "kernels", tmp_path / "pod-b" / "kernels"
+    paths = {}
+    for root in (first, second):
+        out = cache_cli("extract", ref, "--store", str(store), "--mount-root", str(root))
+        paths[root] = Path(out.stdout.strip())
+        assert paths[root] == CacheStore(store).installed(digest, str(root))
+    assert paths[first] != paths[second]
+    for root, path in paths.items():
+        assert all(c.startswith(f"{root}/") for c in child_paths(path))
+    assert [(c.mount_root, c.path) for c in CacheStore(store).caches()] == sorted(
+        (str(root), path) for root, path in paths.items()
+    )
+    # Each pod sees only its own mount: Triton must hit every kernel through it.
+    mount(paths[second], second)
+    report = compile_again(second)
+    assert (report.compiled, report.cache_hits) == (0, 4)
 
 
 def test_without_the_rewrite_the_moved_cache_misses(
@@ -191,8 +235,8 @@ def test_a_flipped_byte_in_the_registry_fails_the_pull(
 
 
 def installed(store: Path) -> list[Path]:
-    """Caches the store holds (its sha256/<hex> directories)."""
-    return sorted(p for p in (store / "sha256").glob("*") if p.is_dir())
+    """Caches the store holds: installed ones, and any directory a failed install left."""
+    return sorted(p for p in (store / "caches" / "sha256").glob("*/*") if p.is_dir())
 
 
 def write_keys(directory: Path, name: str) -> tuple[Path, Path]:
@@ -303,9 +347,11 @@ def test_a_vllm_cache_is_hit_at_its_nested_triton_path_after_extraction(
     assert json.loads(cache_cli("inspect", ref, "--json").stdout)["kind"] == "vllm"
     shutil.rmtree(source)
     store = tmp_path / "store"
-    mount = store / "sha256" / digest.split(":", 1)[1]
-    cache_cli("extract", ref, "--store", str(store), "--mount-root", str(mount))
-    nested = mount / "torch_compile_cache" / "d4ec7c2a7d" / "rank_0_0" / "triton_cache"
+    pod = tmp_path / "pod" / "vllm"
+    out = cache_cli("extract", ref, "--store", str(store), "--mount-root", str(pod))
+    assert Path(out.stdout.strip()) == CacheStore(store).installed(digest, str(pod))
+    mount(Path(out.stdout.strip()), pod)
+    nested = pod / "torch_compile_cache" / "d4ec7c2a7d" / "rank_0_0" / "triton_cache"
     assert compile_again(nested).compiled == 0
 
 
@@ -318,3 +364,169 @@ def test_extract_without_mount_root_uses_the_one_the_image_names(
     (group_file,) = list(path.glob("*/__grp__add.json"))[:1]
     children = json.loads(group_file.read_text())["child_paths"].values()
     assert all(c.startswith(f"/var/cache/from-label/{group_file.parent.name}/") for c in children)
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single line a failed command wrote on stderr."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("target", ["./nope", "../nope", "/nonexistent/nope", "~/nope"])
+def test_inspecting_a_missing_local_path_says_it_is_no_directory_and_no_image_reference(
+    target: str,
+) -> None:
+    result = cache_cli("inspect", target, check=False)
+
+    assert result.returncode == 2
+    line = one_line(result)
+    assert f"{target!r}: no such directory, and not an image reference" in line
+    assert "cache inspect takes a cache directory or an image reference" in line
+    assert "host[:port]" not in line
+
+
+def test_inspecting_a_file_says_inspect_takes_a_cache_directory_or_an_image(
+    tmp_path: Path,
+) -> None:
+    a_file = tmp_path / "summary.json"
+    a_file.write_text("{}")
+
+    result = cache_cli("inspect", str(a_file), check=False)
+
+    assert result.returncode == 2
+    assert f"{str(a_file)!r} is a file, not a cache directory or an image reference" in (
+        one_line(result)
+    )
+
+
+def test_extracting_a_local_directory_says_extract_takes_an_image_reference(
+    compiled: Path, tmp_path: Path
+) -> None:
+    result = cache_cli("extract", str(compiled), "--store", str(tmp_path / "s"), check=False)
+
+    assert result.returncode == 2
+    line = one_line(result)
+    assert f"{str(compiled)!r} is a directory, not an image reference" in line
+    assert "cache extract takes an image reference (REGISTRY/REPOSITORY" in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_inspecting_a_signature_tag_says_it_is_a_signature_and_names_the_signed_image(
+    compiled: Path, tmp_path: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+    digest = build(compiled, ref)
+    for signer in ("first", "second"):  # two signatures: two layers in the .sig manifest
+        key, _ = write_keys(tmp_path, signer)
+        cache_cli("sign", ref, "--key", str(key))
+    repository = ref.rsplit(":", 1)[0]
+    signature = f"{repository}:{digest.replace(':', '-')}.sig"
+
+    result = cache_cli("inspect", signature, check=False)
+
+    assert result.returncode == 1
+    line = one_line(result)
+    assert "a cosign signature, not a cache image" in line
+    assert line.endswith(f"{repository}@{digest}")
+    assert "unpack" not in line
+
+
+def test_debug_logs_of_an_authenticated_push_and_pull_name_no_credential_token_or_query(
+    compiled: Path, tmp_path: Path, test_servers: dict[str, str]
+) -> None:
+    address, user, password = require(
+        test_servers, "REGISTRY_AUTH", "REGISTRY_AUTH_USER", "REGISTRY_AUTH_PASSWORD"
+    )
+    ref = f"{address}/kcache-cli/logged-{uuid.uuid4().hex[:8]}:v1"
+    env = {"REGISTRY_USERNAME": user, "REGISTRY_PASSWORD": password, "LOG_LEVEL": "debug"}
+    pushed = cache_cli("build", str(compiled), "-t", ref, env=env)
+    pulled = cache_cli(
+        "extract", ref, "--store", str(tmp_path / "s"), "--mount-root", "/m", env=env
+    )
+    logs = pushed.stderr + pulled.stderr
+
+    lines = [json.loads(line) for line in logs.splitlines()]
+    requests = [line for line in lines if line["msg"] == "registry request"]
+    assert {(r["method"], r["status"]) for r in requests} >= {("POST", 202), ("PUT", 201)}
+    assert any("/blobs/uploads/" in r["url"] for r in requests if r["method"] == "PUT")
+    assert all("?" not in r["url"] for r in requests)
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    for secret in (
+        "_state=",
+        "digest=sha256",
+        "Authorization",
+        "Bearer",
+        "Basic ",
+        password,
+        basic,
+    ):
+        assert secret not in logs
+    for presigned in ("X-Amz-", "Signature=", "Expires=", "token="):
+        assert presigned not in logs
+    assert "HTTP Request" not in logs  # httpx's own lines, whole URLs and all
+
+
+def test_at_the_default_level_a_push_and_a_pull_log_no_request_lines(
+    compiled: Path, tmp_path: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+    pushed = cache_cli("build", str(compiled), "-t", ref, env={"LOG_LEVEL": "info"})
+    pulled = cache_cli(
+        "extract", ref, "--store", str(tmp_path / "s"), "--mount-root", "/m",
+        env={"LOG_LEVEL": "info"},
+    )  # fmt: skip
+
+    assert pushed.stderr == pulled.stderr == ""
+
+
+def run_with_stderr_on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """Run ``gpufleet cache ARGS`` with stderr on a pseudo-terminal: (status, stdout, stderr)."""
+    primary, secondary = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "KCACHE_"))}
+    env.update({"TERM": "xterm-256color", "COLUMNS": "160", "LOG_LEVEL": "info"})
+    env.pop("FORCE_COLOR", None)
+    env.pop("NO_COLOR", None)
+    with subprocess.Popen(
+        [*GPUFLEET, *args], stdout=subprocess.PIPE, stderr=secondary, env=env, text=True
+    ) as proc:
+        os.close(secondary)
+        seen = bytearray()
+        while True:
+            ready, _, _ = select.select([primary], [], [], 120)  # a hang guard, not a timing
+            assert ready, f"no output and no exit; so far: {bytes(seen)!r}"
+            try:
+                data = os.read(primary, 65536)
+            except OSError:  # EIO: the child closed the terminal's last descriptor
+                break
+            if not data:
+                break
+            seen += data
+        os.close(primary)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        status = proc.wait(timeout=120)
+    return status, out, seen.decode(errors="replace")
+
+
+def test_build_draws_a_progress_bar_when_stderr_is_a_terminal(
+    compiled: Path, registry: str
+) -> None:
+    ref = new_ref(registry)
+
+    status, out, terminal = run_with_stderr_on_a_terminal("build", str(compiled), "-t", ref)
+
+    assert status == 0, terminal
+    assert out.startswith(f"{ref}@sha256:")
+    assert f"push {ref}" in terminal
+    assert "━" in terminal  # the bar itself
+
+
+def test_build_draws_no_progress_bar_when_stderr_is_piped(compiled: Path, registry: str) -> None:
+    ref = new_ref(registry)
+
+    result = cache_cli("build", str(compiled), "-t", ref, env={"LOG_LEVEL": "info"})
+
+    assert "━" not in result.stderr
+    assert f"push {ref}" not in result.stderr
+    assert result.stderr == ""

@@ -44,6 +44,7 @@ from gpufleet.kcache.oci import (
     Descriptor,
     RegistryClient,
     check_plain_http,
+    loggable_url,
     sha256_digest,
 )
 from gpufleet.kcache.reference import Reference
@@ -171,6 +172,49 @@ def test_a_file_larger_than_the_chunk_size_is_uploaded_as_a_patch_sequence(
     assert sent.count("PATCH") == 4  # 64 + 64 + 64 + 8 KiB
     assert sent[-2] == "PUT"  # the closing PUT carries the digest, no data
     assert pulled == path.read_bytes()
+
+
+def test_progress_is_told_each_chunk_of_a_patch_sequence_and_then_the_whole(
+    registry: str, no_docker_config: Path, repo: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "layer.bin"
+    path.write_bytes(os.urandom(200 * 1024))
+    told: list[int] = []
+    with RegistryClient(registry, docker_config=no_docker_config, chunk_size=64 * 1024) as client:
+        client.push_blob(repo, path, progress=told.append)
+        client.push_blob(repo, path, progress=told.append)  # there already: done at once
+    kib = 1024
+    assert told == [64 * kib, 128 * kib, 192 * kib, 200 * kib, 200 * kib, 200 * kib]
+
+
+def test_progress_of_a_streamed_upload_grows_to_the_file_size(
+    client: RegistryClient, repo: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "layer.bin"
+    path.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    told: list[int] = []
+    client.push_blob(repo, path, progress=told.append)
+    assert told == sorted(told)
+    assert len(told) > 2
+    assert told[-1] == path.stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        (
+            "http://r:5000/v2/a/blobs/uploads/u-1?_state=c2VjcmV0&digest=sha256:ab",
+            "http://r:5000/v2/a/blobs/uploads/u-1",
+        ),
+        (
+            "https://user:pw@s3.example/bucket/blob?X-Amz-Signature=f00&X-Amz-Credential=k#x",
+            "https://s3.example/bucket/blob",
+        ),
+        ("https://r/v2/", "https://r/v2/"),
+    ],
+)
+def test_a_logged_url_keeps_no_query_fragment_or_user_info(url: str, logged: str) -> None:
+    assert loggable_url(url) == logged
 
 
 def test_chunked_forces_patches_even_for_a_blob_under_the_chunk_size(

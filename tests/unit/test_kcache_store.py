@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import threading
@@ -15,6 +17,8 @@ from gpufleet.kcache.store import CacheStore
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32
+ROOT = "/var/cache/gpufleet/kernels"
+ROOT_KEY = hashlib.sha256(ROOT.encode()).hexdigest()
 
 
 class Filler:
@@ -39,8 +43,54 @@ def store(tmp_path: Path) -> CacheStore:
     return CacheStore(tmp_path / "store")
 
 
-def test_the_path_of_a_digest_is_root_sha256_hex(store: CacheStore) -> None:
-    assert store.path(DIGEST) == store.root / "sha256" / ("ab" * 32)
+def test_the_path_of_a_cache_is_caches_sha256_hex_then_the_mount_roots_key(
+    store: CacheStore,
+) -> None:
+    assert store.path(DIGEST, ROOT) == store.root / "caches" / "sha256" / ("ab" * 32) / ROOT_KEY
+
+
+def test_one_digest_for_two_mount_roots_is_two_caches(store: CacheStore) -> None:
+    first, second = Filler("for a"), Filler("for b")
+
+    a = store.install(DIGEST, "/mnt/a", first)
+    b = store.install(DIGEST, "/mnt/b", second)
+
+    assert a != b
+    assert (first.calls, second.calls) == (1, 1)
+    assert store.installed(DIGEST, "/mnt/a") == a
+    assert store.installed(DIGEST, "/mnt/b") == b
+    assert (b / "group" / "k.cubin").read_text() == "for b"
+    assert store.installed(DIGEST, "/mnt/c") is None
+
+
+def test_the_store_lists_its_caches_with_their_digest_and_mount_root(store: CacheStore) -> None:
+    store.install(DIGEST, "/mnt/b", Filler())
+    store.install(DIGEST, "/mnt/a", Filler())
+    store.install(OTHER, "/mnt/a", Filler())
+    with pytest.raises(RuntimeError):
+        store.install(OTHER, "/mnt/b", fail)
+
+    assert [(c.digest, c.mount_root, c.path) for c in store.caches()] == [
+        (DIGEST, "/mnt/a", store.path(DIGEST, "/mnt/a")),
+        (DIGEST, "/mnt/b", store.path(DIGEST, "/mnt/b")),
+        (OTHER, "/mnt/a", store.path(OTHER, "/mnt/a")),
+    ]
+
+
+def test_the_marker_records_the_digest_and_the_mount_root(store: CacheStore) -> None:
+    path = store.install(DIGEST, ROOT, Filler())
+
+    marker = path.with_name(path.name + ".complete")
+    assert json.loads(marker.read_text()) == {"digest": DIGEST, "mount_root": ROOT}
+    assert "complete" not in {p.name for p in path.iterdir()}
+
+
+@pytest.mark.parametrize("mount_root", ["relative/path", "/a/../b", "//a", "/a/", ""])
+def test_a_mount_root_that_is_not_absolute_and_normalized_is_refused(
+    store: CacheStore, mount_root: str
+) -> None:
+    with pytest.raises(KcacheError, match="mount root"):
+        store.install(DIGEST, mount_root, Filler())
 
 
 @pytest.mark.parametrize(
@@ -57,26 +107,26 @@ def test_the_path_of_a_digest_is_root_sha256_hex(store: CacheStore) -> None:
 )
 def test_anything_but_a_sha256_digest_is_refused(store: CacheStore, digest: str) -> None:
     with pytest.raises(KcacheError, match="not a sha256 digest"):
-        store.path(digest)
+        store.path(digest, ROOT)
     with pytest.raises(KcacheError, match="not a sha256 digest"):
-        store.install(digest, Filler())
+        store.install(digest, ROOT, Filler())
 
 
 def test_install_fills_once_and_a_second_install_does_nothing(store: CacheStore) -> None:
     fill = Filler()
 
-    first = store.install(DIGEST, fill)
-    second = store.install(DIGEST, fill)
+    first = store.install(DIGEST, ROOT, fill)
+    second = store.install(DIGEST, ROOT, fill)
 
-    assert first == second == store.path(DIGEST)
+    assert first == second == store.path(DIGEST, ROOT)
     assert fill.calls == 1
     assert (first / "group" / "k.cubin").read_text() == "kernels"
-    assert store.is_complete(DIGEST)
+    assert store.is_complete(DIGEST, ROOT)
 
 
 def test_fill_works_in_a_temporary_directory_on_the_stores_filesystem(store: CacheStore) -> None:
     fill = Filler()
-    store.install(DIGEST, fill)
+    store.install(DIGEST, ROOT, fill)
 
     (tmp,) = fill.seen
     assert tmp.parent == store.root / "tmp"
@@ -88,19 +138,19 @@ def test_the_cache_is_not_complete_while_it_is_being_filled(store: CacheStore) -
     seen: list[bool] = []
 
     def fill(tmp: Path) -> None:
-        seen.append(store.is_complete(DIGEST))
+        seen.append(store.is_complete(DIGEST, ROOT))
         (tmp / "f").write_text("x")
 
-    store.install(DIGEST, fill)
+    store.install(DIGEST, ROOT, fill)
 
     assert seen == [False]
-    assert store.is_complete(DIGEST)
+    assert store.is_complete(DIGEST, ROOT)
 
 
 def test_an_installed_cache_is_readable_by_other_users(tmp_path: Path) -> None:
     old = os.umask(0o077)
     try:
-        path = CacheStore(tmp_path / "store").install(DIGEST, Filler())
+        path = CacheStore(tmp_path / "store").install(DIGEST, ROOT, Filler())
     finally:
         os.umask(old)
 
@@ -113,12 +163,12 @@ def test_a_failed_fill_leaves_no_trace(store: CacheStore) -> None:
         raise RuntimeError("layer refused")
 
     with pytest.raises(RuntimeError, match="layer refused"):
-        store.install(DIGEST, fill)
+        store.install(DIGEST, ROOT, fill)
 
-    assert not store.path(DIGEST).exists()
-    assert not store.is_complete(DIGEST)
+    assert not store.path(DIGEST, ROOT).exists()
+    assert not store.is_complete(DIGEST, ROOT)
     assert os.listdir(store.root / "tmp") == []
-    assert os.listdir(store.root / "sha256") == []
+    assert not (store.root / "caches").exists()
 
 
 def fail(tmp: Path) -> None:
@@ -127,28 +177,28 @@ def fail(tmp: Path) -> None:
 
 def test_a_failed_fill_is_retried_by_the_next_install(store: CacheStore) -> None:
     with pytest.raises(RuntimeError):
-        store.install(DIGEST, fail)
+        store.install(DIGEST, ROOT, fail)
 
     fill = Filler()
-    store.install(DIGEST, fill)
+    store.install(DIGEST, ROOT, fill)
 
     assert fill.calls == 1
-    assert store.is_complete(DIGEST)
+    assert store.is_complete(DIGEST, ROOT)
 
 
 def test_a_crash_leftover_without_its_marker_is_removed_and_redone(store: CacheStore) -> None:
-    leftover = store.path(DIGEST)
+    leftover = store.path(DIGEST, ROOT)
     leftover.mkdir(parents=True)
     (leftover / "truncated.cubin").write_text("half")
-    stale_tmp = store.root / "tmp" / f"{'ab' * 32}.crashed"
+    stale_tmp = store.root / "tmp" / f"{'ab' * 32}-{ROOT_KEY}.crashed"
     stale_tmp.mkdir(parents=True)
     (stale_tmp / "x").write_text("half")
-    other_tmp = store.root / "tmp" / f"{'cd' * 32}.busy"
+    other_tmp = store.root / "tmp" / f"{'cd' * 32}-{ROOT_KEY}.busy"
     other_tmp.mkdir()
-    assert not store.is_complete(DIGEST)
+    assert not store.is_complete(DIGEST, ROOT)
 
     fill = Filler()
-    path = store.install(DIGEST, fill)
+    path = store.install(DIGEST, ROOT, fill)
 
     assert fill.calls == 1
     assert sorted(p.name for p in path.rglob("*")) == ["group", "k.cubin"]
@@ -157,12 +207,12 @@ def test_a_crash_leftover_without_its_marker_is_removed_and_redone(store: CacheS
 
 
 def test_a_marker_alone_is_not_a_complete_cache(store: CacheStore) -> None:
-    store.install(DIGEST, Filler())
-    shutil.rmtree(store.path(DIGEST))
+    store.install(DIGEST, ROOT, Filler())
+    shutil.rmtree(store.path(DIGEST, ROOT))
 
-    assert not store.is_complete(DIGEST)
+    assert not store.is_complete(DIGEST, ROOT)
     fill = Filler()
-    store.install(DIGEST, fill)
+    store.install(DIGEST, ROOT, fill)
     assert fill.calls == 1
 
 
@@ -173,7 +223,7 @@ def test_two_threads_installing_one_digest_fill_once(store: CacheStore) -> None:
 
     def install() -> None:
         try:
-            results.append(store.install(DIGEST, fill))
+            results.append(store.install(DIGEST, ROOT, fill))
         except BaseException as exc:
             errors.append(exc)
 
@@ -184,7 +234,7 @@ def test_two_threads_installing_one_digest_fill_once(store: CacheStore) -> None:
         thread.join(timeout=10)
 
     assert errors == []
-    assert results == [store.path(DIGEST)] * 2
+    assert results == [store.path(DIGEST, ROOT)] * 2
     assert fill.calls == 1
 
 
@@ -197,24 +247,24 @@ def test_installers_of_different_digests_do_not_wait_for_each_other(store: Cache
         release.wait(timeout=10)
         (tmp / "a").write_text("a")
 
-    thread = threading.Thread(target=store.install, args=(DIGEST, slow))
+    thread = threading.Thread(target=store.install, args=(DIGEST, ROOT, slow))
     thread.start()
     try:
         assert started.wait(timeout=10)
-        other = store.install(OTHER, Filler())  # would block here if the lock were global
-        assert store.is_complete(OTHER)
-        assert not store.is_complete(DIGEST)
+        other = store.install(OTHER, ROOT, Filler())  # would block here if the lock were global
+        assert store.is_complete(OTHER, ROOT)
+        assert not store.is_complete(DIGEST, ROOT)
     finally:
         release.set()
         thread.join(timeout=10)
-    assert other == store.path(OTHER)
-    assert store.is_complete(DIGEST)
+    assert other == store.path(OTHER, ROOT)
+    assert store.is_complete(DIGEST, ROOT)
 
 
 def test_a_volatile_store_installs_the_same_way(tmp_path: Path) -> None:
     store = CacheStore(tmp_path / "store", durable=False)
     fill = Filler()
 
-    assert store.install(DIGEST, fill) == store.path(DIGEST)
-    assert store.install(DIGEST, fill) == store.path(DIGEST)
+    assert store.install(DIGEST, ROOT, fill) == store.path(DIGEST, ROOT)
+    assert store.install(DIGEST, ROOT, fill) == store.path(DIGEST, ROOT)
     assert fill.calls == 1

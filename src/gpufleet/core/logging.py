@@ -22,6 +22,10 @@ __all__ = ["JsonFormatter", "TextFormatter", "bind", "configure_logging"]
 
 # Libraries that log every request or poll; quiet unless the user asks for debug.
 NOISY_LOGGERS = ("aiohttp.access", "botocore", "urllib3", "asyncio")
+# Libraries whose records carry whole URLs and headers (upload state tokens, presigned
+# queries, auth challenges): warning at every level, debug included. Our clients log
+# their own requests at debug, with the query stripped.
+SECRET_BEARING_LOGGERS = ("httpx", "httpcore")
 
 _LEVELS = {
     LogLevel.DEBUG: logging.DEBUG,
@@ -157,6 +161,8 @@ def configure_logging(
     noisy_level = logging.NOTSET if log_level is LogLevel.DEBUG else logging.WARNING
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(noisy_level)
+    for name in SECRET_BEARING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class _BoundLogger(logging.LoggerAdapter[logging.Logger]):

@@ -60,14 +60,49 @@ ForcePlainOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-@contextlib.contextmanager
-def _client(
-    reference: str, plain_http: bool, force: bool
-) -> Iterator[tuple[RegistryClient, Reference]]:
-    from gpufleet.kcache.oci import RegistryClient, check_plain_http
+_REFERENCE_SHAPE = "REGISTRY/REPOSITORY[:TAG][@sha256:HEX]"
+
+
+def _reference(text: str, *, takes: str, dirs: bool = False) -> Reference:
+    """Parse the image reference `text`, with a message of its own for a local path instead.
+
+    `takes` names what the command wants (``cache extract REF``); `dirs` says
+    whether it would take a cache directory too (then `text` is not one).
+    A reference never starts with ``/`` or ``.``, so such text, or text that
+    names something on disk, is taken for a path the user meant.
+    """
+    from gpufleet.kcache.errors import InvalidReferenceError
     from gpufleet.kcache.reference import Reference
 
-    ref = Reference.parse(reference)
+    path = Path(text)
+    try:
+        exists = path.exists()
+        is_dir = path.is_dir()
+    except (OSError, ValueError):  # a name the OS refuses (NUL, too long) is no path of ours
+        exists = is_dir = False
+    looks_local = text.startswith(("/", "./", "../", "~")) or text in (".", "..")
+    if looks_local or exists:
+        wanted = "an image reference"
+        if dirs:
+            wanted = "a cache directory or " + wanted
+        if is_dir:
+            what = f"{text!r} is a directory, not an image reference"
+        elif exists:
+            what = f"{text!r} is a file, not {wanted}"
+        else:
+            missing = "directory" if dirs else "file or directory"
+            what = f"{text!r}: no such {missing}, and not an image reference"
+        raise InvalidReferenceError(f"{what}; {takes} takes {wanted} ({_REFERENCE_SHAPE})")
+    return Reference.parse(text)
+
+
+@contextlib.contextmanager
+def _client(
+    reference: str, plain_http: bool, force: bool, *, takes: str, dirs: bool = False
+) -> Iterator[tuple[RegistryClient, Reference]]:
+    from gpufleet.kcache.oci import RegistryClient, check_plain_http
+
+    ref = _reference(reference, takes=takes, dirs=dirs)
     if plain_http:
         check_plain_http(ref.registry, force)
     settings = load_settings(CacheSettings)
@@ -114,8 +149,12 @@ def build(
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
 ) -> None:
-    """Pack a cache directory into a reproducible OCI image and push it; prints REF@DIGEST."""
+    """Pack a cache directory into a reproducible OCI image and push it; prints REF@DIGEST.
+
+    On a terminal, stderr shows the layer's upload as a progress bar.
+    """
     from gpufleet.kcache.image import DEFAULT_MOUNT_ROOT, build_image
+    from gpufleet.kcache.progress import transfer_progress
     from gpufleet.kcache.transfer import push_image
 
     settings = load_settings(CacheSettings, kcache_mount_root=mount_root)
@@ -125,20 +164,25 @@ def build(
             mount_root=settings.kcache_mount_root or DEFAULT_MOUNT_ROOT,
             allow_unknown=allow_unknown,
         )  # fmt: skip
-        with _client(tag, plain_http, force_plain_http) as (client, ref):
-            digest = push_image(client, ref, image, mount_from=mount_from)
+        with (
+            _client(tag, plain_http, force_plain_http, takes="cache build --tag") as (client, ref),
+            transfer_progress(f"push {ref}", image.layer_size) as progress,
+        ):
+            digest = push_image(client, ref, image, mount_from=mount_from, progress=progress)
     sys.stdout.write(f"{ref}@{digest}\n")
 
 
-def _summary_of(target: str, plain_http: bool, force: bool) -> tuple[CacheSummary, dict[str, str]]:
-    """The summary (and labels) of a directory or a remote image."""
+def _summary_of(
+    target: str, plain_http: bool, force: bool, *, command: str
+) -> tuple[CacheSummary, dict[str, str]]:
+    """The summary (and labels) of a directory or a remote image, for ``cache <command>``."""
     if _is_dir(target):
         from gpufleet.kcache.format import summarize
 
         return summarize(Path(target)), {}
     from gpufleet.kcache.transfer import fetch_image
 
-    with _client(target, plain_http, force) as (client, ref):
+    with _client(target, plain_http, force, takes=f"cache {command}", dirs=True) as (client, ref):
         remote = fetch_image(client, ref)
     return remote.summary, remote.labels
 
@@ -156,7 +200,7 @@ def inspect(
     from gpufleet.kcache.compat import target_text
     from gpufleet.kcache.labels import summary_json
 
-    summary, labels = _summary_of(target, plain_http, force_plain_http)
+    summary, labels = _summary_of(target, plain_http, force_plain_http, command="inspect")
     if as_json:
         body = {**summary_json(summary), "labels": labels}
         sys.stdout.write(json.dumps(body, indent=2, sort_keys=True) + "\n")
@@ -190,7 +234,7 @@ def check(
     from gpufleet.kcache.compat import target_text
 
     try:
-        summary, _ = _summary_of(target, plain_http, force_plain_http)
+        summary, _ = _summary_of(target, plain_http, force_plain_http, command="check")
         source = open_source(SourceChoice(simulate=simulate, nvml=nvml or simulate is None))
         try:
             devices = source.devices().devices
@@ -257,7 +301,10 @@ def extract(
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
 ) -> None:
-    """Pull into <store>/sha256/<hex>/ atomically (again: nothing to do); prints the path."""
+    """Pull into the store for the mount root, atomically (again: nothing to do); prints the path.
+
+    One directory per image and mount root: <store>/caches/sha256/<hex>/<sha256 of the root>/.
+    """
     from gpufleet.kcache.extract import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES
     from gpufleet.kcache.keys import load_public_key
     from gpufleet.kcache.store import CacheStore
@@ -265,7 +312,7 @@ def extract(
 
     settings = load_settings(CacheSettings, kcache_store=store, kcache_mount_root=mount_root)
     key = None if verify_key is None else load_public_key(verify_key)
-    with _client(reference, plain_http, force_plain_http) as (client, ref):
+    with _client(reference, plain_http, force_plain_http, takes="cache extract") as (client, ref):
         pulled = pull_to_store(
             client, ref, CacheStore(settings.kcache_store),
             mount_root=settings.kcache_mount_root,
@@ -291,7 +338,7 @@ def sign(
     settings = load_settings(CacheSettings)
     password = None if settings.cosign_password is None else settings.cosign_password.encode()
     private = load_private_key(key, password)
-    with _client(reference, plain_http, force_plain_http) as (client, ref):
+    with _client(reference, plain_http, force_plain_http, takes="cache sign") as (client, ref):
         digest = sign_image(client, ref, private)
     sys.stdout.write(f"{digest}\n")
 
@@ -308,6 +355,6 @@ def verify(
     from gpufleet.kcache.sign import verify_image
 
     public = load_public_key(key)
-    with _client(reference, plain_http, force_plain_http) as (client, ref):
+    with _client(reference, plain_http, force_plain_http, takes="cache verify") as (client, ref):
         digest = verify_image(client, ref, public)
     sys.stdout.write(f"{digest}\n")

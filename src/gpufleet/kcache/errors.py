@@ -1,10 +1,17 @@
 """The kernel cache feature's exceptions; every message names the file, blob or reference."""
 
-from gpufleet.core.errors import GpufleetError
+from gpufleet.core.errors import ConfigError, GpufleetError
 
 
 class KcacheError(GpufleetError):
     """A kernel cache operation failed."""
+
+
+class InvalidReferenceError(KcacheError, ConfigError):
+    """An argument that must name an image does not (a local path, a malformed reference).
+
+    A usage error: the CLI exits 2, as for any configuration error.
+    """
 
 
 class CacheFormatError(KcacheError):

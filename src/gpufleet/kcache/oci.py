@@ -15,6 +15,7 @@ import base64
 import hashlib
 import ipaddress
 import json
+import logging
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -59,8 +60,11 @@ __all__ = [
     "check_plain_http",
     "docker_credentials",
     "is_loopback",
+    "loggable_url",
     "sha256_digest",
 ]
+
+_log = logging.getLogger(__name__)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -73,6 +77,16 @@ _READ_SIZE = 1024 * 1024
 REQUEST_LOG_SIZE = 10_000
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]*))')
+
+
+def loggable_url(url: httpx.URL | str) -> str:
+    """`url` without its query, fragment or user info: what a log line may show of it.
+
+    An upload's query holds its ``_state`` token, a presigned storage URL its
+    signature; neither may reach a log.
+    """
+    parsed = httpx.URL(url)
+    return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}{parsed.path}"
 
 
 def sha256_digest(data: bytes) -> str:
@@ -143,6 +157,8 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
+ProgressCallback: TypeAlias = Callable[[int], None]
+"""Told the bytes of a blob sent so far (again from 0 when a body is sent again)."""
 Content: TypeAlias = bytes | Callable[[], Iterable[bytes]] | None
 
 
@@ -188,12 +204,25 @@ class RegistryClient:
         self._http = httpx.Client(
             transport=transport,
             timeout=timeout,
-            event_hooks={"request": [self._record]},
+            event_hooks={"request": [self._record], "response": [self._log_response]},
             headers={"User-Agent": "gpufleet-kcache"},
         )
 
     def _record(self, request: httpx.Request) -> None:
         self._requests.append((request.method, request.url.raw_path.decode()))
+
+    @staticmethod
+    def _log_response(response: httpx.Response) -> None:
+        # One line a request, at debug only; the query never: it holds upload state tokens.
+        request = response.request
+        _log.debug(
+            "registry request",
+            extra={
+                "method": request.method,
+                "url": loggable_url(request.url),
+                "status": response.status_code,
+            },
+        )
 
     @property
     def requests(self) -> list[tuple[str, str]]:
@@ -390,6 +419,7 @@ class RegistryClient:
         mount_from: str | None = None,
         chunked: bool | None = None,
         media_type: str = OCTET_STREAM,
+        progress: ProgressCallback | None = None,
     ) -> Descriptor:
         """Upload a blob unless ``repository`` has it; returns its descriptor.
 
@@ -397,8 +427,10 @@ class RegistryClient:
         then a monolithic PUT, or PATCH chunks of ``chunk_size`` when the blob is
         larger (or ``chunked``). A file is streamed, never read whole; without
         ``digest`` it is hashed in one extra pass. The registry's
-        ``Docker-Content-Digest`` must match.
+        ``Docker-Content-Digest`` must match. ``progress`` is told the bytes
+        sent so far as the upload goes (all of them when none need sending).
         """
+        tell: ProgressCallback = progress or (lambda _: None)
         check_repository(repository)
         if isinstance(data, Path):
             size = data.stat().st_size
@@ -417,6 +449,7 @@ class RegistryClient:
         what = f"upload of blob {digest} to {repository}"
         scopes = self._push(repository)
         if self._blob_exists(repository, digest, scopes):
+            tell(size)
             return descriptor
         params: dict[str, str] = {}
         if mount_from is not None and mount_from != repository:
@@ -429,17 +462,22 @@ class RegistryClient:
         response.close()
         if response.status_code == 201 and params:
             self._check_stored(response, digest, what)
+            tell(size)
             return descriptor
         # 202 also answers a mount the registry would not do: it opened an upload instead.
         if response.status_code != 202:
             raise self._fail(response, what)
         location = self._location(response, what)
         if chunked or (chunked is None and size > self.chunk_size):
-            location = self._upload_chunks(location, data, size, scopes, what)
+            location = self._upload_chunks(location, data, size, scopes, what, tell)
             final: Content = None
             headers = {"Content-Length": "0"}
         else:
-            final = data if isinstance(data, bytes) else (lambda: _read_file(data, 0, size))
+            final = (
+                data
+                if isinstance(data, bytes)
+                else (lambda: _told(_read_file(data, 0, size), tell))
+            )
             headers = {"Content-Type": OCTET_STREAM, "Content-Length": str(size)}
         put_url = location.copy_merge_params({"digest": digest})
         response = self._send(
@@ -449,10 +487,17 @@ class RegistryClient:
         if response.status_code != 201:
             raise self._fail(response, what)
         self._check_stored(response, digest, what)
+        tell(size)
         return descriptor
 
     def _upload_chunks(
-        self, location: httpx.URL, data: bytes | Path, size: int, scopes: tuple[str, ...], what: str
+        self,
+        location: httpx.URL,
+        data: bytes | Path,
+        size: int,
+        scopes: tuple[str, ...],
+        what: str,
+        tell: ProgressCallback,
     ) -> httpx.URL:
         offset = 0
         while offset < size:
@@ -472,6 +517,7 @@ class RegistryClient:
                 raise self._fail(response, what)
             location = self._location(response, what)
             offset = end
+            tell(offset)
         return location
 
     def _location(self, response: httpx.Response, what: str) -> httpx.URL:
@@ -633,6 +679,15 @@ def _declared_media_type(data: bytes) -> str | None:
     except (ValueError, AttributeError):
         return None
     return declared if isinstance(declared, str) else None
+
+
+def _told(chunks: Iterator[bytes], tell: ProgressCallback) -> Iterator[bytes]:
+    """`chunks`, telling `tell` the bytes handed on so far after each one."""
+    done = 0
+    for chunk in chunks:
+        yield chunk
+        done += len(chunk)
+        tell(done)
 
 
 def _read_file(path: Path, start: int, end: int) -> Iterator[bytes]:

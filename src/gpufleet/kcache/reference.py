@@ -12,7 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from gpufleet.kcache.errors import KcacheError
+from gpufleet.kcache.errors import InvalidReferenceError, KcacheError
 
 __all__ = [
     "DOCKER_HUB",
@@ -82,8 +82,8 @@ class Reference:
     def parse(cls, text: str) -> Reference:
         """Parse ``host:5000/a/b:tag``, ``host/a/b@sha256:...`` or ``a/b`` (Docker Hub)."""
 
-        def bad(why: str) -> KcacheError:
-            return KcacheError(f"invalid image reference {text!r}: {why}")
+        def bad(why: str) -> InvalidReferenceError:
+            return InvalidReferenceError(f"invalid image reference {text!r}: {why}")
 
         if not text or text != text.strip():
             raise bad("empty or surrounded by whitespace")

@@ -1,11 +1,18 @@
-"""The node's content-addressed store of extracted caches: ``<root>/sha256/<hex>/``.
+"""The node's content-addressed store of extracted caches, by manifest digest and mount root.
+
+An extracted cache is only right for one mount root: its ``__grp__`` files name
+the absolute paths pods will see its files at. So the store keys a cache by
+both, ``<root>/caches/sha256/<hex>/<mount key>/``, where the mount key is the
+sha256 of the mount root; the same image extracted for two mount roots is two
+directories, each naming its own root.
 
 A cache lands in the store whole or not at all: it is filled in a temporary
 directory on the same filesystem, flushed, renamed into place, and only then
-is its completion marker (``<root>/sha256/<hex>.complete``) written. A
-directory without a marker is a crash's leftover and is redone. One lock
-file per digest (``flock``) lets one installer fill while the others wait.
-See docs/kcache-image.md.
+is its completion marker (``<mount key>.complete``, beside the directory,
+recording the digest and the mount root) written. A directory without a marker
+is a crash's leftover and is redone. One lock file per digest and mount root
+(``flock``) lets one installer fill while the others wait. See
+docs/kcache-image.md.
 """
 
 from __future__ import annotations
@@ -13,24 +20,49 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpufleet.kcache.errors import KcacheError
+from gpufleet.kcache.image import check_mount_root
 
-__all__ = ["CacheStore"]
+__all__ = ["CacheStore", "StoredCache", "mount_key"]
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_HEX = re.compile(r"[0-9a-f]{64}")
 _MARKER_SUFFIX = ".complete"
 _DIR_MODE = 0o755
+CACHES = "caches"
+"""The store's top directory of installed caches (``<root>/caches/sha256/...``)."""
+
+
+def mount_key(mount_root: str) -> str:
+    """The directory name a mount root's caches get: the sha256 (hex) of the mount root.
+
+    A hash, not the path itself: a mount root may be longer than a file name
+    may be, and holds slashes. The marker keeps the mount root in clear.
+    """
+    return hashlib.sha256(check_mount_root(mount_root).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCache:
+    """One installed cache: the image it came from, the mount root it was made for, its path."""
+
+    digest: str
+    mount_root: str
+    path: Path
 
 
 class CacheStore:
-    """Extracted caches by manifest digest, installed atomically and at most once.
+    """Extracted caches by manifest digest and mount root, installed atomically and at most once.
 
     With ``durable=False`` nothing is flushed to disk before the marker is
     written (tests and benchmarks); a power loss may then leave a marked but
@@ -41,76 +73,117 @@ class CacheStore:
         self.root = root
         self.durable = durable
 
-    def path(self, manifest_digest: str) -> Path:
-        """``<root>/sha256/<hex>/``: where the cache of `manifest_digest` lies once installed."""
-        return self.root / "sha256" / _hex(manifest_digest)
+    def path(self, manifest_digest: str, mount_root: str) -> Path:
+        """``<root>/caches/sha256/<hex>/<mount key>/``: where the cache lies once installed.
 
-    def is_complete(self, manifest_digest: str) -> bool:
-        """Whether the cache of `manifest_digest` is installed (its marker exists)."""
-        return self._marker(_hex(manifest_digest)).is_file() and self.path(manifest_digest).is_dir()
+        The cache of `manifest_digest` whose ``__grp__`` files name `mount_root`.
+        """
+        return self._digest_dir(_hex(manifest_digest)) / mount_key(mount_root)
 
-    def install(self, manifest_digest: str, fill: Callable[[Path], None]) -> Path:
-        """Install the cache of `manifest_digest` with ``fill(tmp_dir)``, unless it is there.
+    def installed(self, manifest_digest: str, mount_root: str) -> Path | None:
+        """The path of `manifest_digest`'s cache made for `mount_root`; None if not installed."""
+        path = self.path(manifest_digest, mount_root)
+        return path if self._complete(path) else None
 
-        `fill` gets an empty directory (mode 0o755) on the store's filesystem.
-        If it raises, the directory is removed and the error passes on. A
-        caller that finds another installer at work waits for it and then
-        returns the finished path without calling `fill`.
+    def is_complete(self, manifest_digest: str, mount_root: str) -> bool:
+        """Whether the cache of `manifest_digest` for `mount_root` is installed (marker and all)."""
+        return self.installed(manifest_digest, mount_root) is not None
+
+    def caches(self) -> list[StoredCache]:
+        """Every installed cache, sorted by digest then mount root (read from the markers).
+
+        A marker that cannot be read, or whose directory is gone, is left out:
+        such a cache is not installed, and the next install of it redoes it.
+        """
+        found: list[StoredCache] = []
+        for marker in sorted((self.root / CACHES / "sha256").glob(f"*/*{_MARKER_SUFFIX}")):
+            record = _read_marker(marker)
+            if record is None:
+                continue
+            digest, mount_root = record
+            try:
+                path = self.path(digest, mount_root)
+            except KcacheError:
+                continue
+            if path == marker.with_suffix("") and path.is_dir():
+                found.append(StoredCache(digest, mount_root, path))
+        return sorted(found, key=lambda c: (c.digest, c.mount_root))
+
+    def install(self, manifest_digest: str, mount_root: str, fill: Callable[[Path], None]) -> Path:
+        """Install the cache of `manifest_digest` for `mount_root` with ``fill(tmp_dir)``.
+
+        Nothing is done if it is installed already. `fill` gets an empty
+        directory (mode 0o755) on the store's filesystem and must write the
+        cache made for `mount_root` into it. If it raises, the directory is
+        removed and the error passes on. A caller that finds another installer
+        of the same digest and mount root at work waits for it and then returns
+        the finished path without calling `fill`.
         """
         hex_ = _hex(manifest_digest)
-        target = self.path(manifest_digest)
-        if self.is_complete(manifest_digest):
+        target = self.path(manifest_digest, mount_root)
+        if self._complete(target):
             return target
-        for sub in ("sha256", "tmp", "locks"):
+        name = f"{hex_}-{target.name}"
+        for sub in ("tmp", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        with self._locked(hex_):
-            if self.is_complete(manifest_digest):
+        with self._locked(name):
+            if self._complete(target):
                 return target
-            self._clear_leftovers(hex_, target)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{hex_}.", dir=self.root / "tmp"))
+            self._clear_leftovers(name, target)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=self.root / "tmp"))
             try:
                 tmp.chmod(_DIR_MODE)  # mkdtemp's 0o700 would hide the cache from pods
                 fill(tmp)
                 if self.durable:
                     _sync_filesystem(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(tmp, target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             self._sync_dir(target.parent)
-            self._write_marker(hex_)
+            self._sync_dir(target.parent.parent)  # a new <hex>/ must outlive a crash too
+            self._write_marker(target, manifest_digest, mount_root)
         return target
 
-    def _marker(self, hex_: str) -> Path:
-        return self.root / "sha256" / f"{hex_}{_MARKER_SUFFIX}"
+    def _digest_dir(self, hex_: str) -> Path:
+        return self.root / CACHES / "sha256" / hex_
+
+    @staticmethod
+    def _marker(target: Path) -> Path:
+        return target.with_name(f"{target.name}{_MARKER_SUFFIX}")
+
+    def _complete(self, target: Path) -> bool:
+        return self._marker(target).is_file() and target.is_dir()
 
     @contextlib.contextmanager
-    def _locked(self, hex_: str) -> Iterator[None]:
+    def _locked(self, name: str) -> Iterator[None]:
         # flock belongs to the open file description: threads of one process exclude
         # each other as processes do, since each installer opens the file itself.
-        fd = os.open(self.root / "locks" / f"{hex_}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        fd = os.open(self.root / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
 
-    def _clear_leftovers(self, hex_: str, target: Path) -> None:
-        """Remove what a crashed installer of this digest left (we hold its lock)."""
+    def _clear_leftovers(self, name: str, target: Path) -> None:
+        """Remove what a crashed installer of this cache left (we hold its lock)."""
         if target.exists() or target.is_symlink():
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             else:
                 target.unlink()
-        for stale in (self.root / "tmp").glob(f"{hex_}.*"):
+        for stale in (self.root / "tmp").glob(f"{name}.*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def _write_marker(self, hex_: str) -> None:
-        marker = self._marker(hex_)
+    def _write_marker(self, target: Path, manifest_digest: str, mount_root: str) -> None:
+        marker = self._marker(target)
         tmp = marker.with_name(f".{marker.name}.tmp")
+        record = json.dumps({"digest": manifest_digest, "mount_root": mount_root}, sort_keys=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, f"sha256:{hex_}\n".encode())
+            os.write(fd, f"{record}\n".encode())
             if self.durable:
                 os.fsync(fd)
         finally:
@@ -133,6 +206,22 @@ def _hex(manifest_digest: str) -> str:
     if match is None:
         raise KcacheError(f"{manifest_digest!r}: not a sha256 digest (sha256:<64 lowercase hex>)")
     return match.group(1)
+
+
+def _read_marker(marker: Path) -> tuple[str, str] | None:
+    """(digest, mount root) from a marker; None for one that is unreadable or malformed."""
+    if not _HEX.fullmatch(marker.name.removesuffix(_MARKER_SUFFIX)):
+        return None
+    try:
+        record = json.loads(marker.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    digest, mount_root = record.get("digest"), record.get("mount_root")
+    if not isinstance(digest, str) or not isinstance(mount_root, str):
+        return None
+    return digest, mount_root
 
 
 def _sync_filesystem(path: Path) -> None:

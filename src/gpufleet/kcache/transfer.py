@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,9 @@ from gpufleet.kcache.labels import (
     summary_from_labels,
 )
 from gpufleet.kcache.model import CacheSummary
-from gpufleet.kcache.oci import RegistryClient
+from gpufleet.kcache.oci import ProgressCallback, RegistryClient
 from gpufleet.kcache.reference import Reference
-from gpufleet.kcache.sign import verify_image
+from gpufleet.kcache.sign import SIMPLE_SIGNING_MEDIA_TYPE, verify_image
 from gpufleet.kcache.store import CacheStore
 
 __all__ = [
@@ -52,18 +53,21 @@ def push_image(
     image: BuiltImage,
     *,
     mount_from: str | None = None,
+    progress: ProgressCallback | None = None,
 ) -> str:
     """Push layer, config and manifest; returns the manifest digest.
 
     Blobs the repository already has are not sent again; with `mount_from`
     (another repository of the same registry) the registry is first asked to
-    mount them from there, which costs no upload at all.
+    mount them from there, which costs no upload at all. `progress` is told
+    the layer's bytes sent so far (the layer is nearly all of an image).
     """
     if reference.tag is None and reference.digest is None:
         raise KcacheError(f"{reference}: name a tag to push to")
     client.push_blob(
-        reference.repository, image.layer_path, image.layer_digest, mount_from=mount_from
-    )
+        reference.repository, image.layer_path, image.layer_digest,
+        mount_from=mount_from, progress=progress,
+    )  # fmt: skip
     client.push_blob(reference.repository, image.config, image.config_digest, mount_from=mount_from)
     tag = reference.tag or image.manifest_digest
     digest = client.push_manifest(reference.repository, tag, image.manifest, MANIFEST_MEDIA_TYPE)
@@ -103,10 +107,16 @@ def fetch_image(client: RegistryClient, reference: Reference) -> RemoteImage:
         raise KcacheError(f"{reference}: not a cache image (manifest type {media_type})")
     try:
         manifest = json.loads(manifest_bytes)
-        config = manifest["config"]
-        (layer,) = manifest["layers"]
+        config, layers = manifest["config"], manifest["layers"]
+        _refuse_signature(reference, layers)
+        if not isinstance(layers, list) or len(layers) != 1:
+            count = len(layers) if isinstance(layers, list) else "no list of"
+            raise ValueError(f"{count} layers")
+        (layer,) = layers
         if config["mediaType"] != CONFIG_MEDIA_TYPE or layer["mediaType"] != LAYER_MEDIA_TYPE:
-            raise ValueError("unexpected media types")
+            raise ValueError(
+                f"config {config['mediaType']}, layer {layer['mediaType']}: unexpected media types"
+            )
         config_digest, layer_digest, layer_size = config["digest"], layer["digest"], layer["size"]
     except (ValueError, KeyError, TypeError) as exc:
         raise KcacheError(
@@ -121,12 +131,33 @@ def fetch_image(client: RegistryClient, reference: Reference) -> RemoteImage:
     )  # fmt: skip
 
 
+def _refuse_signature(reference: Reference, layers: object) -> None:
+    """Raise, naming the image it signs, if `reference` is a cosign signature, not a cache."""
+    signed = re.fullmatch(r"sha256-([0-9a-f]{64})\.sig", reference.tag or "")
+    signature_layers = isinstance(layers, list) and any(
+        isinstance(layer, dict) and layer.get("mediaType") == SIMPLE_SIGNING_MEDIA_TYPE
+        for layer in layers
+    )
+    if signed is None and not signature_layers:
+        return
+    target = (
+        f"{reference.registry}/{reference.repository}@sha256:{signed.group(1)}"
+        if signed is not None
+        else "the image it signs"
+    )
+    raise KcacheError(
+        f"{reference}: a cosign signature, not a cache image; name the signed image instead: "
+        f"{target}"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Pulled:
-    """Where an image's cache lies in the store, and whether this call put it there."""
+    """Where an image's cache lies in the store, for which mount root, and if this call put it."""
 
     path: Path
     digest: str
+    mount_root: str
     extracted: bool
 
 
@@ -140,8 +171,10 @@ def pull_to_store(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> Pulled:
-    """Pull, verify and extract into ``<store>/sha256/<hex>/``; nothing to do if it is there.
+    """Pull, verify and extract into the store for `mount_root`; nothing to do if it is there.
 
+    The cache lands at ``store.path(digest, mount_root)``: one directory per
+    image and mount root, since its ``__grp__`` files name the mount root.
     With `verify_key`, the signature is checked before a single byte of the
     layer is read, and the digest it vouches for is the digest extracted.
     Without `mount_root`, the one the image's label names is used.
@@ -153,8 +186,9 @@ def pull_to_store(
     root = mount_root or image.labels.get(MOUNT_ROOT_LABEL)
     if not root:
         raise KcacheError(f"{reference}: no --mount-root given and the image names none")
-    if store.is_complete(image.digest):
-        return Pulled(store.path(image.digest), image.digest, extracted=False)
+    installed = store.installed(image.digest, root)
+    if installed is not None:
+        return Pulled(installed, image.digest, root, extracted=False)
     extracted = False
 
     def fill(target: Path) -> None:
@@ -169,5 +203,5 @@ def pull_to_store(
             )  # fmt: skip
         extracted = True
 
-    path = store.install(image.digest, fill)
-    return Pulled(path, image.digest, extracted)
+    path = store.install(image.digest, root, fill)
+    return Pulled(path, image.digest, root, extracted)
