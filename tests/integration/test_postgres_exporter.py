@@ -248,7 +248,7 @@ async def test_without_auto_migrate_missing_tables_are_a_config_error(
     assert caught.value.error_type == "config"
 
 
-async def test_a_gpuid_table_of_the_same_name_is_refused_not_written(
+async def test_a_foreign_table_with_a_bigserial_id_is_refused_not_written(
     server: Server, tables: tuple[str, str]
 ) -> None:
     with server.connect() as conn:
@@ -686,6 +686,21 @@ async def test_a_database_that_does_not_exist_is_a_config_error(
         await exporter.health()
     await exporter.close()
     assert caught.value.error_type == "config"
+
+
+async def test_sslmode_require_against_a_server_without_ssl_says_so_as_a_config_error(
+    server: Server, tables: tuple[str, str]
+) -> None:
+    # The test server has no SSL. This once waited out the pool and said
+    # "no connection within 3s", a retryable connection error.
+    exporter = PostgresExporter(make_settings(server, tables, postgres_sslmode="require"))
+    with pytest.raises(ExporterError) as caught:
+        await exporter.write([reading()])
+    await exporter.close()
+    assert caught.value.error_type == "config"
+    assert "server does not support SSL" in str(caught.value)
+    assert "POSTGRES_SSLMODE=require" in str(caught.value)
+    assert "no connection within" not in str(caught.value)
 
 
 class Outage:

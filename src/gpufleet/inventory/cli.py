@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,12 +13,13 @@ import typer
 
 from gpufleet.core.config import load_settings
 from gpufleet.core.console import Column, fitted_table, stdout_console
+from gpufleet.core.errors import ConfigError
 from gpufleet.gpu.cli import FleetOpt, NvmlOpt, SeedOpt, SimulateOpt, SmiXmlOpt
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.inventory.config import HistorySettings, ScanSettings
 from gpufleet.inventory.delivery import Delivery
 from gpufleet.inventory.errors import HistoryError, InventoryError
-from gpufleet.inventory.history import History, Placement
+from gpufleet.inventory.history import History, Placement, PlacementStore
 from gpufleet.inventory.local import ScanResult, resolve_machine_id, scan_once
 from gpufleet.inventory.wiring import (
     close_deliveries,
@@ -260,6 +262,13 @@ def agent(
     asyncio.run(run_agent(settings))
 
 
+class HistoryStore(StrEnum):
+    """Where ``inventory history`` asks."""
+
+    SQLITE = "sqlite"
+    POSTGRES = "postgres"
+
+
 @app.command()
 def history(
     db: DbOpt = None,
@@ -277,13 +286,33 @@ def history(
         bool, typer.Option("--moved", help="GPUs seen in more than one machine.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    store_kind: Annotated[
+        HistoryStore,
+        typer.Option(
+            "--from",
+            help="Where to ask: the SQLite inventory (--db), or the PostgreSQL exporter's "
+            "tables (the POSTGRES_* variables).",
+            case_sensitive=False,
+        ),
+    ] = HistoryStore.SQLITE,
 ) -> None:
-    """Answer where GPUs have been, from the SQLite inventory."""
+    """Answer where GPUs have been, from the SQLite inventory or from PostgreSQL."""
     questions = [q for q in (gpu, machine, node) if q is not None] + (["moved"] if moved else [])
     if len(questions) != 1:
         raise HistoryError("ask exactly one of --gpu, --machine, --node or --moved")
-    settings = load_settings(HistorySettings, sqlite_path=db)
-    store = History(settings.sqlite_path)
+    store: PlacementStore
+    if store_kind is HistoryStore.POSTGRES:
+        if db is not None:
+            raise ConfigError(
+                "--db names a SQLite file; with --from postgres the POSTGRES_* variables "
+                "name the database"
+            )
+        from gpufleet.inventory.exporters.postgres.history import PostgresHistory
+        from gpufleet.inventory.exporters.postgres.settings import PostgresSettings
+
+        store = PostgresHistory(load_settings(PostgresSettings))
+    else:
+        store = History(load_settings(HistorySettings, sqlite_path=db).sqlite_path)
     try:
         if gpu is not None:
             rows, title = store.gpu(gpu), f"GPU {gpu}"

@@ -1,15 +1,29 @@
-"""Answers "where has this GPU been" from the SQLite store's placements."""
+"""Answers "where has this GPU been" from a store's placements.
+
+``History`` reads the SQLite store; ``exporters.postgres.history.PostgresHistory``
+asks the PostgreSQL exporter's tables the same questions. Both give the same
+rows in the same order for the same readings (see ``ORDER_BY_TIME``).
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gpufleet.inventory.errors import HistoryError
 
 _COLUMNS = "cluster, gpu, uuid, machine, node, first_seen, last_seen"
+
+ORDER_BY_TIME = ("first_seen", "gpu", "uuid", "machine", "node", "cluster")
+"""The order of ``--gpu``, ``--machine`` and ``--node`` answers: oldest placement first.
+
+It names every key column, so no two placements tie and every store answers
+in the same order.
+"""
+ORDER_BY_GPU_TRAIL = ("cluster", "gpu", "uuid", "first_seen", "machine", "node")
+"""The order of ``--moved``: each GPU's trail together, oldest placement first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +41,25 @@ class Placement:
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape."""
         return asdict(self)
+
+
+class PlacementStore(Protocol):
+    """What ``inventory history`` asks of a store."""
+
+    def gpu(self, serial_or_uuid: str) -> list[Placement]:
+        """Where this GPU (by serial, or by UUID) has been, oldest first."""
+
+    def machine(self, machine: str) -> list[Placement]:
+        """Which GPUs this machine has had."""
+
+    def node(self, node: str) -> list[Placement]:
+        """Which GPUs this node has had."""
+
+    def moved(self) -> list[Placement]:
+        """Placements of every GPU seen in more than one machine."""
+
+    def close(self) -> None:
+        """Release the store."""
 
 
 class History:
@@ -48,9 +81,9 @@ class History:
             raise HistoryError(f"{path} has no placements table; is it a gpufleet inventory?")
 
     def _query(
-        self, where: str, params: tuple[str, ...], order: str = "first_seen, gpu, uuid, machine"
+        self, where: str, params: tuple[str, ...], order: tuple[str, ...] = ORDER_BY_TIME
     ) -> list[Placement]:
-        sql = f"SELECT {_COLUMNS} FROM placements {where} ORDER BY {order}"
+        sql = f"SELECT {_COLUMNS} FROM placements {where} ORDER BY {', '.join(order)}"
         return [Placement(*row) for row in self._conn.execute(sql, params)]
 
     def gpu(self, serial_or_uuid: str) -> list[Placement]:
@@ -75,8 +108,7 @@ class History:
             "WHERE (cluster, gpu) IN (SELECT cluster, gpu FROM placements"
             " GROUP BY cluster, gpu HAVING COUNT(DISTINCT machine) > 1)",
             (),
-            # Each GPU's trail together, oldest placement first.
-            order="cluster, gpu, uuid, first_seen, machine",
+            order=ORDER_BY_GPU_TRAIL,
         )
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -21,6 +22,11 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gpufleet.inventory.errors import EarlierWriteFailed, ExporterError, PermanentExporterError
+from gpufleet.inventory.exporters.postgres.gpuid import (
+    backfill_placements,
+    is_gpuid_table,
+    take_over,
+)
 from gpufleet.inventory.exporters.postgres.schema import (
     COLUMNS,
     COPY_TYPES,
@@ -30,12 +36,15 @@ from gpufleet.inventory.exporters.postgres.schema import (
     KeyDumper,
     WriteStatements,
     batch_row,
+    index_name,
     schema_statements,
 )
 from gpufleet.inventory.exporters.postgres.settings import PostgresSettings
 from gpufleet.inventory.reading import Reading
 
 __all__ = ["PostgresExporter"]
+
+log = logging.getLogger(__name__)
 
 # Any fixed 64-bit number: every gpufleet exporter migrating any table in this
 # database serialises on it, because concurrent CREATE TABLE IF NOT EXISTS can
@@ -51,6 +60,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 _AUTH_HINTS = ("password authentication failed", "no pg_hba.conf entry", "authentication")
+# libpq's words for an SSL setting the server or the client cannot meet
+# (``POSTGRES_SSLMODE=require`` against a server without SSL, a CA file that
+# is missing): trying again cannot help, so they are configuration errors.
+_SSL_CONFIG_HINTS = (
+    "does not support ssl",
+    "ssl was required",
+    "root certificate file",
+    "certificate verify failed",
+    "server certificate for",
+)
 
 
 def _error_type(exc: BaseException) -> str:
@@ -74,6 +93,8 @@ def _error_type(exc: BaseException) -> str:
         message = str(exc).lower()
         if any(hint in message for hint in _AUTH_HINTS):
             return "auth"
+        if any(hint in message for hint in _SSL_CONFIG_HINTS):
+            return "config"
         if "does not exist" in message and "database" in message:
             return "config"
         return "connection"
@@ -307,19 +328,28 @@ class PostgresExporter:
         s = self.settings
         tables = [s.postgres_table, s.postgres_placements_table]
         create_tables, create_indexes = schema_statements(*tables)
+        taken_over, placed = False, 0
         async with conn.transaction():
             if s.postgres_auto_migrate:
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK_KEY])
                 await self._check_version(conn, tables)
+                # Under the lock: a second process starting at the same time
+                # waits here, then finds the table migrated.
+                found = await self._columns(conn, s.postgres_table)
+                if is_gpuid_table(found):
+                    await self._take_over(conn, found)
+                    taken_over = True
                 for statement in create_tables:
                     await conn.execute(statement)
-            # Before the indexes: a foreign table of the same name (gpuid's own)
-            # must be refused with a clear message, not a "column does not exist".
+            # Before the indexes: a foreign table of the same name must be
+            # refused with a clear message, not a "column does not exist".
             await self._check_columns(conn, s.postgres_table, frozenset(COLUMNS))
             await self._check_columns(conn, s.postgres_placements_table, PLACEMENT_COLUMNS)
             if s.postgres_auto_migrate:
                 for statement in create_indexes:
                     await conn.execute(statement)
+                if taken_over:
+                    placed = await backfill_placements(conn, *tables)
                 for table in tables:
                     await conn.execute(
                         sql.SQL(
@@ -329,6 +359,26 @@ class PostgresExporter:
                         ).format(v=VERSION_TABLE),
                         [table, SCHEMA_VERSION],
                     )
+        if taken_over:
+            log.info(
+                "took over gpuid's readings table",
+                extra={"table": s.postgres_table, "target": s.target, "placements": placed},
+            )
+
+    async def _take_over(self, conn: psycopg.AsyncConnection[Any], found: dict[str, str]) -> None:
+        """Migrate gpuid's table in place; a failure leaves it as it was, and is ``config``."""
+        table = self.settings.postgres_table
+        try:
+            await take_over(conn, table, found, index_name(table, "key"))
+        except psycopg.Error as exc:
+            # Rows gpuid's key let through that gpufleet's does not (NULLs in
+            # the key), say. Not a batch's fault: never dead-letter for it.
+            raise ExporterError(
+                self.name,
+                f"{self.settings.target}: cannot take over gpuid's table {table}: "
+                f"{_first_line(exc)}",
+                error_type="config",
+            ) from exc
 
     async def _check_version(self, conn: psycopg.AsyncConnection[Any], tables: list[str]) -> None:
         """Create the version table; refuse tables a newer gpufleet has migrated."""
@@ -351,21 +401,33 @@ class PostgresExporter:
                 error_type="config",
             )
 
-    async def _check_columns(
-        self, conn: psycopg.AsyncConnection[Any], table: str, wanted: frozenset[str]
-    ) -> None:
-        """Refuse a missing table, or one not ours (gpuid's own ``gpu`` table, say)."""
+    async def _columns(self, conn: psycopg.AsyncConnection[Any], table: str) -> dict[str, str]:
+        """The table's columns and their types; empty when there is no such table."""
         cur = await conn.execute(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
             "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
             [sql.Identifier(table).as_string(conn)],
         )
-        found = {name: kind for name, kind in await cur.fetchall()}
+        return {name: kind for name, kind in await cur.fetchall()}
+
+    async def _check_columns(
+        self, conn: psycopg.AsyncConnection[Any], table: str, wanted: frozenset[str]
+    ) -> None:
+        """Refuse a missing table, or one not ours (and not gpuid's, which is taken over)."""
+        found = await self._columns(conn, table)
         if not found:
             hint = "" if self.settings.postgres_auto_migrate else " (POSTGRES_AUTO_MIGRATE=false)"
             raise ExporterError(
                 self.name,
                 f"{self.settings.target}: table {table} does not exist{hint}",
+                error_type="config",
+            )
+        if is_gpuid_table(found):
+            raise ExporterError(
+                self.name,
+                f"{self.settings.target}: table {table} is gpuid's; set "
+                "POSTGRES_AUTO_MIGRATE=true to take it over, or point POSTGRES_TABLE "
+                "at a new table",
                 error_type="config",
             )
         missing = sorted(wanted - found.keys())
@@ -540,20 +602,30 @@ class PostgresExporter:
                 # A pool whose connections are busy (writes held up by a lock,
                 # say) is kept: closing it would fail them too.
                 await self._discard(pool)
-            raise ExporterError(
-                self.name,
-                f"cannot {doing} at {self._where()}: no connection within "
-                f"{self.settings.postgres_connect_timeout:g}s: {reason}",
-                error_type=error_type,
-            ) from exc
+            if error_type in {"config", "auth"}:
+                # The server answered and refused us: say why, not that we waited.
+                message = f"cannot {doing} at {self._where()}: {reason}{self._ssl_hint(reason)}"
+            else:
+                message = (
+                    f"cannot {doing} at {self._where()}: no connection within "
+                    f"{self.settings.postgres_connect_timeout:g}s: {reason}"
+                )
+            raise ExporterError(self.name, message, error_type=error_type) from exc
         except (psycopg.Error, OSError) as exc:
-            message = f"cannot {doing} at {self._where()}: {_first_line(exc)}"
+            reason = _first_line(exc)
+            message = f"cannot {doing} at {self._where()}: {reason}{self._ssl_hint(reason)}"
             if _is_permanent(exc):
                 raise PermanentExporterError(self.name, message) from exc
             error_type = _error_type(exc)
             if error_type in {"connection", "timeout"}:
                 await self._discard(pool)
             raise ExporterError(self.name, message, error_type=error_type) from exc
+
+    def _ssl_hint(self, reason: str) -> str:
+        """Name the setting to change when libpq refused the SSL mode."""
+        if "ssl" not in reason.lower():
+            return ""
+        return f" (POSTGRES_SSLMODE={self.settings.postgres_sslmode})"
 
     async def _diagnose(self) -> tuple[str, str, bool]:
         """(error_type, reason, server reachable) from one direct connection attempt."""

@@ -26,6 +26,7 @@ __all__ = [
     "KeyDumper",
     "WriteStatements",
     "batch_row",
+    "index_name",
     "schema_statements",
 ]
 
@@ -81,7 +82,7 @@ class KeyDumper(Dumper):
         return obj  # the server refuses anything but 16 bytes
 
 
-def _index_name(table: str, suffix: str) -> sql.Identifier:
+def index_name(table: str, suffix: str) -> sql.Identifier:
     """gpuid's ``idx_<table>_<suffix>``, shortened with a hash where it would pass 63 bytes.
 
     PostgreSQL truncates long names silently, which would give two indexes of
@@ -117,7 +118,7 @@ def schema_statements(
                 created_at  timestamptz NOT NULL DEFAULT now(),
                 CONSTRAINT {key} UNIQUE (id)
             )"""
-        ).format(r=r, key=_index_name(readings, "key")),
+        ).format(r=r, key=index_name(readings, "key")),
         sql.SQL(
             """CREATE TABLE IF NOT EXISTS {p} (
                 gpu         text COLLATE "C" NOT NULL,
@@ -129,10 +130,12 @@ def schema_statements(
                 last_seen   timestamptz NOT NULL,
                 CONSTRAINT {key} PRIMARY KEY (cluster, gpu, uuid, machine, node)
             ) WITH (fillfactor = 70)"""
-        ).format(p=p, key=_index_name(placements, "pkey")),
+        ).format(p=p, key=index_name(placements, "pkey")),
     ]
     # gpuid's four indexes on the readings. Where a GPU or a machine has been is
-    # the placements table's question; its key leads with (cluster, gpu).
+    # the placements table's question. Its key leads with cluster, so `history
+    # --gpu` (which names no cluster) has an index of its own; it is only
+    # touched when a GPU turns up somewhere new, as placement updates are HOT.
     # The time indexes are BRIN: readings arrive in time order (see
     # docs/postgres-exporter.md).
     indexes = [
@@ -140,13 +143,14 @@ def schema_statements(
         (readings, r, "node", "(node)"),
         (readings, r, "read_time", "USING brin (read_time)"),
         (readings, r, "created_at", "USING brin (created_at)"),
+        (placements, p, "gpu", "(gpu)"),
         (placements, p, "machine", "(machine)"),
         (placements, p, "node", "(node)"),
         (placements, p, "uuid", "(uuid)"),
     ]
     return tables, [
         sql.SQL("CREATE INDEX IF NOT EXISTS {name} ON {table} {spec}").format(
-            name=_index_name(table, suffix), table=ident, spec=sql.SQL(spec)
+            name=index_name(table, suffix), table=ident, spec=sql.SQL(spec)
         )
         for table, ident, suffix, spec in indexes
     ]

@@ -39,19 +39,58 @@ SqlIdentifier = Annotated[str, BeforeValidator(_plain_identifier)]
 class PostgresSettings(GpufleetSettings):
     """``EXPORTER_TYPE=postgres``: gpuid's ``POSTGRES_*`` variables, plus pool tuning."""
 
-    postgres_host: str = Field(min_length=1)
-    postgres_port: int = Field(default=5432, ge=1, le=65535)
-    postgres_db: str = Field(min_length=1)
-    postgres_user: str = Field(min_length=1)
-    postgres_password: SecretStr = SecretStr("")
-    postgres_sslmode: SslMode = "require"
-    postgres_table: SqlIdentifier = "gpu"
-    postgres_placements_table: SqlIdentifier = "placements"
-    postgres_auto_migrate: bool = True
-    postgres_pool_max: int = Field(default=6, ge=1, le=100)
-    postgres_write_parallelism: int = Field(default=1, ge=1, le=16)
-    postgres_batches_in_flight: int = Field(default=4, ge=1, le=16)
-    postgres_connect_timeout: Duration = Field(default=10.0, gt=0)
+    # The descriptions are the documentation: README.md and
+    # docs/postgres-exporter.md render their tables from them
+    # (python -m tests.settings_docs).
+    postgres_host: str = Field(min_length=1, description="server host")
+    postgres_port: int = Field(default=5432, ge=1, le=65535, description="server port")
+    postgres_db: str = Field(min_length=1, description="database")
+    postgres_user: str = Field(min_length=1, description="user")
+    postgres_password: SecretStr = Field(
+        default=SecretStr(""), description="password; never shown in logs, messages or `repr`"
+    )
+    postgres_sslmode: SslMode = Field(
+        default="require",
+        description="`disable`, `allow`, `prefer`, `require`, `verify-ca` or `verify-full`; "
+        "a mode the server cannot meet is a configuration error that says why",
+    )
+    postgres_table: SqlIdentifier = Field(
+        default="gpu",
+        description="readings table; a plain SQL identifier (anything else is refused at "
+        "start-up), folded to lower case. gpuid's table of that name is taken over in place",
+    )
+    postgres_placements_table: SqlIdentifier = Field(
+        default="placements",
+        description="placements table; same rule, and must differ from `POSTGRES_TABLE`",
+    )
+    postgres_auto_migrate: bool = Field(
+        default=True,
+        description="create or migrate the tables at start-up, under an advisory lock; with "
+        "`false` the tables must exist, or every call fails with `error_type=config`",
+    )
+    postgres_pool_max: int = Field(
+        default=6, ge=1, le=100, description="connections in the pool (`psycopg_pool` max size)"
+    )
+    postgres_write_parallelism: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="transactions one batch is split into, on as many connections (at most "
+        "`POSTGRES_POOL_MAX`); `1` writes each batch as one transaction",
+    )
+    postgres_batches_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=16,
+        description="batches written at once when several wait, committed in order (at most "
+        "(`POSTGRES_POOL_MAX` - 1) / `POSTGRES_WRITE_PARALLELISM`, so one connection stays "
+        "free for health checks); `1` sends one batch at a time",
+    )
+    postgres_connect_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="bound on connecting and on waiting for a pooled connection",
+    )
 
     @field_validator("postgres_placements_table")
     @classmethod
