@@ -178,6 +178,7 @@ def test_the_gpu_exporter_works_without_extras_outside_kubernetes() -> None:
 NEEDS_AN_EXTRA = [
     (["inventory", "scan", "--simulate", "l4", "-e", "postgres"], "postgres"),
     (["inventory", "scan", "--simulate", "l4", "-e", "stdout,s3"], "s3"),
+    (["inventory", "history", "--from", "postgres", "--moved"], "postgres"),
     (["inventory", "controller"], "k8s"),
     (["inventory", "check", "--command", "true"], "k8s"),
     (["inventory", "agent", "--simulate", "l4", "-e", "stdout"], "k8s"),
