@@ -215,7 +215,9 @@ class DeliveryPipeline:
                         return True
                     await self._wait_for_work()
                     continue
-                outcome = await self._settle(window.popleft())
+                # Still in the window while it is settled, so interrupt() reaches it.
+                outcome = await self._settle(window[0])
+                window.popleft()
                 if outcome == "delivered":
                     attempt = 0
                     continue

@@ -170,8 +170,8 @@ def _refused(delivery: Delivery) -> str:
     """One line for the batches an exporter refused: how many readings, why, and where they are."""
     count = sum(r.readings for r in delivery.refused)
     where = (
-        f"; they are in the dead-letter file {delivery.spool.dead_letter_path}"
+        f", now in the dead-letter file {delivery.spool.dead_letter_path}"
         if isinstance(delivery, DeliveryPipeline)
         else ""
     )
-    return f"refused {count} reading(s): {delivery.refused[-1].reason}{where}"
+    return f"{delivery.refused[-1].reason}; {count} reading(s) refused{where}"
