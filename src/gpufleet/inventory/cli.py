@@ -129,7 +129,7 @@ async def _scan(settings: ScanSettings, choice: SourceChoice) -> tuple[ScanResul
     deliveries: list[Delivery] = []
     try:
         for kind in settings.exporter_type:
-            deliveries.append(open_delivery(kind, settings))
+            deliveries.append(open_delivery(kind, settings, open_local_on_first_write=True))
         source = open_source(choice)
         try:
             with interrupt_deliveries_on_signals(deliveries) as interruption:

@@ -37,19 +37,27 @@ def delivery_config(settings: DeliverySettings) -> DeliveryConfig:
 
 
 def open_delivery(
-    kind: str, settings: ExportSettings, metrics: ExportMetrics | None = None
+    kind: str,
+    settings: ExportSettings,
+    metrics: ExportMetrics | None = None,
+    *,
+    open_local_on_first_write: bool = False,
 ) -> Delivery:
     """The exporter ``kind``, behind a spool when it is remote.
 
     Each remote exporter has its own spool file ``SPOOL_DIR/<kind>.spool``, so
-    one sink's outage never holds back another's readings. A local exporter
-    is opened on its first write, so a file it cannot open (or must wait
-    for) fails or holds up that exporter alone.
+    one sink's outage never holds back another's readings. With
+    ``open_local_on_first_write`` (the one-shot scan) a local exporter is
+    opened on its first write, in a thread, so a file it cannot open (or must
+    wait for) fails or holds up that exporter alone; a long-running command
+    opens it now and fails at start instead.
     """
     if kind not in REMOTE_EXPORTERS:
-        return DirectDelivery.opening(
-            kind, functools.partial(make_exporter, kind, sqlite_path=settings.sqlite_path)
-        )
+        if open_local_on_first_write:
+            return DirectDelivery.opening(
+                kind, functools.partial(make_exporter, kind, sqlite_path=settings.sqlite_path)
+            )
+        return DirectDelivery(make_exporter(kind, sqlite_path=settings.sqlite_path))
     exporter = make_exporter(kind, sqlite_path=settings.sqlite_path)
     spool = Spool(
         settings.spool_dir / f"{kind}.spool",
