@@ -18,7 +18,7 @@ from gpufleet.gpu.cli import FleetOpt, NvmlOpt, SeedOpt, SimulateOpt, SmiXmlOpt
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.inventory.config import HistorySettings, ScanSettings
 from gpufleet.inventory.delivery import Delivery
-from gpufleet.inventory.errors import HistoryError, InventoryError
+from gpufleet.inventory.errors import ExporterError, HistoryError, InventoryError
 from gpufleet.inventory.history import History, Placement
 from gpufleet.inventory.local import ScanResult, resolve_machine_id, scan_once
 from gpufleet.inventory.wiring import (
@@ -129,7 +129,12 @@ async def _scan(settings: ScanSettings, choice: SourceChoice) -> tuple[ScanResul
     deliveries: list[Delivery] = []
     try:
         for kind in settings.exporter_type:
-            deliveries.append(open_delivery(kind, settings, open_local_on_first_write=True))
+            try:
+                deliveries.append(open_delivery(kind, settings, open_local_on_first_write=True))
+            except ExporterError as exc:
+                if exc.is_config:  # bad client settings: exit 2 like every settings error
+                    raise ConfigError(str(exc)) from exc
+                raise
         source = open_source(choice)
         try:
             with interrupt_deliveries_on_signals(deliveries) as interruption:

@@ -94,8 +94,11 @@ async def scan_once(
     """Enumerate the GPUs once, hand the readings to every exporter, and wait.
 
     A GPU that cannot be read is logged and reported in the result; it never stops
-    the readings of the others. An exporter that fails is logged and reported;
-    the others still get the readings. Remote exporters get up to
+    the readings of the others. Every exporter gets the readings at once, so
+    one that fails, or waits (a locked SQLite file), holds up none of the
+    others; a failure is logged and reported with its reason, and so is a
+    batch a remote sink refused (dead-lettered) or a configuration error its
+    pipeline will not retry. Remote exporters get up to
     ``delivery_timeout`` seconds (together, not each); what they have not taken
     by then stays in their spool for the next run. With ``delivery_timeout=None``
     (the agent, whose pipelines run in the background) nothing is waited for.
