@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -127,11 +126,9 @@ def test_sigterm_stops_waiting_and_keeps_every_reading_in_the_spool(
         if "export failed" in line:
             break
     proc.send_signal(signal.SIGTERM)
-    started = time.monotonic()
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1
-    assert time.monotonic() - started < 60  # it did not wait out DELIVERY_TIMEOUT
-    assert "8 reading(s) for http left in the spool" in err
+    _, err = proc.communicate(timeout=60)  # a hang guard: DELIVERY_TIMEOUT is 120s
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM: 8 reading(s) for http are still in the spool" in err
 
 
 def test_export_test_reports_success_per_exporter(port: int, receiver: Receiver) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,12 +12,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gpufleet.core.config import load_settings
 from gpufleet.core.errors import ConfigError
+from gpufleet.core.http import HealthServer
 from gpufleet.core.retry import Backoff
 from gpufleet.inventory.delivery import DeliveryConfig, DeliveryPipeline
 from gpufleet.inventory.errors import ExporterError, PermanentExporterError
@@ -24,6 +27,8 @@ from gpufleet.inventory.exporters.http import HttpExporter, HttpSettings
 from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading, batch_hash
 from gpufleet.inventory.spool import Spool
+from gpufleet.inventory.wiring import add_readiness_checks
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -300,3 +305,49 @@ async def test_pipeline_moves_a_400_batch_to_the_dead_letter_file(
     assert "400" in dead["reason"]
     assert len(dead["readings"]) == 3
     assert len(receiver.posts) == 1
+
+
+# --- a configuration error is never retried ----------------------------------------
+
+
+async def test_a_404_is_a_configuration_error(receiver: Receiver) -> None:
+    receiver.statuses = [404]
+    error = await failure(exporter(receiver.url))
+    assert error.is_config
+    assert "HTTP_ENDPOINT" in str(error)
+
+
+async def test_running_pipeline_stops_at_a_configuration_error_and_readyz_says_why(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.statuses = [404] * 10
+    pipe = http_pipeline(receiver.url, tmp_path)
+    server = HealthServer(host="127.0.0.1", port=0, registry=CollectorRegistry())
+    add_readiness_checks(server, [pipe])
+    await server.start()
+    run = asyncio.create_task(pipe.run())
+    try:
+        await pipe.submit(BATCH)
+        await eventually(lambda: pipe.config_error is not None, limit=10)
+        await pipe.submit(BATCH[:1])  # still accepted into the spool, never sent
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{server.port}/readyz") as answer,
+        ):
+            status, body = answer.status, await answer.json()
+        pipe.stop()  # a stop makes one last attempt, except after a configuration error
+        await asyncio.wait_for(run, 10)
+        spooled = pipe.stats().readings
+    finally:
+        run.cancel()
+        await server.stop()
+        await pipe.close()
+    check = body["checks"]["exporter:http"]
+    assert (status, check["ok"], len(receiver.posts)) == (503, False, 1)
+    assert "HTTP 404" in check["error"]
+    assert "HTTP_ENDPOINT" in check["error"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "exporter misconfigured: not retried; delivery to it stops until the settings are "
+        "fixed and the process restarts, and its readings stay in the spool"
+    ]
+    assert spooled == len(BATCH) + 1

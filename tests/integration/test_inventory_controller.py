@@ -7,7 +7,9 @@ socket; exec answers come from the simulated nvidia-smi of each fake node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gpufleet.core.config import load_settings
@@ -467,3 +470,60 @@ async def test_agent_reads_simulated_gpus_with_the_machine_from_its_node(
         await kube.close()
     assert set(readings(tmp_path / "inv.db")) == {("gpu-7", "gke-gpu-7", "simulated/gb200")}
     assert api.count(subresource="exec") == 0
+
+
+async def test_agent_stops_delivering_at_a_configuration_error_and_readyz_names_it(
+    api: KubeApiDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    posts: list[bytes] = []
+
+    async def not_here(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            posts.append(await request.read())
+        return web.Response(status=404, text="no such route")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", not_here)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    monkeypatch.setenv("HTTP_ENDPOINT", f"http://127.0.0.1:{runner.addresses[0][1]}/ingest")
+    api.add_node("gpu-7", provider_id="gce://proj/zone/gke-gpu-7")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    settings = load_settings(
+        AgentSettings, cluster_name="c1", node_name="gpu-7", simulate="l4",
+        exporter_type=("http",), server_port=port, spool_dir=tmp_path / "spool",
+        scan_interval=3600.0, flush_interval=0.01, retry_max_backoff=0.01,
+    )  # fmt: skip
+    kube = await kube_for(api, settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_agent(settings, kube=kube, registry=CollectorRegistry(), stop=stop)
+    )
+    body: dict[str, Any] = {}
+    try:
+        await eventually(lambda: len(posts) == 1)
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):  # until the server is up and the error is known
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as answer:
+                        body = await answer.json()
+                check = body.get("checks", {}).get("exporter:http", {})
+                if "HTTP 404" in check.get("error", ""):
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)  # a stop makes no last attempt here
+        await kube.close()
+        await runner.cleanup()
+    assert (body["ready"], len(posts)) == (False, 1)
+    assert "HTTP_ENDPOINT" in body["checks"]["exporter:http"]["error"]
+    assert [r.getMessage() for r in caplog.records if "misconfigured" in r.getMessage()] == [
+        "exporter misconfigured: not retried; delivery to it stops until the settings are "
+        "fixed and the process restarts, and its readings stay in the spool"
+    ]

@@ -18,6 +18,7 @@ from gpufleet.inventory.errors import ExporterError, PermanentExporterError
 from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading, batch_hash
 from gpufleet.inventory.spool import FullPolicy, Spool, SpoolError, SpoolFullError
+from tests.polling import eventually
 
 T0 = datetime(2026, 11, 24, tzinfo=UTC)
 FAST = Backoff(initial=0.001, factor=2.0, cap=0.005, jitter=0.0)
@@ -251,3 +252,52 @@ async def test_stop_during_an_outage_returns_and_keeps_the_spool(tmp_path: Path,
     pipe.stop()
     await asyncio.wait_for(task, 10)
     assert spool.stats().readings == 4
+
+
+# --- configuration errors and interruptions -------------------------------------------
+
+
+def misconfigured(n: int) -> list[Exception]:
+    return [ExporterError("rec", "table gpu is not a gpufleet table", error_type="config")] * n
+
+
+async def test_a_configuration_error_is_not_retried(tmp_path: Path, registry) -> None:
+    exporter = RecordingExporter(failures=misconfigured(5))
+    pipe = pipeline(exporter, spool_at(tmp_path), registry)
+    await pipe.submit(readings(3))
+    delivered = await pipe.drain(within=10)
+    assert (delivered, len(exporter.attempts), pipe.stats().readings) == (False, 1, 3)
+    assert sample(registry, "gpuid_export_failure_total", error_type="config") == 1
+
+
+async def test_health_check_reports_the_configuration_error(tmp_path: Path, registry) -> None:
+    exporter = RecordingExporter(failures=misconfigured(1))
+    pipe = pipeline(exporter, spool_at(tmp_path), registry)
+    await pipe.submit(readings(1))
+    await pipe.drain(within=10)
+    with pytest.raises(ExporterError, match="not a gpufleet table"):
+        await pipe.check_health()  # the exporter itself would answer healthy now
+
+
+class StallingExporter(RecordingExporter):
+    """Takes every write and never answers."""
+
+    async def write(self, batch: Sequence[Reading]) -> None:
+        self.attempts.append(batch_hash(batch))
+        await asyncio.Event().wait()
+
+
+async def test_interrupt_cancels_the_write_in_flight_and_keeps_the_batch(
+    tmp_path: Path, registry
+) -> None:
+    exporter = StallingExporter()
+    spool = spool_at(tmp_path)
+    pipe = pipeline(exporter, spool, registry)
+    await pipe.submit(readings(3))
+    drain = asyncio.create_task(pipe.drain(within=3600))
+    await eventually(lambda: len(exporter.attempts) == 1)
+    pipe.interrupt()
+    delivered = await asyncio.wait_for(drain, 10)  # the hang guard
+    batch = spool.next_batch(None)
+    assert batch is not None
+    assert (delivered, len(batch.readings), batch.attempts) == (False, 3, 0)

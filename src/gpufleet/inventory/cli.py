@@ -18,14 +18,15 @@ from gpufleet.gpu.cli import FleetOpt, NvmlOpt, SeedOpt, SimulateOpt, SmiXmlOpt
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.inventory.config import HistorySettings, ScanSettings
 from gpufleet.inventory.delivery import Delivery
-from gpufleet.inventory.errors import HistoryError, InventoryError
+from gpufleet.inventory.errors import ExporterError, HistoryError, InventoryError
 from gpufleet.inventory.history import History, Placement, PlacementStore
 from gpufleet.inventory.local import ScanResult, resolve_machine_id, scan_once
 from gpufleet.inventory.wiring import (
+    Interruption,
     close_deliveries,
+    interrupt_deliveries_on_signals,
     open_delivery,
     run_export_test,
-    stop_deliveries_on_signals,
 )
 
 app = typer.Typer(help="GPU inventory: which physical GPU sat in which node and machine, when.")
@@ -85,29 +86,59 @@ def scan(
         machine_id=machine_id,
     )
     choice = SourceChoice(simulate, fleet, nvml, smi_xml, seed)
-    result = asyncio.run(_scan(settings, choice))
-    if result.undelivered:
-        left = ", ".join(f"{n} reading(s) for {name}" for name, n in result.undelivered.items())
-        raise InventoryError(
-            f"not delivered within DELIVERY_TIMEOUT={settings.delivery_timeout:g}s: {left} "
-            f"left in the spool at {settings.spool_dir}; the next run with the same SPOOL_DIR "
-            "delivers them first"
+    result, interruption = asyncio.run(_scan(settings, choice))
+    if interruption.signum is not None:
+        sys.stderr.write(f"gpufleet: {_interrupted(result, interruption, settings)}\n")
+        raise typer.Exit(128 + interruption.signum)
+    problems = list(result.errors.values())
+    late = {name: n for name, n in result.undelivered.items() if name not in result.errors}
+    if late:
+        problems.append(
+            f"not delivered within DELIVERY_TIMEOUT={settings.delivery_timeout:g}s: "
+            f"{_left(late)} left in the spool at {settings.spool_dir}; the next run with the "
+            "same SPOOL_DIR delivers them first"
         )
-    if result.failed_exporters:
-        raise typer.Exit(1)
+    if result.misconfigured:
+        raise ConfigError("; ".join(problems))
+    if problems:
+        raise InventoryError("; ".join(problems))
 
 
-async def _scan(settings: ScanSettings, choice: SourceChoice) -> ScanResult:
+def _left(undelivered: dict[str, int]) -> str:
+    return ", ".join(f"{n} reading(s) for {name}" for name, n in undelivered.items())
+
+
+def _interrupted(result: ScanResult, interruption: Interruption, settings: ScanSettings) -> str:
+    """What a signal left behind, in one line: which readings wait in which spool."""
+    waiting = [
+        f"{n} reading(s) for {name} are still in the spool at {settings.spool_dir / name}.spool"
+        for name, n in result.undelivered.items()
+        if n
+    ]
+    if not waiting:
+        return f"interrupted by {interruption.signal_name}; nothing was left undelivered"
+    return (
+        f"interrupted by {interruption.signal_name}: {'; '.join(waiting)}; the next run "
+        "with the same SPOOL_DIR sends them first"
+    )
+
+
+async def _scan(settings: ScanSettings, choice: SourceChoice) -> tuple[ScanResult, Interruption]:
     choice.validate()
     machine = resolve_machine_id(settings.machine_id, settings.dmi_dir)
     deliveries: list[Delivery] = []
     try:
         for kind in settings.exporter_type:
-            deliveries.append(open_delivery(kind, settings))
+            try:
+                deliveries.append(open_delivery(kind, settings, open_local_on_first_write=True))
+            except ExporterError as exc:
+                if exc.is_config:  # bad client settings: exit 2 like every settings error
+                    raise ConfigError(str(exc)) from exc
+                raise
         source = open_source(choice)
         try:
-            with stop_deliveries_on_signals(deliveries):
-                return await scan_once(
+            with interrupt_deliveries_on_signals(deliveries) as interruption:
+                result = await scan_once(
                     source,
                     deliveries,
                     cluster=settings.cluster_name,
@@ -116,6 +147,7 @@ async def _scan(settings: ScanSettings, choice: SourceChoice) -> ScanResult:
                     source_label=choice.label,
                     delivery_timeout=settings.delivery_timeout,
                 )
+            return result, interruption
         finally:
             source.close()
     finally:

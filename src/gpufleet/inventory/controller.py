@@ -7,6 +7,7 @@ delivery pipeline. The machine comes from the Node's providerID.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -84,8 +85,13 @@ class SmiProcessor:
             source=where,
             read_time=self._clock(),
         )
-        for delivery in self.deliveries:
-            await delivery.submit(readings)
+        # Every exporter gets the readings, whichever of them fails.
+        submitted = await asyncio.gather(
+            *(d.submit(readings) for d in self.deliveries), return_exceptions=True
+        )
+        failures = [outcome for outcome in submitted if isinstance(outcome, BaseException)]
+        if failures:
+            raise failures[0]
         self.metrics.gpu_count.labels(self.cluster, node_name).set(len(readings))
         if self.node_labels:
             await self._label(node, readings)

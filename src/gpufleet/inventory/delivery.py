@@ -9,6 +9,9 @@ Later batches wait behind a failing one, so replay keeps the order.
 
 A batch the sink refuses for good (``PermanentExporterError``: an HTTP 4xx)
 goes to the dead-letter file with its reason instead of blocking the line.
+A configuration error (``ExporterError.is_config``: a missing bucket, a table
+of another layout) is never retried: the pipeline stops sending to that
+exporter, keeps the readings in the spool and says why in its health check.
 
 An exporter that commits overlapping writes in the order they started
 (``max_in_flight`` > 1: PostgreSQL) is sent that many batches at once, oldest
@@ -28,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol
 
 from gpufleet.core.retry import Backoff
@@ -40,7 +44,15 @@ from gpufleet.inventory.spool import Spool, SpooledBatch, SpoolFullError, SpoolS
 log = logging.getLogger(__name__)
 
 
-_Outcome = Literal["delivered", "dead_lettered", "failed"]
+_Outcome = Literal["delivered", "dead_lettered", "failed", "misconfigured", "interrupted"]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A batch the exporter refused for good, now in the dead-letter file."""
+
+    readings: int
+    reason: str
 
 
 class _Writer(Protocol):
@@ -93,6 +105,13 @@ class DeliveryPipeline:
         # Readings left pending by an earlier process are due at once.
         self._first_pending_at: float | None = float("-inf") if self._pending else None
         self._failing = False
+        self._window: deque[_Sending] = deque()
+        self.refused: list[Refusal] = []
+        """Batches dead-lettered by this pipeline, oldest first."""
+        self.config_error: ExporterError | None = None
+        """The configuration error that stopped delivery to this exporter, if any."""
+        self.interrupted = False
+        """``True`` once ``interrupt()`` was called."""
         # Exporters with lines of writes that commit in order (PostgreSQL)
         # take several batches at once; the others one at a time.
         line = getattr(exporter, "line", None)
@@ -160,12 +179,31 @@ class DeliveryPipeline:
         self._stop.set()
         self._wake.set()
 
+    def interrupt(self) -> None:
+        """Stop at once (Ctrl-C in a one-shot command): the writes in flight are cancelled.
+
+        Nothing they did is acked, so every batch stays in the spool, its
+        attempts not counted, and the next process sends it again (an
+        idempotent sink keeps one copy of a batch that did arrive).
+        """
+        self.interrupted = True
+        self.stop()
+        for sending in self._window:
+            sending.task.cancel()
+
+    @property
+    def spool_path(self) -> Path:
+        """The spool file that keeps what this pipeline has not delivered."""
+        return self.spool.path
+
     async def _pump(self, deadline: float | None) -> bool:
         draining = deadline is not None
         attempt = 0
-        window: deque[_Sending] = deque()
+        window = self._window
         try:
             while True:
+                if self.config_error is not None or self.interrupted:
+                    return False
                 stopping = self._stop.is_set()
                 await self._seal(force=draining or stopping)
                 out_of_time = await self._fill(window, deadline)
@@ -177,7 +215,9 @@ class DeliveryPipeline:
                         return True
                     await self._wait_for_work()
                     continue
-                outcome = await self._settle(window.popleft())
+                # Still in the window while it is settled, so interrupt() reaches it.
+                outcome = await self._settle(window[0])
+                window.popleft()
                 if outcome == "delivered":
                     attempt = 0
                     continue
@@ -187,6 +227,14 @@ class DeliveryPipeline:
                 if outcome == "dead_lettered":
                     attempt = 0
                     continue
+                if outcome == "interrupted":
+                    return False
+                if outcome == "misconfigured":
+                    if not draining:
+                        # Retrying cannot help; the spool keeps the readings for
+                        # the process that runs with fixed settings.
+                        await self._stop.wait()
+                    return False
                 if stopping:
                     return False  # one last try was made; the spool keeps the rest
                 delay = self.config.backoff.delay(attempt, self._rand)
@@ -200,12 +248,7 @@ class DeliveryPipeline:
             # end with it, and nothing they did is acked.
             for sending in window:
                 sending.task.cancel()
-            await asyncio.gather(*(sending.task for sending in window), return_exceptions=True)
-            for sending in window:
-                # A write cancelled before it ran: close it, or Python warns
-                # that it was never awaited.
-                if inspect.iscoroutine(sending.write):
-                    sending.write.close()
+            await self._abandon(window)
 
     async def _fill(self, window: deque[_Sending], deadline: float | None) -> bool:
         """Start writing the next batches, up to the exporter's ``max_in_flight``.
@@ -216,6 +259,8 @@ class DeliveryPipeline:
         while len(window) < self._max_in_flight:
             batch = await asyncio.to_thread(self.spool.next_batch, after)
             if batch is None:
+                return False
+            if self.interrupted:
                 return False
             budget = None if deadline is None else deadline - self._clock()
             if budget is not None and budget <= 0:
@@ -240,6 +285,8 @@ class DeliveryPipeline:
     async def _abandon(window: deque[_Sending]) -> None:
         """Let the writes behind a failed batch end, and forget them; they stay in the spool."""
         await asyncio.gather(*(sending.task for sending in window), return_exceptions=True)
+        for sending in window:
+            _close_unstarted(sending)
         window.clear()
 
     async def _seal(self, *, force: bool) -> None:
@@ -282,8 +329,18 @@ class DeliveryPipeline:
         """Wait for one batch's write, then ack, dead-letter or keep it."""
         batch, started = sending.batch, sending.started
         labels = (self.name, self.cluster)
+        # wait() rather than await: a write cancelled by interrupt() must not
+        # look like this task being cancelled.
         try:
-            await sending.task
+            await asyncio.wait([sending.task])
+        except asyncio.CancelledError:
+            sending.task.cancel()  # this task is cancelled: so is the write it waits for
+            raise
+        if sending.task.cancelled():
+            _close_unstarted(sending)
+            return "interrupted"
+        try:
+            sending.task.result()
         except PermanentExporterError as exc:
             self.metrics.duration.labels(*labels).observe(self._clock() - started)
             self.metrics.failure.labels(*labels, exc.error_type).inc()
@@ -300,29 +357,29 @@ class DeliveryPipeline:
                     "error": str(exc),
                 },
             )
+            self.refused.append(Refusal(len(batch.readings), str(exc)))
             return "dead_lettered"
-        except Exception as exc:
-            error_type = _error_type(exc)
+        except ExporterError as exc:
+            if not exc.is_config:
+                return await self._failed(batch, started, exc)
             self.metrics.duration.labels(*labels).observe(self._clock() - started)
-            self.metrics.failure.labels(*labels, error_type).inc()
-            await asyncio.to_thread(self.spool.failed, batch, str(exc) or error_type)
-            self.metrics.spooled.labels(self.name).set(
-                (await asyncio.to_thread(self.spool.stats)).retried_readings
-            )
-            # One line per failed attempt; a traceback only for a bug in an exporter.
-            log.warning(
-                "export failed; the batch stays in the spool and will be retried",
+            self.metrics.failure.labels(*labels, exc.error_type).inc()
+            await asyncio.to_thread(self.spool.failed, batch, str(exc))
+            self.config_error = exc
+            self.metrics.health.labels(self.name).set(0)
+            log.error(
+                "exporter misconfigured: not retried; delivery to it stops until the settings "
+                "are fixed and the process restarts, and its readings stay in the spool",
                 extra={
                     "exporter": self.name,
-                    "batch": batch.hash,
-                    "attempt": batch.attempts + 1,
-                    "error_type": error_type,
-                    "error": str(exc) or error_type,
+                    "spool": str(self.spool_path),
+                    "error_type": exc.error_type,
+                    "error": str(exc),
                 },
-                exc_info=not isinstance(exc, ExporterError | TimeoutError),
             )
-            self._failing = True
-            return "failed"
+            return "misconfigured"
+        except Exception as exc:
+            return await self._failed(batch, started, exc)
         self.metrics.duration.labels(*labels).observe(self._clock() - started)
         self.metrics.success.labels(*labels).inc()
         await asyncio.to_thread(self.spool.ack, batch)
@@ -333,6 +390,31 @@ class DeliveryPipeline:
             log.info("exporter recovered", extra={"exporter": self.name, "batch": batch.hash})
         return "delivered"
 
+    async def _failed(self, batch: SpooledBatch, started: float, exc: Exception) -> _Outcome:
+        """A write that may succeed later: count it, keep the batch, log one line."""
+        labels = (self.name, self.cluster)
+        error_type = _error_type(exc)
+        self.metrics.duration.labels(*labels).observe(self._clock() - started)
+        self.metrics.failure.labels(*labels, error_type).inc()
+        await asyncio.to_thread(self.spool.failed, batch, str(exc) or error_type)
+        self.metrics.spooled.labels(self.name).set(
+            (await asyncio.to_thread(self.spool.stats)).retried_readings
+        )
+        # One line per failed attempt; a traceback only for a bug in an exporter.
+        log.warning(
+            "export failed; the batch stays in the spool and will be retried",
+            extra={
+                "exporter": self.name,
+                "batch": batch.hash,
+                "attempt": batch.attempts + 1,
+                "error_type": error_type,
+                "error": str(exc) or error_type,
+            },
+            exc_info=not isinstance(exc, ExporterError | TimeoutError),
+        )
+        self._failing = True
+        return "failed"
+
     def _refresh_gauges(self, stats: SpoolStats) -> None:
         self.metrics.queue.labels(self.name).set(stats.readings)
         self.metrics.spooled.labels(self.name).set(stats.retried_readings)
@@ -340,7 +422,14 @@ class DeliveryPipeline:
     # --- health ----------------------------------------------------------------
 
     async def check_health(self) -> bool:
-        """Run the exporter's health check; records ``gpuid_health_check_success``."""
+        """Run the exporter's health check; records ``gpuid_health_check_success``.
+
+        After a configuration error it raises that error instead, so ``/readyz``
+        names the exporter and the reason until the process restarts.
+        """
+        if self.config_error is not None:
+            self.metrics.health.labels(self.name).set(0)
+            raise self.config_error
         try:
             await self.exporter.health()
         except Exception as exc:
@@ -355,6 +444,20 @@ class DeliveryPipeline:
     def stats(self) -> SpoolStats:
         """What is waiting in this pipeline's spool."""
         return self.spool.stats()
+
+    async def close(self) -> None:
+        """Close the exporter, then the spool (whatever is in it stays on disk)."""
+        try:
+            await self.exporter.close()
+        finally:
+            self.spool.close()
+
+
+def _close_unstarted(sending: _Sending) -> None:
+    # A write cancelled before it ran: close it, or Python warns that it was
+    # never awaited. Closing one that ran is a no-op.
+    if inspect.iscoroutine(sending.write):
+        sending.write.close()
 
 
 def _error_type(exc: BaseException) -> str:
@@ -371,19 +474,45 @@ class DirectDelivery:
     A local sink fails at once and for a local reason (a closed pipe, a full
     disk), so spooling its readings would only hide the failure: ``submit``
     writes straight through and raises ``ExporterError``.
+
+    Built with ``opening()``, the exporter is opened on the first ``submit``,
+    in a worker thread: an SQLite file that cannot be opened, or waits on
+    another process's lock, then fails (or waits) for this exporter alone,
+    while the others already have their readings.
     """
 
-    def __init__(self, exporter: Exporter) -> None:
-        self.exporter = exporter
+    def __init__(
+        self,
+        exporter: Exporter | None = None,
+        *,
+        name: str = "",
+        open_exporter: Callable[[], Exporter] | None = None,
+    ) -> None:
+        if exporter is None and (open_exporter is None or not name):
+            raise ValueError("DirectDelivery needs an exporter, or a name and open_exporter")
+        self._exporter = exporter
+        self._open = open_exporter
+        self._name = exporter.name if exporter is not None else name
+        self.refused: list[Refusal] = []
+        self.config_error: ExporterError | None = None
+        self.interrupted = False
+
+    @classmethod
+    def opening(cls, name: str, open_exporter: Callable[[], Exporter]) -> DirectDelivery:
+        """A delivery to the exporter ``name`` that ``open_exporter()`` builds when first needed."""
+        return cls(name=name, open_exporter=open_exporter)
 
     @property
     def name(self) -> str:
         """The exporter type."""
-        return self.exporter.name
+        return self._name
 
     async def submit(self, readings: Sequence[Reading]) -> None:
-        """Write the readings now."""
-        await self.exporter.write(readings)
+        """Write the readings now (opening the exporter first if need be)."""
+        if self._exporter is None:
+            assert self._open is not None
+            self._exporter = await asyncio.to_thread(self._open)
+        await self._exporter.write(readings)
 
     async def drain(self, within: float) -> bool:
         """Nothing is ever held back."""
@@ -392,9 +521,18 @@ class DirectDelivery:
     def stop(self) -> None:
         """Nothing runs in the background."""
 
+    def interrupt(self) -> None:
+        """Nothing runs in the background."""
+        self.interrupted = True
+
     def stats(self) -> SpoolStats:
         """Always empty: nothing waits."""
         return SpoolStats(0, 0, 0, 0, 0)
+
+    async def close(self) -> None:
+        """Close the exporter if it was opened."""
+        if self._exporter is not None:
+            await self._exporter.close()
 
 
 Delivery = DeliveryPipeline | DirectDelivery

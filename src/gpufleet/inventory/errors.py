@@ -20,6 +20,28 @@ class ExporterError(InventoryError):
         self.exporter = exporter
         self.error_type = error_type
 
+    @property
+    def is_config(self) -> bool:
+        """The exporter's settings or its sink's setup are wrong (``error_type`` ``config``).
+
+        A missing bucket or database, a table of another layout, a redirecting
+        endpoint: the same write fails the same way until an operator changes
+        something, so the delivery pipeline never retries it. This is the one
+        place that decides it; exporters only say ``error_type="config"``.
+        """
+        return self.error_type == CONFIG
+
+
+CONFIG = "config"
+"""The ``error_type`` of a configuration error: never retried."""
+
+
+class ExporterConfigError(ExporterError):
+    """An ``ExporterError`` of type ``config``: fix the settings or the sink, then restart."""
+
+    def __init__(self, exporter: str, message: str) -> None:
+        super().__init__(exporter, message, error_type=CONFIG)
+
 
 class PermanentExporterError(ExporterError):
     """The sink refused this batch for good (an HTTP 4xx, say): retrying cannot help.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gpufleet.gpu.model import GpuFault
 from gpufleet.gpu.source import GpuSource
-from gpufleet.inventory.delivery import Delivery
+from gpufleet.inventory.delivery import Delivery, DeliveryPipeline
 from gpufleet.inventory.errors import ExporterError
 from gpufleet.inventory.reading import Reading, readings_from_devices
 from gpufleet.inventory.spool import SpoolError
@@ -70,9 +70,14 @@ class ScanResult:
     readings: tuple[Reading, ...]
     faults: tuple[GpuFault, ...]
     failed_exporters: tuple[str, ...]
-    """Exporters that refused the readings (a local sink failed, or a full spool)."""
+    """Exporters that did not take the readings: a local sink failed, a full spool, a
+    batch refused (dead-lettered) or a configuration error."""
     undelivered: dict[str, int] = field(default_factory=dict)
     """Per exporter, readings accepted into its spool but not yet delivered."""
+    errors: dict[str, str] = field(default_factory=dict)
+    """Per failed exporter, one line saying why."""
+    misconfigured: tuple[str, ...] = ()
+    """The failed exporters whose failure is a configuration error (never retried)."""
 
 
 async def scan_once(
@@ -89,8 +94,11 @@ async def scan_once(
     """Enumerate the GPUs once, hand the readings to every exporter, and wait.
 
     A GPU that cannot be read is logged and reported in the result; it never stops
-    the readings of the others. An exporter that fails is logged and reported;
-    the others still get the readings. Remote exporters get up to
+    the readings of the others. Every exporter gets the readings at once, so
+    one that fails, or waits (a locked SQLite file), holds up none of the
+    others; a failure is logged and reported with its reason, and so is a
+    batch a remote sink refused (dead-lettered) or a configuration error its
+    pipeline will not retry. Remote exporters get up to
     ``delivery_timeout`` seconds (together, not each); what they have not taken
     by then stays in their spool for the next run. With ``delivery_timeout=None``
     (the agent, whose pipelines run in the background) nothing is waited for.
@@ -115,23 +123,36 @@ async def scan_once(
         source=source_label,
         read_time=clock(),
     )
-    failed = []
+    errors: dict[str, str] = {}
+    misconfigured: list[str] = []
+    # All at once: a local sink waiting on a lock holds up no other exporter.
+    submitted = await asyncio.gather(
+        *(d.submit(readings) for d in deliveries), return_exceptions=True
+    )
     accepted = []
-    for delivery in deliveries:
-        try:
-            await delivery.submit(readings)
-        except (ExporterError, SpoolError) as exc:
-            log.error("export failed", extra={"exporter": delivery.name, "error": str(exc)})
-            failed.append(delivery.name)
+    for delivery, outcome in zip(deliveries, submitted, strict=True):
+        if isinstance(outcome, ExporterError | SpoolError):
+            log.error("export failed", extra={"exporter": delivery.name, "error": str(outcome)})
+            errors[delivery.name] = str(outcome)
+            if isinstance(outcome, ExporterError) and outcome.is_config:
+                misconfigured.append(delivery.name)
+        elif isinstance(outcome, BaseException):
+            raise outcome
         else:
             accepted.append(delivery)
     undelivered: dict[str, int] = {}
     if delivery_timeout is not None:
         # Every spool is drained at once, so one slow sink does not eat another's time.
         drained = await asyncio.gather(*(d.drain(delivery_timeout) for d in accepted))
-        undelivered = {
-            d.name: d.stats().readings for d, ok in zip(accepted, drained, strict=True) if not ok
-        }
+        for delivery, ok in zip(accepted, drained, strict=True):
+            if delivery.config_error is not None:
+                errors[delivery.name] = f"{delivery.config_error} (configuration: not retried)"
+                misconfigured.append(delivery.name)
+            elif delivery.refused:
+                errors[delivery.name] = _refused(delivery)
+            if not ok:
+                undelivered[delivery.name] = delivery.stats().readings
+    failed = [d.name for d in deliveries if d.name in errors]
     log.info(
         "scan complete",
         extra={
@@ -143,4 +164,17 @@ async def scan_once(
             "undelivered": undelivered,
         },
     )
-    return ScanResult(tuple(readings), listing.faults, tuple(failed), undelivered)
+    return ScanResult(
+        tuple(readings), listing.faults, tuple(failed), undelivered, errors, tuple(misconfigured)
+    )
+
+
+def _refused(delivery: Delivery) -> str:
+    """One line for the batches an exporter refused: how many readings, why, and where they are."""
+    count = sum(r.readings for r in delivery.refused)
+    where = (
+        f", now in the dead-letter file {delivery.spool.dead_letter_path}"
+        if isinstance(delivery, DeliveryPipeline)
+        else ""
+    )
+    return f"{delivery.refused[-1].reason}; {count} reading(s) refused{where}"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import logging
 import signal
-from collections.abc import Sequence
-from contextlib import AbstractContextManager as ContextManager
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry
@@ -37,16 +37,28 @@ def delivery_config(settings: DeliverySettings) -> DeliveryConfig:
 
 
 def open_delivery(
-    kind: str, settings: ExportSettings, metrics: ExportMetrics | None = None
+    kind: str,
+    settings: ExportSettings,
+    metrics: ExportMetrics | None = None,
+    *,
+    open_local_on_first_write: bool = False,
 ) -> Delivery:
     """The exporter ``kind``, behind a spool when it is remote.
 
     Each remote exporter has its own spool file ``SPOOL_DIR/<kind>.spool``, so
-    one sink's outage never holds back another's readings.
+    one sink's outage never holds back another's readings. With
+    ``open_local_on_first_write`` (the one-shot scan) a local exporter is
+    opened on its first write, in a thread, so a file it cannot open (or must
+    wait for) fails or holds up that exporter alone; a long-running command
+    opens it now and fails at start instead.
     """
-    exporter = make_exporter(kind, sqlite_path=settings.sqlite_path)
     if kind not in REMOTE_EXPORTERS:
-        return DirectDelivery(exporter)
+        if open_local_on_first_write:
+            return DirectDelivery.opening(
+                kind, functools.partial(make_exporter, kind, sqlite_path=settings.sqlite_path)
+            )
+        return DirectDelivery(make_exporter(kind, sqlite_path=settings.sqlite_path))
+    exporter = make_exporter(kind, sqlite_path=settings.sqlite_path)
     spool = Spool(
         settings.spool_dir / f"{kind}.spool",
         max_bytes=settings.spool_max_bytes,
@@ -66,27 +78,46 @@ async def close_deliveries(deliveries: Sequence[Delivery]) -> None:
     """Close every exporter and spool; one failing close does not skip the others."""
     for delivery in deliveries:
         try:
-            await delivery.exporter.close()
+            await delivery.close()
         except Exception as exc:
             log.warning(
                 "closing exporter failed", extra={"exporter": delivery.name, "error": str(exc)}
             )
-        if isinstance(delivery, DeliveryPipeline):
-            delivery.spool.close()
 
 
-def stop_deliveries_on_signals(deliveries: Sequence[Delivery]) -> ContextManager[asyncio.Event]:
-    """On SIGTERM or SIGINT, stop waiting on exporters: the spools keep the rest."""
+@dataclass
+class Interruption:
+    """Which signal, if any, interrupted a one-shot command."""
+
+    signum: int | None = None
+
+    @property
+    def signal_name(self) -> str:
+        """``SIGINT``, ``SIGTERM``; empty when no signal came."""
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+
+@contextlib.contextmanager
+def interrupt_deliveries_on_signals(deliveries: Sequence[Delivery]) -> Iterator[Interruption]:
+    """On SIGTERM or SIGINT, stop delivering at once: the spools keep the rest.
+
+    The writes in flight are cancelled, so Ctrl-C ends the command now rather
+    than after the exporter's own timeout; the yielded ``Interruption`` says
+    which signal came.
+    """
+    interruption = Interruption()
 
     def stop(signum: int) -> None:
+        interruption.signum = signum
         log.warning(
             "signal received; leaving undelivered readings in the spool",
             extra={"signal": signal.Signals(signum).name},
         )
         for delivery in deliveries:
-            delivery.stop()
+            delivery.interrupt()
 
-    return stop_on_signals(stop)
+    with stop_on_signals(stop):
+        yield interruption
 
 
 def synthetic_reading(settings: ExportSettings, node: str) -> Reading:

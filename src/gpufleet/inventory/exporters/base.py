@@ -38,8 +38,10 @@ class Exporter(Protocol):
     async def write(self, batch: Sequence[Reading]) -> None:
         """Write a batch; idempotent per reading id.
 
-        Raises ``ExporterError`` when retrying may help and
-        ``PermanentExporterError`` when the sink refuses this batch for good.
+        Raises ``ExporterError`` when retrying may help,
+        ``PermanentExporterError`` when the sink refuses this batch for good,
+        and ``ExporterConfigError`` (any ``ExporterError`` of type ``config``)
+        when the settings or the sink's setup are wrong: never retried.
         """
         ...
 

@@ -10,9 +10,12 @@ The exporter only *classifies* failures; the delivery pipeline does the retrying
 - 401 and 403: ``ExporterError(error_type="auth")``, retryable, because a rotated
   token or a fixed policy makes the very same batch acceptable; dead-lettering
   every batch during a credentials incident would lose the whole outage.
-- 3xx: ``ExporterError(error_type="config")``. Redirects are not followed, since
+- 3xx: ``ExporterConfigError``. Redirects are not followed, since
   clients turn a redirected POST into a GET and would report success for data
   that never arrived; the endpoint setting needs fixing, not the batch.
+- 404 and 405: ``ExporterConfigError`` too. No such resource, or one that takes
+  no POST, says ``HTTP_ENDPOINT`` is wrong, whatever the batch.
+  A configuration error is never retried (see ``ExporterError.is_config``).
 - any other 4xx: ``PermanentExporterError``. The server read this batch and
   refused it; sending the same bytes again cannot help.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,7 +37,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from gpufleet import __version__
 from gpufleet.core.config import Duration, GpufleetSettings, HttpUrlText
-from gpufleet.inventory.errors import ExporterError, PermanentExporterError
+from gpufleet.inventory.errors import ExporterConfigError, ExporterError, PermanentExporterError
 from gpufleet.inventory.reading import Reading, batch_hash
 
 __all__ = ["HttpExporter", "HttpSettings"]
@@ -45,6 +49,8 @@ _WHITESPACE = re.compile(r"\s+")
 
 # 4xx answers that say "not now" rather than "not this batch".
 _RETRYABLE_4XX = {408: "timeout", 409: "server", 429: "server"}
+# 4xx answers that say "not this endpoint": HTTP_ENDPOINT needs fixing.
+_CONFIG_4XX = {404, 405}
 
 
 class HttpSettings(GpufleetSettings):
@@ -150,7 +156,9 @@ class HttpExporter:
         if 300 <= status < 400:
             location = redacted_url(response.headers.get("Location", "")) or "nowhere"
             detail += f" (redirects to {location}; set HTTP_ENDPOINT to the final URL)"
-            return ExporterError(self.name, detail, error_type="config")
+            return ExporterConfigError(self.name, detail)
+        if status in _CONFIG_4XX:
+            return ExporterConfigError(self.name, f"{detail} (check HTTP_ENDPOINT)")
         if 400 <= status < 500:
             return PermanentExporterError(self.name, detail)
         if status >= 500:
@@ -214,7 +222,15 @@ async def _body_excerpt(response: aiohttp.ClientResponse) -> str:
         raw = await response.content.read(_BODY_READ_BYTES)
     except (aiohttp.ClientError, TimeoutError):
         return ""
-    text = _WHITESPACE.sub(" ", raw.decode("utf-8", errors="replace")).strip()
+    text = _escape_controls(_WHITESPACE.sub(" ", raw.decode("utf-8", errors="replace")).strip())
     if len(text) > BODY_EXCERPT_CHARS:
         return text[: BODY_EXCERPT_CHARS - 1] + "…"
     return text
+
+
+def _escape_controls(text: str) -> str:
+    """Control and format characters as ``\\xNN``/``\\uNNNN``: a body must not drive a terminal."""
+    return "".join(
+        c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in {"Cc", "Cf"} else c
+        for c in text
+    )

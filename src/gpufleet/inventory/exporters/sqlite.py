@@ -70,11 +70,15 @@ ON CONFLICT (cluster, gpu, uuid, machine, node) DO UPDATE SET
 """
 
 
-def connect(path: Path) -> sqlite3.Connection:
+BUSY_TIMEOUT_S = 30.0
+"""How long a write waits for another process's lock on the file before it fails."""
+
+
+def connect(path: Path, *, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """Open (creating if needed) the store in WAL mode with the schema in place."""
     if str(path) != ":memory:":
         path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=busy_timeout)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -94,11 +98,11 @@ class SqliteExporter:
 
     name = "sqlite"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
         self.path = path
         self._lock = threading.Lock()
         try:
-            self._conn: sqlite3.Connection | None = connect(path)
+            self._conn: sqlite3.Connection | None = connect(path, busy_timeout=busy_timeout)
         except (OSError, sqlite3.Error) as exc:
             raise ExporterError(self.name, f"cannot open {path}: {exc}") from exc
 
