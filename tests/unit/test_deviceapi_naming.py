@@ -60,3 +60,11 @@ def test_the_provider_label_names_the_source_actually_used() -> None:
         simulated.close()
     assert provider_name(SmiXmlSource.__new__(SmiXmlSource)) == "smi"
     assert provider_name(object()) == "nvml"
+
+
+def test_the_gpus_help_selector_example_matches_what_the_provider_labels() -> None:
+    from gpufleet.deviceapi.cli import SELECTOR_EXAMPLE
+    from gpufleet.deviceapi.selector import parse
+
+    assert parse(SELECTOR_EXAMPLE).matches(gpu_labels("node-a", "NVIDIA L4", "sim"))
+    assert not parse(SELECTOR_EXAMPLE).matches(gpu_labels("node-b", "NVIDIA L4", "sim"))
