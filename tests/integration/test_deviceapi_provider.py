@@ -9,6 +9,7 @@ XIDs and lost GPUs.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,41 @@ async def test_provider_registers_every_gpu_healthy(provided: Running) -> None:
     assert (first.spec.uuid, first.spec.index, first.spec.node) == (provided.uuid(0), 0, "node-a")
     assert first.metadata.labels["gpufleet.io/product"] == "NVIDIA-H100-80GB-HBM3"
     assert all(healthy(gpu).status == "True" for gpu in listing.items)
+
+
+async def test_simulated_gpus_are_labelled_as_simulated(provided: Running) -> None:
+    listing = await provided.client.list("gpufleet.io/node=node-a")
+    assert {gpu.metadata.labels["gpufleet.io/provider"] for gpu in listing.items} == {"sim"}
+
+
+async def test_a_provider_logs_one_line_when_it_re_registers_after_a_server_restart(
+    tmp_path: Path, socket_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state.db"
+    server = await start_server(socket_path, state_file=state)
+    running = await start_provider(socket_path)
+    try:
+        caplog.set_level(logging.INFO, logger="gpufleet.deviceapi.provider")
+        await server.stop()
+
+        def lost() -> bool:
+            return any("device API unavailable" in r.getMessage() for r in caplog.records)
+
+        await eventually(lambda: _true(lost()))
+        server = await start_server(socket_path, state_file=state)
+
+        def back() -> list[logging.LogRecord]:
+            wanted = "re-registered with the device API"
+            return [r for r in caplog.records if r.getMessage() == wanted]
+
+        await eventually(lambda: _true(bool(back())))
+        # Later rounds say nothing more: one line per outage, not one per round.
+        await asyncio.sleep(INTERVAL * 3)
+        (record,) = back()
+        assert (record.__dict__["gpus"], record.__dict__["gpus_created"]) == (8, 0)
+    finally:
+        await running.close()
+        await server.stop()
 
 
 async def test_xid_79_makes_only_that_gpu_unhealthy_with_its_action(provided: Running) -> None:

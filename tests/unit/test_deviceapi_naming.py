@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from gpufleet.deviceapi.naming import gpu_labels, gpu_name, label_value
+from gpufleet.deviceapi.naming import gpu_labels, gpu_name, label_value, provider_name
 
 DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 
@@ -46,3 +46,25 @@ def test_labels_name_the_node_and_product() -> None:
         "gpufleet.io/product": "NVIDIA-L4",
         "gpufleet.io/provider": "nvml",
     }
+
+
+def test_the_provider_label_names_the_source_actually_used() -> None:
+    from gpufleet.gpu import sim
+    from gpufleet.gpu.nvml import NvmlSource
+    from gpufleet.gpu.smi.source import SmiXmlSource
+
+    simulated = NvmlSource(sim.open("l4"))
+    try:
+        assert provider_name(simulated) == "sim"
+    finally:
+        simulated.close()
+    assert provider_name(SmiXmlSource.__new__(SmiXmlSource)) == "smi"
+    assert provider_name(object()) == "nvml"
+
+
+def test_the_gpus_help_selector_example_matches_what_the_provider_labels() -> None:
+    from gpufleet.deviceapi.cli import SELECTOR_EXAMPLE
+    from gpufleet.deviceapi.selector import parse
+
+    assert parse(SELECTOR_EXAMPLE).matches(gpu_labels("node-a", "NVIDIA L4", "sim"))
+    assert not parse(SELECTOR_EXAMPLE).matches(gpu_labels("node-b", "NVIDIA L4", "sim"))

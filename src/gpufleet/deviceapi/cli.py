@@ -116,8 +116,10 @@ SocketOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+SELECTOR_EXAMPLE = "gpufleet.io/node=node-a,!drained"
+"""The help's example: a label the provider really puts on GPUs (``deviceapi.naming``)."""
 SelectorOpt = Annotated[
-    str, typer.Option("--selector", "-l", help="Label selector, e.g. 'node=a,!drained'.")
+    str, typer.Option("--selector", "-l", help=f"Label selector, e.g. '{SELECTOR_EXAMPLE}'.")
 ]
 
 

@@ -17,12 +17,14 @@ __all__ = [
     "gpu_labels",
     "gpu_name",
     "label_value",
+    "provider_name",
 ]
 
 LABEL_NODE = "gpufleet.io/node"
 LABEL_PRODUCT = "gpufleet.io/product"
 LABEL_PROVIDER = "gpufleet.io/provider"
 PROVIDER_NAME = "nvml"
+"""The provider label of GPUs read from a source that does not say what it is."""
 
 _NAME_INVALID = re.compile(r"[^a-z0-9-]+")
 _LABEL_INVALID = re.compile(r"[^A-Za-z0-9._-]+")
@@ -46,9 +48,19 @@ def label_value(text: str) -> str:
     return value.strip("-._")
 
 
-def gpu_labels(node: str, product: str) -> dict[str, str]:
+def provider_name(source: object) -> str:
+    """The ``gpufleet.io/provider`` value for GPUs read from ``source``.
+
+    The source's own ``kind`` (``nvml``, ``sim``, ``smi``), so simulated GPUs are
+    never mistaken for real ones; ``nvml`` for a source without one.
+    """
+    kind = getattr(source, "kind", None)
+    return label_value(kind) if isinstance(kind, str) and label_value(kind) else PROVIDER_NAME
+
+
+def gpu_labels(node: str, product: str, provider: str = PROVIDER_NAME) -> dict[str, str]:
     """The labels the provider puts on each GPU it registers."""
-    labels = {LABEL_NODE: label_value(node), LABEL_PROVIDER: PROVIDER_NAME}
+    labels = {LABEL_NODE: label_value(node), LABEL_PROVIDER: provider}
     if label_value(product):
         labels[LABEL_PRODUCT] = label_value(product)
     return labels

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
+from gpufleet.core.lock import LockHeldError, ProcessLock
 from gpufleet.deviceapi.errors import DeviceApiError
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2 as pb
 
@@ -63,19 +64,21 @@ class StateFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = _lock(path)
         try:
             self._conn = sqlite3.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
+            self._lock.release()
             raise StateFileError(f"cannot open device API state file {path}: {exc}") from exc
         try:
             self._init_schema()
         except sqlite3.Error as exc:
-            self._conn.close()
+            self._close()
             raise StateFileError(
                 f"{path} is not a usable device API state file (corrupt or not SQLite): {exc}"
             ) from exc
         except StateFileError:
-            self._conn.close()
+            self._close()
             raise
 
     def _init_schema(self) -> None:
@@ -169,5 +172,28 @@ class StateFile:
             raise StateFileError(f"cannot write device API state file {self.path}: {exc}") from exc
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
+        """Close the connection and release the process lock (idempotent)."""
+        self._close()
+
+    def _close(self) -> None:
         self._conn.close()
+        self._lock.release()
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file beside state file ``path``: ``state.db`` -> ``state.db.lock``."""
+    return path.with_name(path.name + ".lock")
+
+
+def _lock(path: Path) -> ProcessLock:
+    # Two servers on one file would each hand out resourceVersions from their own
+    # counter and overwrite each other's objects: the second one is refused.
+    try:
+        return ProcessLock(lock_path(path))
+    except LockHeldError:
+        raise StateFileError(
+            f"device API state file {path} is in use by another gpufleet process;"
+            " give each server its own STATE_FILE"
+        ) from None
+    except OSError as exc:
+        raise StateFileError(f"cannot open device API state file {path}: {exc}") from exc

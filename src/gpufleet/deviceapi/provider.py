@@ -70,7 +70,7 @@ from gpufleet.deviceapi.health import (
     merged_status,
     to_timestamp,
 )
-from gpufleet.deviceapi.naming import gpu_labels, gpu_name
+from gpufleet.deviceapi.naming import gpu_labels, gpu_name, provider_name
 from gpufleet.deviceapi.v1alpha1.gpu_pb2 import (
     Gpu,
     GpuList,
@@ -214,6 +214,7 @@ class GpuProvider:
             raise ValueError(f"health_interval must be > 0, got {health_interval!r}")
         self._client = client
         self._source = source
+        self._provider = provider_name(source)
         self._node = node
         self._catalogue = catalogue
         self._interval = health_interval
@@ -225,6 +226,8 @@ class GpuProvider:
         self._wake = asyncio.Event()
         self._ready = False
         self._first_registration = True
+        self._created = 0
+        """GPU objects this provider created (a counter: re-creations after a restart too)."""
         self._xid_stream_ready = threading.Event()
         self._orphans: list[GpuFault] = []
         """Faults without a UUID: matched to existing objects by index or PCI bus id."""
@@ -281,10 +284,12 @@ class GpuProvider:
 
     async def _main_loop(self, stop: asyncio.Event) -> None:
         attempt = 0
+        lost_server = False
         while not stop.is_set():
             self._wake.clear()
             try:
                 await self.check_health()
+                created_before = self._created
                 await self.reconcile()
             except Exception as exc:
                 # Whatever went wrong this round, the next one starts from scratch.
@@ -293,6 +298,7 @@ class GpuProvider:
                 attempt += 1
                 context = {"error": str(exc), "retry_in_s": round(delay, 3)}
                 if isinstance(exc, UnavailableError):
+                    lost_server = True
                     _log.warning("device API unavailable; will re-register", extra=context)
                 else:
                     _log.error(
@@ -301,6 +307,19 @@ class GpuProvider:
                         extra=context,
                     )
             else:
+                if lost_server:
+                    # The one line that says the outage is over: a server that kept
+                    # its state file still has every GPU (gpus_created 0), one that lost
+                    # it was repopulated.
+                    _log.info(
+                        "re-registered with the device API",
+                        extra={
+                            "node": self._node,
+                            "gpus": len(self._tracked),
+                            "gpus_created": self._created - created_before,
+                        },
+                    )
+                    lost_server = False
                 attempt = 0
                 delay = self._interval
             await _wait_any(stop, self._wake, delay)
@@ -314,7 +333,7 @@ class GpuProvider:
                     name=gpu_name(device.uuid),
                     uuid=device.uuid,
                     spec=_spec_for_device(device, self._node),
-                    labels=gpu_labels(self._node, device.product_name),
+                    labels=gpu_labels(self._node, device.product_name, self._provider),
                 )
             )
         for fault in listing.faults:
@@ -327,7 +346,7 @@ class GpuProvider:
                 name=gpu_name(fault.uuid),
                 uuid=fault.uuid,
                 spec=_spec_for_fault(fault, fault.uuid, self._node),
-                labels=gpu_labels(self._node, ""),
+                labels=gpu_labels(self._node, "", self._provider),
                 complete=False,
             )
             if fault.kind is FaultKind.LOST:
@@ -392,7 +411,7 @@ class GpuProvider:
             tracked = self._by_uuid.get(device.uuid)
             if tracked is not None and not tracked.complete:
                 tracked.spec = _spec_for_device(device, self._node)
-                tracked.labels = gpu_labels(self._node, device.product_name)
+                tracked.labels = gpu_labels(self._node, device.product_name, self._provider)
                 tracked.complete = True
                 tracked.registered = False  # the spec on the server needs the update
             elif tracked is None:
@@ -402,7 +421,7 @@ class GpuProvider:
                         name=gpu_name(device.uuid),
                         uuid=device.uuid,
                         spec=_spec_for_device(device, self._node),
-                        labels=gpu_labels(self._node, device.product_name),
+                        labels=gpu_labels(self._node, device.product_name, self._provider),
                     )
                 )
 
@@ -562,7 +581,7 @@ class GpuProvider:
                 name=match.metadata.name,
                 uuid=match.spec.uuid,
                 spec=spec,
-                labels=gpu_labels(self._node, match.spec.product),
+                labels=gpu_labels(self._node, match.spec.product, self._provider),
                 complete=False,
                 registered=True,
             )
@@ -588,6 +607,7 @@ class GpuProvider:
         )
         try:
             current = await self._client.create(wanted)
+            self._created += 1
             _log.info("GPU registered", extra={"gpu": tracked.name, "gpu_uuid": tracked.uuid})
         except AlreadyExistsError:
             current = await self._client.get(tracked.name)

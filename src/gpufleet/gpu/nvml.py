@@ -99,6 +99,13 @@ class NvmlSource:
         except nvml.NVMLError as exc:
             raise GpuError(_init_failure(nvml, exc)) from exc
 
+    @property
+    def kind(self) -> str:
+        """``sim`` over the simulated library, else ``nvml``: what labels call the backend."""
+        from gpufleet.gpu.sim.library import SimulatedNvml
+
+        return "sim" if isinstance(self._nvml, SimulatedNvml) else "nvml"
+
     @classmethod
     def real(cls, *, clock: Clock = utc_now) -> NvmlSource:
         """A source over the real NVML library (``pynvml`` from nvidia-ml-py)."""

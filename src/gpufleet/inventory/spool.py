@@ -17,7 +17,6 @@ the same batch.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -28,8 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import IO
 
+from gpufleet.core.lock import LockHeldError, ProcessLock
 from gpufleet.inventory.errors import InventoryError
 from gpufleet.inventory.reading import Reading, batch_hash
 
@@ -138,24 +137,18 @@ class Spool:
             raise SpoolError(f"cannot open spool {path}: {exc}") from exc
 
     @staticmethod
-    def _take_process_lock(path: Path) -> IO[str]:
+    def _take_process_lock(path: Path) -> ProcessLock:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - held for the spool's life
-        except OSError as exc:
-            raise SpoolError(f"cannot create spool directory for {path}: {exc}") from exc
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
+            return ProcessLock(path.with_suffix(".lock"))
+        except LockHeldError:
             raise SpoolError(
                 f"spool {path} is in use by another gpufleet process; give each its own SPOOL_DIR"
             ) from None
-        return lock
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool directory for {path}: {exc}") from exc
 
     def _release_process_lock(self) -> None:
-        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-        self._lock_file.close()
+        self._lock_file.release()
 
     def _scalar(self, sql: str, params: Sequence[object] = ()) -> int:
         return int(self._conn.execute(sql, params).fetchone()[0])

@@ -20,6 +20,9 @@ class SmiXmlSource:
     a bad document fails here with :class:`SmiParseError`, not on first use.
     """
 
+    kind = "smi"
+    """What labels call this backend (``NvmlSource.kind`` is ``nvml`` or ``sim``)."""
+
     def __init__(
         self,
         data: bytes | str | None = None,
