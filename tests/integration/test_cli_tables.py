@@ -7,19 +7,24 @@ their ``--json`` output must appear unbroken on one line of the table.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
 import pty
 import re
 import select
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 from pathlib import Path
 
 import pytest
+
+from gpufleet.gpu import sim
 
 GPUFLEET = [sys.executable, "-m", "gpufleet.cli"]
 _ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -107,3 +112,29 @@ def test_a_lost_gpus_message_is_shown_however_narrow_the_terminal() -> None:
     lines = on_a_terminal(80, "gpu", "list", "--fleet", fleet)
     assert "left out to fit 80 columns: product, cc, memory, mig" in [s.strip() for s in lines]
     assert "GPU 3: lost: nvmlDeviceGetMigMode: GPU is lost" in lines
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+async def test_gpus_list_keeps_names_uuids_and_nodes_whole(columns: int) -> None:
+    from tests.integration.test_deviceapi_provider import start_provider, start_server
+
+    directory = Path(tempfile.mkdtemp(prefix="gf-tables-", dir="/tmp"))
+    sock = directory / "device.sock"
+    server = await start_server(sock)
+    provider = await start_provider(sock, sim.open("gb200"))
+    try:
+        target = ("--socket", str(sock))
+        listed = json.loads(await asyncio.to_thread(gpufleet, "gpus", "list", *target, "--json"))
+        items = listed["items"]
+        assert len(items) == 4
+        values = {item["metadata"]["name"] for item in items}
+        values |= {item["spec"][key] for item in items for key in ("uuid", "node")}
+        lines = await asyncio.to_thread(on_a_terminal, columns, "gpus", "list", *target)
+        assert broken(values, lines) == []
+        name = items[0]["metadata"]["name"]
+        shown = await asyncio.to_thread(on_a_terminal, columns, "gpus", "get", name, *target)
+        assert broken({name, items[0]["spec"]["uuid"]}, shown) == []
+    finally:
+        await provider.close()
+        await server.stop()
+        shutil.rmtree(directory, ignore_errors=True)

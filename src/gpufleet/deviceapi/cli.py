@@ -16,10 +16,10 @@ from typing import Annotated
 
 import typer
 from google.protobuf.json_format import MessageToDict
-from rich.table import Table
+from rich.console import Console, RenderableType
 
 from gpufleet.core.config import load_settings
-from gpufleet.core.console import stdout_console
+from gpufleet.core.console import Column, fitted_table, stdout_console
 from gpufleet.deviceapi.config import DeviceApiClientSettings, DeviceApiSettings
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2
 
@@ -140,12 +140,30 @@ def _condition(gpu: gpu_pb2.Gpu, kind: str) -> str:
     return "-"
 
 
-def _table(gpus: list[gpu_pb2.Gpu], title: str) -> Table:
-    table = Table(title=title)
-    for column in ("name", "index", "uuid", "product", "node", "healthy", "action", "rv"):
-        table.add_column(column)
-    for gpu in gpus:
-        table.add_row(
+# The name, UUID and node identify a GPU and stay whole; on a narrow terminal
+# the resourceVersion, product, index and action are left out, in that order.
+_GPU_COLUMNS = [
+    Column("name", key=True),
+    Column("index", drop=2),
+    Column("uuid", key=True),
+    Column("product", drop=3),
+    Column("node", key=True),
+    Column("healthy"),
+    Column("action", drop=1),
+    Column("rv", drop=4),
+]
+_CONDITION_COLUMNS = [
+    Column("type", key=True),
+    Column("status"),
+    Column("reason"),
+    Column("message"),
+    Column("last transition", key=True),
+]
+
+
+def _table(console: Console, gpus: list[gpu_pb2.Gpu], title: str) -> RenderableType:
+    rows = [
+        [
             gpu.metadata.name,
             str(gpu.spec.index),
             gpu.spec.uuid,
@@ -154,8 +172,10 @@ def _table(gpus: list[gpu_pb2.Gpu], title: str) -> Table:
             _condition(gpu, "Healthy"),
             gpu.status.recommended_action or "-",
             gpu.metadata.resource_version,
-        )
-    return table
+        ]
+        for gpu in gpus
+    ]
+    return fitted_table(console, title, _GPU_COLUMNS, rows)
 
 
 @gpus_app.command("list")
@@ -172,7 +192,8 @@ def list_gpus(
         sys.stdout.write(json.dumps(body, indent=2) + "\n")
         return
     title = f"{len(listed.items)} GPU(s) at resourceVersion {listed.resource_version}"
-    stdout_console().print(_table(list(listed.items), title))
+    console = stdout_console()
+    console.print(_table(console, list(listed.items), title))
 
 
 async def _list(target: str, selector: str) -> gpu_pb2.GpuList:
@@ -194,18 +215,20 @@ def get_gpu(
         sys.stdout.write(json.dumps(_as_dict(gpu), indent=2) + "\n")
         return
     console = stdout_console()
-    console.print(_table([gpu], gpu.metadata.name))
-    conditions = Table(title="conditions")
-    for column in ("type", "status", "reason", "message", "last transition"):
-        conditions.add_column(column)
-    for cond in gpu.status.conditions:
-        since = (
+    console.print(_table(console, [gpu], gpu.metadata.name))
+    rows = [
+        [
+            cond.type,
+            cond.status,
+            cond.reason,
+            cond.message,
             cond.last_transition_time.ToJsonString()
             if cond.HasField("last_transition_time")
-            else ""
-        )
-        conditions.add_row(cond.type, cond.status, cond.reason, cond.message, since or "-")
-    console.print(conditions)
+            else "-",
+        ]
+        for cond in gpu.status.conditions
+    ]
+    console.print(fitted_table(console, "conditions", _CONDITION_COLUMNS, rows))
 
 
 async def _get(target: str, name: str) -> gpu_pb2.Gpu:
