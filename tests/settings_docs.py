@@ -79,7 +79,8 @@ def load_model(dotted: str) -> type[GpufleetSettings]:
     return model
 
 
-def _variable(model: type[GpufleetSettings], name: str, field: FieldInfo) -> str:
+def variable_names(model: type[GpufleetSettings], name: str, field: FieldInfo) -> list[str]:
+    """The environment variables that set ``field`` of ``model``, upper-cased."""
     alias = field.validation_alias
     if isinstance(alias, AliasChoices):
         names = [str(choice) for choice in alias.choices]
@@ -87,7 +88,11 @@ def _variable(model: type[GpufleetSettings], name: str, field: FieldInfo) -> str
         names = [alias]
     else:
         names = [field.alias or str(model.model_config.get("env_prefix") or "") + name]
-    return " or ".join(f"`{n.upper()}`" for n in names)
+    return [n.upper() for n in names]
+
+
+def _variable(model: type[GpufleetSettings], name: str, field: FieldInfo) -> str:
+    return " or ".join(f"`{n}`" for n in variable_names(model, name, field))
 
 
 def _seconds(value: float) -> str:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from pydantic import AliasChoices
 
 import gpufleet
 from gpufleet.cli import app
 from gpufleet.core.config import GpufleetSettings
+from tests.settings_docs import variable_names
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 _TYPER_BUILTINS = {"--install-completion", "--show-completion", "--help"}
@@ -42,16 +42,8 @@ def _settings_models() -> Iterator[type[GpufleetSettings]]:
 
 def _variables(model: type[GpufleetSettings]) -> Iterator[tuple[str, list[str]]]:
     """(field, the environment variable names that set it)."""
-    prefix = str(model.model_config.get("env_prefix") or "")
     for name, field in model.model_fields.items():
-        alias = field.validation_alias
-        if isinstance(alias, AliasChoices):
-            names = [str(choice) for choice in alias.choices]
-        elif isinstance(alias, str):
-            names = [alias]
-        else:
-            names = [field.alias or prefix + name]
-        yield name, [n.upper() for n in names]
+        yield name, variable_names(model, name, field)
 
 
 def test_every_environment_variable_is_in_the_readme() -> None:
