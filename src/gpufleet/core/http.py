@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from gpufleet.core.listen import format_address, listen_error
+
 __all__ = ["HealthServer", "ReadinessCheck"]
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
@@ -37,6 +39,9 @@ class HealthServer:
     certificates, mutual TLS).
 
     Routes must be added before `start()`, when aiohttp freezes the router.
+
+    `setting` names the flag and variable the port (and host) come from, so a
+    port that is taken fails `start()` with one `ListenError` line naming them.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class HealthServer:
         registry: CollectorRegistry | None = None,
         check_timeout: float = 2.0,
         ssl_context: ssl.SSLContext | None = None,
+        setting: str = "metrics port",
     ) -> None:
         if check_timeout <= 0:
             raise ValueError(f"check_timeout must be > 0, got {check_timeout!r}")
@@ -56,6 +62,7 @@ class HealthServer:
         self._registry = registry if registry is not None else REGISTRY
         self._check_timeout = check_timeout
         self._ssl_context = ssl_context
+        self._setting = setting
         self._checks: dict[str, ReadinessCheck] = {}
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
@@ -83,7 +90,10 @@ class HealthServer:
         self._checks[name] = check
 
     async def start(self) -> None:
-        """Bind and start serving; returns once the socket is listening."""
+        """Bind and start serving; returns once the socket is listening.
+
+        Raises `ListenError` (a `ConfigError`) when the address cannot be bound.
+        """
         if self._runner is not None:
             raise RuntimeError("HealthServer is already started")
         runner = web.AppRunner(self._app)
@@ -93,6 +103,10 @@ class HealthServer:
                 runner, self._host, self._requested_port, ssl_context=self._ssl_context
             )
             await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            address = format_address(self._host, self._requested_port)
+            raise listen_error(self._setting, address, exc) from exc
         except BaseException:
             await runner.cleanup()
             raise

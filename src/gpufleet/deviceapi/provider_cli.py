@@ -98,7 +98,7 @@ async def run_provider(
         catalogue=settings.catalogue(),
         health_interval=settings.health_interval,
     )
-    http = HealthServer(port=settings.metrics_port)
+    http = HealthServer(port=settings.metrics_port, setting="--metrics-port, METRICS_PORT")
 
     async def registered() -> bool:
         return provider.ready

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from gpufleet.core.errors import ConfigError
 from gpufleet.core.http import HealthServer
+from gpufleet.core.listen import add_grpc_port, ensure_socket_directory
 from gpufleet.core.signals import stop_on_signals
 from gpufleet.deviceapi.config import MAX_MESSAGE_BYTES, DeviceApiSettings
 from gpufleet.deviceapi.metrics import DeviceApiMetrics
@@ -39,6 +40,8 @@ __all__ = ["SOCKET_MODE", "ServerInfo", "run_server", "serve"]
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
+_SOCKET_SETTING = "--socket, DEVICE_API_SOCKET"
+_LISTEN_SETTING = "--listen, DEVICE_API_LISTEN"
 # Responses may exceed the 4 MiB request cap: a List of MAX_GPUS GPUs with full
 # condition lists is larger, and refusing to send it would break every informer.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -68,7 +71,7 @@ def _socket_in_use(path: Path) -> bool:
 
 def _prepare_socket(path: Path) -> None:
     """Create the socket's directory and remove a stale socket left by a dead server."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_socket_directory(path, setting=_SOCKET_SETTING)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
@@ -105,7 +108,7 @@ def _bind(server: grpc.aio.Server, settings: DeviceApiSettings) -> tuple[Path | 
     if socket_path is not None:
         _prepare_socket(socket_path)
         with _umask(0o117):
-            server.add_insecure_port(f"unix:{socket_path}")
+            add_grpc_port(server.add_insecure_port, f"unix:{socket_path}", setting=_SOCKET_SETTING)
         os.chmod(socket_path, SOCKET_MODE)
     tcp_port: int | None = None
     listen = settings.listen
@@ -114,9 +117,15 @@ def _bind(server: grpc.aio.Server, settings: DeviceApiSettings) -> tuple[Path | 
             credentials = grpc.ssl_server_credentials(
                 [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
             )
-            tcp_port = server.add_secure_port(listen.target, credentials)
+            tcp_port = add_grpc_port(
+                lambda target: server.add_secure_port(target, credentials),
+                listen.target,
+                setting=_LISTEN_SETTING,
+            )
         else:
-            tcp_port = server.add_insecure_port(listen.target)
+            tcp_port = add_grpc_port(
+                server.add_insecure_port, listen.target, setting=_LISTEN_SETTING
+            )
     return socket_path, tcp_port
 
 
@@ -168,7 +177,9 @@ async def serve(
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    http = HealthServer(port=settings.metrics_port, registry=registry)
+    http = HealthServer(
+        port=settings.metrics_port, registry=registry, setting="--metrics-port, METRICS_PORT"
+    )
     http.add_readiness_check("gpu-registered", gate.check)
     socket_path: Path | None = None
     ready_task: asyncio.Task[None] | None = None

@@ -156,6 +156,7 @@ async def exporter(
         port=settings.port,
         registry=registry,
         ssl_context=server_ssl_context(settings),
+        setting="--bind-address/--port, GPU_EXPORTER_BIND_ADDRESS/GPU_EXPORTER_PORT",
     )
 
     async def collected() -> bool:

@@ -72,7 +72,9 @@ async def runtime(
         rt.senders = [
             asyncio.create_task(d.run()) for d in rt.deliveries if isinstance(d, DeliveryPipeline)
         ]
-        rt.server = HealthServer(port=server_port, registry=rt.registry)
+        rt.server = HealthServer(
+            port=server_port, registry=rt.registry, setting="--server-port, SERVER_PORT"
+        )
         add_readiness_checks(rt.server, rt.deliveries)
         yield rt
     finally:
