@@ -108,7 +108,7 @@ def test_invalid_configuration_exits_non_zero_with_one_line_naming_the_variable(
 
 def test_no_source_chosen_is_one_clear_line() -> None:
     result = gpufleet("inventory", "scan")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "choose exactly one GPU source" in result.stderr
 
 
@@ -148,3 +148,65 @@ def test_history_without_a_question_is_one_clear_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "gpufleet: error: ask exactly one of --gpu, --machine, --node or --moved"
     )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["gpu", "list"], ["inventory", "scan"], ["device-api", "provider"], ["exporter"]],
+    ids=lambda c: " ".join(c),
+)
+def test_a_fleet_file_that_is_not_utf8_is_one_line_naming_it(
+    tmp_path: Path, command: list[str]
+) -> None:
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_bytes(b'preset: l4\ngpus:\n  0: {product: "L4 \xff\xfe"}\n')
+    result = gpufleet(*command, "--fleet", str(fleet), env={"LOG_LEVEL": "error"})
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(fleet) in lines[0]
+    assert "not a UTF-8 text file" in lines[0]
+
+
+@pytest.mark.parametrize("cluster", ["", "   ", "\t"])
+def test_a_blank_cluster_name_is_refused(cluster: str) -> None:
+    result = gpufleet("inventory", "scan", "--simulate", "l4", "--cluster", cluster)
+    assert result.returncode == 2, result.stderr
+    assert "CLUSTER_NAME" in result.stderr
+    assert "blank" in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_cluster_name_is_stored_without_surrounding_blanks() -> None:
+    result = gpufleet(
+        "inventory", "scan", "--simulate", "l4", "--cluster", " prod ", "-e", "stdout"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["cluster"] == "prod"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [["--smi-xml", "x.xml"], ["--fleet", "fleet.yaml"], ["--nvml"]],
+    ids=lambda s: s[0],
+)
+@pytest.mark.parametrize("command", [["gpu", "list"], ["inventory", "scan"]], ids=" ".join)
+def test_seed_without_simulate_is_refused(command: list[str], source: list[str]) -> None:
+    result = gpufleet(*command, *source, "--seed", "3")
+    assert result.returncode == 2, result.stderr
+    assert "--seed applies only to --simulate" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["gpu", "list"], ["inventory", "scan"], ["gpu", "smi"], ["inventory", "agent"]],
+    ids=" ".join,
+)
+def test_an_unknown_preset_exits_2_naming_the_presets(command: list[str]) -> None:
+    result = gpufleet(*command, "--simulate", "dgx-nope", env={"LOG_LEVEL": "error"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "unknown preset 'dgx-nope'" in lines[0]
+    assert "dgx-h100" in lines[0]

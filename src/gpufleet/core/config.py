@@ -39,6 +39,7 @@ __all__ = [
     "GpufleetSettings",
     "LogFormat",
     "LogLevel",
+    "NonBlank",
     "load_settings",
     "parse_duration",
 ]
@@ -104,6 +105,18 @@ def _validate_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(_validate_duration)]
+
+
+def _not_blank(value: str) -> str:
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("must not be empty or blank")
+    return stripped
+
+
+NonBlank = Annotated[str, AfterValidator(_not_blank)]
+"""A name such as a cluster or node: surrounding whitespace is dropped, and nothing else left
+is an error (``--cluster '  '`` would otherwise label every reading with spaces)."""
 
 
 def check_http_url(value: str) -> str:

@@ -117,7 +117,7 @@ async def run_provider(
 
 
 def _choose_source(
-    settings: ProviderSettings, fleet: Path | None, nvml: bool, seed: int
+    settings: ProviderSettings, fleet: Path | None, nvml: bool, seed: int | None
 ) -> GpuSource:
     chosen = [
         flag
@@ -180,7 +180,10 @@ def provider(
         typer.Option("--fleet", metavar="FILE", help="Simulated GPUs from a YAML fleet file."),
     ] = None,
     nvml: Annotated[bool, typer.Option("--nvml", help="Read the real GPUs through NVML.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the simulated GPU identities.")] = 0,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help="With --simulate: seed of the simulated GPU identities."),
+    ] = None,
     metrics_port: Annotated[
         int | None,
         typer.Option(

@@ -20,7 +20,7 @@ def _source_choice(
     fleet: Path | None,
     nvml: bool,
     smi_xml: Path | None,
-    seed: int,
+    seed: int | None,
     env_simulate: str | None,
 ) -> SourceChoice:
     """The GPUs to read: the source flag, else ``GPU_EXPORTER_SIMULATE``, else NVML.
@@ -43,7 +43,7 @@ def exporter(
     fleet: FleetOpt = None,
     nvml: NvmlOpt = False,
     smi_xml: SmiXmlOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = None,
     bind_address: Annotated[
         str | None,
         typer.Option(

@@ -36,9 +36,11 @@ SmiXmlOpt = Annotated[
     typer.Option("--smi-xml", metavar="FILE", help="Read a saved `nvidia-smi -q -x` document."),
 ]
 SeedOpt = Annotated[
-    int,
+    int | None,
     typer.Option(
-        "--seed", help="Seed of the simulated identities (another seed is another machine's GPUs)."
+        "--seed",
+        help="With --simulate: seed of the simulated identities (another seed is another "
+        "machine's GPUs) [default 0].",
     ),
 ]
 
@@ -67,7 +69,7 @@ def list_gpus(
     fleet: FleetOpt = None,
     nvml: NvmlOpt = False,
     smi_xml: SmiXmlOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List the GPUs with their identity: index, serial, UUID, model, PCI id."""
@@ -107,7 +109,7 @@ def list_gpus(
 def smi(
     simulate: SimulateOpt = None,
     fleet: FleetOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = None,
 ) -> None:
     """Print what `nvidia-smi -q -x` would print on the simulated GPUs."""
     from gpufleet.gpu.smi import write_smi_xml

@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpufleet.core.errors import ConfigError
 from gpufleet.gpu.source import GpuError, GpuSource
+
+
+class SourceChoiceError(GpuError, ConfigError):
+    """The GPU source flags contradict each other: a usage error, exit status 2."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,10 +21,11 @@ class SourceChoice:
     fleet_file: Path | None = None
     nvml: bool = False
     smi_xml: Path | None = None
-    seed: int = 0
+    seed: int | None = None
+    """``--seed``: given only with ``--simulate``; None when the flag was not given."""
 
     def validate(self) -> None:
-        """Exactly one source must be chosen."""
+        """Exactly one source, ``--seed`` only with a preset, and a preset that exists."""
         chosen = [
             flag
             for flag, on in (
@@ -32,10 +38,21 @@ class SourceChoice:
         ]
         if len(chosen) != 1:
             got = ", ".join(chosen) if chosen else "none"
-            raise GpuError(
+            raise SourceChoiceError(
                 f"choose exactly one GPU source: --simulate PRESET, --fleet FILE, --nvml or "
                 f"--smi-xml FILE (got {got})"
             )
+        if self.seed is not None and self.simulate is None:
+            # A fleet file carries its own seed; real and saved GPUs have theirs.
+            raise SourceChoiceError(
+                f"--seed applies only to --simulate PRESET, not to {chosen[0]}"
+                + (" (a fleet file sets `seed:` itself)" if chosen[0] == "--fleet" else "")
+            )
+        if self.simulate is not None:
+            from gpufleet.gpu.sim.presets import PRESETS, preset
+
+            if self.simulate not in PRESETS:
+                preset(self.simulate)  # raises UnknownPresetError, naming the presets
 
     @property
     def label(self) -> str:
@@ -66,5 +83,5 @@ def open_source(choice: SourceChoice) -> GpuSource:
     if choice.fleet_file is not None:
         fleet = sim.load_fleet(choice.fleet_file)
     else:
-        fleet = sim.preset(str(choice.simulate), seed=choice.seed)
+        fleet = sim.preset(str(choice.simulate), seed=choice.seed or 0)
     return NvmlSource(sim.SimulatedNvml(fleet))

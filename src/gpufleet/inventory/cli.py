@@ -63,7 +63,7 @@ def scan(
     fleet: FleetOpt = None,
     nvml: NvmlOpt = False,
     smi_xml: SmiXmlOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = None,
     exporter: ExporterOpt = None,
     db: DbOpt = None,
     cluster: ClusterOpt = None,

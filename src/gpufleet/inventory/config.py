@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import NoDecode
 
-from gpufleet.core.config import CommonSettings, Duration
+from gpufleet.core.config import CommonSettings, Duration, NonBlank
 from gpufleet.inventory.exporters.base import ExporterType
 from gpufleet.inventory.spool import FullPolicy
 from gpufleet.kube.settings import KubeSettings, LeaseSettings
@@ -61,14 +61,14 @@ class HistorySettings(CommonSettings):
 class ExportSettings(DeliverySettings, HistorySettings):
     """Where readings go: the exporters, their cluster, and the delivery knobs."""
 
-    cluster_name: str = Field(min_length=1)
+    cluster_name: NonBlank
     exporter_type: ExporterTypes = ("stdout",)
 
 
 class ScanSettings(ExportSettings):
     """``gpufleet inventory scan``: read this machine's GPUs once and export them."""
 
-    node_name: str = Field(default_factory=socket.gethostname, min_length=1)
+    node_name: NonBlank = Field(default_factory=socket.gethostname)
     machine_id: str | None = None
     dmi_dir: Path = Path("/sys/class/dmi/id")
 
@@ -124,7 +124,7 @@ class CheckSettings(PodWatchSettings):
 class AgentSettings(ExportSettings, ServerSettings, KubeSettings):
     """``gpufleet inventory agent``: a DaemonSet reading its own node's GPUs."""
 
-    node_name: str = Field(min_length=1)
+    node_name: NonBlank
     simulate: str | None = None
     scan_interval: Duration = Field(default=3600.0, gt=0)
     dmi_dir: Path = Path("/sys/class/dmi/id")

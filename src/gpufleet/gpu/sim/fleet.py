@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import pydantic
 import yaml
 
+from gpufleet.core.errors import ConfigError
 from gpufleet.gpu.source import GpuError
 
 Architecture = Literal[
@@ -47,8 +48,8 @@ class FleetFileError(SimError):
     """A fleet description (YAML file or dict) is invalid; the message names the field."""
 
 
-class UnknownPresetError(SimError):
-    """No preset has the requested name."""
+class UnknownPresetError(SimError, ConfigError):
+    """No preset has the requested name: a usage error, so the command exits 2."""
 
 
 @dataclass
@@ -185,6 +186,11 @@ def load_fleet(path: str | Path) -> SimFleet:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise FleetFileError(f"{path}: cannot read fleet file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise FleetFileError(
+            f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); a fleet file is YAML"
+        ) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
