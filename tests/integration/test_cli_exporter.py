@@ -257,3 +257,21 @@ def test_two_gpu_sources_are_refused_with_one_line(tmp_path: Path) -> None:
     assert "choose exactly one GPU source" in result.stderr
     assert "--simulate, --fleet" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_certificate_without_its_key_is_one_line_naming_both_variables(tmp_path: Path) -> None:
+    # The model-level check used to print `invalid ExporterSettings={...}`: the
+    # whole input, every other variable's value included.
+    result = subprocess.run(
+        [*GPUFLEET, "exporter", "--simulate", "l4"], capture_output=True, text=True, timeout=60,
+        env={**env(tmp_path), "GPU_EXPORTER_TLS_CERT_FILE": str(tmp_path / "cert.pem")},
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "GPU_EXPORTER_TLS_CERT_FILE" in lines[0]
+    assert "GPU_EXPORTER_TLS_KEY_FILE" in lines[0]
+    assert "{" not in lines[0]
+    assert "ExporterSettings" not in lines[0]
+    assert str(tmp_path) not in lines[0]

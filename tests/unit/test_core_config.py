@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import pytest
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 
 from gpufleet.core.config import (
     CommonSettings,
@@ -197,3 +197,59 @@ def test_unknown_log_level_lists_the_levels(monkeypatch: pytest.MonkeyPatch) -> 
     assert str(caught.value) == (
         "invalid LOG_LEVEL='loud': expected one of 'debug', 'info', 'warning', 'error'"
     )
+
+
+class PairedSettings(GpufleetSettings):
+    """A model-level check across two fields, beside a field holding a secret."""
+
+    db_password: str = ""
+    api_token: SecretStr | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> PairedSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("CERT_FILE and KEY_FILE go together: set both or neither")
+        return self
+
+
+def test_a_model_level_error_shows_its_message_and_no_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DB_PASSWORD", "hunter2-secret")
+    monkeypatch.setenv("CERT_FILE", "/etc/cert.pem")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(PairedSettings)
+
+    message = str(caught.value)
+    assert message == "CERT_FILE and KEY_FILE go together: set both or neither"
+    assert "hunter2-secret" not in message
+    assert "{" not in message
+
+
+def test_a_field_error_shows_no_other_field_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLUSTER_NAME", "hunter2-secret")
+    monkeypatch.setenv("WORKERS", "many")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(InventorySettings)
+
+    assert "WORKERS='many'" in str(caught.value)
+    assert "hunter2-secret" not in str(caught.value)
+
+
+class SecretSettings(GpufleetSettings):
+    """A secret whose own value is invalid."""
+
+    api_token: SecretStr | None = Field(default=None, min_length=20)
+
+
+def test_an_invalid_secret_is_named_but_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_TOKEN", "hunter2-secret")
+
+    with pytest.raises(ConfigError, match="API_TOKEN") as caught:
+        load_settings(SecretSettings)
+
+    assert "hunter2-secret" not in str(caught.value)

@@ -77,3 +77,14 @@ def test_explicit_k8s_modes_override_detection(
 def test_a_client_ca_needs_a_server_certificate(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="CLIENT_CA"):
         load_settings(ExporterSettings, tls_client_ca_file=tmp_path / "ca.pem")
+
+
+def test_a_certificate_without_a_key_names_both_variables_and_no_input(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(ExporterSettings, tls_cert_file=tmp_path / "cert.pem")
+
+    message = str(caught.value)
+    assert "GPU_EXPORTER_TLS_CERT_FILE" in message
+    assert "GPU_EXPORTER_TLS_KEY_FILE" in message
+    assert "{" not in message
+    assert str(tmp_path) not in message

@@ -24,6 +24,9 @@ from pydantic import (
     AliasPath,
     BeforeValidator,
     Field,
+    Secret,
+    SecretBytes,
+    SecretStr,
     ValidationError,
 )
 from pydantic.fields import FieldInfo
@@ -261,24 +264,43 @@ def _describe_error(
 ) -> str:
     loc = error["loc"]
     head = str(loc[0]) if loc else ""
-    if head in known:
-        name, info = known[head]
-        variable = _env_name(cls, name, info)
-        annotation: object = info.annotation
-    else:
-        variable, annotation = head.upper() or cls.__name__, None
+    if head not in known:
+        # A model-level validator (no location) or something naming no field:
+        # its input is the whole settings dict, other fields' secrets included,
+        # so only the message is shown. The validator's message names the
+        # variables involved.
+        if head and error["type"] == "missing":
+            return f"missing required {head.upper()}"
+        message = _message(error)
+        return f"invalid {head.upper()}: {message}" if head else message
+    name, info = known[head]
+    variable = _env_name(cls, name, info)
     if error["type"] == "missing":
         return f"missing required {variable}"
-    return f"invalid {variable}={error['input']!r}: {_expected(error, annotation)}"
+    shown = "'**********'" if _is_secret(info.annotation) else repr(error["input"])
+    return f"invalid {variable}={shown}: {_expected(error, info.annotation)}"
+
+
+def _is_secret(annotation: object) -> bool:
+    """Whether a field holds a secret (`SecretStr`, `SecretBytes`, optional or not)."""
+    if isinstance(annotation, type) and issubclass(annotation, Secret | SecretStr | SecretBytes):
+        return True
+    return any(_is_secret(arg) for arg in typing.get_args(annotation))
+
+
+def _message(error: ErrorDetails) -> str:
+    """The validator's own message, without pydantic's `Value error, ` prefix."""
+    message = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return message
 
 
 def _expected(error: ErrorDetails, annotation: object) -> str:
     choices = _choices(annotation)
     if error["type"] in {"literal_error", "enum"} and choices:
         return "expected one of " + ", ".join(repr(choice) for choice in choices)
-    message = error["msg"]
-    for prefix in ("Value error, ", "Assertion failed, "):
-        message = message.removeprefix(prefix)
+    message = _message(error)
     if message.startswith("Input should be "):
         return "expected " + message.removeprefix("Input should be ")
     return message[:1].lower() + message[1:]

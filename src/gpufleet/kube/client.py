@@ -15,21 +15,31 @@ import os
 from types import TracebackType
 from typing import Any
 
+import yaml
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, CoordinationV1Api, CoreV1Api
 from kubernetes_asyncio.client.configuration import Configuration
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.stream import WsApiClient
 
+from gpufleet.core.errors import ConfigError
 from gpufleet.kube.errors import KubeError
 from gpufleet.kube.ratelimit import TokenBucket
 from gpufleet.kube.settings import KubeSettings
 
-__all__ = ["Kube", "KubeSettings", "api_status", "call_json", "connect"]
+__all__ = ["Kube", "KubeConfigError", "KubeSettings", "api_status", "call_json", "connect"]
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_KUBECONFIG = "~/.kube/config"
+
+
+class KubeConfigError(KubeError, ConfigError):
+    """No usable kubeconfig and no in-cluster configuration: a configuration error (exit 2).
+
+    The message is one line naming each kubeconfig file tried and what is wrong
+    with it, and why the in-cluster service account was not used.
+    """
 
 
 class _Limited:
@@ -127,7 +137,7 @@ async def _load_configuration(settings: KubeSettings) -> Configuration:
         log.debug("using the in-cluster service account")
         return configuration
     path = settings.kubeconfig or _DEFAULT_KUBECONFIG
-    expanded = _expand_user(path)
+    expanded = _usable_kubeconfigs(settings, path)
     try:
         # persist_config=False: never rewrite the user's kubeconfig (token
         # refreshes), and the root filesystem may be read-only anyway.
@@ -140,9 +150,61 @@ async def _load_configuration(settings: KubeSettings) -> Configuration:
     return configuration
 
 
-def _expand_user(paths: str) -> str:
-    # kubectl expands `~` in each entry of a `:`-separated KUBECONFIG list.
-    return ":".join(os.path.expanduser(part) for part in paths.split(":") if part)
+def _usable_kubeconfigs(settings: KubeSettings, path: str) -> str:
+    """The `:`-joined files of `path` that exist, once one of them names a current context.
+
+    kubectl skips the missing entries of a `KUBECONFIG` list and takes the
+    first `current-context` it finds. When no file would give one, this raises
+    `KubeConfigError` naming every file tried and what is wrong with each,
+    rather than letting the library say `Expected key current-context` (after
+    logging its own "Config not found" warning). Only existing files are
+    passed on, so the library never logs that warning.
+    """
+    entries = [part for part in path.split(":") if part]
+    found: list[str] = []
+    problems: list[str] = []
+    has_context = False
+    for entry in entries or [_DEFAULT_KUBECONFIG]:
+        expanded = os.path.expanduser(entry)
+        problem = _kubeconfig_problem(expanded)
+        if problem == "missing":
+            problems.append(f"{expanded} (missing)")
+            continue
+        found.append(expanded)
+        if problem is None:
+            has_context = True
+        else:
+            problems.append(f"{expanded} ({problem})")
+    if has_context:
+        return ":".join(found)
+    if settings.kubernetes_service_host:
+        why = "the in-cluster service account is not used because KUBECONFIG is set"
+    else:
+        why = "no in-cluster configuration either: KUBERNETES_SERVICE_HOST is unset"
+    tried = "kubeconfig " if len(problems) == 1 else "kubeconfigs "
+    raise KubeConfigError(f"no usable {tried}{', '.join(problems)}; {why}")
+
+
+def _kubeconfig_problem(path: str) -> str | None:
+    """What keeps the kubeconfig at `path` from giving a context, or None if it names one."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except IsADirectoryError:
+        return "a directory, not a file"
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return "not YAML"
+    if document is None:
+        return "empty"
+    if not isinstance(document, dict):
+        return "not a YAML mapping"
+    if not document.get("current-context"):
+        return "no current-context"
+    return None
 
 
 async def call_json(method: Any, /, *args: Any, **kwargs: Any) -> Any:
