@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -242,25 +244,61 @@ async def _get(target: str, name: str) -> gpu_pb2.Gpu:
 def watch_gpus(
     socket: SocketOpt = None, selector: SelectorOpt = "", as_json: JsonOpt = False
 ) -> None:
-    """Print every GPU (ADDED), then each change as it happens, until Ctrl-C."""
+    """Print every GPU (ADDED), then each change as it happens, until Ctrl-C.
+
+    It outlives a server restart: it reconnects, resumes and prints only what
+    really changed meanwhile, and says so on stderr.
+    """
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_watch(_target(socket), selector, as_json))
 
 
-async def _watch(target: str, selector: str, as_json: bool) -> None:
-    from gpufleet.deviceapi.client import DeviceApiClient
+def _event_line(kind: str, gpu: gpu_pb2.Gpu, as_json: bool) -> str:
+    """One event as `gpus watch` prints it."""
+    if as_json:
+        return json.dumps({"type": kind, "object": _as_dict(gpu)})
+    return (
+        f"{kind:<8} {gpu.metadata.name} rv={gpu.metadata.resource_version} "
+        f"healthy={_condition(gpu, 'Healthy')!r} "
+        f"action={gpu.status.recommended_action or '-'}"
+    )
 
-    async with DeviceApiClient(target) as client:
-        async for event in client.watch("", selector, allow_bookmarks=False):
-            kind = gpu_pb2.WatchEvent.Type.Name(event.type)
-            gpu = event.object
-            if as_json:
-                line = json.dumps({"type": kind, "object": _as_dict(gpu)})
-            else:
-                line = (
-                    f"{kind:<8} {gpu.metadata.name} rv={gpu.metadata.resource_version} "
-                    f"healthy={_condition(gpu, 'Healthy')!r} "
-                    f"action={gpu.status.recommended_action or '-'}"
-                )
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+
+async def _watch(target: str, selector: str, as_json: bool) -> None:
+    """Print the informer's changes until SIGTERM, Ctrl-C or a closed stdout.
+
+    The informer lists, then watches; across a server restart it reconnects
+    and relists, telling its handlers only what differs from its cache, so no
+    event is printed twice. It logs the outage and the reconnection.
+    """
+    from gpufleet.deviceapi.client import DeviceApiClient
+    from gpufleet.deviceapi.informer import GpuInformer
+
+    # gRPC's own reconnect backoff grows to 120s; cap it near the informer's, so
+    # that a long outage is not followed by a long wait once the server is back.
+    options = [("grpc.max_reconnect_backoff_ms", 5000)]
+    async with DeviceApiClient(target, options=options) as client:
+        # A wrong socket or selector fails here, at once, as it always did; only
+        # a server lost while watching is waited for.
+        await client.list(selector)
+        informer = GpuInformer(client, label_selector=selector)
+
+        def emit(kind: str, gpu: gpu_pb2.Gpu) -> None:
+            try:
+                sys.stdout.write(_event_line(kind, gpu, as_json) + "\n")
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # The reader went away (`gpus watch | head`): stop, quietly; what
+                # is still buffered goes nowhere instead of failing again at exit.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                informer.stop()
+
+        informer.on_add(lambda gpu: emit("ADDED", gpu))
+        informer.on_update(lambda _old, new: emit("MODIFIED", new))
+        informer.on_delete(lambda gpu: emit("DELETED", gpu))
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, informer.stop)
+        try:
+            await informer.run()
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)

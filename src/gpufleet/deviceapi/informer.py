@@ -5,8 +5,11 @@ the two is lost. When the server says the version is too old (Expired) or
 closed the watch because this informer fell behind (Evicted), it relists and
 tells its handlers only what really changed. When the server is unreachable it
 backs off and resumes from its last resourceVersion once the server is back; a
-server that restarted without its state answers Expired, so that ends in a
-relist too.
+restarted server answers Expired (its resourceVersion counter starts at the
+clock, state file or not), so that ends in a relist that tells handlers only
+what changed. Each outage is logged twice: a warning when the server is lost
+(the retries log at debug) and an info line when it answers again (a resumed
+watch knows that at its first event or bookmark).
 
 Cached objects are shared with handlers and other readers: treat them as
 read-only, and copy before modifying (``gpu_pb2.Gpu(); copy.CopyFrom(gpu)``).
@@ -78,6 +81,9 @@ class GpuInformer:
         """Watches the server closed because this informer fell behind."""
         self.expirations = 0
         """Watches refused because the resourceVersion had left the history window."""
+        self.outages = 0
+        """Times the server became unreachable (each logged once, however many retries)."""
+        self._lost = False
 
     # -- registration and reading ------------------------------------------
 
@@ -144,10 +150,12 @@ class GpuInformer:
     async def _loop(self) -> None:
         attempt = 0
         need_list = True
+        self._lost = False
         while True:
             try:
                 if need_list:
                     listed = await self._client.list(self._selector)
+                    self._answered("relist")
                     self._replace(listed)
                     need_list = False
                     attempt = 0
@@ -155,6 +163,7 @@ class GpuInformer:
                     self._rv, self._selector, allow_bookmarks=True
                 ):
                     attempt = 0
+                    self._answered("resume")
                     self._apply(event)
                 # A cleanly ended stream: resume from where we are.
                 continue
@@ -163,24 +172,43 @@ class GpuInformer:
                     self.expirations += 1
                 else:
                     self.evictions += 1
-                log.info(
-                    "GPU watch must relist",
-                    extra={"reason": error.reason, "resource_version": self._rv},
-                )
+                if not self._answered("relist", error.reason):
+                    log.info(
+                        "GPU watch must relist",
+                        extra={"reason": error.reason, "resource_version": self._rv},
+                    )
                 need_list = True
                 if attempt == 0:
                     # The first relist is immediate; repeated ones back off.
                     attempt += 1
                     continue
             except UnavailableError as error:
-                # Resume from our version once it is back: a server that restarted
-                # without its state answers Expired, and then we relist.
-                log.warning("device API unavailable", extra={"error": str(error)})
+                # Resume from our version once it is back: a restarted server
+                # answers Expired, and then we relist.
+                extra = {"error": str(error), "resource_version": self._rv}
+                if self._lost:
+                    log.debug("device API still unavailable", extra=extra)
+                else:
+                    self._lost = True
+                    self.outages += 1
+                    log.warning("device API unavailable; reconnecting", extra=extra)
             except DeviceApiError as error:
+                self._answered("relist", error.reason)
                 need_list = True
                 log.warning("GPU watch failed", extra={"reason": error.reason, "error": str(error)})
             await self._sleep(self._backoff.delay(attempt))
             attempt += 1
+
+    def _answered(self, then: str, reason: str = "") -> bool:
+        """The server answered: after an outage, say so (once) and return True."""
+        if not self._lost:
+            return False
+        self._lost = False
+        extra = {"then": then, "resource_version": self._rv}
+        if reason:
+            extra["reason"] = reason
+        log.info("device API reconnected", extra=extra)
+        return True
 
     # -- the cache ---------------------------------------------------------------
 
