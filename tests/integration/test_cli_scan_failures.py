@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from tests.integration.test_http_exporter import ingest_endpoint
+
 pytestmark = pytest.mark.integration
 
 GPUFLEET = [sys.executable, "-m", "gpufleet.cli"]
@@ -51,16 +53,8 @@ class Receiver:
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
     recv = Receiver()
-    app = web.Application()
-    app.router.add_route("*", "/ingest", recv.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    recv.url = f"http://{host}:{port}/ingest"
-    yield recv
-    await runner.cleanup()
+    async with ingest_endpoint(recv.handle) as recv.url:
+        yield recv
 
 
 def env_for(url: str, spool: Path, **extra: str) -> dict[str, str]:

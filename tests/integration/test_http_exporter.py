@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,19 +81,29 @@ class Receiver:
         return [r for r in self.requests if r.method == "POST"]
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    recv = Receiver()
+@contextlib.asynccontextmanager
+async def ingest_endpoint(
+    handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """A real aiohttp server on a loopback port whose /ingest calls ``handle``; yields its URL."""
     app = web.Application()
-    app.router.add_route("*", "/ingest", recv.handle)
+    app.router.add_route("*", "/ingest", handle)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
-    recv.url = f"http://{host}:{port}/ingest"
-    yield recv
-    await runner.cleanup()
+    try:
+        yield f"http://{host}:{port}/ingest"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    recv = Receiver()
+    async with ingest_endpoint(recv.handle) as recv.url:
+        yield recv
 
 
 def exporter(url: str, **overrides: Any) -> HttpExporter:
