@@ -22,6 +22,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gpufleet.inventory.errors import EarlierWriteFailed, ExporterError, PermanentExporterError
+from gpufleet.inventory.exporters.postgres.errors import error_type, first_line, is_permanent
 from gpufleet.inventory.exporters.postgres.gpuid import (
     backfill_placements,
     is_gpuid_table,
@@ -52,60 +53,6 @@ log = logging.getLogger(__name__)
 _MIGRATION_LOCK_KEY = 0x6770_7566_6C65_6574  # "gpufleet"
 
 _Work = Callable[[psycopg.AsyncConnection[Any]], Awaitable[object]]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-_AUTH_HINTS = ("password authentication failed", "no pg_hba.conf entry", "authentication")
-# libpq's words for an SSL setting the server or the client cannot meet
-# (``POSTGRES_SSLMODE=require`` against a server without SSL, a CA file that
-# is missing): trying again cannot help, so they are configuration errors.
-_SSL_CONFIG_HINTS = (
-    "does not support ssl",
-    "ssl was required",
-    "root certificate file",
-    "certificate verify failed",
-    "server certificate for",
-)
-
-
-def _error_type(exc: BaseException) -> str:
-    """The ``ExporterError.error_type`` for a psycopg failure."""
-    if isinstance(exc, pgerr.InvalidAuthorizationSpecification | pgerr.InsufficientPrivilege):
-        return "auth"
-    if isinstance(exc, pgerr.UndefinedTable | pgerr.UndefinedColumn | pgerr.InvalidCatalogName):
-        return "config"
-    if isinstance(exc, pgerr.InvalidColumnReference):
-        return "config"  # no unique constraint for ON CONFLICT: a foreign table
-    if isinstance(exc, pgerr.QueryCanceled | pgerr.LockNotAvailable | pgerr.ConnectionTimeout):
-        return "timeout"
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("40"):
-        # Class 40, transaction rollback (a deadlock, a serialisation failure):
-        # psycopg's classes for them do not derive from TransactionRollback.
-        return "server"
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
-        # Errors while connecting carry no SQLSTATE; only the text tells why.
-        message = str(exc).lower()
-        if any(hint in message for hint in _AUTH_HINTS):
-            return "auth"
-        if any(hint in message for hint in _SSL_CONFIG_HINTS):
-            return "config"
-        if "does not exist" in message and "database" in message:
-            return "config"
-        return "connection"
-    return "other"
-
-
-def _is_permanent(exc: BaseException) -> bool:
-    # Bad values (a NUL byte, an out-of-range number), a violated constraint
-    # other than the unique key we expect, or a value too large for an index:
-    # the same batch will fail the same way forever.
-    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError | pgerr.ProgramLimitExceeded)
 
 
 MIN_PART = 128
@@ -376,7 +323,7 @@ class PostgresExporter:
             raise ExporterError(
                 self.name,
                 f"{self.settings.target}: cannot take over gpuid's table {table}: "
-                f"{_first_line(exc)}",
+                f"{first_line(exc)}",
                 error_type="config",
             ) from exc
 
@@ -597,12 +544,12 @@ class PostgresExporter:
             raise
         except PoolTimeout as exc:
             # The pool only says it waited; one direct attempt says why.
-            error_type, reason, reachable = await self._diagnose()
+            kind, reason, reachable = await self._diagnose()
             if not reachable:
                 # A pool whose connections are busy (writes held up by a lock,
                 # say) is kept: closing it would fail them too.
                 await self._discard(pool)
-            if error_type in {"config", "auth"}:
+            if kind in {"config", "auth"}:
                 # The server answered and refused us: say why, not that we waited.
                 message = f"cannot {doing} at {self._where()}: {reason}{self._ssl_hint(reason)}"
             else:
@@ -610,16 +557,16 @@ class PostgresExporter:
                     f"cannot {doing} at {self._where()}: no connection within "
                     f"{self.settings.postgres_connect_timeout:g}s: {reason}"
                 )
-            raise ExporterError(self.name, message, error_type=error_type) from exc
+            raise ExporterError(self.name, message, error_type=kind) from exc
         except (psycopg.Error, OSError) as exc:
-            reason = _first_line(exc)
+            reason = first_line(exc)
             message = f"cannot {doing} at {self._where()}: {reason}{self._ssl_hint(reason)}"
-            if _is_permanent(exc):
+            if is_permanent(exc):
                 raise PermanentExporterError(self.name, message) from exc
-            error_type = _error_type(exc)
-            if error_type in {"connection", "timeout"}:
+            kind = error_type(exc)
+            if kind in {"connection", "timeout"}:
                 await self._discard(pool)
-            raise ExporterError(self.name, message, error_type=error_type) from exc
+            raise ExporterError(self.name, message, error_type=kind) from exc
 
     def _ssl_hint(self, reason: str) -> str:
         """Name the setting to change when libpq refused the SSL mode."""
@@ -634,7 +581,7 @@ class PostgresExporter:
             async with asyncio.timeout(self.settings.postgres_connect_timeout + 1):
                 conn = await psycopg.AsyncConnection.connect(**kwargs)
         except (psycopg.Error, OSError, TimeoutError) as exc:
-            return _error_type(exc), _first_line(exc) or "timed out", False
+            return error_type(exc), first_line(exc) or "timed out", False
         await conn.close()
         pool_max = self.settings.postgres_pool_max
         return "connection", f"pool of {pool_max} exhausted or reconnecting", True

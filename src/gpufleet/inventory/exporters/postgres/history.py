@@ -22,7 +22,7 @@ from psycopg import sql
 
 from gpufleet.core.errors import ConfigError
 from gpufleet.inventory.errors import HistoryError
-from gpufleet.inventory.exporters.postgres.exporter import _error_type, _first_line
+from gpufleet.inventory.exporters.postgres.errors import error_type, first_line
 from gpufleet.inventory.exporters.postgres.schema import PLACEMENT_COLUMNS
 from gpufleet.inventory.exporters.postgres.settings import PostgresSettings
 from gpufleet.inventory.history import ORDER_BY_GPU_TRAIL, ORDER_BY_TIME, Placement
@@ -94,8 +94,8 @@ class PostgresHistory:
             raise HistoryError(f"{where}: {what} (POSTGRES_PLACEMENTS_TABLE)")
 
     def _error(self, doing: str, exc: BaseException) -> Exception:
-        message = f"{doing} at {self._where}: {_first_line(exc)}"
-        if _error_type(exc) == "config":
+        message = f"{doing} at {self._where}: {first_line(exc)}"
+        if error_type(exc) == "config":
             return ConfigError(f"{message} (POSTGRES_SSLMODE={self._settings.postgres_sslmode})")
         if isinstance(exc, psycopg.errors.QueryCanceled):
             return HistoryError(f"{message} (longer than {STATEMENT_TIMEOUT_S}s)")
