@@ -542,6 +542,50 @@ def test_bookmark_when_caught_up_is_the_store_rv(store: GpuStore) -> None:
     assert watcher.bookmark().object.metadata.resource_version == str(store.resource_version)
 
 
+async def test_bookmark_while_the_initial_backlog_is_queued_is_refused(store: GpuStore) -> None:
+    for i in range(3):
+        store.create(new_gpu(f"gpu-{i}"))
+    watcher = store.watch()
+    # No resourceVersion is a safe resume point before the whole initial state is delivered.
+    with pytest.raises(RuntimeError, match="initial"):
+        watcher.bookmark()
+    await watcher.get(timeout=0)
+    with pytest.raises(RuntimeError, match="initial"):
+        watcher.bookmark()
+
+
+async def test_bookmark_after_the_initial_backlog_resumes_exactly_after_the_watch_start(
+    store: GpuStore,
+) -> None:
+    for i in range(3):
+        store.create(new_gpu(f"gpu-{i}"))
+    store.delete("gpu-1")  # the store's RV is now past every object's
+    watcher = store.watch()
+    start = store.resource_version
+    live = store.create(new_gpu("gpu-9"))
+    initial = [await watcher.get(timeout=0) for _ in range(2)]
+    assert [e.object.metadata.name for e in initial if e is not None] == ["gpu-0", "gpu-2"]
+    bookmark = watcher.bookmark().object.metadata.resource_version
+    assert bookmark == str(start)
+    resumed = store.watch(resource_version=bookmark)
+    replay = await resumed.get(timeout=0)
+    assert replay is not None and replay.object == live
+    assert resumed.pending == 0
+
+
+async def test_bookmark_after_an_initial_backlog_taken_in_a_batch_is_the_watch_start(
+    store: GpuStore,
+) -> None:
+    store.create(new_gpu("gpu-0"))
+    store.create(new_gpu("gpu-1"))
+    store.delete("gpu-0")
+    watcher = store.watch()
+    start = store.resource_version
+    store.create(new_gpu("gpu-2"))
+    assert len(await watcher.take(1, 1 << 20, timeout=0)) == 1
+    assert watcher.bookmark().object.metadata.resource_version == str(start)
+
+
 def test_events_do_not_alias_the_store(store: GpuStore) -> None:
     watcher = store.watch()
     store.create(new_gpu())

@@ -177,6 +177,8 @@ class Watcher:
         backlog: list[WatchItem],
         limit: int,
         start_rv: int,
+        *,
+        initial: bool = False,
     ) -> None:
         self._store = store
         self._selector = selector
@@ -190,6 +192,10 @@ class Watcher:
         # lingering sender waits for a full batch, everyone else for one item).
         self._wake_len = 1
         self._last_rv = start_rv
+        self._start_rv = start_rv
+        # A watch from "" starts with the current state as ADDED, each at its own
+        # object's RV: until the last of those is taken, no RV is a resume point.
+        self._initial = initial and bool(backlog)
         self.closed = False
         self.evicted = False
         self._evicted_why = ""
@@ -206,9 +212,10 @@ class Watcher:
         if not queue and not await self._wait(timeout):
             return None
         item = queue.popleft()
+        self._last_rv = item[0]
         if self._backlog:
             self._backlog -= 1
-        self._last_rv = item[0]
+            self._passed_backlog()
         return item[1]
 
     async def take(
@@ -246,10 +253,19 @@ class Watcher:
             if size > max_bytes:
                 break
             taken.append(queue.popleft())
+        self._last_rv = taken[-1][0]
         if self._backlog:
             self._backlog = max(0, self._backlog - len(taken))
-        self._last_rv = taken[-1][0]
+            self._passed_backlog()
         return taken
+
+    def _passed_backlog(self) -> None:
+        """Once the initial state is all taken, the position is the watch's start RV."""
+        if self._initial and not self._backlog:
+            self._initial = False
+            # The initial ADDED events carry their objects' RVs, all at or below the
+            # start; resuming from the last of them would replay deletes from before it.
+            self._last_rv = max(self._last_rv, self._start_rv)
 
     async def _wait(self, timeout: float | None) -> bool:  # noqa: ASYNC109
         """Wait until an item is queued: True then, False after ``timeout`` seconds."""
@@ -297,8 +313,17 @@ class Watcher:
         """A BOOKMARK at this watcher's position: resuming from it misses nothing.
 
         Caught up (empty queue), that is the store's current RV, because every
-        write fans out synchronously; otherwise the RV of the last event returned.
+        write fans out synchronously; otherwise the RV of the last event returned
+        (the watch's start RV once the initial state is all taken). While a watch
+        from ``""`` still has initial ADDED events queued there is no such RV, as
+        in Kubernetes (no bookmark before the initial events end): that raises
+        ``RuntimeError``. The server asks only when the queue is empty.
         """
+        if self._initial and self._queue:
+            raise RuntimeError(
+                "no bookmark while the initial state is still queued: no resourceVersion"
+                " resumes from the middle of it"
+            )
         rv = self._last_rv if self._queue else self._store.resource_version
         event = pb.WatchEvent(type=BOOKMARK)
         event.object.metadata.resource_version = str(rv)
@@ -514,7 +539,8 @@ class GpuStore:
         selector = None if parsed.empty else parsed
         since = parse_resource_version(resource_version)
         backlog: list[WatchItem] = []
-        if not since:
+        initial = not since
+        if initial:
             objects: Iterable[pb.Gpu] = sorted(self._objects.values(), key=_rv_of)
             if selector is not None:
                 objects = (o for o in objects if selector.matches(o.metadata.labels))
@@ -536,7 +562,7 @@ class GpuStore:
                 item = record.item if selector is None else record.filtered(selector)
                 if item is not None:
                     backlog.append(item)
-        watcher = Watcher(self, selector, backlog, self._watch_queue, since)
+        watcher = Watcher(self, selector, backlog, self._watch_queue, since, initial=initial)
         self._watchers.append(watcher)
         return watcher
 
