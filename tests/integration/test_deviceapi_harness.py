@@ -18,7 +18,7 @@ from pathlib import Path
 from gpufleet.core.config import load_settings
 from gpufleet.deviceapi.client import DeviceApiClient
 from gpufleet.deviceapi.config import DeviceApiSettings
-from gpufleet.deviceapi.server import ServerInfo, serve
+from gpufleet.deviceapi.server import ServerInfo, new_store, serve
 from gpufleet.deviceapi.store import GpuStore
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2
 
@@ -70,9 +70,7 @@ async def running_server(
     }
     values.update(overrides)
     settings = load_settings(DeviceApiSettings, **values)
-    gpu_store = store or GpuStore(
-        max_gpus=settings.max_gpus, history=settings.watch_history, watch_queue=settings.watch_queue
-    )
+    gpu_store = store or new_store(settings, state=False)
     stop = asyncio.Event()
     started: asyncio.Future[ServerInfo] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(

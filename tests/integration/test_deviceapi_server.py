@@ -234,3 +234,11 @@ async def test_shutdown_ends_open_watches_with_unavailable() -> None:
 def test_settings_name_the_variable_on_a_bad_listen_address(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="DEVICE_API_LISTEN"):
         load_settings(DeviceApiSettings, device_api_listen="no-port-here")
+
+
+def test_settings_refuse_a_store_whose_list_could_exceed_the_response_cap() -> None:
+    # Every object in one List: MAX_STORE_BYTES (and MAX_GPUS) must keep it under 64 MiB.
+    with pytest.raises(ConfigError, match="MAX_STORE_BYTES=67108864 with MAX_GPUS=4096"):
+        load_settings(DeviceApiSettings, max_store_bytes=64 * 1024 * 1024)
+    with pytest.raises(ConfigError, match="MAX_OBJECT_BYTES=8192 is more than MAX_STORE_BYTES"):
+        load_settings(DeviceApiSettings, max_object_bytes=8192, max_store_bytes=4096)

@@ -569,7 +569,8 @@ async def test_bookmark_after_the_initial_backlog_resumes_exactly_after_the_watc
     assert bookmark == str(start)
     resumed = store.watch(resource_version=bookmark)
     replay = await resumed.get(timeout=0)
-    assert replay is not None and replay.object == live
+    assert replay is not None
+    assert replay.object == live
     assert resumed.pending == 0
 
 
@@ -584,6 +585,37 @@ async def test_bookmark_after_an_initial_backlog_taken_in_a_batch_is_the_watch_s
     store.create(new_gpu("gpu-2"))
     assert len(await watcher.take(1, 1 << 20, timeout=0)) == 1
     assert watcher.bookmark().object.metadata.resource_version == str(start)
+
+
+def test_object_bytes_follow_every_write_and_the_cap_refuses_only_growth(clock: Clock) -> None:
+    store = GpuStore(max_object_bytes=8192, max_store_bytes=3 * 8192, clock=clock)
+    big = "m" * 7000
+    gpus = [
+        store.create(with_conditions(new_gpu(f"gpu-{i}"), condition(message=big)))
+        for i in (0, 1, 2)
+    ]
+    assert store.object_bytes == sum(g.ByteSize() for g in gpus)
+    with pytest.raises(CapacityError, match="MAX_STORE_BYTES"):
+        store.create(with_conditions(new_gpu("gpu-3"), condition(message=big)))
+    smaller = store.update_status(with_conditions(gpus[0], condition(message="ok")))
+    assert store.object_bytes == smaller.ByteSize() + gpus[1].ByteSize() + gpus[2].ByteSize()
+    for name in ("gpu-0", "gpu-1", "gpu-2"):
+        store.delete(name)
+    assert store.object_bytes == 0
+
+
+def test_history_keeps_at_most_its_byte_bound_and_expires_what_left(clock: Clock) -> None:
+    store = GpuStore(history=1000, history_bytes=64 * 1024, clock=clock)
+    gpu = store.create(new_gpu())
+    first = gpu.metadata.resource_version
+    for i in range(50):
+        gpu = store.update_status(
+            with_conditions(gpu, condition(reason=f"R{i}", message="m" * 4000))
+        )
+    assert 0 < store.history_bytes <= 64 * 1024
+    assert store.history_length < 50
+    with pytest.raises(ExpiredError):
+        store.watch(resource_version=first)
 
 
 def test_events_do_not_alias_the_store(store: GpuStore) -> None:

@@ -11,21 +11,37 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from gpufleet.core.config import CommonSettings, Duration
 from gpufleet.core.errors import ConfigError
 
 __all__ = [
     "DEFAULT_SOCKET",
+    "MAX_MESSAGE_BYTES",
+    "MAX_RESPONSE_BYTES",
     "DeviceApiClientSettings",
     "DeviceApiSettings",
     "ListenAddress",
+    "list_bytes_bound",
     "parse_listen",
 ]
 
 DEFAULT_SOCKET = Path("/var/run/gpufleet/device.sock")
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""The most bytes of one request."""
+# Responses may exceed the 4 MiB request cap: a List of MAX_GPUS GPUs with full
+# condition lists is larger, and refusing to send it would break every informer.
+# DeviceApiClient receives as much; MAX_STORE_BYTES keeps every List within it.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+"""The most bytes of one response (and what DeviceApiClient accepts)."""
+_LIST_ENTRY_OVERHEAD = 5  # GpuList.items: a tag and the length of an object under 4 MiB
+_LIST_FIXED_OVERHEAD = 32  # GpuList.resource_version
+
+
+def list_bytes_bound(max_store_bytes: int, max_gpus: int) -> int:
+    """The largest encoded ``GpuList`` a store within these limits can send."""
+    return max_store_bytes + _LIST_ENTRY_OVERHEAD * max_gpus + _LIST_FIXED_OVERHEAD
 
 
 @dataclass(frozen=True)
@@ -75,7 +91,10 @@ class DeviceApiSettings(CommonSettings):
     tls_key: Path | None = None
     state_file: Path | None = None
     max_gpus: int = Field(default=4096, ge=1, le=1_000_000)
+    max_object_bytes: int = Field(default=256 * 1024, ge=4096, le=MAX_MESSAGE_BYTES)
+    max_store_bytes: int = Field(default=48 * 1024 * 1024, ge=4096, le=MAX_RESPONSE_BYTES)
     watch_history: int = Field(default=10_000, ge=1)
+    watch_history_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     watch_queue: int = Field(default=1024, ge=1)
     bookmark_interval: Duration = Field(default=30.0, gt=0)
     watch_linger: Duration = Field(default=0.0, ge=0, le=0.05)
@@ -90,6 +109,22 @@ class DeviceApiSettings(CommonSettings):
         if value is None or value.strip() == "":
             return None
         return parse_listen(value).target
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> DeviceApiSettings:
+        if self.max_object_bytes > self.max_store_bytes:
+            raise ValueError(
+                f"MAX_OBJECT_BYTES={self.max_object_bytes} is more than"
+                f" MAX_STORE_BYTES={self.max_store_bytes}"
+            )
+        bound = list_bytes_bound(self.max_store_bytes, self.max_gpus)
+        if bound > MAX_RESPONSE_BYTES:
+            raise ValueError(
+                f"MAX_STORE_BYTES={self.max_store_bytes} with MAX_GPUS={self.max_gpus} allows a"
+                f" List of {bound} bytes, more than the {MAX_RESPONSE_BYTES} a response may be;"
+                " lower MAX_STORE_BYTES or MAX_GPUS"
+            )
+        return self
 
     @property
     def listen(self) -> ListenAddress | None:

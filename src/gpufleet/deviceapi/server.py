@@ -30,21 +30,18 @@ from gpufleet.core.errors import ConfigError
 from gpufleet.core.http import HealthServer
 from gpufleet.core.listen import add_grpc_port, ensure_socket_directory
 from gpufleet.core.signals import stop_on_signals
-from gpufleet.deviceapi.config import MAX_MESSAGE_BYTES, DeviceApiSettings
+from gpufleet.deviceapi.config import MAX_MESSAGE_BYTES, MAX_RESPONSE_BYTES, DeviceApiSettings
 from gpufleet.deviceapi.metrics import DeviceApiMetrics
 from gpufleet.deviceapi.service import SERVICE_NAME, GpuService
 from gpufleet.deviceapi.store import GpuStore
 
-__all__ = ["SOCKET_MODE", "ServerInfo", "run_server", "serve"]
+__all__ = ["SOCKET_MODE", "ServerInfo", "new_store", "run_server", "serve"]
 
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
 _SOCKET_SETTING = "--socket, DEVICE_API_SOCKET"
 _LISTEN_SETTING = "--listen, DEVICE_API_LISTEN"
-# Responses may exceed the 4 MiB request cap: a List of MAX_GPUS GPUs with full
-# condition lists is larger, and refusing to send it would break every informer.
-MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -129,12 +126,16 @@ def _bind(server: grpc.aio.Server, settings: DeviceApiSettings) -> tuple[Path | 
     return socket_path, tcp_port
 
 
-def _new_store(settings: DeviceApiSettings) -> GpuStore:
+def new_store(settings: DeviceApiSettings, *, state: bool = True) -> GpuStore:
+    """The store ``settings`` describe (without its state file if ``state`` is false)."""
     return GpuStore(
         max_gpus=settings.max_gpus,
         history=settings.watch_history,
+        history_bytes=settings.watch_history_bytes,
         watch_queue=settings.watch_queue,
-        state_file=settings.state_file,
+        max_object_bytes=settings.max_object_bytes,
+        max_store_bytes=settings.max_store_bytes,
+        state_file=settings.state_file if state else None,
     )
 
 
@@ -155,7 +156,7 @@ async def serve(
     """
     settings.check_listen_policy()
     own_store = store is None
-    gpu_store = store if store is not None else _new_store(settings)
+    gpu_store = store if store is not None else new_store(settings)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = DeviceApiMetrics(registry, gpu_store)
     gate = _ReadinessGate(gpu_store, enabled=settings.readiness_gate)

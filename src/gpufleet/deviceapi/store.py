@@ -43,6 +43,7 @@ from gpufleet.deviceapi.selector import Selector, parse
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2 as pb
 from gpufleet.deviceapi.validation import (
     check_name,
+    check_object_size,
     parse_resource_version,
     validate_meta_and_spec,
     validate_status,
@@ -52,6 +53,13 @@ ADDED = pb.WatchEvent.ADDED
 MODIFIED = pb.WatchEvent.MODIFIED
 DELETED = pb.WatchEvent.DELETED
 BOOKMARK = pb.WatchEvent.BOOKMARK
+
+MAX_OBJECT_BYTES = 256 * 1024
+"""The default cap on one GPU's encoding (``MAX_OBJECT_BYTES``)."""
+MAX_STORE_BYTES = 48 * 1024 * 1024
+"""The default cap on every GPU's encoding together (``MAX_STORE_BYTES``): a List fits 64 MiB."""
+HISTORY_BYTES = 64 * 1024 * 1024
+"""The default cap on what the history window keeps (``WATCH_HISTORY_BYTES``)."""
 
 
 class WatchItem(NamedTuple):
@@ -106,6 +114,11 @@ def _copy(gpu: pb.Gpu) -> pb.Gpu:
     return out
 
 
+def _size(gpu: pb.Gpu) -> int:
+    """``gpu``'s encoded size in bytes."""
+    return int(gpu.ByteSize())
+
+
 def _rv_of(gpu: pb.Gpu) -> int:
     return int(gpu.metadata.resource_version)
 
@@ -113,13 +126,29 @@ def _rv_of(gpu: pb.Gpu) -> int:
 class _Record:
     """One write in the history window, with its per-selector variants built lazily."""
 
-    __slots__ = ("_added", "_deleted", "_labels", "_prev_labels", "at", "item", "prev", "rv")
+    __slots__ = (
+        "_added",
+        "_deleted",
+        "_labels",
+        "_prev_labels",
+        "at",
+        "cost",
+        "item",
+        "prev",
+        "rv",
+    )
 
-    def __init__(self, rv: int, event: pb.WatchEvent, prev: pb.Gpu | None) -> None:
+    def __init__(
+        self, rv: int, event: pb.WatchEvent, prev: pb.Gpu | None, prev_size: int = 0
+    ) -> None:
         self.rv = rv
         self.at = time.monotonic()
         self.item: WatchItem = watch_item(rv, event, self.at)
         self.prev = prev  # the object before a MODIFIED write (never mutated: copy-on-write)
+        # What the window is charged for keeping this record: twice the encoded size
+        # of each object it holds (the event's and the previous one), once for the
+        # message and once for its encoding or the filtered variant built from it.
+        self.cost = 2 * (len(self.item.wire) + prev_size)
         self._labels: dict[str, str] | None = None
         self._prev_labels: dict[str, str] | None = None
         self._added: WatchItem | None = None
@@ -374,18 +403,30 @@ class GpuStore:
         history: int = 10_000,
         watch_queue: int = 1024,
         max_conditions: int = 32,
+        max_object_bytes: int = MAX_OBJECT_BYTES,
+        max_store_bytes: int = MAX_STORE_BYTES,
+        history_bytes: int = HISTORY_BYTES,
         state_file: Path | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        if min(max_gpus, watch_queue, max_conditions) < 1 or history < 0:
-            raise ValueError("max_gpus, watch_queue and max_conditions must be >= 1, history >= 0")
+        if min(max_gpus, watch_queue, max_conditions, max_object_bytes) < 1 or history < 0:
+            raise ValueError(
+                "max_gpus, watch_queue, max_conditions and max_object_bytes must be >= 1,"
+                " history >= 0"
+            )
+        if max_store_bytes < max_object_bytes or history_bytes < 0:
+            raise ValueError("max_store_bytes must be >= max_object_bytes, history_bytes >= 0")
         self._max_gpus = max_gpus
+        self._max_object_bytes = max_object_bytes
+        self._max_store_bytes = max_store_bytes
+        self._history_max_bytes = history_bytes
+        self._history_bytes = 0
         self._history_size = history
         self._watch_queue = watch_queue
         self._max_conditions = max_conditions
         self._clock = clock
         self._objects: dict[str, pb.Gpu] = {}
-        self._history: deque[_Record] = deque(maxlen=history)
+        self._history: deque[_Record] = deque()
         self._watchers: list[Watcher] = []
         # ADDED items of the current objects for watches from "": built (and
         # encoded) once per object version, however many watchers start from "".
@@ -398,8 +439,13 @@ class GpuStore:
         if self._state is not None:
             loaded = self._state.load()
             for gpu in loaded.gpus:
+                gpu.DiscardUnknownFields()  # written by an older server that kept them
                 self._objects[gpu.metadata.name] = gpu
             floor = max(floor, loaded.resource_version)
+        # The encoded size of each stored object, and of all together (at most
+        # max_store_bytes), kept so that a write never encodes the old object again.
+        self._sizes = {name: _size(gpu) for name, gpu in self._objects.items()}
+        self._bytes = sum(self._sizes.values())
         self._rv = floor
         # Every event with rv > _window_start is in the history (none is, after start).
         self._window_start = floor
@@ -415,6 +461,24 @@ class GpuStore:
     def gpu_count(self) -> int:
         """How many GPUs the store holds."""
         return len(self._objects)
+
+    @property
+    def object_bytes(self) -> int:
+        """The encoded size of every stored GPU together (at most ``max_store_bytes``)."""
+        return self._bytes
+
+    @property
+    def history_bytes(self) -> int:
+        """What the history window keeps, as charged per record (at most ``history_bytes``).
+
+        Twice the encoded size of each object a record holds: see ``_Record``.
+        """
+        return self._history_bytes
+
+    @property
+    def history_length(self) -> int:
+        """How many writes the history window holds (at most ``history``)."""
+        return len(self._history)
 
     @property
     def watcher_count(self) -> int:
@@ -465,6 +529,7 @@ class GpuStore:
         new.metadata.annotations.update(meta.annotations)
         new.spec.CopyFrom(gpu.spec)
         self._apply_status(new, gpu.status, None)
+        new.DiscardUnknownFields()
         return self._commit(new, ADDED, None)
 
     def update(self, gpu: pb.Gpu) -> pb.Gpu:
@@ -479,6 +544,7 @@ class GpuStore:
         new.metadata.labels.update(gpu.metadata.labels)
         new.metadata.annotations.clear()
         new.metadata.annotations.update(gpu.metadata.annotations)
+        new.DiscardUnknownFields()
         if new == stored:
             return _copy(stored)
         if new.spec != stored.spec:
@@ -493,6 +559,7 @@ class GpuStore:
         stored = self._checked_current(gpu)
         new = _copy(stored)
         self._apply_status(new, gpu.status, stored.status)
+        new.DiscardUnknownFields()
         if new == stored:
             return _copy(stored)
         return self._commit(new, MODIFIED, stored)
@@ -520,6 +587,7 @@ class GpuStore:
             self._state.delete(name, rv)
         self._rv = rv
         del self._objects[name]
+        self._bytes -= self._sizes.pop(name)
         self._added_items.pop(name, None)
         event = pb.WatchEvent(type=DELETED)
         event.object.CopyFrom(deleted)
@@ -540,7 +608,7 @@ class GpuStore:
         since = parse_resource_version(resource_version)
         backlog: list[WatchItem] = []
         initial = not since
-        if initial:
+        if not since:
             objects: Iterable[pb.Gpu] = sorted(self._objects.values(), key=_rv_of)
             if selector is not None:
                 objects = (o for o in objects if selector.matches(o.metadata.labels))
@@ -634,27 +702,47 @@ class GpuStore:
                 cond.last_transition_time.FromDatetime(now)
 
     def _commit(self, new: pb.Gpu, kind: pb.WatchEvent.Type, prev: pb.Gpu | None) -> pb.Gpu:
-        """Persist, store and publish ``new`` at the next RV; returns a copy."""
+        """Check the sizes, persist, store and publish ``new`` at the next RV; returns a copy.
+
+        ``new`` holds no unknown fields (the caller discarded them): a field this
+        server does not know is never stored, persisted or served again.
+        """
         rv = self._rv + 1
         new.metadata.resource_version = str(rv)
+        size = check_object_size(new, self._max_object_bytes)
+        name = new.metadata.name
+        prev_size = self._sizes.get(name, 0) if prev is not None else 0
+        total = self._bytes + size - prev_size
+        # Bounds what a List (every object in one message) sends: see docs/limits.md.
+        if total > self._max_store_bytes and total > self._bytes:
+            raise CapacityError(
+                f"gpu {new.metadata.name!r}: the store would hold {total} bytes of objects,"
+                f" more than the {self._max_store_bytes} allowed (MAX_STORE_BYTES)"
+            )
         if self._state is not None:
             self._state.put(new, rv)  # first: a failed write leaves the store unchanged
         self._rv = rv
-        self._objects[new.metadata.name] = new
+        self._bytes = total
+        self._sizes[name] = size
+        self._objects[name] = new
         event = pb.WatchEvent(type=kind)
         event.object.CopyFrom(new)
-        self._publish(_Record(rv, event, prev))
+        self._publish(_Record(rv, event, prev, prev_size))
         return _copy(new)
 
     def _publish(self, record: _Record) -> None:
         """Append to the history window and fan out; never waits on a watcher."""
         history = self._history
-        if self._history_size == 0:
-            self._window_start = record.rv
-        else:
-            if len(history) == self._history_size:
-                self._window_start = history[0].rv
-            history.append(record)
+        history.append(record)
+        self._history_bytes += record.cost
+        # Bounded by count and by bytes: the oldest records leave first, and the
+        # window then starts after the last one that left.
+        while history and (
+            len(history) > self._history_size or self._history_bytes > self._history_max_bytes
+        ):
+            gone = history.popleft()
+            self._history_bytes -= gone.cost
+            self._window_start = gone.rv
         evicted: list[Watcher] = []
         item = record.item
         # Watchers usually share a few selectors: decide once per selector text.
