@@ -43,6 +43,7 @@ class CacheSettings(CommonSettings):
     registry_password: str | None = None
     kcache_store: Path = Field(default_factory=_default_store)
     kcache_mount_root: str | None = None
+    kcache_max_config_bytes: int = Field(default=4 * 1024**2, ge=1)
     cosign_password: str | None = None
 
 
@@ -182,8 +183,9 @@ def _summary_of(
         return summarize(Path(target)), {}
     from gpufleet.kcache.transfer import fetch_image
 
+    limit = load_settings(CacheSettings).kcache_max_config_bytes
     with _client(target, plain_http, force, takes=f"cache {command}", dirs=True) as (client, ref):
-        remote = fetch_image(client, ref)
+        remote = fetch_image(client, ref, max_config_bytes=limit)
     return remote.summary, remote.labels
 
 
@@ -293,10 +295,20 @@ def extract(
         ),
     ] = None,
     max_bytes: Annotated[
-        int | None, typer.Option("--max-bytes", help="Refuse caches larger than this.")
+        int | None,
+        typer.Option(
+            "--max-bytes",
+            help="Refuse caches larger than this [8 GiB]; with --max-entries it also bounds "
+            "the layer's download (docs/limits.md).",
+        ),
     ] = None,
     max_entries: Annotated[
-        int | None, typer.Option("--max-entries", help="Refuse layers with more entries.")
+        int | None,
+        typer.Option(
+            "--max-entries",
+            help="Refuse layers with more entries [65536]; also bounds manifest.json "
+            "(512 bytes an entry).",
+        ),
     ] = None,
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
@@ -318,6 +330,7 @@ def extract(
             mount_root=settings.kcache_mount_root,
             verify_key=key, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
             max_entries=max_entries or DEFAULT_MAX_ENTRIES,
+            max_config_bytes=settings.kcache_max_config_bytes,
         )  # fmt: skip
     sys.stdout.write(f"{pulled.path}\n")
 

@@ -158,6 +158,8 @@ def parse_payload(data: bytes) -> SignedClaims:
         kind = critical["type"]
         reference = critical["identity"]["docker-reference"]
         digest = critical["image"]["docker-manifest-digest"]
+    except RecursionError:
+        raise SignatureError("malformed simple signing payload: nested too deeply") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise SignatureError(f"malformed simple signing payload: {exc!r}") from None
     if kind != SIGNATURE_TYPE:
@@ -322,6 +324,8 @@ def _manifest(layers: Sequence[Mapping[str, Any]], config: bytes) -> bytes:
 def _parse_layers(manifest: bytes, where: str) -> list[dict[str, Any]]:
     try:
         document = json.loads(manifest)
+    except RecursionError:
+        raise SignatureError(f"{where}: the signature manifest is nested too deeply") from None
     except ValueError:
         raise SignatureError(f"{where}: the signature manifest is not JSON") from None
     if not isinstance(document, dict):
