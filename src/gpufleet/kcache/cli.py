@@ -59,6 +59,15 @@ ForcePlainOpt = Annotated[
     bool, typer.Option("--force-plain-http", help="Allow --plain-http to a non-loopback registry.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+SignedRepositoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--signed-repository",
+        metavar="REGISTRY/REPO",
+        help="The repository the signature must name [the image's own]; for an image "
+        "mirrored from there with its signature.",
+    ),
+]
 
 
 _REFERENCE_SHAPE = "REGISTRY/REPOSITORY[:TAG][@sha256:HEX]"
@@ -294,6 +303,7 @@ def extract(
             help="Refuse the image unless signed by this cosign public key.",
         ),
     ] = None,
+    signed_repository: SignedRepositoryOpt = None,
     max_bytes: Annotated[
         int | None,
         typer.Option(
@@ -331,6 +341,7 @@ def extract(
             verify_key=key, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
             max_entries=max_entries or DEFAULT_MAX_ENTRIES,
             max_config_bytes=settings.kcache_max_config_bytes,
+            signed_repository=signed_repository,
         )  # fmt: skip
     sys.stdout.write(f"{pulled.path}\n")
 
@@ -360,14 +371,18 @@ def sign(
 def verify(
     reference: Annotated[str, typer.Argument(metavar="REF")],
     key: Annotated[Path, typer.Option("--key", help="The signer's public key (PEM).")],
+    signed_repository: SignedRepositoryOpt = None,
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
 ) -> None:
-    """Verify an image's signature; prints the verified manifest digest."""
+    """Verify an image's signature; prints the verified manifest digest.
+
+    The signature must name the image's own repository, or --signed-repository.
+    """
     from gpufleet.kcache.keys import load_public_key
     from gpufleet.kcache.sign import verify_image
 
     public = load_public_key(key)
     with _client(reference, plain_http, force_plain_http, takes="cache verify") as (client, ref):
-        digest = verify_image(client, ref, public)
+        digest = verify_image(client, ref, public, signed_repository=signed_repository)
     sys.stdout.write(f"{digest}\n")

@@ -206,13 +206,15 @@ def pull_to_store(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_entries: int = DEFAULT_MAX_ENTRIES,
     max_config_bytes: int = MAX_CONFIG_BYTES,
+    signed_repository: str | None = None,
 ) -> Pulled:
     """Pull, verify and extract into the store for `mount_root`; nothing to do if it is there.
 
     The cache lands at ``store.path(digest, mount_root)``: one directory per
     image and mount root, since its ``__grp__`` files name the mount root.
     With `verify_key`, the signature is checked before a single byte of the
-    layer is read, and the digest it vouches for is the digest extracted.
+    layer is read, and the digest it vouches for is the digest extracted; it
+    must name the image's repository, or `signed_repository` (`verify_image`).
     Without `mount_root`, the one the image's label names is used. The layer
     is downloaded to a temporary file in the store root first, so a layer
     whose declared size extraction could never accept under `max_bytes` and
@@ -220,7 +222,7 @@ def pull_to_store(
     size is read (see docs/limits.md).
     """
     if verify_key is not None:
-        digest = verify_image(client, reference, verify_key)
+        digest = verify_image(client, reference, verify_key, signed_repository=signed_repository)
         reference = reference.with_digest(digest)
     image = fetch_image(client, reference, max_config_bytes=max_config_bytes)
     root = mount_root or image.labels.get(MOUNT_ROOT_LABEL)
