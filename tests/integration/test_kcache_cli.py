@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gpufleet.kcache.image import DEFAULT_MOUNT_ROOT, build_image
-from gpufleet.kcache.oci import RegistryClient
+from gpufleet.kcache.oci import RegistryClient, sha256_digest
 from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.store import CacheStore
 from gpufleet.kcache.transfer import push_image
@@ -530,3 +530,53 @@ def test_build_draws_no_progress_bar_when_stderr_is_piped(compiled: Path, regist
     assert "━" not in result.stderr
     assert f"push {ref}" not in result.stderr
     assert result.stderr == ""
+
+
+def _copy_repository(registry: str, source: str, target: str, tags: list[str]) -> None:
+    """Copy manifests (by tag) and their blobs from one repository to another, as a mirror does."""
+    with RegistryClient(registry) as client:
+        for tag in tags:
+            manifest, media_type, _ = client.get_manifest(source, tag)
+            doc = json.loads(manifest)
+            for blob in [doc["config"], *doc["layers"]]:
+                data = b"".join(client.iter_blob(source, blob["digest"]))
+                client.push_blob(target, data, blob["digest"])
+            client.push_manifest(target, tag, manifest, media_type)
+
+
+def test_a_signed_image_copied_to_another_repository_fails_verify_unless_its_origin_is_named(
+    tmp_path: Path, registry: str
+) -> None:
+    key, pub = write_keys(tmp_path, "k")
+    origin = f"kcache-cli/origin-{uuid.uuid4().hex[:8]}"
+    mirror = f"kcache-cli/mirror-{uuid.uuid4().hex[:8]}"
+    config, layer = b'{"config":{}}', b"not a cache: verify reads the manifest only"
+    with RegistryClient(registry) as client:
+        client.push_blob(origin, config)
+        client.push_blob(origin, layer)
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": sha256_digest(config), "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": sha256_digest(layer), "size": len(layer)}],
+        }).encode()  # fmt: skip
+        digest = client.push_manifest(
+            origin, "v1", manifest, "application/vnd.oci.image.manifest.v1+json"
+        )
+    signature = cache_cli("sign", f"{registry}/{origin}:v1", "--key", str(key)).stdout.strip()
+    assert signature.startswith("sha256:")
+    _copy_repository(registry, origin, mirror, ["v1", digest.replace(":", "-") + ".sig"])
+
+    copied = cache_cli("verify", f"{registry}/{mirror}:v1", "--key", str(pub), check=False)
+    assert copied.returncode == 1, copied.stderr
+    assert f"names repository '{registry}/{origin}'" in copied.stderr
+    assert "Traceback" not in copied.stderr
+    named = cache_cli(
+        "verify", f"{registry}/{mirror}:v1", "--key", str(pub),
+        "--signed-repository", f"{registry}/{origin}",
+    )  # fmt: skip
+    assert named.stdout.strip() == digest
+    assert (
+        cache_cli("verify", f"{registry}/{origin}:v1", "--key", str(pub)).stdout.strip() == digest
+    )

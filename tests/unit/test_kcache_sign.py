@@ -19,7 +19,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from gpufleet.kcache.errors import DigestMismatchError, NotFoundError, SignatureError
+from gpufleet.kcache.errors import (
+    DigestMismatchError,
+    InvalidReferenceError,
+    NotFoundError,
+    SignatureError,
+)
 from gpufleet.kcache.keys import (
     SigningKeyError,
     load_private_key,
@@ -647,3 +652,67 @@ def test_signing_an_image_cosign_signed_keeps_cosigns_signature(
     layers = _signature_layers(registry, COSIGN_IMAGE_DIGEST, "chihjenhuang/cosign1")
     assert (len(layers), layers[0]) == (2, cosigns)
     assert verify_image(registry, image, key.public_key()) == COSIGN_IMAGE_DIGEST
+
+
+def _copy_to(registry: MemoryRegistry, image: Ref, repository: str) -> Ref:
+    """The image and its signature image tagged in another repository, as a mirror copies them."""
+    digest = _digest(registry, image.tag or "")
+    registry.tags[(repository, image.tag or "")] = digest
+    registry.tags[(repository, signature_tag(digest))] = registry.tags[
+        (image.repository, signature_tag(digest))
+    ]
+    return Ref(image.registry, repository, tag=image.tag)
+
+
+def test_a_signed_image_copied_to_another_repository_is_refused_naming_the_signed_one(
+    registry: MemoryRegistry, image: Ref, key: ec.EllipticCurvePrivateKey
+) -> None:
+    sign_image(registry, image, key)
+    copy = _copy_to(registry, image, "attacker/llama")
+
+    with pytest.raises(
+        SignatureError, match=r"names repository 'registry.local:5000/caches/llama', not "
+        r"registry.local:5000/attacker/llama"
+    ):  # fmt: skip
+        verify_image(registry, copy, key.public_key())
+
+
+def test_a_mirrored_image_verifies_when_its_origin_repository_is_named(
+    registry: MemoryRegistry, image: Ref, key: ec.EllipticCurvePrivateKey
+) -> None:
+    sign_image(registry, image, key)
+    copy = _copy_to(registry, image, "mirror/llama")
+
+    verified = verify_image(
+        registry, copy, key.public_key(), signed_repository="registry.local:5000/caches/llama"
+    )
+    assert verified == _digest(registry, "v1")
+    with pytest.raises(SignatureError, match="names repository"):
+        verify_image(registry, image, key.public_key(), signed_repository="other.io/caches/llama")
+
+
+def test_a_signed_reference_with_a_tag_or_docker_hubs_other_name_still_matches(
+    registry: MemoryRegistry, key: ec.EllipticCurvePrivateKey
+) -> None:
+    _push_image(registry, "library/ubuntu", "v1", "hub image")
+    digest = registry.resolve("library/ubuntu", "v1")
+    assert digest is not None
+    # Signed as docker.io/...:v1, pulled as registry-1.docker.io/...: the same repository.
+    body = payload("docker.io/library/ubuntu:v1", digest)
+    registry.push_blob("library/ubuntu", body)
+    manifest = signature_manifest(body, sign_payload(key, body))
+    registry.push_manifest(
+        "library/ubuntu", signature_tag(digest), manifest, OCI_MANIFEST_MEDIA_TYPE
+    )
+    hub = Ref("registry-1.docker.io", "library/ubuntu", tag="v1")
+
+    assert verify_image(registry, hub, key.public_key()) == digest
+
+
+def test_a_signed_repository_that_is_no_repository_is_a_usage_error(
+    registry: MemoryRegistry, image: Ref, key: ec.EllipticCurvePrivateKey
+) -> None:
+    sign_image(registry, image, key)
+
+    with pytest.raises(InvalidReferenceError, match="--signed-repository 'not a repo!'"):
+        verify_image(registry, image, key.public_key(), signed_repository="not a repo!")

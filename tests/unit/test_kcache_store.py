@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +47,18 @@ class Filler:
 @pytest.fixture
 def store(tmp_path: Path) -> CacheStore:
     return CacheStore(tmp_path / "store")
+
+
+@contextlib.contextmanager
+def holding_lock(store: CacheStore, name: str) -> Iterator[None]:
+    """Hold the installer's lock of `name` (``<hex>-<mount key>``), as a live installer does."""
+    (store.root / "locks").mkdir(parents=True, exist_ok=True)
+    fd = os.open(store.root / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def test_the_path_of_a_cache_is_caches_sha256_hex_then_the_mount_roots_key(
@@ -198,7 +216,8 @@ def test_a_crash_leftover_without_its_marker_is_removed_and_redone(store: CacheS
     assert not store.is_complete(DIGEST, ROOT)
 
     fill = Filler()
-    path = store.install(DIGEST, ROOT, fill)
+    with holding_lock(store, f"{'cd' * 32}-{ROOT_KEY}"):
+        path = store.install(DIGEST, ROOT, fill)
 
     assert fill.calls == 1
     assert sorted(p.name for p in path.rglob("*")) == ["group", "k.cubin"]
@@ -268,3 +287,75 @@ def test_a_volatile_store_installs_the_same_way(tmp_path: Path) -> None:
     assert store.install(DIGEST, ROOT, fill) == store.path(DIGEST, ROOT)
     assert store.install(DIGEST, ROOT, fill) == store.path(DIGEST, ROOT)
     assert fill.calls == 1
+
+
+_INSTALLER = """
+import sys, time
+from pathlib import Path
+from gpufleet.kcache.store import CacheStore
+
+root, digest, control, mount = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+
+def fill(tmp: Path) -> None:
+    (tmp / "half.cubin").write_text("half")
+    (control / "filling").write_text(str(tmp))
+    while not (control / "go").exists():  # hold the lock until told, or until killed
+        time.sleep(0.01)
+    (tmp / "k.cubin").write_text("kernels")
+
+CacheStore(root).install(digest, mount, fill)
+"""
+
+
+def start_installer(
+    store: CacheStore, digest: str, control: Path
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """An installer in another process, stopped mid-fill; returns it and its temp directory."""
+    control.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-c", _INSTALLER, str(store.root), digest, str(control), ROOT]
+    )
+    deadline = time.monotonic() + 60  # a hang guard, not a timing
+    while not (control / "filling").exists():
+        assert process.poll() is None, "the installer died before it filled"
+        assert time.monotonic() < deadline, "the installer never started its fill"
+        time.sleep(0.01)
+    return process, Path((control / "filling").read_text())
+
+
+THIRD = "sha256:" + "ef" * 32
+
+
+def test_a_sigkilled_installers_temp_dir_is_swept_at_start_up_and_a_live_ones_is_kept(
+    store: CacheStore, tmp_path: Path
+) -> None:
+    # The live one first: every installer sweeps as it starts, and keeps what is locked.
+    live, busy = start_installer(store, OTHER, tmp_path / "live")
+    killed, stale = start_installer(store, DIGEST, tmp_path / "killed")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    try:
+        assert stale.is_dir()
+        assert busy.is_dir()
+
+        # A new process's store, installing a third digest: neither of the other two.
+        CacheStore(store.root).install(THIRD, ROOT, Filler())
+
+        assert not stale.exists()
+        assert busy.is_dir()
+        (tmp_path / "live" / "go").write_text("")
+        assert live.wait(timeout=60) == 0
+    finally:
+        live.kill()
+    assert sorted(p.name for p in store.path(OTHER, ROOT).iterdir()) == ["half.cubin", "k.cubin"]
+    assert not store.is_complete(DIGEST, ROOT)
+
+
+def test_sweep_keeps_what_is_not_an_installers_temp_dir(store: CacheStore) -> None:
+    foreign = store.root / "tmp" / "not-ours"
+    foreign.mkdir(parents=True)
+    stale = store.root / "tmp" / f"{'ab' * 32}-{ROOT_KEY}.dead"
+    stale.mkdir()
+
+    assert store.sweep() == [stale]
+    assert foreign.is_dir()

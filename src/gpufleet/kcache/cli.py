@@ -43,6 +43,7 @@ class CacheSettings(CommonSettings):
     registry_password: str | None = None
     kcache_store: Path = Field(default_factory=_default_store)
     kcache_mount_root: str | None = None
+    kcache_max_config_bytes: int = Field(default=4 * 1024**2, ge=1)
     cosign_password: str | None = None
 
 
@@ -58,6 +59,15 @@ ForcePlainOpt = Annotated[
     bool, typer.Option("--force-plain-http", help="Allow --plain-http to a non-loopback registry.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+SignedRepositoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--signed-repository",
+        metavar="REGISTRY/REPO",
+        help="The repository the signature must name [the image's own]; for an image "
+        "mirrored from there with its signature.",
+    ),
+]
 
 
 _REFERENCE_SHAPE = "REGISTRY/REPOSITORY[:TAG][@sha256:HEX]"
@@ -182,8 +192,9 @@ def _summary_of(
         return summarize(Path(target)), {}
     from gpufleet.kcache.transfer import fetch_image
 
+    limit = load_settings(CacheSettings).kcache_max_config_bytes
     with _client(target, plain_http, force, takes=f"cache {command}", dirs=True) as (client, ref):
-        remote = fetch_image(client, ref)
+        remote = fetch_image(client, ref, max_config_bytes=limit)
     return remote.summary, remote.labels
 
 
@@ -292,11 +303,22 @@ def extract(
             help="Refuse the image unless signed by this cosign public key.",
         ),
     ] = None,
+    signed_repository: SignedRepositoryOpt = None,
     max_bytes: Annotated[
-        int | None, typer.Option("--max-bytes", help="Refuse caches larger than this.")
+        int | None,
+        typer.Option(
+            "--max-bytes",
+            help="Refuse caches larger than this [8 GiB]; with --max-entries it also bounds "
+            "the layer's download (docs/limits.md).",
+        ),
     ] = None,
     max_entries: Annotated[
-        int | None, typer.Option("--max-entries", help="Refuse layers with more entries.")
+        int | None,
+        typer.Option(
+            "--max-entries",
+            help="Refuse layers with more entries [65536]; also bounds manifest.json "
+            "(512 bytes an entry).",
+        ),
     ] = None,
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
@@ -318,6 +340,8 @@ def extract(
             mount_root=settings.kcache_mount_root,
             verify_key=key, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
             max_entries=max_entries or DEFAULT_MAX_ENTRIES,
+            max_config_bytes=settings.kcache_max_config_bytes,
+            signed_repository=signed_repository,
         )  # fmt: skip
     sys.stdout.write(f"{pulled.path}\n")
 
@@ -347,14 +371,18 @@ def sign(
 def verify(
     reference: Annotated[str, typer.Argument(metavar="REF")],
     key: Annotated[Path, typer.Option("--key", help="The signer's public key (PEM).")],
+    signed_repository: SignedRepositoryOpt = None,
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
 ) -> None:
-    """Verify an image's signature; prints the verified manifest digest."""
+    """Verify an image's signature; prints the verified manifest digest.
+
+    The signature must name the image's own repository, or --signed-repository.
+    """
     from gpufleet.kcache.keys import load_public_key
     from gpufleet.kcache.sign import verify_image
 
     public = load_public_key(key)
     with _client(reference, plain_http, force_plain_http, takes="cache verify") as (client, ref):
-        digest = verify_image(client, ref, public)
+        digest = verify_image(client, ref, public, signed_repository=signed_repository)
     sys.stdout.write(f"{digest}\n")

@@ -37,7 +37,15 @@ from gpufleet.kcache.errors import (
 from gpufleet.kcache.image import MANIFEST_PATH, MCV_PREFIX, check_mount_root, is_group_file
 from gpufleet.kcache.tarstream import CHUNK_SIZE, Inflater, TarHeader, TarStream
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_ENTRIES", "Extracted", "extract_layer"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_ENTRIES",
+    "MANIFEST_BYTES_PER_ENTRY",
+    "Extracted",
+    "extract_layer",
+    "max_layer_bytes",
+    "max_manifest_bytes",
+]
 
 DEFAULT_MAX_BYTES = 8 * 1024**3
 """Every byte of member data in a layer, cache files and manifest together."""
@@ -48,9 +56,38 @@ FILE_MODE = 0o644
 DIR_MODE = 0o755
 _CACHE_TOP = MCV_PREFIX.rstrip("/")
 _MANIFEST_TOP, _MANIFEST_NAME = MANIFEST_PATH.split("/")
-# A group file is a few KB, the manifest ~150 bytes a file: the caps bound what is held in memory.
+# A group file is a few KB: the cap bounds what is held in memory.
 _MAX_GROUP_FILE = 16 * 1024**2
-_MAX_MANIFEST = 256 * 1024**2
+MANIFEST_BYTES_PER_ENTRY = 512
+"""The manifest's allowance per entry: a real one spends ~200 bytes (path, size, sha256)."""
+_MANIFEST_BASE = 64 * 1024
+# JSON values a manifest may hold per file it lists (a real one: the entry, 3 keys, 3 values),
+# and for its top level: counted before parsing, so a bomb of tiny values is never parsed.
+_VALUES_PER_FILE = 16
+_VALUES_BASE = 1024
+# Headers, padding and the end-of-archive records come on top of member data;
+# 4 KiB a member is several times what any tar writer spends.
+_TAR_BYTES_PER_ENTRY = 4096
+
+
+def _tar_limit(max_bytes: int, max_entries: int) -> int:
+    return max_bytes + _TAR_BYTES_PER_ENTRY * (max_entries + 4)
+
+
+def max_layer_bytes(max_bytes: int, max_entries: int) -> int:
+    """The largest compressed layer that can inflate to a tar stream the limits accept.
+
+    Deflate adds at most ~0.03% (plus a few bytes) to incompressible data,
+    so a layer larger than the accepted tar stream plus 0.1% and 64 KiB can
+    only be refused after its download: it is refused before it.
+    """
+    plain = _tar_limit(max_bytes, max_entries)
+    return plain + plain // 1024 + 64 * 1024
+
+
+def max_manifest_bytes(max_entries: int) -> int:
+    """The largest ``manifest.json`` read into memory: 512 bytes an entry, plus 64 KiB."""
+    return MANIFEST_BYTES_PER_ENTRY * max_entries + _MANIFEST_BASE
 
 
 @dataclass(frozen=True)
@@ -127,9 +164,7 @@ class _Extraction:
         self.dirs = _Dirs(root_fd)
 
     def run(self, layer: BinaryIO, expected_size: int | None) -> Extracted:
-        # Headers, padding and the end-of-archive records come on top of member data;
-        # 4 KiB a member is several times what any tar writer spends.
-        limit = self.max_bytes + 4096 * (self.max_entries + 4)
+        limit = _tar_limit(self.max_bytes, self.max_entries)
         try:
             with Inflater(layer) as plain, self.dirs:
                 tar = TarStream(plain, limit)
@@ -171,9 +206,11 @@ class _Extraction:
             )
         self.data_bytes += header.size
         if parts[0] == _MANIFEST_TOP:
-            if header.size > _MAX_MANIFEST:
+            cap = max_manifest_bytes(self.max_entries)
+            if header.size > cap:
                 raise UnsafeArchiveError(
-                    f"layer member {name!r}: a manifest of {header.size} bytes"
+                    f"layer member {name!r}: a manifest of {header.size} bytes, more than the "
+                    f"{cap} bytes allowed for {self.max_entries} entries (--max-entries)"
                 )
             self.manifest = tar.read_all()
             return
@@ -231,8 +268,19 @@ class _Extraction:
         """The layer's manifest, once it is known to list exactly the files extracted."""
         if self.manifest is None:
             raise CacheFormatError(f"layer: no {MANIFEST_PATH}")
+        # Every JSON value but the first follows a ',', '[' or ':'; a count of those bounds the
+        # objects json.loads would make (strings holding them only make the count larger).
+        values = sum(self.manifest.count(mark) for mark in (b",", b"[", b":"))
+        allowed = _VALUES_PER_FILE * len(self.stored) + _VALUES_BASE
+        if values > allowed:
+            raise CacheFormatError(
+                f"layer: {MANIFEST_PATH} holds more JSON values than {allowed}, the most a "
+                f"manifest of the {len(self.stored)} files extracted can hold"
+            )
         try:
             doc = json.loads(self.manifest)
+        except RecursionError:
+            raise CacheFormatError(f"layer: {MANIFEST_PATH} is nested too deeply") from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise CacheFormatError(f"layer: {MANIFEST_PATH} is not JSON: {exc}") from exc
         files = doc.get("files") if isinstance(doc, dict) else None

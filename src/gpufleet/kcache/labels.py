@@ -45,6 +45,8 @@ def labels_of(config: bytes) -> dict[str, str]:
     """The labels of an image config blob (``config.Labels``); empty when it has none."""
     try:
         doc = json.loads(config)
+    except RecursionError:
+        raise CacheFormatError("image config: not JSON we read: nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise CacheFormatError(f"image config: not JSON: {exc}") from exc
     inner = doc.get("config") if isinstance(doc, dict) else None
@@ -196,6 +198,8 @@ def _sorted_targets(targets: Iterable[Target]) -> tuple[Target, ...]:
 def _json_label(labels: Mapping[str, str], key: str) -> object:
     try:
         return json.loads(labels[key])
+    except RecursionError:
+        raise CacheFormatError(f"label {key}: JSON nested too deeply") from None
     except ValueError as exc:
         raise CacheFormatError(f"label {key}: not JSON: {exc}") from exc
 

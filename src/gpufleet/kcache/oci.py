@@ -533,25 +533,63 @@ class RegistryClient:
                 f"registry {self.registry} stored {stored} for {what}, not {digest}"
             )
 
-    def iter_blob(self, repository: str, digest: str) -> Iterator[bytes]:
+    def iter_blob(
+        self, repository: str, digest: str, *, size: int | None = None
+    ) -> Iterator[bytes]:
         """Stream blob ``digest``; after the last chunk, raise `DigestMismatchError` if it lied.
 
-        Whatever a caller did with the chunks is garbage when that error comes.
+        With ``size`` (the descriptor's), a ``Content-Length`` over it is refused
+        before the body is read, and reading stops at the first chunk that would
+        pass it: at most ``size`` bytes are handed on, and at most one socket
+        read (64 KiB) more is taken from the registry. A body shorter than
+        ``size`` is refused too. Whatever a caller did with the chunks is
+        garbage when an error comes.
         """
         what = f"blob {check_digest(digest)} in {check_repository(repository)}"
+        if size is not None and size < 0:
+            raise RegistryError(f"{what}: a negative size {size} in its descriptor")
         url = self._url(f"{repository}/blobs/{digest}")
-        response = self._send("GET", url, scopes=self._pull(repository), what=what, stream=True)
+        # Identity: the digest names the raw bytes, and a compressed body is a decompression bomb.
+        response = self._send(
+            "GET", url, scopes=self._pull(repository), what=what,
+            headers={"Accept-Encoding": "identity"}, stream=True,
+        )  # fmt: skip
+        received = 0
         try:
             if response.status_code != 200:
                 raise self._fail(response, what)
+            encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise RegistryError(
+                    f"{what} at {self.registry}: sent with Content-Encoding {encoding!r}, "
+                    "which was not asked for"
+                )
+            if size is not None:
+                self._check_length(response, size, what)
             hasher = hashlib.sha256()
-            for chunk in response.iter_bytes(_READ_SIZE):
+            # Raw: chunks as the socket gives them, so a size check stops within one read.
+            # (An in-memory transport hands over a body httpx has read already.)
+            chunks = (
+                iter((response.content,)) if response.is_stream_consumed else (response.iter_raw())
+            )
+            for chunk in chunks:
+                received += len(chunk)
+                if size is not None and received > size:
+                    raise RegistryError(
+                        f"{what} at {self.registry} is longer than its descriptor says: "
+                        f"more than the {size} bytes declared"
+                    )
                 hasher.update(chunk)
                 yield chunk
         except httpx.HTTPError as exc:
             raise RegistryError(f"reading {what} from {self.registry}: {exc}") from exc
         finally:
             response.close()
+        if size is not None and received != size:
+            raise DigestMismatchError(
+                f"{what} at {self.registry} ended after {received} of the {size} bytes "
+                "its descriptor declares"
+            )
         actual = "sha256:" + hasher.hexdigest()
         if actual != digest:
             raise DigestMismatchError(
@@ -559,14 +597,28 @@ class RegistryClient:
                 f"its content hashes to {actual}"
             )
 
-    def pull_blob(self, repository: str, digest: str, sink: BinaryIO) -> int:
+    def _check_length(self, response: httpx.Response, size: int, what: str) -> None:
+        """Refuse, before reading the body, a ``Content-Length`` that is not the descriptor's."""
+        length = response.headers.get("Content-Length")
+        if length is None:
+            return
+        if not length.isascii() or not length.isdigit() or int(length) != size:
+            raise RegistryError(
+                f"{what} at {self.registry}: Content-Length {length[:40]!r} is not "
+                f"the {size} bytes its descriptor declares"
+            )
+
+    def pull_blob(
+        self, repository: str, digest: str, sink: BinaryIO, *, size: int | None = None
+    ) -> int:
         """Stream blob ``digest`` into ``sink``; returns the bytes written.
 
-        Raises `DigestMismatchError` at the end when the content does not match:
-        the caller must then treat what it wrote as garbage.
+        ``size`` bounds it as in `iter_blob`: no more than ``size`` bytes reach
+        ``sink``. Raises `DigestMismatchError` at the end when the content does
+        not match: the caller must then treat what it wrote as garbage.
         """
         written = 0
-        for chunk in self.iter_blob(repository, digest):
+        for chunk in self.iter_blob(repository, digest, size=size):
             sink.write(chunk)
             written += len(chunk)
         return written
@@ -676,7 +728,7 @@ class RegistryClient:
 def _declared_media_type(data: bytes) -> str | None:
     try:
         declared = json.loads(data).get("mediaType")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return declared if isinstance(declared, str) else None
 

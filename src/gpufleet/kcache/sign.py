@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gpufleet.kcache.errors import (
     DigestMismatchError,
+    InvalidReferenceError,
     KcacheError,
     NotFoundError,
     SignatureError,
@@ -41,6 +42,7 @@ from gpufleet.kcache.keys import (
     not_p256_error,
     password_from_env,
 )
+from gpufleet.kcache.reference import Reference
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -158,6 +160,8 @@ def parse_payload(data: bytes) -> SignedClaims:
         kind = critical["type"]
         reference = critical["identity"]["docker-reference"]
         digest = critical["image"]["docker-manifest-digest"]
+    except RecursionError:
+        raise SignatureError("malformed simple signing payload: nested too deeply") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise SignatureError(f"malformed simple signing payload: {exc!r}") from None
     if kind != SIGNATURE_TYPE:
@@ -244,14 +248,27 @@ def sign_image(
 
 
 def verify_image(
-    client: SignatureRegistry, reference: ImageReference, public_key: ec.EllipticCurvePublicKey
+    client: SignatureRegistry,
+    reference: ImageReference,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    signed_repository: str | None = None,
 ) -> str:
     """Check that ``public_key`` signed the image ``reference`` names; returns its digest.
 
     Pull the image by the returned digest, not by tag: the tag may move after
     this check. SignatureError when the image is unsigned, no signature
-    verifies with the key, or the verified payload names another digest.
+    verifies with the key, or the verified payload names another digest or
+    another repository. The payload's ``critical.identity.docker-reference``
+    must name the image's own registry and repository (any tag), or
+    ``signed_repository`` (``REGISTRY/REPOSITORY``) when given: an image
+    mirrored from there keeps the signature made for its origin.
     """
+    expected = _identity(signed_repository or f"{reference.registry}/{reference.repository}")
+    if expected is None:
+        raise InvalidReferenceError(
+            f"--signed-repository {signed_repository!r}: not a REGISTRY/REPOSITORY"
+        )
     repository = reference.repository
     image_digest = _image_digest(client, reference)
     tag = signature_tag(image_digest)
@@ -268,7 +285,7 @@ def verify_image(
     failures: list[str] = []
     for layer in layers:
         try:
-            _verify_layer(client, repository, layer, public_key, image_digest)
+            _verify_layer(client, repository, layer, public_key, image_digest, expected)
         except SignatureError as exc:
             failures.append(f"layer {layer.get('digest')}: {exc}")
         else:
@@ -322,6 +339,8 @@ def _manifest(layers: Sequence[Mapping[str, Any]], config: bytes) -> bytes:
 def _parse_layers(manifest: bytes, where: str) -> list[dict[str, Any]]:
     try:
         document = json.loads(manifest)
+    except RecursionError:
+        raise SignatureError(f"{where}: the signature manifest is nested too deeply") from None
     except ValueError:
         raise SignatureError(f"{where}: the signature manifest is not JSON") from None
     if not isinstance(document, dict):
@@ -372,6 +391,7 @@ def _verify_layer(
     layer: Mapping[str, Any],
     public_key: ec.EllipticCurvePublicKey,
     image_digest: str,
+    identity: tuple[str, str],
 ) -> None:
     media_type, digest, size = layer.get("mediaType"), layer.get("digest"), layer.get("size")
     signature = _layer_signature(layer)
@@ -389,6 +409,21 @@ def _verify_layer(
         raise SignatureError(
             f"the signed payload names {claims.manifest_digest}, not this image's {image_digest}"
         )
+    if _identity(claims.docker_reference) != identity:
+        # A valid signature of this very image, made for another repository: copied here.
+        raise SignatureError(
+            f"the signed payload names repository {claims.docker_reference!r}, not "
+            f"{'/'.join(identity)} (--signed-repository accepts another)"
+        )
+
+
+def _identity(text: str) -> tuple[str, str] | None:
+    """(registry, repository) a docker reference names, normalized; None if it names none."""
+    try:
+        parsed = Reference.parse(text)
+    except KcacheError:
+        return None
+    return parsed.registry, parsed.repository
 
 
 class _BoundedSink(io.BytesIO):

@@ -11,8 +11,10 @@ directory on the same filesystem, flushed, renamed into place, and only then
 is its completion marker (``<mount key>.complete``, beside the directory,
 recording the digest and the mount root) written. A directory without a marker
 is a crash's leftover and is redone. One lock file per digest and mount root
-(``flock``) lets one installer fill while the others wait. See
-docs/kcache-image.md.
+(``flock``) lets one installer fill while the others wait. A temporary
+directory whose lock nobody holds is a killed installer's leftover: the first
+install of a `CacheStore` sweeps every one of them (`sweep`), whatever its
+digest. See docs/kcache-image.md.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = ["CacheStore", "StoredCache", "mount_key"]
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _HEX = re.compile(r"[0-9a-f]{64}")
+_TMP_NAME = re.compile(r"([0-9a-f]{64}-[0-9a-f]{64})\.[^/]+")
 _MARKER_SUFFIX = ".complete"
 _DIR_MODE = 0o755
 CACHES = "caches"
@@ -72,6 +75,7 @@ class CacheStore:
     def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = root
         self.durable = durable
+        self._swept = False
 
     def path(self, manifest_digest: str, mount_root: str) -> Path:
         """``<root>/caches/sha256/<hex>/<mount key>/``: where the cache lies once installed.
@@ -126,6 +130,8 @@ class CacheStore:
         name = f"{hex_}-{target.name}"
         for sub in ("tmp", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        if not self._swept:
+            self.sweep()
         with self._locked(name):
             if self._complete(target):
                 return target
@@ -145,6 +151,47 @@ class CacheStore:
             self._sync_dir(target.parent.parent)  # a new <hex>/ must outlive a crash too
             self._write_marker(target, manifest_digest, mount_root)
         return target
+
+    def sweep(self) -> list[Path]:
+        """Remove the temporary directories of installers that died; returns what went.
+
+        A fill's temporary directory lives only while its installer holds the
+        lock of its digest and mount root, so one whose lock can be taken at
+        once belongs to a process that was killed (SIGKILL, OOM, power loss)
+        and would otherwise stay until that same cache is installed again. One
+        whose lock is held is being filled and is left alone. `install` calls
+        this once per store object, before its first fill.
+        """
+        self._swept = True
+        removed: list[Path] = []
+        try:
+            entries = sorted((self.root / "tmp").iterdir())
+        except FileNotFoundError:
+            return removed
+        names = {m.group(1) for e in entries if (m := _TMP_NAME.fullmatch(e.name)) is not None}
+        for name in sorted(names):
+            with self._try_locked(name) as free:
+                if not free:
+                    continue  # a live installer is filling it
+                for stale in (self.root / "tmp").glob(f"{name}.*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                    removed.append(stale)
+        return removed
+
+    @contextlib.contextmanager
+    def _try_locked(self, name: str) -> Iterator[bool]:
+        """Hold `name`'s lock if nobody does (yields True), else yield False at once."""
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
 
     def _digest_dir(self, hex_: str) -> Path:
         return self.root / CACHES / "sha256" / hex_

@@ -17,8 +17,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gpufleet.kcache.errors import KcacheError
-from gpufleet.kcache.extract import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, extract_layer
+from gpufleet.kcache.errors import KcacheError, UnsafeArchiveError
+from gpufleet.kcache.extract import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    extract_layer,
+    max_layer_bytes,
+)
 from gpufleet.kcache.image import (
     CONFIG_MEDIA_TYPE,
     LAYER_MEDIA_TYPE,
@@ -38,6 +43,7 @@ from gpufleet.kcache.sign import SIMPLE_SIGNING_MEDIA_TYPE, verify_image
 from gpufleet.kcache.store import CacheStore
 
 __all__ = [
+    "MAX_CONFIG_BYTES",
     "MOUNT_ROOT_LABEL",
     "Pulled",
     "RemoteImage",
@@ -45,6 +51,9 @@ __all__ = [
     "pull_to_store",
     "push_image",
 ]
+
+MAX_CONFIG_BYTES = 4 * 1024**2
+"""The largest image config `fetch_image` reads by default: a cache image's is a few KiB."""
 
 
 def push_image(
@@ -99,8 +108,15 @@ class RemoteImage:
             raise KcacheError(f"{self.reference}: no valid {CACHE_SIZE_LABEL} label") from exc
 
 
-def fetch_image(client: RegistryClient, reference: Reference) -> RemoteImage:
-    """Read the manifest and the config (not the layer) of a cache image."""
+def fetch_image(
+    client: RegistryClient, reference: Reference, *, max_config_bytes: int = MAX_CONFIG_BYTES
+) -> RemoteImage:
+    """Read the manifest and the config (not the layer) of a cache image.
+
+    The config is held in memory, so a descriptor over `max_config_bytes` is
+    refused before a byte of it is read, and no more than its declared size
+    is read (see docs/limits.md).
+    """
     ref = reference.digest or reference.tag or "latest"
     manifest_bytes, media_type, digest = client.get_manifest(reference.repository, ref)
     if media_type != MANIFEST_MEDIA_TYPE:
@@ -117,18 +133,37 @@ def fetch_image(client: RegistryClient, reference: Reference) -> RemoteImage:
             raise ValueError(
                 f"config {config['mediaType']}, layer {layer['mediaType']}: unexpected media types"
             )
-        config_digest, layer_digest, layer_size = config["digest"], layer["digest"], layer["size"]
+        config_digest, layer_digest = config["digest"], layer["digest"]
+        config_size = _size(config, "config")
+        layer_size = _size(layer, "layer")
+    except RecursionError:
+        raise KcacheError(
+            f"{reference}: not a cache image: its manifest is nested too deeply"
+        ) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise KcacheError(
             f"{reference}: not a cache image (one tar+gzip layer expected): {exc}"
         ) from exc
+    if config_size > max_config_bytes:
+        raise KcacheError(
+            f"{reference}: its config descriptor declares {config_size} bytes, more than the "
+            f"{max_config_bytes} a cache image's config may hold (KCACHE_MAX_CONFIG_BYTES)"
+        )
     config_blob = io.BytesIO()
-    client.pull_blob(reference.repository, str(config_digest), config_blob)
+    client.pull_blob(reference.repository, str(config_digest), config_blob, size=config_size)
     labels = labels_of(config_blob.getvalue())
     return RemoteImage(
         reference.with_digest(digest), digest, str(layer_digest), int(layer_size), labels,
         summary_from_labels(labels),
     )  # fmt: skip
+
+
+def _size(descriptor: object, what: str) -> int:
+    """A descriptor's ``size``: a non-negative integer, else ValueError."""
+    size = descriptor.get("size") if isinstance(descriptor, dict) else None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"{what} size {size!r} is not a byte count")
+    return size
 
 
 def _refuse_signature(reference: Reference, layers: object) -> None:
@@ -170,32 +205,45 @@ def pull_to_store(
     verify_key: ec.EllipticCurvePublicKey | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_config_bytes: int = MAX_CONFIG_BYTES,
+    signed_repository: str | None = None,
 ) -> Pulled:
     """Pull, verify and extract into the store for `mount_root`; nothing to do if it is there.
 
     The cache lands at ``store.path(digest, mount_root)``: one directory per
     image and mount root, since its ``__grp__`` files name the mount root.
     With `verify_key`, the signature is checked before a single byte of the
-    layer is read, and the digest it vouches for is the digest extracted.
-    Without `mount_root`, the one the image's label names is used.
+    layer is read, and the digest it vouches for is the digest extracted; it
+    must name the image's repository, or `signed_repository` (`verify_image`).
+    Without `mount_root`, the one the image's label names is used. The layer
+    is downloaded to a temporary file in the store root first, so a layer
+    whose declared size extraction could never accept under `max_bytes` and
+    `max_entries` is refused before it is read, and no more than its declared
+    size is read (see docs/limits.md).
     """
     if verify_key is not None:
-        digest = verify_image(client, reference, verify_key)
+        digest = verify_image(client, reference, verify_key, signed_repository=signed_repository)
         reference = reference.with_digest(digest)
-    image = fetch_image(client, reference)
+    image = fetch_image(client, reference, max_config_bytes=max_config_bytes)
     root = mount_root or image.labels.get(MOUNT_ROOT_LABEL)
     if not root:
         raise KcacheError(f"{reference}: no --mount-root given and the image names none")
     installed = store.installed(image.digest, root)
     if installed is not None:
         return Pulled(installed, image.digest, root, extracted=False)
+    layer_limit = max_layer_bytes(max_bytes, max_entries)
+    if image.layer_size > layer_limit:
+        raise UnsafeArchiveError(
+            f"{reference}: a layer of {image.layer_size} bytes, more than the {layer_limit} a "
+            f"cache of --max-bytes {max_bytes} in --max-entries {max_entries} entries can take"
+        )
     extracted = False
 
     def fill(target: Path) -> None:
         nonlocal extracted
         with tempfile.TemporaryFile(dir=store.root) as layer:
             # The whole blob is verified against its digest before extraction starts.
-            client.pull_blob(reference.repository, image.layer_digest, layer)
+            client.pull_blob(reference.repository, image.layer_digest, layer, size=image.layer_size)
             layer.seek(0)
             extract_layer(
                 layer, target, mount_root=root, expected_size=image.size_bytes,
