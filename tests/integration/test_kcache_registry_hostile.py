@@ -13,8 +13,11 @@ from __future__ import annotations
 import base64
 import datetime
 import ipaddress
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -645,3 +648,35 @@ def test_no_request_starts_once_the_deadline_has_passed(
 def test_a_deadline_that_is_not_positive_is_refused() -> None:
     with pytest.raises(KcacheError, match="deadline"):
         RegistryClient("127.0.0.1:5000", deadline=0)
+
+
+def _cache_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "KCACHE_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli", "cache", *args],
+        capture_output=True, text=True, env={**clean, **env}, timeout=HANG_GUARD_S, check=False,
+    )  # fmt: skip
+
+
+def test_cache_extract_gives_up_at_its_deadline_flag_with_one_line(
+    servers: Callable[..., HostileServer], tmp_path: Path
+) -> None:
+    registry = servers(lambda seen: Reply(200, {}, trickle()))
+    done = _cache_cli(
+        "extract", f"{registry.address}/a/b:v1", "--store", str(tmp_path / "store"),
+        "--deadline", "0.5", env={},
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "deadline" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert registry.sent < 4096
+
+
+def test_a_kcache_deadline_that_is_not_positive_is_a_usage_error_naming_it(
+    tmp_path: Path,
+) -> None:
+    done = _cache_cli(
+        "extract", "127.0.0.1:9/a/b:v1", "--store", str(tmp_path), env={"KCACHE_DEADLINE": "0"}
+    )
+    assert done.returncode == 2
+    assert "KCACHE_DEADLINE" in done.stderr
