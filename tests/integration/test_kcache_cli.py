@@ -29,6 +29,7 @@ from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.store import CacheStore
 from gpufleet.kcache.transfer import push_image
 from tests.conftest import require
+from tests.integration.test_kcache_oci import RecordingTransport
 from tests.kcache_support import build_triton_cache, compile_again, group_dirs
 
 pytestmark = pytest.mark.integration
@@ -323,12 +324,13 @@ def test_mount_from_pushes_an_image_to_a_new_repository_without_uploading_the_la
     source = Reference.parse(first).repository
     second = new_ref(registry, "second")
     built = build_image(compiled, tmp_path, mount_root=DEFAULT_MOUNT_ROOT)
-    with RegistryClient(registry) as client:
+    transport = RecordingTransport()  # client.requests keeps no query: the mount is in it
+    with RegistryClient(registry, transport=transport) as client:
         pushed = push_image(client, Reference.parse(second), built, mount_from=source)
         sent = list(client.requests)
     assert pushed == digest
     repo = Reference.parse(second).repository
-    assert any(m == "POST" and "mount=" in p for m, p in sent)
+    assert any("mount" in url.params for url in transport.urls)
     assert not any(m in ("PATCH", "PUT") and f"/v2/{repo}/blobs/" in p for m, p in sent)
     assert cache_cli("build", str(compiled), "-t", second, "--mount-from", source).returncode == 0
 

@@ -45,6 +45,7 @@ class CacheSettings(CommonSettings):
     kcache_mount_root: str | None = None
     kcache_max_config_bytes: int = Field(default=4 * 1024**2, ge=1)
     cosign_password: str | None = None
+    kcache_deadline: float = Field(default=30 * 60.0, gt=0)
 
 
 PlainHttpOpt = Annotated[
@@ -66,6 +67,15 @@ SignedRepositoryOpt = Annotated[
         metavar="REGISTRY/REPO",
         help="The repository the signature must name [the image's own]; for an image "
         "mirrored from there with its signature.",
+    ),
+]
+DeadlineOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--deadline",
+        metavar="SECONDS",
+        help="Give up on the registry after this long in all, however slowly it answers "
+        "[env KCACHE_DEADLINE; 1800].",
     ),
 ]
 
@@ -108,19 +118,26 @@ def _reference(text: str, *, takes: str, dirs: bool = False) -> Reference:
 
 @contextlib.contextmanager
 def _client(
-    reference: str, plain_http: bool, force: bool, *, takes: str, dirs: bool = False
+    reference: str,
+    plain_http: bool,
+    force: bool,
+    *,
+    takes: str,
+    dirs: bool = False,
+    deadline: float | None = None,
 ) -> Iterator[tuple[RegistryClient, Reference]]:
     from gpufleet.kcache.oci import RegistryClient, check_plain_http
 
     ref = _reference(reference, takes=takes, dirs=dirs)
     if plain_http:
         check_plain_http(ref.registry, force)
-    settings = load_settings(CacheSettings)
+    settings = load_settings(CacheSettings, kcache_deadline=deadline)
     client = RegistryClient(
         ref.registry,
         plain_http=True if plain_http else None,
         username=settings.registry_username,
         password=settings.registry_password,
+        deadline=settings.kcache_deadline,
     )
     try:
         yield client, ref
@@ -158,6 +175,7 @@ def build(
     ] = None,
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
+    deadline: DeadlineOpt = None,
 ) -> None:
     """Pack a cache directory into a reproducible OCI image and push it; prints REF@DIGEST.
 
@@ -175,7 +193,9 @@ def build(
             allow_unknown=allow_unknown,
         )  # fmt: skip
         with (
-            _client(tag, plain_http, force_plain_http, takes="cache build --tag") as (client, ref),
+            _client(
+                tag, plain_http, force_plain_http, takes="cache build --tag", deadline=deadline
+            ) as (client, ref),
             transfer_progress(f"push {ref}", image.layer_size) as progress,
         ):
             digest = push_image(client, ref, image, mount_from=mount_from, progress=progress)
@@ -322,6 +342,7 @@ def extract(
     ] = None,
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
+    deadline: DeadlineOpt = None,
 ) -> None:
     """Pull into the store for the mount root, atomically (again: nothing to do); prints the path.
 
@@ -334,7 +355,9 @@ def extract(
 
     settings = load_settings(CacheSettings, kcache_store=store, kcache_mount_root=mount_root)
     key = None if verify_key is None else load_public_key(verify_key)
-    with _client(reference, plain_http, force_plain_http, takes="cache extract") as (client, ref):
+    with _client(
+        reference, plain_http, force_plain_http, takes="cache extract", deadline=deadline
+    ) as (client, ref):
         pulled = pull_to_store(
             client, ref, CacheStore(settings.kcache_store),
             mount_root=settings.kcache_mount_root,

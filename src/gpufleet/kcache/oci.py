@@ -17,6 +17,8 @@ import ipaddress
 import json
 import logging
 import re
+import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -44,10 +46,13 @@ from gpufleet.kcache.reference import (
 )
 
 __all__ = [
+    "DEFAULT_DEADLINE",
     "DOCKER_HUB",
     "DOCKER_MANIFEST",
     "MANIFEST_TYPES",
+    "MAX_ERROR_BODY",
     "MAX_MANIFEST_BYTES",
+    "MAX_REDIRECTS",
     "OCI_INDEX",
     "OCI_MANIFEST",
     "OCTET_STREAM",
@@ -73,8 +78,15 @@ OCTET_STREAM = "application/octet-stream"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST)
 # Manifests are read whole; real ones are kilobytes, so a bigger one is an attack.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# Error, 401 and token bodies: read this much at most, whatever the peer sends.
+MAX_ERROR_BODY = 64 * 1024
+# Blob GETs may be redirected to storage, a few hops at most; nothing else is redirected.
+MAX_REDIRECTS = 10
+# The whole life of a client (one pull or push), whatever the per-read timeout lets through.
+DEFAULT_DEADLINE = 30 * 60.0
 _READ_SIZE = 1024 * 1024
 REQUEST_LOG_SIZE = 10_000
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]*))')
 
@@ -87,6 +99,37 @@ def loggable_url(url: httpx.URL | str) -> str:
     """
     parsed = httpx.URL(url)
     return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}{parsed.path}"
+
+
+# httpx logs whole request URLs (at info) and httpcore response headers such as an upload
+# Location (at debug). core.logging holds both at warning; should anyone lower them, a
+# filter on their loggers still strips every query and auth header value from the line.
+_QUERY = re.compile(r"\?[^\s'\"<>]*")
+_AUTH_VALUE = re.compile(r"(?i)\b(basic|bearer)\s+[A-Za-z0-9._~+/=-]+")
+_LIBRARY_LOGGERS = (
+    "httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2", "httpcore.proxy",
+    "httpcore.socks",
+)  # fmt: skip
+
+
+class _ScrubSecrets(logging.Filter):
+    """Rewrite a library's record without URL queries or Authorization values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        record.msg = _AUTH_VALUE.sub(r"\1 <redacted>", _QUERY.sub("", message))
+        record.args = None
+        return True
+
+
+def _scrub_library_logs() -> None:
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ScrubSecrets) for f in logger.filters):
+            logger.addFilter(_ScrubSecrets())
+
+
+_scrub_library_logs()
 
 
 def sha256_digest(data: bytes) -> str:
@@ -130,14 +173,58 @@ def check_plain_http(registry: str, forced: bool) -> None:
         )
 
 
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    """Scheme, host and port: what must match before credentials go to a URL."""
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme, 0)
+
+
+def _decoded(raw: bytes, encoding: str, limit: int) -> bytes:
+    """`raw` decoded per its ``Content-Encoding``, never to more than `limit` bytes."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw[:limit]
+    if encoding not in ("gzip", "deflate"):
+        return b""
+    try:
+        # 32 + 15: a gzip or a zlib header, whichever it is; max_length bounds a bomb.
+        return zlib.decompressobj(47).decompress(raw, limit)
+    except zlib.error:
+        return b""
+
+
+def _small_body(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
+    """At most `limit` bytes of `response`'s body; the response is closed after.
+
+    A body still on the wire is read raw, so a compressed one cannot expand past
+    `limit` either; what does not arrive in one piece is simply cut off.
+    """
+    try:
+        return response.content[:limit]
+    except httpx.ResponseNotRead:
+        pass
+    raw = bytearray()
+    try:
+        for chunk in response.iter_raw():
+            raw += chunk
+            if len(raw) >= limit:
+                break
+    except httpx.HTTPError:
+        pass  # what arrived is all the detail there is
+    finally:
+        response.close()
+    return _decoded(bytes(raw[:limit]), response.headers.get("Content-Encoding", ""), limit)
+
+
 def _error_detail(response: httpx.Response) -> str:
     """The registry's ``errors[0]`` code and message, or the HTTP status."""
     detail = f"HTTP {response.status_code}"
+    if response.is_redirect:
+        return f"{detail}, a redirect, which is not followed here"
     try:
-        errors = json.loads(response.read()).get("errors")
+        errors = json.loads(_small_body(response)).get("errors")
         first = errors[0]
         return f"{detail} {first.get('code', '?')}: {first.get('message', '')}".rstrip(": ")
-    except (ValueError, AttributeError, LookupError, TypeError, httpx.HTTPError):
+    except (ValueError, AttributeError, LookupError, TypeError, RecursionError):
         return detail
 
 
@@ -162,12 +249,36 @@ ProgressCallback: TypeAlias = Callable[[int], None]
 Content: TypeAlias = bytes | Callable[[], Iterable[bytes]] | None
 
 
+class _DeadlineStream(httpx.SyncByteStream):
+    """A response body that calls `check` after every read from the socket.
+
+    httpx's timeout is per read, so a peer that trickles a byte at a time never
+    trips it; `check` raises once the client's overall deadline has passed.
+    """
+
+    def __init__(self, inner: httpx.SyncByteStream, check: Callable[[], object]) -> None:
+        self._inner = inner
+        self._check = check
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            self._check()
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 class RegistryClient:
     """One registry, over one HTTP connection pool; use as a context manager or ``close()``.
 
     ``plain_http``: None picks HTTP for loopback hosts and HTTPS otherwise; True
     forces HTTP (check it first with `check_plain_http`); False forces HTTPS.
-    Credentials: ``username``/``password``, else docker ``config.json``, else none.
+    Credentials: ``username``/``password``, else docker ``config.json``, else none;
+    they go only to the registry's own scheme, host and port.
+    ``timeout`` bounds each connect and read; ``deadline`` (seconds, None for
+    none) bounds everything the client does from its creation on, so make one
+    client per pull or push, as the CLI does.
     """
 
     def __init__(
@@ -179,6 +290,7 @@ class RegistryClient:
         username: str | None = None,
         password: str | None = None,
         timeout: float = 60.0,
+        deadline: float | None = DEFAULT_DEADLINE,
         chunk_size: int = 8 * 1024 * 1024,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
@@ -186,12 +298,18 @@ class RegistryClient:
             raise KcacheError(f"credentials for {registry}: a username needs a password")
         if chunk_size <= 0:
             raise KcacheError(f"chunk_size must be positive, not {chunk_size}")
+        if deadline is not None and not deadline > 0:
+            raise KcacheError(f"the deadline must be a positive number of seconds, not {deadline}")
+        self.deadline = deadline
+        self._deadline_at = None if deadline is None else time.monotonic() + deadline
+        self._timeout = timeout
         self.registry = registry
         self.chunk_size = chunk_size
         scheme = (
             "http" if (is_loopback(registry) if plain_http is None else plain_http) else "https"
         )
         self._base = f"{scheme}://{registry}"
+        self._origin = _origin(httpx.URL(self._base))
         self._credentials: Credentials | str | None
         if username is not None and password is not None:
             self._credentials = Credentials(username, password, "the given username/password")
@@ -209,7 +327,8 @@ class RegistryClient:
         )
 
     def _record(self, request: httpx.Request) -> None:
-        self._requests.append((request.method, request.url.raw_path.decode()))
+        # The path only: a query may hold an upload's _state or a presigned signature.
+        self._requests.append((request.method, request.url.raw_path.split(b"?")[0].decode()))
 
     @staticmethod
     def _log_response(response: httpx.Response) -> None:
@@ -226,7 +345,7 @@ class RegistryClient:
 
     @property
     def requests(self) -> list[tuple[str, str]]:
-        """(method, path with query) of each HTTP request sent, oldest first.
+        """(method, path without its query) of each HTTP request sent, oldest first.
 
         Token requests and redirect hops included; the last `REQUEST_LOG_SIZE` are kept.
         """
@@ -298,43 +417,117 @@ class RegistryClient:
         if params.get("service"):
             query["service"] = params["service"]
         realm = httpx.URL(params["realm"])
+        service = loggable_url(realm)
         auth = None
         if isinstance(self._credentials, Credentials):
-            # The realm comes from the registry; never let it pull our password into clear text.
-            if realm.scheme != "https" and not (
-                self._base.startswith("http:") or is_loopback(realm.netloc.decode())
-            ):
+            # The realm comes from the registry; never let it pull our password into clear
+            # text. Plain HTTP is for this machine only (a port-forward), whatever the registry.
+            if realm.scheme != "https" and not is_loopback(realm.host):
                 raise AuthError(
-                    f"registry {self.registry} sends us to token service {realm} over plain "
-                    "HTTP; refusing to send credentials there"
+                    f"registry {self.registry} sends us to token service {service} over plain "
+                    "HTTP off this machine; refusing to send credentials there"
                 )
             auth = httpx.BasicAuth(self._credentials.username, self._credentials.password)
+        request = self._http.build_request(
+            "GET", realm, params=query, timeout=self._request_timeout(what)
+        )
+        if auth is not None:
+            request = next(auth.auth_flow(request))
         try:
-            response = self._http.get(realm, params=query, auth=auth)
+            response = self._open(request, what)
         except httpx.HTTPError as exc:
-            raise AuthError(f"token service {params['realm']} for {self.registry}: {exc}") from exc
+            raise AuthError(f"token service {service} for {self.registry}: {exc}") from exc
+        response = self._read_small(response)
+        body = response.content
         if response.status_code in (401, 403):
             if auth is None:
                 raise self._missing_credentials(what)
             raise self._refused(what, response)
         if response.status_code != 200:
             raise AuthError(
-                f"token service {params['realm']} for {self.registry} answered "
-                f"{_error_detail(response)}"
+                f"token service {service} for {self.registry} answered HTTP {response.status_code}"
             )
         try:
-            body = response.json()
-            token = body.get("token") or body.get("access_token")
-        except (ValueError, AttributeError):
+            document = json.loads(body)
+            token = document.get("token") or document.get("access_token")
+        except (ValueError, AttributeError, RecursionError):
             token = None
         if not isinstance(token, str) or not token:
-            raise AuthError(f"token service {params['realm']} for {self.registry} sent no token")
+            raise AuthError(f"token service {service} for {self.registry} sent no token")
         return token
 
     # -- transport --------------------------------------------------------------------------
 
     def _url(self, path: str) -> str:
         return f"{self._base}/v2/{path}"
+
+    def _ours(self, url: httpx.URL) -> bool:
+        """Whether `url` is on the registry's own origin: only there do credentials go."""
+        return _origin(url) == self._origin
+
+    def _check_deadline(self, what: str) -> float:
+        """The seconds left before the deadline; `RegistryError` once it has passed."""
+        if self._deadline_at is None:
+            return self._timeout
+        left = self._deadline_at - time.monotonic()
+        if left <= 0:
+            raise RegistryError(
+                f"{what} at {self.registry}: not done within the {self.deadline:g} s deadline "
+                "(raise it with --deadline or KCACHE_DEADLINE)"
+            )
+        return left
+
+    def _request_timeout(self, what: str) -> httpx.Timeout:
+        return httpx.Timeout(min(self._timeout, self._check_deadline(what)))
+
+    def _open(self, request: httpx.Request, what: str) -> httpx.Response:
+        """Send `request`, streamed, follow nothing; its body checks the deadline as it reads."""
+        response = self._http.send(request, stream=True, follow_redirects=False)
+        assert isinstance(response.stream, httpx.SyncByteStream)
+        response.stream = _DeadlineStream(response.stream, lambda: self._check_deadline(what))
+        return response
+
+    def _refuse_downgrade(self, source: httpx.URL, target: httpx.URL, what: str) -> None:
+        if target.scheme not in _DEFAULT_PORTS or (
+            source.scheme == "https" and target.scheme != "https"
+        ):
+            raise RegistryError(
+                f"registry {self.registry} sent {what} from {source.scheme} to "
+                f"{loggable_url(target)}; refusing plain HTTP (or another scheme) after HTTPS"
+            )
+
+    def _exchange(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        scopes: tuple[str, ...],
+        what: str,
+        headers: dict[str, str] | None,
+        content: Content,
+        follow: bool,
+    ) -> httpx.Response:
+        """One request, and with `follow` its redirects; credentials only to our origin."""
+        for _ in range(MAX_REDIRECTS + 1):
+            body = content() if callable(content) else content
+            auth = self._auth_headers(scopes) if self._ours(url) else {}
+            request = self._http.build_request(
+                method, url, headers={**(headers or {}), **auth}, content=body,
+                timeout=self._request_timeout(what),
+            )  # fmt: skip
+            try:
+                response = self._open(request, what)
+            except httpx.HTTPError as exc:
+                raise RegistryError(f"{method} {what} at {self.registry}: {exc}") from exc
+            if not (follow and response.is_redirect):
+                return response
+            response.close()
+            target = response.url.join(response.headers["Location"])
+            self._refuse_downgrade(response.url, target, what)
+            url = target
+        raise RegistryError(
+            f"registry {self.registry} redirected {what} more than {MAX_REDIRECTS} times"
+        )
 
     def _send(
         self,
@@ -346,27 +539,27 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         content: Content = None,
         stream: bool = False,
+        follow: bool = False,
     ) -> httpx.Response:
         """Send one request, answering at most one auth challenge; ``what`` names it in errors.
 
         ``content`` is bytes or a factory of byte chunks, so a body can be sent
-        again after a challenge without holding a file in memory.
+        again after a challenge without holding a file in memory. Without
+        ``stream`` the answer's body is read, up to `MAX_ERROR_BODY` (answers
+        that are not streamed carry nothing but an error). ``follow``: follow
+        redirects (blob GETs, which registries send to storage); never from
+        HTTPS to HTTP, at most `MAX_REDIRECTS`.
         """
         for attempt in (1, 2):
-            body = content() if callable(content) else content
-            request = self._http.build_request(
-                method, url, headers={**(headers or {}), **self._auth_headers(scopes)}, content=body
-            )
-            try:
-                # Registries may redirect blob GETs to storage; httpx drops our
-                # Authorization when such a redirect leaves the registry's origin.
-                response = self._http.send(request, stream=stream, follow_redirects=method == "GET")
-            except httpx.HTTPError as exc:
-                raise RegistryError(f"{method} {what} at {self.registry}: {exc}") from exc
-            if response.status_code != 401:
-                return response
-            response.read()
-            response.close()
+            response = self._exchange(
+                method, httpx.URL(url), scopes=scopes, what=what, headers=headers,
+                content=content, follow=follow,
+            )  # fmt: skip
+            # A 401 from another origin (storage, after a redirect) is a plain failure:
+            # answering it would send our credentials to a realm the registry never named.
+            if response.status_code != 401 or not self._ours(response.url):
+                return response if stream else self._read_small(response)
+            response = self._read_small(response)
             challenge = response.headers.get("WWW-Authenticate")
             if attempt == 2 or not challenge:
                 # Still 401 after answering the challenge: what we sent was not enough.
@@ -375,6 +568,19 @@ class RegistryClient:
                 raise self._missing_credentials(what)
             self._answer(challenge, scopes, what)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _read_small(response: httpx.Response) -> httpx.Response:
+        """`response` with at most `MAX_ERROR_BODY` of its body read, and closed."""
+        body = _small_body(response)
+        headers = [
+            (name, value)
+            for name, value in response.headers.multi_items()
+            if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
+        return httpx.Response(
+            response.status_code, headers=headers, content=body, request=response.request
+        )
 
     def _fail(self, response: httpx.Response, what: str) -> RegistryError:
         detail = _error_detail(response)
@@ -524,7 +730,11 @@ class RegistryClient:
         location = response.headers.get("Location")
         if not location:
             raise RegistryError(f"registry {self.registry} sent no upload Location for {what}")
-        return response.url.join(location)
+        # Another origin gets the upload but no credentials (see _send); HTTP after HTTPS,
+        # nothing at all.
+        target = response.url.join(location)
+        self._refuse_downgrade(response.url, target, f"the upload session for {what}")
+        return target
 
     def _check_stored(self, response: httpx.Response, digest: str, what: str) -> None:
         stored = response.headers.get("Docker-Content-Digest")
@@ -552,7 +762,7 @@ class RegistryClient:
         # Identity: the digest names the raw bytes, and a compressed body is a decompression bomb.
         response = self._send(
             "GET", url, scopes=self._pull(repository), what=what,
-            headers={"Accept-Encoding": "identity"}, stream=True,
+            headers={"Accept-Encoding": "identity"}, stream=True, follow=True,
         )  # fmt: skip
         received = 0
         try:
