@@ -247,3 +247,109 @@ async def test_413_splits_the_batch_and_only_the_reading_too_large_alone_is_dead
     # The scan does not report the refused reading as delivered.
     assert result.failed_exporters == ("http",)
     assert "1 reading(s) refused" in result.errors["http"]
+
+
+# --- S3: a put refused for its own content is permanent; access denied is not -----------
+
+_S3_ERROR = (
+    '<?xml version="1.0" encoding="UTF-8"?>'
+    "<Error><Code>{code}</Code><Message>{message}</Message><RequestId>r1</RequestId></Error>"
+)
+
+
+@dataclass
+class HostileS3:
+    """Speaks enough S3 for PutObject: refuses keys of nodes starting ``refuse_node``."""
+
+    url: str = ""
+    refuse_node: str = "poison"
+    status: int = 400
+    code: str = "KeyTooLongError"
+    puts: dict[str, int] = field(default_factory=dict)
+    stored: list[str] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        await request.read()
+        self.puts[key] = self.puts.get(key, 0) + 1
+        if f"/node={self.refuse_node}" in key:
+            text = _S3_ERROR.format(code=self.code, message="refused by the test server")
+            return web.Response(status=self.status, text=text, content_type="application/xml")
+        self.stored.append(key)
+        return web.Response(status=200, headers={"ETag": '"0123456789abcdef"'})
+
+
+@pytest.fixture
+async def hostile_s3(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[HostileS3]:
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    server = HostileS3()
+    app = web.Application()
+    app.router.add_route("PUT", "/inv/{key:.+}", server.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    server.url = f"http://{host}:{port}"
+    try:
+        yield server
+    finally:
+        await runner.cleanup()
+
+
+def s3_exporter(url: str) -> Exporter:
+    from gpufleet.inventory.exporters.s3 import S3Exporter, S3Settings
+
+    settings = load_settings(
+        S3Settings, s3_bucket="inv", s3_endpoint_url=url, s3_force_path_style=True
+    )
+    return S3Exporter(settings)
+
+
+def node_batches() -> list[Reading]:
+    """Batches of two: the first holds the refused node's reading, three good ones follow."""
+    nodes = ["poison", "node-1", "node-2", "node-3"]
+    return [reading(f"S-{i}{j}", 2 * i + j, node=nodes[i]) for i in range(4) for j in range(2)]
+
+
+async def test_s3_key_too_long_dead_letters_the_batch_at_once_and_delivers_the_rest(
+    hostile_s3: HostileS3, tmp_path: Path
+) -> None:
+    registry = CollectorRegistry()
+    pipe = pipeline(s3_exporter(hostile_s3.url), tmp_path, registry, max_attempts=0, max_age=0)
+    try:
+        await pipe.submit(node_batches())
+        assert await pipe.drain(within=20)
+    finally:
+        await pipe.close()
+    refused = [key for key in hostile_s3.puts if "node=poison/" in key]
+    assert [hostile_s3.puts[key] for key in refused] == [1]  # never retried
+    stored_nodes = sorted(key.split("/")[-2] for key in hostile_s3.stored)
+    assert stored_nodes == ["node=node-1", "node=node-2", "node=node-3"]
+    (dead,) = dead_letters(pipe)
+    assert "KeyTooLongError" in dead["reason"]
+    assert sample(registry, "gpufleet_delivery_dropped_total", reason="dead_letter") == 2
+
+
+async def test_s3_access_denied_for_every_put_is_retried_not_dead_lettered(
+    hostile_s3: HostileS3, tmp_path: Path
+) -> None:
+    # Every node of these batches: credentials or a policy an operator must fix.
+    hostile_s3.refuse_node, hostile_s3.status, hostile_s3.code = "node-", 403, "AccessDenied"
+    exporter = s3_exporter(hostile_s3.url)
+    pipe = pipeline(exporter, tmp_path, CollectorRegistry(), max_attempts=2, max_age=0)
+    try:
+        await pipe.submit([reading(f"S-{i}", i, node=f"node-{i}") for i in range(4)])
+        assert not await pipe.drain(within=0.5)
+        left = pipe.stats().readings
+    finally:
+        await pipe.close()
+    assert (left, dead_letters(pipe)) == (4, [])
+    assert max(hostile_s3.puts.values()) > 2  # retried past the limit: the sink is down for all
