@@ -497,6 +497,8 @@ class DeliveryPipeline:
             if batch is None or self.interrupted:
                 return "failed"
             outcome = await self._send_one(batch, deadline)
+            if outcome is None:
+                return "failed"  # out of time: the next run goes on from here
             if outcome == "delivered":
                 break
             if outcome == "dead_lettered":
@@ -512,6 +514,8 @@ class DeliveryPipeline:
             if again is None or again.seq != old.seq:
                 continue
             outcome = await self._send_one(again, deadline)
+            if outcome is None:
+                return "failed"  # not sent again, so not given up
             if outcome == "failed":
                 reason = self._give_up_reason(again, self._last_error)
                 await self._dead_letter(again, reason, "retry_limit")
@@ -519,11 +523,11 @@ class DeliveryPipeline:
                 return outcome
         return "dead_lettered"
 
-    async def _send_one(self, batch: SpooledBatch, deadline: float | None) -> _Outcome:
-        """Write one batch on a line of its own and settle it."""
+    async def _send_one(self, batch: SpooledBatch, deadline: float | None) -> _Outcome | None:
+        """Write one batch on a line of its own and settle it; ``None`` if out of time."""
         budget = None if deadline is None else deadline - self._clock()
         if budget is not None and budget <= 0:
-            return "failed"
+            return None
         if self._new_line is not None:
             self._writer = self._new_line()
         write = self._writer.write(batch.readings)
