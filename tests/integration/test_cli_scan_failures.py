@@ -161,3 +161,40 @@ def test_stdout_gets_its_readings_when_the_sqlite_file_cannot_be_opened(tmp_path
     assert json.loads(done.stdout)["machine"] == "i-1"
     line = last_line(done.stderr)
     assert line.startswith("gpufleet: error: exporter sqlite: cannot open /proc/inv.db")
+
+
+async def test_a_batch_failing_every_time_is_given_up_after_retry_max_attempts(
+    tmp_path: Path,
+) -> None:
+    stored: list[int] = []
+    refused_posts = 0
+
+    async def handle(request: web.Request) -> web.Response:
+        nonlocal refused_posts
+        indexes = [int(str(r["index"])) for r in json.loads(await request.read())]
+        if 0 in indexes:  # this receiver chokes on GPU 0's reading, and only on it
+            refused_posts += 1
+            return web.Response(status=500, text="internal error")
+        stored.extend(indexes)
+        return web.Response(status=200)
+
+    async with ingest_endpoint(handle) as url:
+        env = env_for(url, tmp_path, BATCH_SIZE="2", RETRY_MAX_ATTEMPTS="2")
+        done = await scan(env, "--simulate", "dgx-h100")
+    line = last_line(done.stderr)
+    assert (done.returncode, sorted(stored), refused_posts) == (1, [2, 3, 4, 5, 6, 7], 3)
+    assert "gave up after 3 failed attempts" in line
+    assert "HTTP 500" in line
+    assert "2 reading(s) refused" in line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [("RETRY_MAX_ATTEMPTS", "-1"), ("RETRY_MAX_AGE", "soon")]
+)
+async def test_a_bad_retry_limit_is_refused_with_one_line_naming_it(
+    receiver: Receiver, tmp_path: Path, variable: str, value: str
+) -> None:
+    done = await scan(env_for(receiver.url, tmp_path, **{variable: value}), "--simulate", "l4")
+    assert (done.returncode, len(receiver.posts)) == (2, 0)
+    assert variable in last_line(done.stderr)
+    assert "Traceback" not in done.stderr

@@ -84,9 +84,14 @@ class Receiver:
 @contextlib.asynccontextmanager
 async def ingest_endpoint(
     handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    *,
+    client_max_size: int = 1024**2,
 ) -> AsyncIterator[str]:
-    """A real aiohttp server on a loopback port whose /ingest calls ``handle``; yields its URL."""
-    app = web.Application()
+    """A real aiohttp server on a loopback port whose /ingest calls ``handle``; yields its URL.
+
+    ``client_max_size`` is aiohttp's body limit: a larger body gets a 413.
+    """
+    app = web.Application(client_max_size=client_max_size)
     app.router.add_route("*", "/ingest", handle)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()

@@ -398,3 +398,27 @@ async def test_a_batch_that_fails_behind_the_head_holds_back_the_batches_after_i
     # Batch 3 starts on the same line once batch 0 is acked, and must not
     # commit ahead of the failed batch 1: the line stops at its first failure.
     assert (exporter.committed, exporter.earlier_failed[:2]) == ([0, 1, 2, 3, 4], [2, 3])
+
+
+async def test_a_head_stuck_past_its_retry_limit_is_given_up_and_nothing_commits_out_of_line(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    spool = spooled(tmp_path, 5)
+    exporter = OrderedExporter(max_in_flight=3)
+    for _ in range(4):  # three attempts, then once more after batch 1 went through
+        exporter.fail(0, ExporterError("win", "HTTP 500", error_type="server"))
+    pipe = DeliveryPipeline(
+        exporter, spool, cluster="c", metrics=ExportMetrics(registry),
+        config=DeliveryConfig(
+            batch_size=PER_BATCH, flush_interval=0.01, backoff=FAST, max_attempts=3, max_age=0
+        ),
+    )  # fmt: skip
+    assert await pipe.drain(10)
+    dead = [json.loads(line) for line in spool.dead_letter_path.read_text().splitlines()]
+    assert ([[r["gpu"] for r in d["readings"]] for d in dead], exporter.stored) == (
+        [gpus(range(1))],
+        gpus(range(1, 5)),
+    )
+    # Batch 1 proved the sink is up on a line of its own: the committed order is
+    # that of the spool, less the stuck batch.
+    assert exporter.committed == [1, 2, 3, 4]

@@ -50,6 +50,10 @@ class DeliverySettings(CommonSettings):
     spool_full_policy: FullPolicy = FullPolicy.REJECT_NEW
     delivery_timeout: Duration = 30.0
     retry_max_backoff: Duration = Field(default=30.0, gt=0)
+    # A batch past either limit is dead-lettered once the exporter takes the
+    # batch behind it; 0 turns a limit off.
+    retry_max_attempts: int = Field(default=20, ge=0)
+    retry_max_age: Duration = Field(default=3600.0, ge=0)
 
 
 class HistorySettings(CommonSettings):

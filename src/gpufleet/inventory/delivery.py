@@ -8,7 +8,17 @@ batch first, retrying with capped, jittered backoff while the exporter fails.
 Later batches wait behind a failing one, so replay keeps the order.
 
 A batch the sink refuses for good (``PermanentExporterError``: an HTTP 4xx)
-goes to the dead-letter file with its reason instead of blocking the line.
+goes to the dead-letter file with its reason instead of blocking the line;
+when the sink took the rest of the batch (an HTTP 413 split down to one
+reading), only the refused readings go there.
+
+A batch that keeps failing with a retryable error (a receiver that answers 500
+to this one batch) must not block the line for ever either. Once it has failed
+``RETRY_MAX_ATTEMPTS`` times, or for ``RETRY_MAX_AGE`` since its first failure,
+the pipeline sends the batch behind it: if the sink takes that one, the stuck
+batch is the problem, and it goes to the dead-letter file
+(``reason="retry_limit"``). If that one fails too the sink is down, and nothing
+is dead-lettered: an outage of any length loses nothing.
 A configuration error (``ExporterError.is_config``: a missing bucket, a table
 of another layout) is never retried: the pipeline stops sending to that
 exporter, keeps the readings in the spool and says why in its health check.
@@ -76,6 +86,10 @@ class DeliveryConfig:
     batch_size: int = 500
     flush_interval: float = 2.0
     backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, factor=2.0, cap=30.0))
+    max_attempts: int = 20
+    """Failed attempts after which a batch is given up once the sink takes the next; 0: never."""
+    max_age: float = 3600.0
+    """Seconds since a batch's first failure after which the same holds; 0: never."""
 
 
 class DeliveryPipeline:
@@ -91,6 +105,7 @@ class DeliveryPipeline:
         config: DeliveryConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.exporter = exporter
         self.spool = spool
@@ -99,6 +114,9 @@ class DeliveryPipeline:
         self.config = config or DeliveryConfig()
         self._clock = clock
         self._rand = rand
+        # The age limit outlives the process, so it is measured in Unix time.
+        self._wall = wall
+        self._last_error = ""
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._pending = spool.pending_count()
@@ -216,6 +234,7 @@ class DeliveryPipeline:
                     await self._wait_for_work()
                     continue
                 # Still in the window while it is settled, so interrupt() reaches it.
+                head = window[0].batch
                 outcome = await self._settle(window[0])
                 window.popleft()
                 if outcome == "delivered":
@@ -224,6 +243,8 @@ class DeliveryPipeline:
                 # Whatever was sent behind a batch that did not go through was
                 # not committed (exporters commit in order): it goes again.
                 await self._abandon(window)
+                if outcome == "failed" and not stopping and self._over_limits(head):
+                    outcome = await self._probe_past(head, deadline)
                 if outcome == "dead_lettered":
                     attempt = 0
                     continue
@@ -290,7 +311,10 @@ class DeliveryPipeline:
         window.clear()
 
     async def _seal(self, *, force: bool) -> None:
-        if not self._pending:
+        if self._pending <= 0:
+            # Below zero for a moment when a seal took readings whose submit()
+            # has not counted them yet; that submit brings it back to zero.
+            self._first_pending_at = None
             return
         due = (
             force
@@ -302,9 +326,11 @@ class DeliveryPipeline:
         )
         if not due:
             return
-        await asyncio.to_thread(self.spool.seal, self.config.batch_size)
-        self._pending = 0
-        self._first_pending_at = None
+        sealed = await asyncio.to_thread(self.spool.seal, self.config.batch_size)
+        # Only what was sealed: a submit() that landed while the seal ran in
+        # its thread has added readings the next seal must take.
+        self._pending -= sealed
+        self._first_pending_at = self._clock() if self._pending > 0 else None
 
     async def _wait_for_work(self) -> None:
         self._wake.clear()
@@ -344,20 +370,7 @@ class DeliveryPipeline:
         except PermanentExporterError as exc:
             self.metrics.duration.labels(*labels).observe(self._clock() - started)
             self.metrics.failure.labels(*labels, exc.error_type).inc()
-            await asyncio.to_thread(self.spool.dead_letter, batch, str(exc), self.name)
-            self.metrics.dropped.labels(self.name, "dead_letter").inc(len(batch.readings))
-            self.metrics.queue.labels(self.name).dec(len(batch.readings))
-            log.error(
-                "batch refused by the exporter; moved to the dead-letter file",
-                extra={
-                    "exporter": self.name,
-                    "batch": batch.hash,
-                    "readings": len(batch.readings),
-                    "dead_letter": str(self.spool.dead_letter_path),
-                    "error": str(exc),
-                },
-            )
-            self.refused.append(Refusal(len(batch.readings), str(exc)))
+            await self._dead_letter(batch, str(exc), "dead_letter", exc.refused)
             return "dead_lettered"
         except ExporterError as exc:
             if not exc.is_config:
@@ -396,7 +409,8 @@ class DeliveryPipeline:
         error_type = _error_type(exc)
         self.metrics.duration.labels(*labels).observe(self._clock() - started)
         self.metrics.failure.labels(*labels, error_type).inc()
-        await asyncio.to_thread(self.spool.failed, batch, str(exc) or error_type)
+        self._last_error = str(exc) or error_type
+        await asyncio.to_thread(self.spool.failed, batch, self._last_error, self._wall())
         self.metrics.spooled.labels(self.name).set(
             (await asyncio.to_thread(self.spool.stats)).retried_readings
         )
@@ -414,6 +428,115 @@ class DeliveryPipeline:
         )
         self._failing = True
         return "failed"
+
+    async def _dead_letter(
+        self,
+        batch: SpooledBatch,
+        reason: str,
+        why: str,
+        refused: Sequence[Reading] | None = None,
+    ) -> None:
+        """Move ``refused`` (the whole batch by default) to the dead-letter file; ack the rest."""
+        count = len(batch.readings) if refused is None else len(refused)
+        taken = len(batch.readings) - count
+        await asyncio.to_thread(self.spool.dead_letter, batch, reason, self.name, refused)
+        self.metrics.dropped.labels(self.name, why).inc(count)
+        if taken:
+            self.metrics.delivered.labels(self.name).inc(taken)
+        self.metrics.queue.labels(self.name).dec(len(batch.readings))
+        log.error(
+            "batch refused by the exporter; moved to the dead-letter file"
+            if why == "dead_letter"
+            else "batch given up after too many failed attempts; moved to the dead-letter file",
+            extra={
+                "exporter": self.name,
+                "batch": batch.hash,
+                "readings": count,
+                "delivered": taken,
+                "dead_letter": str(self.spool.dead_letter_path),
+                "error": reason,
+            },
+        )
+        self.refused.append(Refusal(count, reason))
+
+    def _over_limits(self, batch: SpooledBatch) -> bool:
+        """Whether ``batch``, which has just failed once more, is past a retry limit."""
+        attempts = batch.attempts + 1
+        first = batch.first_failed if batch.first_failed is not None else self._wall()
+        limits = self.config
+        return (limits.max_attempts > 0 and attempts >= limits.max_attempts) or (
+            limits.max_age > 0 and self._wall() - first >= limits.max_age
+        )
+
+    def _give_up_reason(self, batch: SpooledBatch, error: str) -> str:
+        first = batch.first_failed if batch.first_failed is not None else self._wall()
+        limits = self.config
+        return (
+            f"gave up after {batch.attempts + 1} failed attempts over "
+            f"{max(0.0, self._wall() - first):.0f}s (RETRY_MAX_ATTEMPTS={limits.max_attempts}, "
+            f"RETRY_MAX_AGE={limits.max_age:g}s) while the exporter took the batch "
+            f"behind it; last error: {error}"
+        )
+
+    async def _probe_past(self, head: SpooledBatch, deadline: float | None) -> _Outcome:
+        """``head`` failed past its limits: is it the batch, or is the sink down?
+
+        The batches behind it are sent one at a time. The first one the sink
+        takes proves the sink is up; then ``head`` (and any batch between,
+        itself past its limits) is sent once more, and one that fails again
+        goes to the dead-letter file. A batch behind that fails within its
+        limits says the sink is down: nothing is given up, and the caller
+        backs off. So an outage never dead-letters anything, however long;
+        a sink that comes back during the probe delivers the stuck batches
+        just after the one that proved it.
+        """
+        stuck = [head]
+        after = head.seq
+        while True:
+            batch = await asyncio.to_thread(self.spool.next_batch, after)
+            if batch is None or self.interrupted:
+                return "failed"
+            outcome = await self._send_one(batch, deadline)
+            if outcome is None:
+                return "failed"  # out of time: the next run goes on from here
+            if outcome == "delivered":
+                break
+            if outcome == "dead_lettered":
+                after = batch.seq
+                continue
+            if outcome != "failed" or not self._over_limits(batch):
+                return outcome
+            stuck.append(batch)
+            after = batch.seq
+        for old in stuck:
+            # Read again: the failed attempts of the probe are counted in it.
+            again = await asyncio.to_thread(self.spool.next_batch, old.seq - 1)
+            if again is None or again.seq != old.seq:
+                continue
+            outcome = await self._send_one(again, deadline)
+            if outcome is None:
+                return "failed"  # not sent again, so not given up
+            if outcome == "failed":
+                reason = self._give_up_reason(again, self._last_error)
+                await self._dead_letter(again, reason, "retry_limit")
+            elif outcome != "delivered" and outcome != "dead_lettered":
+                return outcome
+        return "dead_lettered"
+
+    async def _send_one(self, batch: SpooledBatch, deadline: float | None) -> _Outcome | None:
+        """Write one batch on a line of its own and settle it; ``None`` if out of time."""
+        budget = None if deadline is None else deadline - self._clock()
+        if budget is not None and budget <= 0:
+            return None
+        if self._new_line is not None:
+            self._writer = self._new_line()
+        write = self._writer.write(batch.readings)
+        task = asyncio.create_task(self._write(write, budget))
+        self._window.append(_Sending(batch, write, task, self._clock()))
+        try:
+            return await self._settle(self._window[0])
+        finally:
+            self._window.popleft()
 
     def _refresh_gauges(self, stats: SpoolStats) -> None:
         self.metrics.queue.labels(self.name).set(stats.readings)

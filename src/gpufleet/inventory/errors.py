@@ -1,6 +1,14 @@
 """The inventory feature's exception hierarchy."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from gpufleet.core.errors import GpufleetError
+
+if TYPE_CHECKING:
+    from gpufleet.inventory.reading import Reading
 
 
 class InventoryError(GpufleetError):
@@ -47,11 +55,21 @@ class PermanentExporterError(ExporterError):
     """The sink refused this batch for good (an HTTP 4xx, say): retrying cannot help.
 
     The delivery pipeline moves such a batch to the dead-letter file with the
-    reason, instead of blocking every later batch behind it.
+    reason, instead of blocking every later batch behind it. ``refused`` names
+    the readings refused when the sink took the rest of the batch (an HTTP 413
+    split down to single readings); ``None`` means the whole batch.
     """
 
-    def __init__(self, exporter: str, message: str, *, error_type: str = "rejected") -> None:
+    def __init__(
+        self,
+        exporter: str,
+        message: str,
+        *,
+        error_type: str = "rejected",
+        refused: Sequence[Reading] | None = None,
+    ) -> None:
         super().__init__(exporter, message, error_type=error_type)
+        self.refused: tuple[Reading, ...] | None = None if refused is None else tuple(refused)
 
 
 class EarlierWriteFailed(ExporterError):

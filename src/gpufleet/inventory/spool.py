@@ -13,6 +13,12 @@ Sealing moves readings from ``pending`` into one ``batches`` row in a single
 transaction, so a crash at any moment leaves every reading in exactly one place.
 A process holds an exclusive lock on the spool, so two processes never deliver
 the same batch.
+
+Dead-lettering is idempotent: the batch's row is marked with its dead-letter
+record (committed) before the record is appended to the dead-letter file, and
+the row is deleted only after the file is fsync'd. A process that finds a marked
+row at start (the last one was killed in between) finishes the move, appending
+the record only if the file does not hold it yet; a marked batch is never sent.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +56,15 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 """
 
+# Added after the first release; an older spool file gets them on open.
+_ADDED_BATCH_COLUMNS = {
+    # Wall-clock time (Unix seconds) of the first failed attempt: the age limit
+    # must survive restarts, so it cannot be a monotonic clock.
+    "first_failed": "REAL",
+    # The dead-letter record of a batch being moved to the dead-letter file.
+    "dead_record": "TEXT",
+}
+
 
 class SpoolError(InventoryError):
     """The spool cannot be opened or written."""
@@ -75,6 +91,11 @@ class SpooledBatch:
     hash: str
     readings: tuple[Reading, ...]
     attempts: int
+    """Failed attempts so far, in this process and the earlier ones."""
+    first_failed: float | None = None
+    """Unix time of the first failed attempt; ``None`` if it never failed."""
+    last_error: str | None = None
+    """Why the last attempt failed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,13 +149,42 @@ class Spool:
             # FULL: a commit is on disk before append() returns, even in WAL mode.
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(_SCHEMA)
+            self._add_columns()
             self._bytes = self._scalar(
                 "SELECT COALESCE((SELECT SUM(LENGTH(body)) FROM pending), 0)"
                 " + COALESCE((SELECT SUM(LENGTH(body)) FROM batches), 0)"
             )
+            self._finish_dead_letters()
         except sqlite3.Error as exc:
             self._release_process_lock()
             raise SpoolError(f"cannot open spool {path}: {exc}") from exc
+        except OSError as exc:
+            self._release_process_lock()
+            raise SpoolError(
+                f"cannot finish moving a batch to the dead-letter file {self.dead_letter_path}: "
+                f"{exc}"
+            ) from exc
+
+    def _add_columns(self) -> None:
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(batches)")}
+        for name, kind in _ADDED_BATCH_COLUMNS.items():
+            if name not in have:
+                self._conn.execute(f"ALTER TABLE batches ADD COLUMN {name} {kind}")
+
+    def _finish_dead_letters(self) -> None:
+        """Complete the dead-letter moves an earlier process was killed in the middle of."""
+        rows = self._conn.execute(
+            "SELECT seq, dead_record FROM batches WHERE dead_record IS NOT NULL ORDER BY seq"
+        ).fetchall()
+        for seq, record in rows:
+            key = json.loads(record)["batch"]
+            if not self._dead_letter_holds(key):
+                self._append_dead_letter(record)
+            log.warning(
+                "finished moving a batch to the dead-letter file after a crash",
+                extra={"spool": str(self.path), "dead_letter": str(self.dead_letter_path)},
+            )
+            self._delete(seq)
 
     @staticmethod
     def _take_process_lock(path: Path) -> ProcessLock:
@@ -164,14 +214,21 @@ class Spool:
         rows = [(_encode(r),) for r in readings]
         size = sum(len(body) for (body,) in rows)
         with self._lock:
-            dropped = self._make_room(size)
-            self._conn.execute("BEGIN IMMEDIATE")
+            # One transaction: the readings dropped to make room stay if the
+            # insert that needed the room fails (a full disk, say).
+            before = self._bytes
             try:
-                self._conn.executemany("INSERT INTO pending (body) VALUES (?)", rows)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    dropped = self._make_room(size)
+                    self._conn.executemany("INSERT INTO pending (body) VALUES (?)", rows)
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    self._bytes = before
+                    raise
+            except sqlite3.Error as exc:
+                raise SpoolError(f"cannot write to spool {self.path}: {exc}") from exc
             self._bytes += size
         return dropped
 
@@ -207,15 +264,15 @@ class Spool:
     # --- batching and delivery -------------------------------------------------
 
     def seal(self, batch_size: int) -> int:
-        """Seal pending readings into batches of at most ``batch_size``; returns batches made."""
-        made = 0
+        """Seal pending readings into batches of at most ``batch_size``; returns readings sealed."""
+        sealed = 0
         with self._lock:
             while True:
                 rows = self._conn.execute(
                     "SELECT seq, body FROM pending ORDER BY seq LIMIT ?", (batch_size,)
                 ).fetchall()
                 if not rows:
-                    return made
+                    return sealed
                 readings = [Reading.from_dict(json.loads(body)) for _, body in rows]
                 body = "\n".join(b for _, b in rows)
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -231,7 +288,7 @@ class Spool:
                     raise
                 # The batch body joins the pending bodies with newlines.
                 self._bytes += len(rows) - 1
-                made += 1
+                sealed += len(rows)
 
     def pending_count(self) -> int:
         """Readings accepted but not yet sealed into a batch."""
@@ -246,41 +303,86 @@ class Spool:
         """The oldest batch sealed after batch ``after`` (a ``seq``), or the oldest of all."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT seq, hash, body, attempts FROM batches WHERE seq > ? ORDER BY seq LIMIT 1",
+                "SELECT seq, hash, body, attempts, first_failed, last_error FROM batches"
+                " WHERE seq > ? AND dead_record IS NULL ORDER BY seq LIMIT 1",
                 (-1 if after is None else after,),
             ).fetchone()
         if row is None:
             return None
-        return SpooledBatch(seq=row[0], hash=row[1], readings=_decode(row[2]), attempts=row[3])
+        return SpooledBatch(
+            seq=row[0], hash=row[1], readings=_decode(row[2]), attempts=row[3],
+            first_failed=row[4], last_error=row[5],
+        )  # fmt: skip
 
     def ack(self, batch: SpooledBatch) -> None:
         """The exporter has the batch: forget it."""
         self._delete(batch.seq)
 
-    def failed(self, batch: SpooledBatch, error: str) -> None:
-        """Record a failed attempt; the batch stays first in line."""
+    def failed(self, batch: SpooledBatch, error: str, at: float | None = None) -> None:
+        """Record a failed attempt at Unix time ``at`` (now); the batch stays first in line."""
+        when = time.time() if at is None else at
         with self._lock:
             self._conn.execute(
-                "UPDATE batches SET attempts = attempts + 1, last_error = ? WHERE seq = ?",
-                (error, batch.seq),
+                "UPDATE batches SET attempts = attempts + 1, last_error = ?,"
+                " first_failed = COALESCE(first_failed, ?) WHERE seq = ?",
+                (error, when, batch.seq),
             )
 
-    def dead_letter(self, batch: SpooledBatch, reason: str, exporter: str) -> None:
-        """Move a batch the sink refused for good to the dead-letter file, then forget it."""
+    def dead_letter(
+        self,
+        batch: SpooledBatch,
+        reason: str,
+        exporter: str,
+        readings: Sequence[Reading] | None = None,
+    ) -> None:
+        """Move a batch the sink refused for good to the dead-letter file, then forget it.
+
+        ``readings`` are the ones refused when the sink took the rest of the
+        batch (all of them by default); only they go to the file. Idempotent
+        per batch, even across a SIGKILL at any point (see the module notes).
+        """
+        refused = batch.readings if readings is None else readings
         record = {
             "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             "exporter": exporter,
             "reason": reason,
+            # The spool's sequence number never repeats within a spool file,
+            # and with the hash it names this batch alone.
+            "batch": f"{batch.seq}-{batch.hash}",
             "batch_hash": batch.hash,
-            "readings": [r.to_dict() for r in batch.readings],
+            "readings": [r.to_dict() for r in refused],
         }
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        line = json.dumps(record, separators=(",", ":"))
+        with self._lock:
+            # Marked first: a process killed after this never sends the batch
+            # again, and the next one finishes the move.
+            self._conn.execute(
+                "UPDATE batches SET dead_record = ? WHERE seq = ?", (line, batch.seq)
+            )
         # Appended and fsync'd before the batch leaves the spool: never in neither.
-        with open(self.dead_letter_path, "a", encoding="utf-8") as out:
-            out.write(line)
+        self._append_dead_letter(line)
+        self._delete(batch.seq)
+
+    def _append_dead_letter(self, line: str) -> None:
+        with open(self.dead_letter_path, "a+b") as out:
+            out.seek(0, os.SEEK_END)
+            # A line torn by a crash before its fsync stays one bad line, not two.
+            torn = False
+            if out.tell():
+                out.seek(-1, os.SEEK_END)
+                torn = out.read(1) != b"\n"
+            out.write((("\n" if torn else "") + line + "\n").encode())
             out.flush()
             os.fsync(out.fileno())
-        self._delete(batch.seq)
+
+    def _dead_letter_holds(self, key: str) -> bool:
+        """Whether the dead-letter file already has the record of batch ``key``."""
+        needle = f'"batch":{json.dumps(key)}'.encode()
+        try:
+            with open(self.dead_letter_path, "rb") as lines:
+                return any(needle in line for line in lines)
+        except FileNotFoundError:
+            return False
 
     def _delete(self, seq: int) -> None:
         with self._lock:

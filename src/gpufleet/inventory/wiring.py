@@ -33,6 +33,8 @@ def delivery_config(settings: DeliverySettings) -> DeliveryConfig:
         batch_size=settings.batch_size,
         flush_interval=settings.flush_interval,
         backoff=Backoff(initial=min(0.5, cap), factor=2.0, cap=cap),
+        max_attempts=settings.retry_max_attempts,
+        max_age=settings.retry_max_age,
     )
 
 

@@ -16,6 +16,12 @@ The exporter only *classifies* failures; the delivery pipeline does the retrying
 - 404 and 405: ``ExporterConfigError`` too. No such resource, or one that takes
   no POST, says ``HTTP_ENDPOINT`` is wrong, whatever the batch.
   A configuration error is never retried (see ``ExporterError.is_config``).
+- 413 (the receiver's body limit): the batch is split in two and each half is
+  POSTed (in order, each with its own Idempotency-Key), down to single
+  readings. A reading still too large alone is refused for good; the rest
+  of the batch is delivered, and ``PermanentExporterError.refused`` names the
+  refused readings, so only they go to the dead-letter file. The halves of a
+  batch are always the same, so a replay sends the same keys again.
 - any other 4xx: ``PermanentExporterError``. The server read this batch and
   refused it; sending the same bytes again cannot help.
 
@@ -80,6 +86,14 @@ class HttpSettings(GpufleetSettings):
         return value
 
 
+class _TooLarge(PermanentExporterError):
+    """HTTP 413 for one POST: the body of ``size`` bytes is over the receiver's limit."""
+
+    def __init__(self, exporter: str, message: str, size: int) -> None:
+        super().__init__(exporter, message.removeprefix(f"exporter {exporter}: "))
+        self.size = size
+
+
 def redacted_url(url: str) -> str:
     """``url`` without user info, query or fragment: the parts that may hold secrets."""
     parts = urlsplit(url)
@@ -124,9 +138,40 @@ class HttpExporter:
         """POST the batch; raise ``ExporterError`` to retry or ``PermanentExporterError``.
 
         An empty batch sends nothing: there is nothing for the receiver to store.
+        A 413 splits the batch (see the module notes); readings too large even
+        alone are raised as ``PermanentExporterError`` with ``refused`` set,
+        after every other reading was delivered.
         """
         if not batch:
             return
+        refused: list[tuple[Reading, _TooLarge]] = []
+        await self._post_splitting(batch, refused)
+        if not refused:
+            return
+        first = refused[0][1]
+        detail = str(first).removeprefix(f"exporter {self.name}: ")
+        raise PermanentExporterError(
+            self.name,
+            f"{len(refused)} of {len(batch)} reading(s) over the receiver's body limit even "
+            f"alone (first: gpu {refused[0][0].gpu} on node {refused[0][0].node}, "
+            f"{first.size} bytes): {detail}",
+            refused=[reading for reading, _ in refused],
+        )
+
+    async def _post_splitting(
+        self, batch: Sequence[Reading], refused: list[tuple[Reading, _TooLarge]]
+    ) -> None:
+        try:
+            await self._post(batch)
+        except _TooLarge as exc:
+            if len(batch) == 1:
+                refused.append((batch[0], exc))
+                return
+            middle = len(batch) // 2
+            await self._post_splitting(batch[:middle], refused)
+            await self._post_splitting(batch[middle:], refused)
+
+    async def _post(self, batch: Sequence[Reading]) -> None:
         body = json.dumps([r.to_dict() for r in batch], separators=(",", ":")).encode()
         headers = self._headers()
         headers["Content-Type"] = "application/json"
@@ -138,7 +183,10 @@ class HttpExporter:
             ) as response:
                 if 200 <= response.status < 300:
                     return
-                raise await self._status_error(what, response)
+                error = await self._status_error(what, response)
+                if response.status == 413:
+                    raise _TooLarge(self.name, str(error), len(body))
+                raise error
 
     async def _status_error(self, what: str, response: aiohttp.ClientResponse) -> ExporterError:
         status = response.status

@@ -41,7 +41,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import Field, field_validator
 
 from gpufleet.core.config import GpufleetSettings, HttpUrlText
-from gpufleet.inventory.errors import ExporterError
+from gpufleet.inventory.errors import ExporterError, PermanentExporterError
 from gpufleet.inventory.reading import Reading, batch_hash
 
 if TYPE_CHECKING:
@@ -87,6 +87,15 @@ _CONFIG_CODES = frozenset(
     }
 )
 _THROTTLE_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"})
+# 4xx answers about this request's timing or transport, not its content:
+# the same put can succeed later.
+_TRANSIENT_CODES = frozenset(
+    {"IncompleteBody", "OperationAborted", "RequestTimeTooSkewed", "TooManyRequests"}
+)
+# 4xx statuses S3 gives a put whose key, body or headers it will never take
+# (KeyTooLongError, InvalidArgument, EntityTooLarge, InvalidDigest, BadDigest,
+# MalformedXML, MetadataTooLarge, InvalidRequest, MissingContentLength...).
+_PERMANENT_STATUSES = frozenset({400, 411, 413, 414})
 
 
 class S3Settings(GpufleetSettings):
@@ -243,11 +252,14 @@ class S3Exporter:
     """Writes each batch as one JSON-lines object per (cluster, node) under deterministic keys.
 
     ``client`` may be given (a preconfigured boto3 S3 client); it then belongs to
-    the caller and ``close()`` leaves it open. Every failure is an
-    ``ExporterError``, never ``PermanentExporterError``: S3 refuses a well-formed
-    put only for reasons an operator fixes (bucket, policy, credentials,
-    region), none of them the batch's fault, so the batch waits in the spool
-    instead of going to the dead-letter file.
+    the caller and ``close()`` leaves it open. A put S3 refuses for its own
+    content (a 400 such as ``KeyTooLongError`` or ``InvalidArgument``: a node
+    name that makes the key too long, say) is a ``PermanentExporterError``, so
+    the batch goes to the dead-letter file. Refusals an operator fixes (bucket,
+    policy, credentials, region: 403 ``AccessDenied`` among them) stay
+    retryable ``ExporterError``s, so the batch waits in the spool; if they hit
+    this batch alone (a policy denying one prefix), the pipeline's retry limits
+    move it aside once the batch behind it is taken.
     """
 
     name = "s3"
@@ -292,13 +304,18 @@ class S3Exporter:
         first = failures[0]
         if not isinstance(first, ExporterError):
             raise first
+        # Refused for good only if every failed put was: otherwise a retry may
+        # still deliver the rest, and the same keys are overwritten.
+        permanent = all(isinstance(f, PermanentExporterError) for f in failures)
         if len(failures) > 1:
-            raise ExporterError(
-                self.name,
+            message = (
                 f"{len(failures)} of {len(groups)} objects failed; first: "
-                f"{str(first).removeprefix(f'exporter {self.name}: ')}",
-                error_type=first.error_type,
-            ) from first
+                f"{str(first).removeprefix(f'exporter {self.name}: ')}"
+            )
+            if permanent:
+                raise PermanentExporterError(self.name, message) from first
+            error_type = "other" if first.error_type == "rejected" else first.error_type
+            raise ExporterError(self.name, message, error_type=error_type) from first
         raise first
 
     def _put(self, group: list[Reading]) -> None:
@@ -351,6 +368,8 @@ class S3Exporter:
 
     def _error(self, context: str, exc: Exception) -> ExporterError:
         error_type, detail = classify(exc)
+        if error_type == REJECTED:
+            return PermanentExporterError(self.name, f"{context}: {detail}")
         return ExporterError(self.name, f"{context}: {detail}", error_type=error_type)
 
     async def close(self) -> None:
@@ -371,8 +390,15 @@ def _client_error_code(exc: BaseException) -> tuple[str, int | None]:
 _WHITESPACE = re.compile(r"\s+")
 
 
+REJECTED = "rejected"
+"""The ``error_type`` of a put S3 refuses for its content: a ``PermanentExporterError``."""
+
+
 def classify(exc: BaseException) -> tuple[str, str]:
-    """An ``ExporterError.error_type`` and a one-line, credential-free detail for a boto error."""
+    """An ``ExporterError.error_type`` and a one-line, credential-free detail for a boto error.
+
+    ``rejected`` (``REJECTED``) means S3 will never take this put.
+    """
     if isinstance(exc, ClientError):
         code, status = _client_error_code(exc)
         message = exc.response.get("Error", {}).get("Message", "")
@@ -385,6 +411,10 @@ def classify(exc: BaseException) -> tuple[str, str]:
             return "config", detail
         if code in _THROTTLE_CODES or (status is not None and status >= 500):
             return "server", detail
+        if code in _TRANSIENT_CODES:
+            return "other", detail
+        if status in _PERMANENT_STATUSES:
+            return REJECTED, detail
         return "other", detail
     if isinstance(exc, ReadTimeoutError):
         return "timeout", f"no response within {READ_TIMEOUT_S:g}s"
