@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import logging
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from prometheus_client import CollectorRegistry
 
 from gpufleet.core.config import load_settings
 from gpufleet.core.http import HealthServer
+from gpufleet.core.logging import configure_logging
+from gpufleet.core.retry import Backoff
 from gpufleet.inventory.config import AgentSettings, CheckSettings, ControllerSettings
 from gpufleet.inventory.podwork import PodWorkLoop
 from gpufleet.inventory.service import (
@@ -33,6 +37,7 @@ from gpufleet.inventory.service import (
     run_pod_watch,
 )
 from gpufleet.kube.client import Kube, connect
+from gpufleet.kube.watch import Informer
 from tests import polling
 from tests.doubles.kubeapi import ExecReply, ExecRequest, KubeApiDouble
 
@@ -634,3 +639,70 @@ async def test_a_full_spool_holds_up_no_other_exporter_and_gets_the_same_reading
         local = conn.execute("SELECT gpu, read_time FROM readings").fetchall()
     remote = [(r["gpu"], r["read_time"]) for r in received if r["source"] == f"{NS}/dp"]
     assert (len(local), sorted(remote), api.exec_count()) == (8, sorted(local), 1)
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """The process's JSON log lines (the default format), as configure_logging writes them."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    configure_logging("inventory", stream=stream)
+    yield stream
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def _json_lines(stream: io.StringIO, msg: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return [line for line in lines if line["msg"] == msg]
+
+
+async def test_a_pod_retry_line_in_json_says_why(
+    api: KubeApiDouble, tmp_path: Path, json_logs: io.StringIO
+) -> None:
+    api.add_node("n0", provider_id="aws:///us-east-1a/i-00000000000000000")
+    api.add_pod(NS, "dp", node_name="n0", labels=LABELS)
+
+    async def broken(request: ExecRequest) -> ExecReply:
+        return ExecReply(stdout=b"", stderr=b"NVML: driver not loaded\n", exit_code=9)
+
+    api.set_exec_handler(broken)
+    settings = controller_settings(
+        tmp_path, max_retries=1, pod_retry_backoff=0.05, pod_retry_max_backoff=0.05
+    )
+    run = await start_watch(api, settings, controller_processor)
+    try:
+        await eventually(
+            lambda: _sample(run, "gpufleet_pods_processed_total", result="gave_up") == 1
+        )
+    finally:
+        await run.halt()
+    (retry,) = _json_lines(json_logs, "pod processing failed; retrying")
+    (give_up,) = _json_lines(json_logs, "giving up on pod until its next update")
+    assert [line.get("error", "") for line in (retry, give_up)] == [
+        f"{NS}/dp: nvidia-smi exited 9: NVML: driver not loaded"
+    ] * 2
+
+
+async def test_a_list_failure_line_in_json_says_why(
+    api: KubeApiDouble, tmp_path: Path, json_logs: io.StringIO
+) -> None:
+    kube = await kube_for(api, controller_settings(tmp_path))
+    # The server refuses the list (400: a field it cannot select on), as a broken
+    # or hostile apiserver may: the informer retries, and says why.
+    informer = Informer(
+        kube.core.list_namespaced_pod, namespace=NS, field_selector="spec.bogus=1",
+        backoff=Backoff(initial=0.05, cap=0.05),
+    )  # fmt: skip
+    task = asyncio.create_task(informer.run())
+    try:
+        await eventually(lambda: bool(_json_lines(json_logs, "list/watch failed, retrying")))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await kube.close()
+    line = _json_lines(json_logs, "list/watch failed, retrying")[0]
+    assert ("ApiException" in line["error"], line["status"]) == (True, 400)
