@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import logging
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from prometheus_client import CollectorRegistry
 
 from gpufleet.core.config import load_settings
 from gpufleet.core.http import HealthServer
+from gpufleet.core.logging import configure_logging
+from gpufleet.core.retry import Backoff
 from gpufleet.inventory.config import AgentSettings, CheckSettings, ControllerSettings
 from gpufleet.inventory.podwork import PodWorkLoop
 from gpufleet.inventory.service import (
@@ -32,6 +37,7 @@ from gpufleet.inventory.service import (
     run_pod_watch,
 )
 from gpufleet.kube.client import Kube, connect
+from gpufleet.kube.watch import Informer
 from tests import polling
 from tests.doubles.kubeapi import ExecReply, ExecRequest, KubeApiDouble
 
@@ -527,3 +533,176 @@ async def test_agent_stops_delivering_at_a_configuration_error_and_readyz_names_
         "exporter misconfigured: not retried; delivery to it stops until the settings are "
         "fixed and the process restarts, and its readings stay in the spool"
     ]
+
+
+async def test_pods_on_a_hung_node_hold_no_worker_through_their_backoff(
+    api: KubeApiDouble, tmp_path: Path
+) -> None:
+    api.add_node("hung", provider_id="aws:///us-east-1a/i-00000000000000000")
+    api.add_node("fine", provider_id="aws:///us-east-1a/i-00000000000000001")
+    for n in range(4):  # first in the queue: they take both workers first
+        api.add_pod(NS, f"a-hung-{n}", node_name="hung", labels=LABELS)
+    for n in range(3):
+        api.add_pod(NS, f"b-fine-{n}", node_name="fine", labels=LABELS)
+    order: list[str] = []
+
+    async def handler(request: ExecRequest) -> ExecReply:
+        order.append(request.pod)
+        if request.pod.startswith("a-hung"):
+            return ExecReply(stdout=b"", delay=30.0)  # a kubelet that never answers
+        return ExecReply(stdout=SMALL_XML)
+
+    api.set_exec_handler(handler)
+    # Each failed pod waits 2-4 s before its second attempt; the three healthy
+    # pods need a worker for a few milliseconds each.
+    settings = controller_settings(
+        tmp_path, workers=2, timeout=0.3, max_retries=10, pod_retry_backoff=4.0,
+        pod_retry_max_backoff=4.0,
+    )  # fmt: skip
+    run = await start_watch(api, settings, controller_processor)
+    try:
+        await eventually(lambda: sum(p.startswith("b-fine") for p in order) == 3)
+        await eventually(
+            lambda: _sample(run, "gpufleet_pods_processed_total", result="success") == 3
+        )
+        read_while_retrying = list(order)
+        await eventually(lambda: all(order.count(f"a-hung-{n}") >= 2 for n in range(4)))
+    finally:
+        await run.halt()
+    assert sorted(read_while_retrying) == sorted(
+        [f"a-hung-{n}" for n in range(4)] + [f"b-fine-{n}" for n in range(3)]
+    )  # every pod once: the healthy ones before any failing pod's second attempt
+    assert _sample(run, "gpufleet_pods_processed_total", result="gave_up") == 0
+
+
+def _fill_spool(path: Path, max_bytes: int) -> None:
+    """Fill the spool at ``path`` with old readings until one more does not fit."""
+    from gpufleet.gpu.smi import parse_smi_xml
+    from gpufleet.inventory.reading import readings_from_devices
+    from gpufleet.inventory.spool import Spool, SpoolFullError
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = readings_from_devices(
+        parse_smi_xml(SMALL_XML, origin="old").devices.devices, cluster="c1", node="old",
+        machine="old", source="old/pod", read_time=datetime(2020, 1, 1, tzinfo=UTC),
+    )  # fmt: skip
+    spool = Spool(path, max_bytes=max_bytes)
+    try:
+        while True:
+            spool.append(old)
+    except SpoolFullError:
+        pass
+    finally:
+        spool.close()
+
+
+async def test_a_full_spool_holds_up_no_other_exporter_and_gets_the_same_readings_later(
+    api: KubeApiDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received: list[dict[str, Any]] = []
+    receiver = {"up": False}
+
+    async def ingest(request: web.Request) -> web.Response:
+        if not receiver["up"]:
+            return web.Response(status=503, text="receiver down")
+        received.extend(await request.json())
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/ingest", ingest)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    monkeypatch.setenv("HTTP_ENDPOINT", f"http://127.0.0.1:{runner.addresses[0][1]}/ingest")
+    _fill_spool(tmp_path / "spool" / "http.spool", 64 * 1024)
+    api.add_node("n0", provider_id="aws:///us-east-1a/i-00000000000000000")
+    api.add_pod(NS, "dp", node_name="n0", labels=LABELS)
+    settings = controller_settings(
+        tmp_path, exporter_type=("sqlite", "http"), spool_max_bytes=64 * 1024,
+        flush_interval=0.01, retry_max_backoff=0.05, max_retries=100,
+        pod_retry_backoff=0.1, pod_retry_max_backoff=0.2,
+    )  # fmt: skip
+    db = tmp_path / "inv.db"
+    run = await start_watch(api, settings, controller_processor)
+    try:
+        await eventually(lambda: len(readings(db)) == 8)  # sqlite took them: not held up
+        await eventually(lambda: _sample(run, "gpufleet_pods_processed_total", result="retry") >= 2)
+        receiver["up"] = True  # the spool drains: room appears
+        await eventually(lambda: sum(r["source"] == f"{NS}/dp" for r in received) == 8)
+        await eventually(
+            lambda: _sample(run, "gpufleet_pods_processed_total", result="success") == 1
+        )
+    finally:
+        await run.halt()
+        await runner.cleanup()
+    with sqlite3.connect(db) as conn:
+        local = conn.execute("SELECT gpu, read_time FROM readings").fetchall()
+    remote = [(r["gpu"], r["read_time"]) for r in received if r["source"] == f"{NS}/dp"]
+    assert (len(local), sorted(remote), api.exec_count()) == (8, sorted(local), 1)
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """The process's JSON log lines (the default format), as configure_logging writes them."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    configure_logging("inventory", stream=stream)
+    yield stream
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def _json_lines(stream: io.StringIO, msg: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return [line for line in lines if line["msg"] == msg]
+
+
+async def test_a_pod_retry_line_in_json_says_why(
+    api: KubeApiDouble, tmp_path: Path, json_logs: io.StringIO
+) -> None:
+    api.add_node("n0", provider_id="aws:///us-east-1a/i-00000000000000000")
+    api.add_pod(NS, "dp", node_name="n0", labels=LABELS)
+
+    async def broken(request: ExecRequest) -> ExecReply:
+        return ExecReply(stdout=b"", stderr=b"NVML: driver not loaded\n", exit_code=9)
+
+    api.set_exec_handler(broken)
+    settings = controller_settings(
+        tmp_path, max_retries=1, pod_retry_backoff=0.05, pod_retry_max_backoff=0.05
+    )
+    run = await start_watch(api, settings, controller_processor)
+    try:
+        await eventually(
+            lambda: _sample(run, "gpufleet_pods_processed_total", result="gave_up") == 1
+        )
+    finally:
+        await run.halt()
+    (retry,) = _json_lines(json_logs, "pod processing failed; retrying")
+    (give_up,) = _json_lines(json_logs, "giving up on pod until its next update")
+    assert [line.get("error", "") for line in (retry, give_up)] == [
+        f"{NS}/dp: nvidia-smi exited 9: NVML: driver not loaded"
+    ] * 2
+
+
+async def test_a_list_failure_line_in_json_says_why(
+    api: KubeApiDouble, tmp_path: Path, json_logs: io.StringIO
+) -> None:
+    kube = await kube_for(api, controller_settings(tmp_path))
+    # The server refuses the list (400: a field it cannot select on), as a broken
+    # or hostile apiserver may: the informer retries, and says why.
+    informer = Informer(
+        kube.core.list_namespaced_pod, namespace=NS, field_selector="spec.bogus=1",
+        backoff=Backoff(initial=0.05, cap=0.05),
+    )  # fmt: skip
+    task = asyncio.create_task(informer.run())
+    try:
+        await eventually(lambda: bool(_json_lines(json_logs, "list/watch failed, retrying")))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await kube.close()
+    line = _json_lines(json_logs, "list/watch failed, retrying")[0]
+    assert ("ApiException" in line["error"], line["status"]) == (True, 400)

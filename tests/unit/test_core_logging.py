@@ -177,3 +177,25 @@ def test_bind_adds_fields_to_every_line(stream: io.StringIO) -> None:
     bound.info("first")
     bound.info("second", extra={"gpu_index": 2})
     assert [(r["node"], r.get("gpu_index")) for r in records(stream)] == [("n1", None), ("n1", 2)]
+
+
+def test_a_context_error_is_kept_when_there_is_no_exception(stream: io.StringIO) -> None:
+    configure_logging("inventory", stream=stream)
+    log.warning("pod processing failed; retrying", extra={"error": "exec timed out", "attempt": 1})
+    record = records(stream)[0]
+    assert (record["error"], record["attempt"]) == ("exec timed out", 1)
+
+
+def test_the_exception_wins_over_a_context_error(stream: io.StringIO) -> None:
+    configure_logging("inventory", stream=stream)
+    try:
+        raise KeyError("gpu-3")
+    except KeyError:
+        log.exception("crashed", extra={"error": "context"})
+    assert records(stream)[0]["error"] == "KeyError: 'gpu-3'"
+
+
+def test_a_context_traceback_is_never_taken_for_the_real_one(stream: io.StringIO) -> None:
+    configure_logging("inventory", stream=stream)
+    log.warning("odd", extra={"traceback": "fake"})
+    assert "traceback" not in records(stream)[0]

@@ -3,7 +3,8 @@
 stdout carries data (`gpufleet inventory` records, `gpu smi` XML), so logs must
 stay out of it. A JSON line holds `time`, `level`, `msg`, `service`, `source`
 and every context field given through `extra={...}`; a failure's traceback is a
-single string field, so one failure is one line.
+single string field, so one failure is one line. `error` is the exception
+(`Type: message`) when the record has one, else the `error` context field.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ _LEVELS = {
 _BARE_RECORD = logging.LogRecord("", logging.INFO, "", 0, "", None, None)
 _RECORD_ATTRIBUTES = frozenset(vars(_BARE_RECORD)) | {"message", "asctime", "taskName"}
 
-_CORE_FIELDS = frozenset({"time", "level", "msg", "service", "source", "error", "traceback"})
+_CORE_FIELDS = frozenset({"time", "level", "msg", "service", "source", "traceback"})
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -81,7 +82,12 @@ class JsonFormatter(logging.Formatter):
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        """Render `record`; context fields never overwrite the core fields."""
+        """Render `record`; context fields never overwrite the core fields.
+
+        `error` is a context field like any other (the reason on a retry or
+        give-up line) unless the record carries an exception: then the
+        exception's `Type: message` wins.
+        """
         line: dict[str, object] = {
             "time": _timestamp(record),
             "level": record.levelname.lower(),
@@ -113,8 +119,12 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Render `record`; a traceback follows on its own lines, as people expect."""
         parts = [_timestamp(record), f"{record.levelname:<5}", record.getMessage()]
-        parts.extend(f"{key}={_text_value(value)}" for key, value in _context(record).items())
         errors = _error_fields(record)
+        parts.extend(
+            f"{key}={_text_value(value)}"
+            for key, value in _context(record).items()
+            if key not in errors  # the exception's error wins, as in JSON
+        )
         if "error" in errors:
             parts.append(f"error={_text_value(errors['error'])}")
         text = " ".join(parts)

@@ -8,10 +8,11 @@ import socket
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
 from gpufleet.core.config import CommonSettings, Duration, NonBlank
+from gpufleet.core.retry import Backoff
 from gpufleet.inventory.exporters.base import ExporterType
 from gpufleet.inventory.spool import FullPolicy
 from gpufleet.kube.settings import KubeSettings, LeaseSettings
@@ -93,6 +94,24 @@ class PodWatchSettings(ExportSettings, ServerSettings, KubeSettings, LeaseSettin
     timeout: Duration = Field(default=30.0, gt=0, le=600)
     resync: Duration = 0.0
     max_retries: int = Field(default=5, ge=0, le=100)
+    pod_retry_backoff: Duration = Field(default=1.0, gt=0)
+    pod_retry_max_backoff: Duration = Field(default=30.0, gt=0)
+
+    @field_validator("pod_retry_max_backoff")
+    @classmethod
+    def _cap_covers_initial(cls, cap: float, info: ValidationInfo) -> float:
+        initial = info.data.get("pod_retry_backoff")  # validated first (or reported alone)
+        if isinstance(initial, float) and cap < initial:
+            raise ValueError(f"must be >= POD_RETRY_BACKOFF ({initial:g}s)")
+        return cap
+
+    @property
+    def pod_backoff(self) -> Backoff:
+        """A failed pod's wait before retry n: the initial step doubled n times, capped."""
+        return Backoff(
+            initial=self.pod_retry_backoff, factor=2.0, cap=self.pod_retry_max_backoff,
+            jitter=0.5,
+        )  # fmt: skip
 
 
 class ControllerSettings(PodWatchSettings):

@@ -3,6 +3,11 @@
 For each ready pod it runs ``SMI_COMMAND`` (argv, never through a shell) in the
 device-plugin container, parses the XML, and hands one reading per GPU to the
 delivery pipeline. The machine comes from the Node's providerID.
+
+Each exporter takes the readings on its own: one with a full spool (or a
+failing local sink) holds up none of the others, and the retry hands the same
+readings (same ``read_time``) to the exporters that did not take them, without
+exec'ing the pod again.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 from gpufleet.gpu.smi import parse_smi_xml
 from gpufleet.inventory.delivery import Delivery
 from gpufleet.inventory.errors import InventoryError
-from gpufleet.inventory.podwork import ControllerMetrics, Obj, meta
+from gpufleet.inventory.podwork import ControllerMetrics, Obj, Unfinished, meta
 from gpufleet.inventory.reading import Reading, readings_from_devices
 from gpufleet.kube.exec import exec_command
 from gpufleet.kube.identity import machine_id
@@ -85,16 +90,48 @@ class SmiProcessor:
             source=where,
             read_time=self._clock(),
         )
-        # Every exporter gets the readings, whichever of them fails.
+        await self._finish(where, node, readings, self.deliveries, labelled=not self.node_labels)
+
+    async def _finish(
+        self,
+        where: str,
+        node: Obj,
+        readings: Sequence[Reading],
+        deliveries: Sequence[Delivery],
+        *,
+        labelled: bool,
+    ) -> None:
+        """Hand ``readings`` to ``deliveries`` and label the node; what fails is resumed later.
+
+        Raises ``Unfinished``, whose ``resume`` does only what is left: the same
+        readings to the exporters that did not take them, and the labels if
+        they were not written.
+        """
+        node_name = str(meta(node, "name"))
+        # All at once, each on its own: one that fails or waits holds up no other.
         submitted = await asyncio.gather(
-            *(d.submit(readings) for d in self.deliveries), return_exceptions=True
+            *(d.submit(readings) for d in deliveries), return_exceptions=True
         )
-        failures = [outcome for outcome in submitted if isinstance(outcome, BaseException)]
-        if failures:
-            raise failures[0]
+        failed: list[tuple[Delivery, Exception]] = []
+        for delivery, outcome in zip(deliveries, submitted, strict=True):
+            if isinstance(outcome, Exception):
+                failed.append((delivery, outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome  # cancelled: stop, as asked
         self.metrics.gpu_count.labels(self.cluster, node_name).set(len(readings))
-        if self.node_labels:
-            await self._label(node, readings)
+        reasons = [f"{delivery.name}: {exc}" for delivery, exc in failed]
+        if not labelled:
+            try:
+                await self._label(node, readings)
+                labelled = True
+            except Exception as exc:
+                reasons.append(f"node labels: {type(exc).__name__}: {exc}")
+        if reasons:
+            left = [delivery for delivery, _ in failed]
+            raise Unfinished(
+                f"{where}: read {len(readings)} GPUs; not done: " + "; ".join(reasons),
+                resume=lambda: self._finish(where, node, readings, left, labelled=labelled),
+            )
         log.info("read GPUs", extra={"pod": where, "node": node_name, "gpus": len(readings)})
 
     async def _label(self, node: Obj, readings: Sequence[Reading]) -> None:

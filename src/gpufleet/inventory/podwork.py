@@ -3,8 +3,10 @@
 Split the way kopf splits an operator: *observation* (a pod informer and a node
 informer feed events), *queueing* (a deduplicating work queue keyed by pod
 UID), and *processing* (workers hand a pod and its Node to a ``PodProcessor``,
-with retries). The processor is the only part that differs between the
-inventory controller (exec nvidia-smi) and check mode (exec a command).
+with retries). A failed pod goes back to the queue to wait out its own backoff;
+its worker is free at once, so pods on a hung node hold up no other pod. The
+processor is the only part that differs between the inventory controller
+(exec nvidia-smi) and check mode (exec a command).
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from gpufleet.core.retry import Backoff
-from gpufleet.inventory.workqueue import WorkQueue
+from gpufleet.inventory.errors import InventoryError
+from gpufleet.inventory.workqueue import DEFAULT_BACKOFF, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,21 @@ def pod_is_ready(pod: Obj) -> bool:
     return bool(containers) and all(c.get("ready") for c in containers)
 
 
+class Unfinished(InventoryError):
+    """Part of a pod's work is done; the retry calls ``resume`` rather than starting over.
+
+    The controller raises it when some exporters took a pod's readings and
+    others did not: the retry hands the same readings to the others, without
+    exec'ing the pod again.
+    """
+
+    def __init__(self, message: str, resume: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(message)
+        self.resume = resume
+
+
 class PodProcessor(Protocol):
-    """What to do with one ready pod; raise to have it retried."""
+    """What to do with one ready pod; raise to have it retried (``Unfinished`` to resume)."""
 
     async def process(self, pod: Obj, node: Obj) -> None:
         """Process ``pod``, running on ``node``."""
@@ -104,8 +120,9 @@ class PodWorkLoop:
     A pod is processed once per UID: a relist, a resumed watch or an update of
     an already-processed pod does not process it again. A pod that failed
     ``max_retries`` times is given up (one log line, one metric) and processed
-    again on its next update. With ``resync`` every ready pod is processed again
-    every ``resync`` seconds.
+    again on its next update. Between attempts the pod waits in the queue for
+    its own ``backoff`` step, holding no worker. With ``resync`` every ready pod
+    is processed again every ``resync`` seconds.
     """
 
     def __init__(
@@ -127,12 +144,13 @@ class PodWorkLoop:
         self.metrics = metrics
         self.workers = workers
         self.max_retries = max_retries
-        self.backoff = backoff or Backoff(initial=1.0, factor=2.0, cap=30.0)
+        self.backoff = backoff or DEFAULT_BACKOFF
         self.resync = resync
-        self._rand = rand
-        self.queue = WorkQueue(on_depth=metrics.queue_depth.set)
+        self.queue = WorkQueue(on_depth=metrics.queue_depth.set, backoff=self.backoff, rand=rand)
         self._by_uid: dict[str, _PodKey] = {}
         self._done: set[str] = set()
+        # What is left of a pod's partly done work (see Unfinished), by UID.
+        self._resume: dict[str, Callable[[], Awaitable[None]]] = {}
         self._leading = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -151,6 +169,7 @@ class PodWorkLoop:
         uid = str(meta(pod, "uid", ""))
         self._by_uid.pop(uid, None)
         self._done.discard(uid)
+        self._resume.pop(uid, None)
         await self.queue.forget(uid)
 
     async def _consider(self, pod: Obj) -> None:
@@ -187,6 +206,7 @@ class PodWorkLoop:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self._resume.clear()  # the next leader (maybe this one again) reads afresh
         await self.queue.clear()
 
     @property
@@ -220,41 +240,50 @@ class PodWorkLoop:
         return pod
 
     async def _process(self, uid: str) -> None:
-        attempt = 0
-        while True:
-            pod = self._current(uid)
-            if pod is None or uid in self._done:
-                return  # deleted, replaced, no longer ready, or done meanwhile
-            where = {"pod": f"{meta(pod, 'namespace')}/{meta(pod, 'name')}", "uid": uid}
-            try:
+        """One attempt; a failure sends the pod to wait out its backoff in the queue."""
+        pod = self._current(uid)
+        if pod is None or uid in self._done:
+            # Deleted, replaced, no longer ready, or done meanwhile.
+            self._resume.pop(uid, None)
+            await self.queue.reset(uid)
+            return
+        where = {"pod": f"{meta(pod, 'namespace')}/{meta(pod, 'name')}", "uid": uid}
+        try:
+            resume = self._resume.pop(uid, None)
+            if resume is not None:
+                await resume()
+            else:
                 node_name = str((pod.get("spec") or {}).get("nodeName") or "")
                 node = self.nodes.get(None, node_name)
                 if node is None:
                     raise LookupError(f"node {node_name!r} of the pod is not in the node informer")
                 await self.processor.process(pod, node)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                attempt += 1
-                if attempt > self.max_retries:
-                    self.metrics.processed.labels("gave_up").inc()
-                    log.error(
-                        "giving up on pod until its next update",
-                        extra={**where, "attempts": attempt, "error": str(exc) or repr(exc)},
-                    )
-                    return
-                self.metrics.processed.labels("retry").inc()
-                delay = self.backoff.delay(attempt - 1, self._rand)
-                log.warning(
-                    "pod processing failed; retrying",
-                    extra={**where, "attempt": attempt, "retry_in_s": round(delay, 3),
-                           "error": str(exc) or repr(exc)},
-                )  # fmt: skip
-                await asyncio.sleep(delay)
-                continue
-            self._done.add(uid)
-            self.metrics.processed.labels("success").inc()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, Unfinished):
+                self._resume[uid] = exc.resume
+            attempt = self.queue.failures(uid) + 1
+            if attempt > self.max_retries:
+                self.metrics.processed.labels("gave_up").inc()
+                self._resume.pop(uid, None)
+                await self.queue.reset(uid)
+                log.error(
+                    "giving up on pod until its next update",
+                    extra={**where, "attempts": attempt, "error": str(exc) or repr(exc)},
+                )
+                return
+            self.metrics.processed.labels("retry").inc()
+            delay = await self.queue.retry_later(uid)
+            log.warning(
+                "pod processing failed; retrying",
+                extra={**where, "attempt": attempt, "retry_in_s": round(delay, 3),
+                       "error": str(exc) or repr(exc)},
+            )  # fmt: skip
             return
+        self._done.add(uid)
+        await self.queue.reset(uid)
+        self.metrics.processed.labels("success").inc()
 
     async def _resync_loop(self) -> None:
         while True:

@@ -139,6 +139,7 @@ async def run_pod_watch(
                 metrics=metrics,
                 workers=settings.workers,
                 max_retries=settings.max_retries,
+                backoff=settings.pod_backoff,
                 resync=settings.resync,
             )
             pods.add_handlers(
