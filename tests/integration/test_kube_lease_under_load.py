@@ -55,12 +55,10 @@ async def test_a_leader_keeps_its_lease_while_execs_queue_at_the_rate_limiter(
         )  # fmt: skip
         kube = await connect(settings, configuration=api.client_configuration())
         stop = asyncio.Event()
-        task = asyncio.create_task(
-            run_pod_watch(
-                settings, check_processor(settings), kube=kube, registry=CollectorRegistry(),
-                stop=stop,
-            )  # fmt: skip
+        watching = run_pod_watch(
+            settings, check_processor(settings), kube=kube, registry=CollectorRegistry(), stop=stop
         )
+        task = asyncio.create_task(watching)
         try:
             await polling.eventually(lambda: all(api.exec_count(u) >= 1 for u in uids), 60)
             # Renewals go on while the last execs finish.

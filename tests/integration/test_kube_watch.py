@@ -151,7 +151,8 @@ async def test_relist_after_410_announces_only_real_differences(
     new = add_pod(api, "new")
     api.delete_pod(NS, "goes")
     api.expire_history()
-    await eventually(lambda: api.count(verb="list", resource="pods") == 2 and len(events.seen) == 3)
+    # Three lists: the first, the one at the compacted version (410), the consistent one.
+    await eventually(lambda: api.count(verb="list", resource="pods") == 3 and len(events.seen) == 3)
     await asyncio.sleep(0.2)  # room for any wrong extra announcement to show up
 
     assert sorted(events.seen) == sorted(
@@ -188,3 +189,51 @@ async def test_a_node_informer_feeds_machine_identity(api: KubeApiDouble, kube: 
     machines = {obj["metadata"]["name"]: machine_id(obj) for obj in nodes.items()}
 
     assert machines == {"gpu-node-1": "i-0abc1234def567890", "kind-worker": "abc-1"}
+
+
+def pod_lists(api: KubeApiDouble) -> list[dict[str, str]]:
+    """The parameters of every first page of a pod list, in order."""
+    return [
+        dict(r.params)
+        for r in api.requests
+        if r.verb == "list" and r.resource == "pods" and not r.params.get("continue")
+    ]
+
+
+async def test_the_first_list_is_served_from_the_watch_cache(
+    api: KubeApiDouble, kube: Kube
+) -> None:
+    for n in range(5):
+        add_pod(api, f"plugin-{n}")
+    pods = Informer(
+        kube.core.list_namespaced_pod, namespace=NS, label_selector=SELECTOR, page_size=2
+    )
+    task = asyncio.create_task(pods.run())
+    try:
+        await asyncio.wait_for(pods.synced.wait(), 10)
+    finally:
+        await pods.stop()
+        await task
+    assert len(pods) == 5
+    assert [p.get("resourceVersion") for p in pod_lists(api)] == ["0"]
+    assert api.etcd_list_count("pods") == 0  # every page came from the cache, none from etcd
+    assert api.count(verb="list", resource="pods") == 3  # pages of 2: the limit still holds
+
+
+async def test_a_relist_after_410_never_goes_back_to_version_0(
+    api: KubeApiDouble, informer: Informer
+) -> None:
+    add_pod(api, "plugin-a")
+    await informer.synced.wait()
+    await stream_is_live(api, informer, "probe")
+    held = informer.resource_version
+
+    api.drop_watches()
+    add_pod(api, "plugin-b")
+    api.expire_history()
+    await eventually(lambda: informer.get(NS, "plugin-b") is not None)
+
+    # client-go's order: list at the version held (at least that fresh); that
+    # read is compacted away (410), so a consistent read; never "0" again.
+    versions = [p.get("resourceVersion", "") for p in pod_lists(api)]
+    assert versions == ["0", held, ""]

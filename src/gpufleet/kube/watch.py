@@ -3,7 +3,10 @@
 The pattern is client-go's (`tools/cache`) and kopf's watch loop, in one place:
 
 1. **List** (paginated) and remember the list's `resourceVersion`; the cache
-   becomes exactly the listed objects.
+   becomes exactly the listed objects. The first list asks for
+   `resourceVersion=0`, as client-go's reflector does: the API server serves
+   it from its watch cache instead of reading every object from etcd, which
+   is what makes a DaemonSet's start-up over thousands of nodes cheap.
 2. **Watch** from that version with bookmarks and a server-side timeout, so
    the server ends the stream every few minutes and the informer reconnects.
    Every event and every BOOKMARK moves the remembered version forward.
@@ -12,7 +15,11 @@ The pattern is client-go's (`tools/cache`) and kopf's watch loop, in one place:
 4. When the server says the version is too old (**410 Gone**, as an HTTP
    status or as an ERROR event in the stream), **relist** and announce only
    what really changed against the cache: objects added, updated (a new
-   `resourceVersion`) or deleted in the meantime.
+   `resourceVersion`) or deleted in the meantime. As client-go's reflector
+   does, the relist asks for the last version seen (data at least that
+   fresh, never older), and only if that list is refused as too old (410)
+   falls back to a consistent read (no `resourceVersion`). Never "0" again:
+   a lagging watch cache could hand back a state older than one already seen.
 5. Any other failure backs off (`core.retry.Backoff`) and tries again.
 
 Objects are the API's own JSON as dicts (camelCase keys, `metadata.name`),
@@ -292,7 +299,13 @@ class Informer:
                 )
             await self._sleep(delay)
 
-    async def _list(self) -> tuple[list[_Json], str | None]:
+    async def _list(self, resource_version: str) -> tuple[list[_Json], str | None]:
+        """Every object, page by page; `resource_version` ("0" or "") goes with the first page.
+
+        "0" lets the API server answer from its watch cache; "" (sent as no
+        parameter) is a consistent read. The `continue` pages carry the
+        first page's snapshot in their token, so they send no version.
+        """
         items: list[_Json] = []
         version: str | None = None
         token: str | None = None
@@ -300,6 +313,8 @@ class Informer:
             kwargs: dict[str, Any] = {**self._selectors, "limit": self._page_size}
             if token:
                 kwargs["_continue"] = token
+            elif resource_version:
+                kwargs["resource_version"] = resource_version
             try:
                 body = await call_json(
                     self._list_func,
@@ -322,7 +337,20 @@ class Informer:
                 return items, version
 
     async def _list_and_sync(self) -> None:
-        items, version = await self._list()
+        # The first list may come from the watch cache at any version; a
+        # relist must not go back in time (see the module notes).
+        list_from = self._resource_version or "0"
+        try:
+            items, version = await self._list(list_from)
+        except _Expired:
+            if list_from == "0":
+                raise
+            # Compacted away: a consistent read is the only list left.
+            log.info(
+                "resource version too old to list at, listing afresh",
+                extra={"informer": self._what, "resource_version": list_from},
+            )
+            items, version = await self._list("")
         fresh = {object_key(obj): obj for obj in items}
         async with self._dispatch_lock:
             old = self._cache

@@ -215,9 +215,23 @@ class Store:
             )
         return snapshot[0], snapshot[1], offset
 
-    def check_list_version(self, resource_version: str, match: str) -> None:
-        """A list at an exact, expired resourceVersion answers 410; others see the present."""
-        if match == "Exact" and resource_version not in ("", "0"):
+    def check_list_version(
+        self, resource_version: str, match: str, *, continue_token: str, limit: int
+    ) -> None:
+        """A list read at an exact, expired resourceVersion answers 410; others see the present.
+
+        As on the real server: ``resourceVersionMatch=Exact``, or a paginated
+        list (``limit``) at a version other than 0 without a match (the
+        legacy rule: etcd is read at that revision), is answered at that
+        exact version, so 410 once it is compacted. A ``continue`` token
+        carries its own version: sending one other than ``"0"`` with it is a 400.
+        """
+        if continue_token and resource_version not in ("", "0"):
+            raise ApiError.bad_request(
+                "specifying resource version is not allowed when using continue"
+            )
+        exact = match == "Exact" or (match == "" and limit > 0 and not continue_token)
+        if exact and resource_version not in ("", "0"):
             rv = _parse_rv(resource_version)
             if rv < self._floor:
                 raise ApiError.expired(f"too old resource version: {rv} ({self._floor + 1})")

@@ -334,11 +334,41 @@ class KubeApiDouble:
             and (subresource is None or r.subresource == subresource)
         )
 
+    def etcd_list_count(self, resource: str | None = None) -> int:
+        """Lists that a real API server reads from etcd rather than its watch cache.
+
+        ``resourceVersion=0`` is served from the watch cache (any version,
+        possibly a little stale), and so is ``resourceVersion=N`` without a
+        ``limit``. A list without a version is a consistent read of etcd, and
+        a paginated one (``limit``) at a version other than 0 is a read of
+        etcd at that exact revision (up to Kubernetes 1.33, whose cache
+        serves no such list). This counts those lists, not their ``continue``
+        pages.
+        """
+        return sum(
+            1
+            for r in self._front.requests
+            if r.verb == "list"
+            and (resource is None or r.resource == resource)
+            and not r.params.get("continue")
+            and (
+                not r.params.get("resourceVersion")
+                or (r.params["resourceVersion"] != "0" and _int_or_zero(r.params.get("limit")) > 0)
+            )
+        )
+
     def exec_count(self, pod_uid: str | None = None) -> int:
         """Exec requests in all (refused ones too), or those that reached the pod ``pod_uid``."""
         if pod_uid is None:
             return self.count(verb="exec")
         return self._front.exec_by_uid[pod_uid]
+
+
+def _int_or_zero(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
 
 
 def _copy(obj: JsonObject) -> JsonObject:
