@@ -237,3 +237,44 @@ async def test_a_relist_after_410_never_goes_back_to_version_0(
     # read is compacted away (410), so a consistent read; never "0" again.
     versions = [p.get("resourceVersion", "") for p in pod_lists(api)]
     assert versions == ["0", held, ""]
+
+
+async def test_a_pod_replaced_under_its_name_during_a_watch_gap_is_a_delete_and_an_add(
+    api: KubeApiDouble, informer: Informer
+) -> None:
+    old = add_pod(api, "plugin-a")
+    await informer.synced.wait()
+    await stream_is_live(api, informer, "probe")
+    by_uid: dict[str, str] = {}  # what a consumer keyed by UID (the exporter's PodIndex) holds
+
+    async def added(obj: KubeObject) -> None:
+        by_uid[obj["metadata"]["uid"]] = obj["metadata"]["name"]
+
+    async def updated(before: KubeObject, after: KubeObject) -> None:
+        by_uid[after["metadata"]["uid"]] = after["metadata"]["name"]
+
+    async def deleted(obj: KubeObject) -> None:
+        by_uid.pop(obj["metadata"]["uid"], None)
+
+    informer.add_handlers(on_add=added, on_update=updated, on_delete=deleted)
+    by_uid.update({obj["metadata"]["uid"]: obj["metadata"]["name"] for obj in informer.items()})
+    events = Events(informer)
+
+    # While the watch is away the pod is deleted and created again under its
+    # name; the history is compacted, so only the relist shows the new UID.
+    api.drop_watches()
+    api.delete_pod(NS, "plugin-a")
+    new = add_pod(api, "plugin-a")
+    api.expire_history()
+    await eventually(lambda: api.count(verb="list", resource="pods") == 3)  # the relist is in
+    await asyncio.sleep(0.2)  # room for a wrong extra announcement
+
+    assert [(kind, name) for kind, name, _ in events.seen] == [
+        ("delete", "plugin-a"),
+        ("add", "plugin-a"),
+    ]
+    assert old["metadata"]["uid"] not in by_uid
+    assert by_uid[new["metadata"]["uid"]] == "plugin-a"
+    cached = informer.get(NS, "plugin-a")
+    assert cached is not None
+    assert cached["metadata"]["uid"] == new["metadata"]["uid"]

@@ -15,7 +15,10 @@ The pattern is client-go's (`tools/cache`) and kopf's watch loop, in one place:
 4. When the server says the version is too old (**410 Gone**, as an HTTP
    status or as an ERROR event in the stream), **relist** and announce only
    what really changed against the cache: objects added, updated (a new
-   `resourceVersion`) or deleted in the meantime. As client-go's reflector
+   `resourceVersion`) or deleted in the meantime; an object found under a
+   cached name with another UID was deleted and created again, and is
+   announced as a delete of the old one and an add of the new one, so
+   consumers keyed by UID never keep the old UID. As client-go's reflector
    does, the relist asks for the last version seen (data at least that
    fresh, never older), and only if that list is refused as too old (410)
    falls back to a consistent read (no `resourceVersion`). Never "0" again:
@@ -86,6 +89,11 @@ def object_key(obj: KubeObject) -> str:
     name = str(metadata.get("name") or "")
     namespace = metadata.get("namespace")
     return f"{namespace}/{name}" if namespace else name
+
+
+def _uid(obj: KubeObject) -> str:
+    metadata = obj.get("metadata") or {}
+    return str(metadata.get("uid") or "")
 
 
 def _resource_version(obj: KubeObject) -> str | None:
@@ -359,6 +367,11 @@ class Informer:
             first = not self.synced.is_set()
             for key, obj in fresh.items():
                 before = old.get(key)
+                if before is not None and _uid(before) != _uid(obj):
+                    # Deleted and created again under its name while we were
+                    # away: another object, so its old self must go first.
+                    await self._announce_delete(before)
+                    before = None
                 if before is None:
                     await self._announce_add(obj)
                 elif first or _resource_version(before) != _resource_version(obj):
@@ -437,6 +450,9 @@ class Informer:
                 if before is not None and version and _resource_version(before) == version:
                     return  # already known (a replay after a reconnect): not a change
                 self._cache[key] = obj
+                if before is not None and _uid(before) != _uid(obj):
+                    await self._announce_delete(before)  # a missed DELETED: another object
+                    before = None
                 if before is None:
                     await self._announce_add(obj)
                 else:
