@@ -136,6 +136,7 @@ async def exporter(
         ),
         podresources=kubelet,
         rediscover_interval=settings.rediscover_interval,
+        podresources_max_age=settings.podresources_max_age,
     )
     options = RenderOptions(
         process_labels=settings.process_labels,
