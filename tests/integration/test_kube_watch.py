@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 import pytest
+from aiohttp import web
+from kubernetes_asyncio.client import Configuration
 
 from gpufleet.core.retry import Backoff
-from gpufleet.kube.client import Kube
+from gpufleet.kube.client import Kube, KubeSettings, connect
 from gpufleet.kube.identity import machine_id
 from gpufleet.kube.watch import Informer, KubeObject
 from tests.doubles.kubeapi import KubeApiDouble
@@ -51,6 +56,31 @@ class Events:
 
     def names(self, kind: str) -> list[str]:
         return [name for seen_kind, name, _ in self.seen if seen_kind == kind]
+
+
+KubeFactory = Callable[[web.Application], AbstractAsyncContextManager[Kube]]
+
+
+@pytest.fixture
+def kube_of() -> KubeFactory:
+    """Serve an aiohttp app on loopback (a hostile API server) and connect a `Kube` to it."""
+
+    @contextlib.asynccontextmanager
+    async def serve(app: web.Application) -> AsyncIterator[Kube]:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        configuration = Configuration(host=f"http://127.0.0.1:{port}")
+        try:
+            kube = await connect(KubeSettings(qps=1000, burst=1000), configuration=configuration)
+            async with kube:
+                yield kube
+        finally:
+            await runner.cleanup()
+
+    return serve
 
 
 @pytest.fixture
@@ -278,3 +308,74 @@ async def test_a_pod_replaced_under_its_name_during_a_watch_gap_is_a_delete_and_
     cached = informer.get(NS, "plugin-a")
     assert cached is not None
     assert cached["metadata"]["uid"] == new["metadata"]["uid"]
+
+
+async def test_an_etcd_restore_is_noticed_and_the_cache_becomes_the_restored_state(
+    api: KubeApiDouble, informer: Informer, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_pod(api, "kept")
+    add_pod(api, "changed")
+    backup = api.backup()
+    await informer.synced.wait()
+    api.set_pod_ready(NS, "changed", False)
+    add_pod(api, "lost")  # written after the backup: the restore takes it away
+    await eventually(lambda: informer.get(NS, "lost") is not None)
+    events = Events(informer)
+
+    api.restore(backup)  # versions go back; the watch held one the server never saw
+    await eventually(lambda: informer.versions_went_back == 1 and informer.ready)
+    add_pod(api, "after")  # gets a version the lost pod had
+    await eventually(lambda: informer.get(NS, "after") is not None)
+
+    assert {obj["metadata"]["name"] for obj in informer.items()} == {"kept", "changed", "after"}
+    assert events.names("delete") == ["lost"]
+    assert sorted(events.names("update")) == ["changed", "kept"]  # every object, to be sure
+    assert informer.get(NS, "changed") == api.get("pods", NS, "changed")
+    assert pod_lists(api)[-1].get("resourceVersion") is None  # a consistent read
+    assert [r.levelname for r in caplog.records if "went backwards" in r.getMessage()] == [
+        "WARNING"
+    ]
+
+
+async def test_an_informer_is_not_ready_while_it_relists_after_versions_went_backwards(
+    kube_of: KubeFactory,
+) -> None:
+    """A hostile server: the watch's bookmark is older than the list, and the relist hangs."""
+    relist = asyncio.Event()
+    release = asyncio.Event()
+    lists = 0
+
+    async def pods(request: web.Request) -> web.StreamResponse:
+        nonlocal lists
+        if request.query.get("watch"):
+            response = web.StreamResponse()
+            await response.prepare(request)
+            bookmark = {"type": "BOOKMARK", "object": {"kind": "Pod", "apiVersion": "v1",
+                        "metadata": {"resourceVersion": "50"}}}  # fmt: skip
+            await response.write(json.dumps(bookmark).encode() + b"\n")
+            await release.wait()
+            return response
+        lists += 1
+        if lists > 1:
+            relist.set()
+            await release.wait()
+        body = {"kind": "PodList", "apiVersion": "v1", "items": [],
+                "metadata": {"resourceVersion": "100" if lists == 1 else "50"}}  # fmt: skip
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_get(f"/api/v1/namespaces/{NS}/pods", pods)
+    async with kube_of(app) as kube:
+        informer = Informer(kube.core.list_namespaced_pod, namespace=NS)
+        task = asyncio.create_task(informer.run())
+        try:
+            await asyncio.wait_for(relist.wait(), 10)
+            during = (informer.synced.is_set(), informer.ready)
+            release.set()
+            await eventually(lambda: informer.ready)
+        finally:
+            release.set()
+            await informer.stop()
+            await task
+    assert during == (True, False)
+    assert informer.versions_went_back == 1

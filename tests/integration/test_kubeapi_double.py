@@ -217,6 +217,32 @@ async def test_a_continue_token_with_a_resource_version_is_a_bad_request(
     assert [p.metadata.name for p in rest.items] == ["p1", "p2"]
 
 
+async def test_a_restore_takes_versions_back_and_refuses_the_newer_ones(
+    api: KubeApiDouble, core: CoreV1Api
+) -> None:
+    api.add_pod(NS, "p0", node_name="n1", labels=PLUGIN)
+    backup = api.backup()
+    api.add_pod(NS, "p1", node_name="n1", labels=PLUGIN)
+    newer = (await core.list_namespaced_pod(NS)).metadata.resource_version
+    api.restore(backup)
+
+    listed = await core.list_namespaced_pod(NS)
+    with pytest.raises(ApiException) as caught:
+        await core.list_namespaced_pod(NS, resource_version=newer)
+    stream = watch.Watch().stream(
+        core.list_namespaced_pod, NS, resource_version=newer, timeout_seconds=5
+    )
+    with pytest.raises(ApiException) as in_stream:
+        await collect(stream, 1)
+    again = api.add_pod(NS, "p2", node_name="n1", labels=PLUGIN)
+    assert [p.metadata.name for p in listed.items] == ["p0"]
+    assert int(listed.metadata.resource_version) < int(newer)
+    assert caught.value.status == 504
+    assert "Too large resource version" in caught.value.body
+    assert in_stream.value.status == 504
+    assert again["metadata"]["resourceVersion"] == newer  # handed out again, to another write
+
+
 async def test_unknown_path_is_a_404_status(core: CoreV1Api) -> None:
     with pytest.raises(ApiException) as caught:
         await core.list_namespaced_config_map(NS)

@@ -168,7 +168,8 @@ async def exporter(
         watched = informer
 
         async def synced() -> bool:
-            return watched.synced.is_set()
+            # Not while relisting after the API server's versions went backwards.
+            return watched.ready
 
         server.add_readiness_check("pods", synced)
 

@@ -193,7 +193,8 @@ async def _until(stop: asyncio.Event, tasks: Sequence[asyncio.Task[Any]]) -> Non
 
 def _synced(*informers: Informer) -> Callable[[], Any]:
     async def check() -> bool:
-        return all(i.synced.is_set() for i in informers)
+        # `ready`: synced, and not relisting after the versions went backwards.
+        return all(i.ready for i in informers)
 
     return check
 

@@ -24,6 +24,14 @@ The pattern is client-go's (`tools/cache`) and kopf's watch loop, in one place:
    falls back to a consistent read (no `resourceVersion`). Never "0" again:
    a lagging watch cache could hand back a state older than one already seen.
 5. Any other failure backs off (`core.retry.Backoff`) and tries again.
+6. A **resourceVersion that goes backwards** (an event, bookmark or list older
+   than a version already seen, or a 504 "Too large resource version" for
+   the version held) means the API server's store went back in time, as
+   after an etcd restore. The cache can no longer be trusted, and versions
+   may now repeat with other contents: the informer logs a warning, is not
+   `ready` until it has relisted with a consistent read, and announces every
+   object of that relist as changed. (Versions are compared as numbers when
+   they are numbers, as etcd's are; an opaque one is never compared.)
 
 Objects are the API's own JSON as dicts (camelCase keys, `metadata.name`),
 not the generated models: a watch over thousands of pods would spend most of
@@ -83,6 +91,35 @@ class _Expired(Exception):
     """The resourceVersion we hold is too old for the server: relist."""
 
 
+class _WentBack(Exception):
+    """The server's versions went backwards (an etcd restore?): relist consistently."""
+
+    def __init__(self, seen: str, newest: int) -> None:
+        super().__init__(f"resourceVersion {seen} after {newest}")
+        self.seen = seen
+        self.newest = newest
+
+
+class _TooLarge(Exception):
+    """The server has not seen the version we hold: a lagging cache, or versions went back.
+
+    A consistent relist tells which (its version is older than ours only in
+    the second case).
+    """
+
+
+_TOO_LARGE = "Too large resource version"
+
+
+def _too_large(status: object, message: object) -> bool:
+    """Whether an error is the server's "Too large resource version" (504)."""
+    return status == 504 and _TOO_LARGE in str(message or "")
+
+
+def _number(version: str | None) -> int | None:
+    return int(version) if version and version.isdigit() else None
+
+
 def object_key(obj: KubeObject) -> str:
     """The cache key of an object: `namespace/name`, or `name` for cluster-scoped ones."""
     metadata = obj.get("metadata") or {}
@@ -94,6 +131,12 @@ def object_key(obj: KubeObject) -> str:
 def _uid(obj: KubeObject) -> str:
     metadata = obj.get("metadata") or {}
     return str(metadata.get("uid") or "")
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    return a if b is None else max(a, b)
 
 
 def _resource_version(obj: KubeObject) -> str | None:
@@ -163,6 +206,11 @@ class Informer:
 
         self._cache: dict[str, _Json] = {}
         self._resource_version: str | None = None
+        self._newest: int | None = None  # the highest numeric version seen
+        self._went_back = False  # until a consistent relist after versions went backwards
+        self._list_consistently = False  # after "too large": the next list reads etcd
+        self.versions_went_back = 0
+        """How many times the server's resourceVersion was seen going backwards."""
         self._add_handlers: list[AddHandler] = []
         self._update_handlers: list[UpdateHandler] = []
         self._delete_handlers: list[DeleteHandler] = []
@@ -224,6 +272,11 @@ class Informer:
         return iter(self.items())
 
     @property
+    def ready(self) -> bool:
+        """Synced, and not relisting after the server's versions went backwards (for /readyz)."""
+        return self.synced.is_set() and not self._went_back
+
+    @property
     def resource_version(self) -> str | None:
         """The last resourceVersion seen (list, event or bookmark): where a watch resumes."""
         return self._resource_version
@@ -280,6 +333,19 @@ class Informer:
                     attempt = 0
                     continue
                 # Otherwise the stream ended at once, empty: back off quietly.
+            except (_WentBack, _TooLarge) as back:
+                must_list = True
+                if isinstance(back, _WentBack):
+                    self._note_went_back(back)
+                else:
+                    self._list_consistently = True
+                    log.info(
+                        "resource version too large for the server, relisting",
+                        extra={"informer": self._what, "resource_version": self._resource_version},
+                    )
+                if attempt == 0 or self._delivered > delivered:
+                    attempt = 1
+                    continue
             except _Expired:
                 must_list = True
                 log.info("watch expired, relisting", extra={"informer": self._what})
@@ -334,6 +400,8 @@ class Informer:
                 if api_status(exc) == 410:
                     # The continue token expired mid-list: start over.
                     raise _Expired from exc
+                if _too_large(api_status(exc), exc.body) and resource_version:
+                    raise _TooLarge from exc
                 raise
             items.extend(item for item in body.get("items") or () if isinstance(item, dict))
             metadata = body.get("metadata") or {}
@@ -347,11 +415,12 @@ class Informer:
     async def _list_and_sync(self) -> None:
         # The first list may come from the watch cache at any version; a
         # relist must not go back in time (see the module notes).
-        list_from = self._resource_version or "0"
+        consistent = self._went_back or self._list_consistently
+        list_from = "" if consistent else self._resource_version or "0"
         try:
             items, version = await self._list(list_from)
         except _Expired:
-            if list_from == "0":
+            if list_from in ("", "0"):
                 raise
             # Compacted away: a consistent read is the only list left.
             log.info(
@@ -359,12 +428,21 @@ class Informer:
                 extra={"informer": self._what, "resource_version": list_from},
             )
             items, version = await self._list("")
+        except _TooLarge:
+            items, version = await self._list("")
+        self._list_consistently = False
+        listed = _number(version)
+        if listed is not None and self._newest is not None and listed < self._newest:
+            self._note_went_back(_WentBack(str(version), self._newest))
+        # Versions may repeat with other contents after going back: announce all.
+        suspect = self._went_back
         fresh = {object_key(obj): obj for obj in items}
         async with self._dispatch_lock:
             old = self._cache
             self._cache = fresh
             self._resource_version = version
-            first = not self.synced.is_set()
+            self._newest = listed if suspect else _max(self._newest, listed)
+            first = not self.synced.is_set() or suspect
             for key, obj in fresh.items():
                 before = old.get(key)
                 if before is not None and _uid(before) != _uid(obj):
@@ -384,6 +462,32 @@ class Informer:
             extra={"informer": self._what, "objects": len(fresh), "resource_version": version},
         )
         self.synced.set()
+        if suspect:
+            self._went_back = False
+            log.info("relisted after the resourceVersion went backwards", extra={
+                "informer": self._what, "objects": len(fresh), "resource_version": version,
+            })  # fmt: skip
+
+    def _note_went_back(self, back: _WentBack) -> None:
+        if not self._went_back:
+            self.versions_went_back += 1
+            log.warning(
+                "resourceVersion went backwards (an etcd restore?): "
+                "not ready until a consistent relist",
+                extra={"informer": self._what, "resource_version": back.seen,
+                       "newest_seen": back.newest},
+            )  # fmt: skip
+        self._went_back = True
+
+    def _advance(self, version: str | None) -> None:
+        """Move the held version to `version`; `_WentBack` if it is older than one seen."""
+        if not version:
+            return
+        number = _number(version)
+        if number is not None and self._newest is not None and number < self._newest:
+            raise _WentBack(version, self._newest)
+        self._newest = _max(self._newest, number)
+        self._resource_version = version
 
     async def _watch_once(self) -> bool:
         """Follow one watch stream to its end; True if it delivered any event."""
@@ -408,6 +512,8 @@ class Informer:
                 raise _Expired
             if not 200 <= response.status <= 299:
                 body = await response.read()
+                if _too_large(response.status, body.decode("utf-8", errors="replace")):
+                    raise _TooLarge
                 error = ApiException(status=response.status, reason=response.reason)
                 error.body = body.decode("utf-8", errors="replace")
                 raise error
@@ -434,17 +540,17 @@ class Informer:
             code = obj.get("code")
             if code == 410:
                 raise _Expired
+            if _too_large(code, obj.get("message")):
+                raise _TooLarge
             error = ApiException(status=code, reason=f"{obj.get('reason')}: {obj.get('message')}")
             raise error
         version = _resource_version(obj)
         if kind == "BOOKMARK":
-            if version:
-                self._resource_version = version
+            self._advance(version)
             return
         key = object_key(obj)
         async with self._dispatch_lock:
-            if version:
-                self._resource_version = version
+            self._advance(version)
             if kind in ("ADDED", "MODIFIED"):
                 before = self._cache.get(key)
                 if before is not None and version and _resource_version(before) == version:

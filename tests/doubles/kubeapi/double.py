@@ -43,7 +43,7 @@ from tests.doubles.kubeapi._objects import (
     new_pod,
     set_ready,
 )
-from tests.doubles.kubeapi._store import Store
+from tests.doubles.kubeapi._store import Store, StoreBackup
 
 _KINDS = {"pods": PODS, "nodes": NODES, "leases": LEASES, "resourceslices": RESOURCE_SLICES}
 
@@ -306,6 +306,20 @@ class KubeApiDouble:
     def expire_history(self) -> None:
         """Resuming a watch (or a paginated list) from any older resourceVersion answers 410."""
         self._store.expire_history()
+
+    def backup(self) -> StoreBackup:
+        """Save every object and the version counter, as an etcd snapshot does."""
+        return self._store.backup()
+
+    def restore(self, backup: StoreBackup) -> None:
+        """Restore ``backup`` as an etcd restore does: resourceVersions go backwards.
+
+        Every open watch ends and the history is gone. The version counter
+        goes on from the backup's, so a watch or list at a version handed out
+        since answers 504 "Too large resource version", and later writes get
+        versions that were already handed out to others.
+        """
+        self._store.restore(backup)
 
     def drop_watches(self) -> None:
         """End every open watch stream; clients see the stream end, as on a server restart."""
