@@ -179,6 +179,70 @@ async def test_continue_token_from_expired_history_is_gone(
     assert caught.value.status == 410
 
 
+async def test_a_paginated_list_at_a_compacted_version_is_gone(
+    api: KubeApiDouble, core: CoreV1Api
+) -> None:
+    api.add_pod(NS, "p0", node_name="n1", labels=PLUGIN)
+    old = (await core.list_namespaced_pod(NS)).metadata.resource_version
+    api.add_pod(NS, "p1", node_name="n1", labels=PLUGIN)
+    api.expire_history()
+
+    # Read from etcd at that exact revision (the legacy rule for limit + version).
+    with pytest.raises(ApiException) as caught:
+        await core.list_namespaced_pod(NS, limit=10, resource_version=old)
+    served = [
+        await core.list_namespaced_pod(NS, resource_version=old),  # the watch cache: present
+        await core.list_namespaced_pod(NS, limit=10, resource_version="0"),
+        await core.list_namespaced_pod(NS, limit=10),  # consistent
+    ]
+    assert caught.value.status == 410
+    assert [len(body.items) for body in served] == [2, 2, 2]
+    assert api.etcd_list_count("pods") == 3  # the first, the refused one, the consistent one
+
+
+async def test_a_continue_token_with_a_resource_version_is_a_bad_request(
+    api: KubeApiDouble, core: CoreV1Api
+) -> None:
+    for i in range(3):
+        api.add_pod(NS, f"p{i}", node_name="n1", labels=PLUGIN)
+    first = await core.list_namespaced_pod(NS, limit=1, resource_version="0")
+    token = first.metadata._continue
+
+    with pytest.raises(ApiException) as caught:
+        await core.list_namespaced_pod(
+            NS, limit=1, _continue=token, resource_version=first.metadata.resource_version
+        )
+    rest = await core.list_namespaced_pod(NS, limit=5, _continue=token, resource_version="0")
+    assert caught.value.status == 400
+    assert [p.metadata.name for p in rest.items] == ["p1", "p2"]
+
+
+async def test_a_restore_takes_versions_back_and_refuses_the_newer_ones(
+    api: KubeApiDouble, core: CoreV1Api
+) -> None:
+    api.add_pod(NS, "p0", node_name="n1", labels=PLUGIN)
+    backup = api.backup()
+    api.add_pod(NS, "p1", node_name="n1", labels=PLUGIN)
+    newer = (await core.list_namespaced_pod(NS)).metadata.resource_version
+    api.restore(backup)
+
+    listed = await core.list_namespaced_pod(NS)
+    with pytest.raises(ApiException) as caught:
+        await core.list_namespaced_pod(NS, resource_version=newer)
+    stream = watch.Watch().stream(
+        core.list_namespaced_pod, NS, resource_version=newer, timeout_seconds=5
+    )
+    with pytest.raises(ApiException) as in_stream:
+        await collect(stream, 1)
+    again = api.add_pod(NS, "p2", node_name="n1", labels=PLUGIN)
+    assert [p.metadata.name for p in listed.items] == ["p0"]
+    assert int(listed.metadata.resource_version) < int(newer)
+    assert caught.value.status == 504
+    assert "Too large resource version" in caught.value.body
+    assert in_stream.value.status == 504
+    assert again["metadata"]["resourceVersion"] == newer  # handed out again, to another write
+
+
 async def test_unknown_path_is_a_404_status(core: CoreV1Api) -> None:
     with pytest.raises(ApiException) as caught:
         await core.list_namespaced_config_map(NS)

@@ -69,6 +69,16 @@ def test_a_deleted_pod_is_forgotten_and_moves_the_generation() -> None:
     assert index.generation == generation + 1
 
 
+async def test_an_update_that_changes_the_uid_forgets_the_old_uid() -> None:
+    index = PodIndex()
+    other = "99999999-2222-4333-8444-555555555555"
+    await index.on_add(pod())
+    await index.on_update(pod(), pod(other))  # the same name, another pod
+    assert index.lookup(CgroupRef(UID, CID)) is None
+    assert index.lookup(CgroupRef(other, CID)) == Owner("ml", "train-0", "main")
+    assert len(index) == 1
+
+
 STATIC_UID = "5c1a9f1e0b7d4e3a9c2f8e6d4b2a1908"  # what the kubelet calls the static pod
 MIRROR_UID = "77777777-2222-4333-8444-555555555555"  # the mirror pod's own UID in the API
 

@@ -43,6 +43,17 @@ def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert load_settings(ExporterSettings, port=9600).port == 9600
 
 
+def test_the_podresources_max_age_defaults_to_two_minutes_and_reads_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings(ExporterSettings).podresources_max_age == 120.0
+    monkeypatch.setenv("GPU_EXPORTER_PODRESOURCES_MAX_AGE", "10m")
+    assert load_settings(ExporterSettings).podresources_max_age == 600.0
+    assert load_settings(ExporterSettings, podresources_max_age="30s").podresources_max_age == 30.0
+    with pytest.raises(ConfigError, match="GPU_EXPORTER_PODRESOURCES_MAX_AGE"):
+        load_settings(ExporterSettings, podresources_max_age="-1s")
+
+
 def test_an_interval_under_a_quarter_second_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"GPU_EXPORTER_INTERVAL.*at least 0\.25s"):
         load_settings(ExporterSettings, interval="100ms")

@@ -142,6 +142,14 @@ def exporter(
             "/var/lib/kubelet/pod-resources/kubelet.sock].",
         ),
     ] = None,
+    podresources_max_age: Annotated[
+        str | None,
+        typer.Option(
+            "--podresources-max-age",
+            help="While the kubelet cannot be read, keep its last GPU "
+            "owners this long, then drop them [env GPU_EXPORTER_PODRESOURCES_MAX_AGE; 2m].",
+        ),
+    ] = None,
 ) -> None:
     """Serve Prometheus metrics per GPU and per GPU process, labelled with their pods."""
     from gpufleet.exporter.service import run_exporter
@@ -156,7 +164,7 @@ def exporter(
         tls_client_ca_file=tls_client_ca_file, host_proc=host_proc, k8s=k8s, node_name=node,
         process_labels=process_labels, process_info=process_info,
         pod_label_allowlist=pod_label_allowlist, max_series=max_series,
-        podresources_socket=podresources_socket,
+        podresources_socket=podresources_socket, podresources_max_age=podresources_max_age,
     )  # fmt: skip
     choice = _source_choice(
         simulate=simulate, fleet=fleet, nvml=nvml, smi_xml=smi_xml, seed=seed,

@@ -71,6 +71,11 @@ class GpuCollector:
     `attributor` that names the owners of processes (or `procfs` alone, for
     usernames and commands without pods), and the kubelet `podresources`
     client that names the owners of whole devices.
+
+    When the kubelet cannot be read, the last map it gave is kept for
+    `podresources_max_age` seconds (an allocation outlives a kubelet
+    restart), then dropped: during a long outage pods are deleted, and a
+    deleted pod must not go on owning its GPUs in the metrics.
     """
 
     def __init__(
@@ -82,11 +87,14 @@ class GpuCollector:
         attributor: ProcessAttributor | None = None,
         podresources: PodResourcesClient | None = None,
         rediscover_interval: float = 60.0,
+        podresources_max_age: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if rediscover_interval <= 0:
             raise ValueError(f"rediscover_interval must be > 0, got {rediscover_interval!r}")
+        if podresources_max_age < 0:
+            raise ValueError(f"podresources_max_age must be >= 0, got {podresources_max_age!r}")
         if attributor is None and procfs is not None:
             attributor = ProcessAttributor(procfs)
         self._source = source
@@ -102,6 +110,8 @@ class GpuCollector:
         self._rediscover = True
         self._known: dict[int, _Known] = {}
         self._owners: Mapping[str, ContainerRef] = {}
+        self._owners_read_at: float | None = None  # when the kubelet last answered
+        self._podresources_max_age = podresources_max_age
         self._owners_error: str | None = None
         self._errors: Counter[str] = Counter({stage: 0 for stage in Stage.ALL})
         self._lock = threading.Lock()
@@ -165,7 +175,16 @@ class GpuCollector:
             if str(exc) != self._owners_error:
                 log.warning("kubelet PodResources unavailable", extra={"error": str(exc)})
             self._owners_error = str(exc)
+            read_at = self._owners_read_at
+            if read_at is not None and self._clock() - read_at > self._podresources_max_age:
+                # But not for ever: pods deleted meanwhile must stop owning GPUs.
+                log.warning(
+                    "dropping the last kubelet PodResources map: too old",
+                    extra={"max_age_s": self._podresources_max_age, "devices": len(self._owners)},
+                )
+                self._owners, self._owners_read_at = {}, None
         else:
+            self._owners_read_at = self._clock()
             if self._owners_error is not None:
                 log.info("kubelet PodResources readable again")
             self._owners_error = None

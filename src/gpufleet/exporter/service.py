@@ -136,6 +136,7 @@ async def exporter(
         ),
         podresources=kubelet,
         rediscover_interval=settings.rediscover_interval,
+        podresources_max_age=settings.podresources_max_age,
     )
     options = RenderOptions(
         process_labels=settings.process_labels,
@@ -167,7 +168,8 @@ async def exporter(
         watched = informer
 
         async def synced() -> bool:
-            return watched.synced.is_set()
+            # Not while relisting after the API server's versions went backwards.
+            return watched.ready
 
         server.add_readiness_check("pods", synced)
 

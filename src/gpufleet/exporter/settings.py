@@ -76,6 +76,9 @@ class ExporterSettings(CommonSettings, KubeSettings):
         default=DEFAULT_SOCKET, validation_alias=_env("podresources_socket")
     )
     podresources_ttl: Duration = Field(default=10.0, validation_alias=_env("podresources_ttl"))
+    podresources_max_age: Duration = Field(
+        default=120.0, ge=0, validation_alias=_env("podresources_max_age")
+    )
     docker_root: Path = Field(default=Path("/var/lib/docker"), validation_alias=_env("docker_root"))
     rediscover_interval: Duration = Field(
         default=60.0, gt=0, validation_alias=_env("rediscover_interval")

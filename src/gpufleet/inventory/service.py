@@ -148,9 +148,12 @@ async def run_pod_watch(
             assert rt.server is not None
             rt.server.add_readiness_check("informers", _synced(pods, nodes))
             tasks = [asyncio.create_task(pods.run()), asyncio.create_task(nodes.run())]
-            elector = None
+            elector: LeaderElector | None = None
+            lease_kube: Kube | None = None
             if settings.leader_election:
-                elector = LeaderElector.from_settings(kube, settings)
+                # Its own client and limiter: renewals must not queue behind execs.
+                lease_kube = kube.for_leader_election()
+                elector = LeaderElector.from_settings(lease_kube, settings)
                 rt.server.add_readiness_check("leader-election", _elector_ok(elector))
                 tasks.append(asyncio.create_task(_follow_leadership(elector, work, pods, nodes)))
             else:
@@ -172,6 +175,8 @@ async def run_pod_watch(
                 await asyncio.gather(*tasks, return_exceptions=True)
                 if elector is not None:
                     await elector.release()
+                if lease_kube is not None:
+                    await lease_kube.close()
     finally:
         if own_kube:
             await kube.close()
@@ -189,7 +194,8 @@ async def _until(stop: asyncio.Event, tasks: Sequence[asyncio.Task[Any]]) -> Non
 
 def _synced(*informers: Informer) -> Callable[[], Any]:
     async def check() -> bool:
-        return all(i.synced.is_set() for i in informers)
+        # `ready`: synced, and not relisting after the versions went backwards.
+        return all(i.ready for i in informers)
 
     return check
 

@@ -5,6 +5,11 @@ over two API clients (plain HTTP and websocket) that share one `TokenBucket`.
 Both clients are subclasses overriding `request`, the method every call goes
 through (REST, watch and the exec websocket alike), so no call can skip the
 limiter, whichever API object or helper makes it.
+
+Leader election gets a `Kube` of its own (`Kube.for_leader_election()`), with
+its own limiter and connection pool, as kube-controller-manager gives its
+elector its own client: a renewal must never queue behind the workers' execs,
+or a busy leader loses its Lease to its own traffic.
 """
 
 from __future__ import annotations
@@ -84,11 +89,22 @@ class Kube:
     def __init__(self, configuration: Configuration, limiter: TokenBucket) -> None:
         self.configuration = configuration
         self.limiter = limiter
+        """The token bucket every request of this connection takes from."""
         self.api_client: Any = _LimitedApiClient(configuration, limiter)
         self.ws_client: Any = _LimitedWsApiClient(configuration, limiter)
         self.core: Any = CoreV1Api(self.api_client)
         self.coordination: Any = CoordinationV1Api(self.api_client)
         self.ws_core: Any = CoreV1Api(self.ws_client)
+
+    def for_leader_election(self) -> Kube:
+        """A second connection to the same server for a `LeaderElector`, limited on its own.
+
+        It has its own token bucket (the same `QPS`/`BURST`) and its own
+        connection pool, so Lease renewals never wait behind the workers'
+        requests: an elector makes at most two requests per retry period.
+        The caller closes it.
+        """
+        return Kube(self.configuration, TokenBucket(self.limiter.qps, self.limiter.burst))
 
     async def close(self) -> None:
         """Close both clients' connection pools."""

@@ -3,7 +3,10 @@
 The pattern is client-go's (`tools/cache`) and kopf's watch loop, in one place:
 
 1. **List** (paginated) and remember the list's `resourceVersion`; the cache
-   becomes exactly the listed objects.
+   becomes exactly the listed objects. The first list asks for
+   `resourceVersion=0`, as client-go's reflector does: the API server serves
+   it from its watch cache instead of reading every object from etcd, which
+   is what makes a DaemonSet's start-up over thousands of nodes cheap.
 2. **Watch** from that version with bookmarks and a server-side timeout, so
    the server ends the stream every few minutes and the informer reconnects.
    Every event and every BOOKMARK moves the remembered version forward.
@@ -12,8 +15,23 @@ The pattern is client-go's (`tools/cache`) and kopf's watch loop, in one place:
 4. When the server says the version is too old (**410 Gone**, as an HTTP
    status or as an ERROR event in the stream), **relist** and announce only
    what really changed against the cache: objects added, updated (a new
-   `resourceVersion`) or deleted in the meantime.
+   `resourceVersion`) or deleted in the meantime; an object found under a
+   cached name with another UID was deleted and created again, and is
+   announced as a delete of the old one and an add of the new one, so
+   consumers keyed by UID never keep the old UID. As client-go's reflector
+   does, the relist asks for the last version seen (data at least that
+   fresh, never older), and only if that list is refused as too old (410)
+   falls back to a consistent read (no `resourceVersion`). Never "0" again:
+   a lagging watch cache could hand back a state older than one already seen.
 5. Any other failure backs off (`core.retry.Backoff`) and tries again.
+6. A **resourceVersion that goes backwards** (an event, bookmark or list older
+   than a version already seen, or a 504 "Too large resource version" for
+   the version held) means the API server's store went back in time, as
+   after an etcd restore. The cache can no longer be trusted, and versions
+   may now repeat with other contents: the informer logs a warning, is not
+   `ready` until it has relisted with a consistent read, and announces every
+   object of that relist as changed. (Versions are compared as numbers when
+   they are numbers, as etcd's are; an opaque one is never compared.)
 
 Objects are the API's own JSON as dicts (camelCase keys, `metadata.name`),
 not the generated models: a watch over thousands of pods would spend most of
@@ -73,12 +91,52 @@ class _Expired(Exception):
     """The resourceVersion we hold is too old for the server: relist."""
 
 
+class _WentBack(Exception):
+    """The server's versions went backwards (an etcd restore?): relist consistently."""
+
+    def __init__(self, seen: str, newest: int) -> None:
+        super().__init__(f"resourceVersion {seen} after {newest}")
+        self.seen = seen
+        self.newest = newest
+
+
+class _TooLarge(Exception):
+    """The server has not seen the version we hold: a lagging cache, or versions went back.
+
+    A consistent relist tells which (its version is older than ours only in
+    the second case).
+    """
+
+
+_TOO_LARGE = "Too large resource version"
+
+
+def _too_large(status: object, message: object) -> bool:
+    """Whether an error is the server's "Too large resource version" (504)."""
+    return status == 504 and _TOO_LARGE in str(message or "")
+
+
+def _number(version: str | None) -> int | None:
+    return int(version) if version and version.isdigit() else None
+
+
 def object_key(obj: KubeObject) -> str:
     """The cache key of an object: `namespace/name`, or `name` for cluster-scoped ones."""
     metadata = obj.get("metadata") or {}
     name = str(metadata.get("name") or "")
     namespace = metadata.get("namespace")
     return f"{namespace}/{name}" if namespace else name
+
+
+def _uid(obj: KubeObject) -> str:
+    metadata = obj.get("metadata") or {}
+    return str(metadata.get("uid") or "")
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    return a if b is None else max(a, b)
 
 
 def _resource_version(obj: KubeObject) -> str | None:
@@ -148,6 +206,11 @@ class Informer:
 
         self._cache: dict[str, _Json] = {}
         self._resource_version: str | None = None
+        self._newest: int | None = None  # the highest numeric version seen
+        self._went_back = False  # until a consistent relist after versions went backwards
+        self._list_consistently = False  # after "too large": the next list reads etcd
+        self.versions_went_back = 0
+        """How many times the server's resourceVersion was seen going backwards."""
         self._add_handlers: list[AddHandler] = []
         self._update_handlers: list[UpdateHandler] = []
         self._delete_handlers: list[DeleteHandler] = []
@@ -209,6 +272,11 @@ class Informer:
         return iter(self.items())
 
     @property
+    def ready(self) -> bool:
+        """Synced, and not relisting after the server's versions went backwards (for /readyz)."""
+        return self.synced.is_set() and not self._went_back
+
+    @property
     def resource_version(self) -> str | None:
         """The last resourceVersion seen (list, event or bookmark): where a watch resumes."""
         return self._resource_version
@@ -265,6 +333,19 @@ class Informer:
                     attempt = 0
                     continue
                 # Otherwise the stream ended at once, empty: back off quietly.
+            except (_WentBack, _TooLarge) as back:
+                must_list = True
+                if isinstance(back, _WentBack):
+                    self._note_went_back(back)
+                else:
+                    self._list_consistently = True
+                    log.info(
+                        "resource version too large for the server, relisting",
+                        extra={"informer": self._what, "resource_version": self._resource_version},
+                    )
+                if attempt == 0 or self._delivered > delivered:
+                    attempt = 1
+                    continue
             except _Expired:
                 must_list = True
                 log.info("watch expired, relisting", extra={"informer": self._what})
@@ -292,7 +373,13 @@ class Informer:
                 )
             await self._sleep(delay)
 
-    async def _list(self) -> tuple[list[_Json], str | None]:
+    async def _list(self, resource_version: str) -> tuple[list[_Json], str | None]:
+        """Every object, page by page; `resource_version` ("0" or "") goes with the first page.
+
+        "0" lets the API server answer from its watch cache; "" (sent as no
+        parameter) is a consistent read. The `continue` pages carry the
+        first page's snapshot in their token, so they send no version.
+        """
         items: list[_Json] = []
         version: str | None = None
         token: str | None = None
@@ -300,6 +387,8 @@ class Informer:
             kwargs: dict[str, Any] = {**self._selectors, "limit": self._page_size}
             if token:
                 kwargs["_continue"] = token
+            elif resource_version:
+                kwargs["resource_version"] = resource_version
             try:
                 body = await call_json(
                     self._list_func,
@@ -311,6 +400,8 @@ class Informer:
                 if api_status(exc) == 410:
                     # The continue token expired mid-list: start over.
                     raise _Expired from exc
+                if _too_large(api_status(exc), exc.body) and resource_version:
+                    raise _TooLarge from exc
                 raise
             items.extend(item for item in body.get("items") or () if isinstance(item, dict))
             metadata = body.get("metadata") or {}
@@ -322,15 +413,43 @@ class Informer:
                 return items, version
 
     async def _list_and_sync(self) -> None:
-        items, version = await self._list()
+        # The first list may come from the watch cache at any version; a
+        # relist must not go back in time (see the module notes).
+        consistent = self._went_back or self._list_consistently
+        list_from = "" if consistent else self._resource_version or "0"
+        try:
+            items, version = await self._list(list_from)
+        except _Expired:
+            if list_from in ("", "0"):
+                raise
+            # Compacted away: a consistent read is the only list left.
+            log.info(
+                "resource version too old to list at, listing afresh",
+                extra={"informer": self._what, "resource_version": list_from},
+            )
+            items, version = await self._list("")
+        except _TooLarge:
+            items, version = await self._list("")
+        self._list_consistently = False
+        listed = _number(version)
+        if listed is not None and self._newest is not None and listed < self._newest:
+            self._note_went_back(_WentBack(str(version), self._newest))
+        # Versions may repeat with other contents after going back: announce all.
+        suspect = self._went_back
         fresh = {object_key(obj): obj for obj in items}
         async with self._dispatch_lock:
             old = self._cache
             self._cache = fresh
             self._resource_version = version
-            first = not self.synced.is_set()
+            self._newest = listed if suspect else _max(self._newest, listed)
+            first = not self.synced.is_set() or suspect
             for key, obj in fresh.items():
                 before = old.get(key)
+                if before is not None and _uid(before) != _uid(obj):
+                    # Deleted and created again under its name while we were
+                    # away: another object, so its old self must go first.
+                    await self._announce_delete(before)
+                    before = None
                 if before is None:
                     await self._announce_add(obj)
                 elif first or _resource_version(before) != _resource_version(obj):
@@ -343,6 +462,32 @@ class Informer:
             extra={"informer": self._what, "objects": len(fresh), "resource_version": version},
         )
         self.synced.set()
+        if suspect:
+            self._went_back = False
+            log.info("relisted after the resourceVersion went backwards", extra={
+                "informer": self._what, "objects": len(fresh), "resource_version": version,
+            })  # fmt: skip
+
+    def _note_went_back(self, back: _WentBack) -> None:
+        if not self._went_back:
+            self.versions_went_back += 1
+            log.warning(
+                "resourceVersion went backwards (an etcd restore?): "
+                "not ready until a consistent relist",
+                extra={"informer": self._what, "resource_version": back.seen,
+                       "newest_seen": back.newest},
+            )  # fmt: skip
+        self._went_back = True
+
+    def _advance(self, version: str | None) -> None:
+        """Move the held version to `version`; `_WentBack` if it is older than one seen."""
+        if not version:
+            return
+        number = _number(version)
+        if number is not None and self._newest is not None and number < self._newest:
+            raise _WentBack(version, self._newest)
+        self._newest = _max(self._newest, number)
+        self._resource_version = version
 
     async def _watch_once(self) -> bool:
         """Follow one watch stream to its end; True if it delivered any event."""
@@ -367,6 +512,8 @@ class Informer:
                 raise _Expired
             if not 200 <= response.status <= 299:
                 body = await response.read()
+                if _too_large(response.status, body.decode("utf-8", errors="replace")):
+                    raise _TooLarge
                 error = ApiException(status=response.status, reason=response.reason)
                 error.body = body.decode("utf-8", errors="replace")
                 raise error
@@ -393,22 +540,25 @@ class Informer:
             code = obj.get("code")
             if code == 410:
                 raise _Expired
+            if _too_large(code, obj.get("message")):
+                raise _TooLarge
             error = ApiException(status=code, reason=f"{obj.get('reason')}: {obj.get('message')}")
             raise error
         version = _resource_version(obj)
         if kind == "BOOKMARK":
-            if version:
-                self._resource_version = version
+            self._advance(version)
             return
         key = object_key(obj)
         async with self._dispatch_lock:
-            if version:
-                self._resource_version = version
+            self._advance(version)
             if kind in ("ADDED", "MODIFIED"):
                 before = self._cache.get(key)
                 if before is not None and version and _resource_version(before) == version:
                     return  # already known (a replay after a reconnect): not a change
                 self._cache[key] = obj
+                if before is not None and _uid(before) != _uid(obj):
+                    await self._announce_delete(before)  # a missed DELETED: another object
+                    before = None
                 if before is None:
                     await self._announce_add(obj)
                 else:

@@ -173,14 +173,18 @@ class ApiFront:
         store = self.store
         match route.verb:
             case "list":
+                limit = _int(params.get("limit", "0"), "limit")
                 store.check_list_version(
-                    params.get("resourceVersion", ""), params.get("resourceVersionMatch", "")
+                    params.get("resourceVersion", ""),
+                    params.get("resourceVersionMatch", ""),
+                    continue_token=params.get("continue", ""),
+                    limit=limit,
                 )
                 body = store.list_objects(
                     resource,
                     namespace,
                     _selector(resource, params),
-                    limit=_int(params.get("limit", "0"), "limit"),
+                    limit=limit,
                     continue_token=params.get("continue", ""),
                 )
                 body["apiVersion"] = wire.api_version

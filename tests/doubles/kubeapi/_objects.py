@@ -137,6 +137,25 @@ class ApiError(Exception):
         )
 
     @classmethod
+    def too_large_resource_version(cls, requested: int, current: int) -> ApiError:
+        """504 with cause ResourceVersionTooLarge: a version newer than the server has seen.
+
+        The real server waits up to 3 s for its watch cache to catch up first;
+        after an etcd restore it never does.
+        """
+        return cls(
+            504,
+            "Timeout",
+            f"Too large resource version: {requested}, current: {current}",
+            {
+                "causes": [
+                    {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}
+                ],
+                "retryAfterSeconds": 1,
+            },
+        )
+
+    @classmethod
     def expired(cls, message: str) -> ApiError:
         """410 Gone with reason Expired: the requested history is no longer kept."""
         return cls(410, "Expired", message)

@@ -108,6 +108,15 @@ class Watcher:
             self.queue.put_nowait(_line("DELETED", event.encoded(event.new, self.wire)))
 
 
+@dataclass(frozen=True, slots=True)
+class StoreBackup:
+    """What `Store.backup` saved: the objects (shared, never mutated) and the version."""
+
+    rv: int
+    objects: dict[str, dict[str, dict[str, JsonObject]]]
+    pods_by_node: dict[str, set[tuple[str, str]]]
+
+
 class Store:
     """In-memory objects of every served resource, with etcd-like versioning."""
 
@@ -215,9 +224,25 @@ class Store:
             )
         return snapshot[0], snapshot[1], offset
 
-    def check_list_version(self, resource_version: str, match: str) -> None:
-        """A list at an exact, expired resourceVersion answers 410; others see the present."""
-        if match == "Exact" and resource_version not in ("", "0"):
+    def check_list_version(
+        self, resource_version: str, match: str, *, continue_token: str, limit: int
+    ) -> None:
+        """A list read at an exact, expired resourceVersion answers 410; others see the present.
+
+        As on the real server: ``resourceVersionMatch=Exact``, or a paginated
+        list (``limit``) at a version other than 0 without a match (the
+        legacy rule: etcd is read at that revision), is answered at that
+        exact version, so 410 once it is compacted. A ``continue`` token
+        carries its own version: sending one other than ``"0"`` with it is a 400.
+        """
+        if continue_token and resource_version not in ("", "0"):
+            raise ApiError.bad_request(
+                "specifying resource version is not allowed when using continue"
+            )
+        if resource_version not in ("", "0") and _parse_rv(resource_version) > self._rv:
+            raise ApiError.too_large_resource_version(_parse_rv(resource_version), self._rv)
+        exact = match == "Exact" or (match == "" and limit > 0 and not continue_token)
+        if exact and resource_version not in ("", "0"):
             rv = _parse_rv(resource_version)
             if rv < self._floor:
                 raise ApiError.expired(f"too old resource version: {rv} ({self._floor + 1})")
@@ -405,6 +430,8 @@ class Store:
                     watcher.queue.put_nowait(_line("ADDED", encoded))
         else:
             since = _parse_rv(resource_version)
+            if since > self._rv:
+                raise ApiError.too_large_resource_version(since, self._rv)
             if since < self._floor:
                 raise ApiError.expired(f"too old resource version: {since} ({self._floor + 1})")
             replay: list[_Event] = []
@@ -421,6 +448,31 @@ class Store:
     def unwatch(self, watcher: Watcher) -> None:
         """Forget a watch whose stream has ended."""
         self._watchers[watcher.resource.plural].discard(watcher)
+
+    def backup(self) -> StoreBackup:
+        """Every object and the version counter now, as an etcd snapshot holds them."""
+        return StoreBackup(
+            rv=self._rv,
+            objects={r: {ns: dict(objs) for ns, objs in spaces.items()}
+                     for r, spaces in self._objects.items()},
+            pods_by_node={node: set(keys) for node, keys in self._pods_by_node.items()},
+        )  # fmt: skip
+
+    def restore(self, backup: StoreBackup) -> None:
+        """Go back to ``backup``, as an etcd restore does: versions go backwards.
+
+        Open watches end (the API server restarts), the history is gone, and
+        the counter goes on from the backup's version, so versions handed out
+        after the backup are handed out again, to other writes.
+        """
+        self._objects = {r: {ns: dict(objs) for ns, objs in spaces.items()}
+                         for r, spaces in backup.objects.items()}  # fmt: skip
+        self._pods_by_node = {node: set(keys) for node, keys in backup.pods_by_node.items()}
+        self._rv = backup.rv
+        self._history.clear()
+        self._floor = backup.rv
+        self._snapshots.clear()
+        self.drop_watches()
 
     def expire_history(self) -> None:
         """Forget every past event: resuming from any older resourceVersion answers 410."""

@@ -43,7 +43,7 @@ from tests.doubles.kubeapi._objects import (
     new_pod,
     set_ready,
 )
-from tests.doubles.kubeapi._store import Store
+from tests.doubles.kubeapi._store import Store, StoreBackup
 
 _KINDS = {"pods": PODS, "nodes": NODES, "leases": LEASES, "resourceslices": RESOURCE_SLICES}
 
@@ -307,6 +307,20 @@ class KubeApiDouble:
         """Resuming a watch (or a paginated list) from any older resourceVersion answers 410."""
         self._store.expire_history()
 
+    def backup(self) -> StoreBackup:
+        """Save every object and the version counter, as an etcd snapshot does."""
+        return self._store.backup()
+
+    def restore(self, backup: StoreBackup) -> None:
+        """Restore ``backup`` as an etcd restore does: resourceVersions go backwards.
+
+        Every open watch ends and the history is gone. The version counter
+        goes on from the backup's, so a watch or list at a version handed out
+        since answers 504 "Too large resource version", and later writes get
+        versions that were already handed out to others.
+        """
+        self._store.restore(backup)
+
     def drop_watches(self) -> None:
         """End every open watch stream; clients see the stream end, as on a server restart."""
         self._store.drop_watches()
@@ -334,11 +348,41 @@ class KubeApiDouble:
             and (subresource is None or r.subresource == subresource)
         )
 
+    def etcd_list_count(self, resource: str | None = None) -> int:
+        """Lists that a real API server reads from etcd rather than its watch cache.
+
+        ``resourceVersion=0`` is served from the watch cache (any version,
+        possibly a little stale), and so is ``resourceVersion=N`` without a
+        ``limit``. A list without a version is a consistent read of etcd, and
+        a paginated one (``limit``) at a version other than 0 is a read of
+        etcd at that exact revision (up to Kubernetes 1.33, whose cache
+        serves no such list). This counts those lists, not their ``continue``
+        pages.
+        """
+        return sum(
+            1
+            for r in self._front.requests
+            if r.verb == "list"
+            and (resource is None or r.resource == resource)
+            and not r.params.get("continue")
+            and (
+                not r.params.get("resourceVersion")
+                or (r.params["resourceVersion"] != "0" and _int_or_zero(r.params.get("limit")) > 0)
+            )
+        )
+
     def exec_count(self, pod_uid: str | None = None) -> int:
         """Exec requests in all (refused ones too), or those that reached the pod ``pod_uid``."""
         if pod_uid is None:
             return self.count(verb="exec")
         return self._front.exec_by_uid[pod_uid]
+
+
+def _int_or_zero(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
 
 
 def _copy(obj: JsonObject) -> JsonObject:

@@ -75,6 +75,10 @@ class _PodRecord:
     labels: tuple[tuple[str, str], ...]
 
 
+def _uid_of(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("metadata") or {}).get("uid") or "").lower()
+
+
 class PodIndex:
     """This node's pods by UID, kept by a pod informer's add/update/delete events.
 
@@ -154,7 +158,14 @@ class PodIndex:
         self.upsert(pod)
 
     async def on_update(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
-        """Informer handler: a container restart changes the container IDs."""
+        """Informer handler: a container restart changes the container IDs.
+
+        An update whose UID differs is another pod under the same name (the
+        informer announces that as a delete and an add; this is a second
+        guard): the old UID is forgotten, or it would own processes for ever.
+        """
+        if _uid_of(old) != _uid_of(new):
+            self.remove(old)
         self.upsert(new)
 
     async def on_delete(self, pod: Mapping[str, Any]) -> None:
