@@ -286,15 +286,7 @@ class HostileS3:
 
 
 @pytest.fixture
-async def hostile_s3(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[HostileS3]:
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+async def hostile_s3(aws_env: None) -> AsyncIterator[HostileS3]:
     server = HostileS3()
     app = web.Application()
     app.router.add_route("PUT", "/inv/{key:.+}", server.handle)
