@@ -40,3 +40,27 @@ class UnsafeArchiveError(KcacheError):
 
 class SignatureError(KcacheError):
     """The image is unsigned, signed by another key, or its signature names another digest."""
+
+
+class VolumeError(KcacheError):
+    """A CSI volume cannot be published; each subclass is answered with one gRPC status code."""
+
+
+class CacheNotReadyError(VolumeError):
+    """The cache is still being resolved, verified or pulled on this node (UNAVAILABLE)."""
+
+
+class CacheIncompatibleError(VolumeError):
+    """No GPU of this node can use the cache; the message says why (FAILED_PRECONDITION)."""
+
+
+class CacheNotFoundError(VolumeError):
+    """The volume names a cache that does not exist (NOT_FOUND)."""
+
+
+class CacheAccessDeniedError(VolumeError):
+    """The pod may not use the cache: another namespace, or refused by RBAC (PERMISSION_DENIED)."""
+
+
+class InvalidVolumeError(VolumeError):
+    """The request misses a field or carries a hostile attribute (INVALID_ARGUMENT)."""
