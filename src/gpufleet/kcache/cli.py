@@ -409,3 +409,23 @@ def verify(
     with _client(reference, plain_http, force_plain_http, takes="cache verify") as (client, ref):
         digest = verify_image(client, ref, public, signed_repository=signed_repository)
     sys.stdout.write(f"{digest}\n")
+
+
+@app.command()
+def operator(
+    server_port: Annotated[
+        int | None,
+        typer.Option(
+            "--server-port",
+            help="Port of /metrics, /healthz, /readyz [env SERVER_PORT; default 8080].",
+        ),
+    ] = None,
+) -> None:
+    """Run the cluster operator: resolve and verify GKMCache images, roll node status up."""
+    import asyncio
+
+    from gpufleet.kcache.operator.run import run_operator
+    from gpufleet.kcache.operator.settings import OperatorSettings
+
+    settings = load_settings(OperatorSettings, server_port=server_port)
+    asyncio.run(run_operator(settings))

@@ -1,0 +1,274 @@
+"""``spec.image`` → the digest nodes may pull: resolve the tag, then apply the signature policy.
+
+The registry calls are blocking (``kcache.oci.RegistryClient``), so one resolution runs in
+a worker thread with a client of its own, bounded by ``KCACHE_RESOLVE_TIMEOUT``. The trust
+Secret is read again before every resolution, so a changed policy applies at the next one.
+
+A digest reaches ``status.resolvedDigest`` only once `verify_by_policy` accepted it. When
+the check refuses it, or cannot be made (registry down, unreadable Secret), the digest the
+status had stays, and the Verified condition says why; nothing new reaches the nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from gpufleet.core.errors import GpufleetError
+from gpufleet.kcache.crds import CacheObject
+from gpufleet.kcache.errors import (
+    InvalidReferenceError,
+    KcacheError,
+    SignatureError,
+    SignedDigestMismatchError,
+    UnsignedError,
+    UntrustedSignatureError,
+)
+from gpufleet.kcache.oci import RegistryClient
+from gpufleet.kcache.operator.rollup import Verdict
+from gpufleet.kcache.operator.status import Resolution
+from gpufleet.kcache.policy import TrustPolicy, Verified, verify_by_policy
+from gpufleet.kcache.reference import Reference
+
+__all__ = ["RegistryOptions", "Resolver", "TrustSource", "VerifyFn"]
+
+log = logging.getLogger(__name__)
+
+VerifyFn = Callable[..., Verified]
+"""`verify_by_policy`'s signature: (client, reference, policy, *, namespace, signature_format)."""
+PolicyLoader = Callable[[], Awaitable[tuple[TrustPolicy, str]]]
+"""Returns the trust policy and a fingerprint of what it was built from."""
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """How to reach registries: like ``gpufleet cache``, plus the plain-HTTP allow-list."""
+
+    plain_http: frozenset[str] = frozenset()
+    """Registries (host[:port]) to talk HTTP to; loopback ones always are."""
+    username: str | None = None
+    password: str | None = None
+    timeout: float = 60.0
+    """The deadline of one resolution's registry calls, all together."""
+
+    def client(self, registry: str) -> RegistryClient:
+        """A fresh client for `registry` (its deadline starts now)."""
+        return RegistryClient(
+            registry,
+            plain_http=True if registry in self.plain_http else None,
+            username=self.username,
+            password=self.password,
+            timeout=min(self.timeout, 30.0),
+            deadline=self.timeout,
+        )
+
+
+class TrustSource:
+    """Reads the trust Secret (``KCACHE_TRUST_SECRET`` in ``NAMESPACE``) into a policy.
+
+    No Secret means no key: nothing is required. A Secret that cannot be read or parsed
+    raises (`GpufleetError` or the API's error): the caller then refuses new digests.
+    """
+
+    def __init__(
+        self, read: Callable[[str, str], Awaitable[dict[str, bytes] | None]], namespace: str,
+        name: str,
+    ) -> None:  # fmt: skip
+        self._read = read
+        self.namespace = namespace
+        self.name = name
+
+    @property
+    def where(self) -> str:
+        """``Secret <namespace>/<name>``, for messages."""
+        return f"Secret {self.namespace}/{self.name}"
+
+    async def load(self) -> tuple[TrustPolicy, str]:
+        """The policy and a fingerprint of the Secret's data (to notice a change)."""
+        data = await self._read(self.namespace, self.name) or {}
+        digest = hashlib.sha256()
+        for item in sorted(data):
+            digest.update(item.encode() + b"\0" + hashlib.sha256(data[item]).digest())
+        return TrustPolicy.from_secret_data(data, source=self.where), digest.hexdigest()
+
+
+_REFUSALS: tuple[tuple[type[SignatureError], str], ...] = (
+    (UnsignedError, "Unsigned"),
+    (UntrustedSignatureError, "WrongKey"),
+    (SignedDigestMismatchError, "DigestMismatch"),
+)
+
+
+def _refusal_reason(error: SignatureError) -> str:
+    return next((reason for kind, reason in _REFUSALS if isinstance(error, kind)), "Error")
+
+
+@dataclass
+class _Checked:
+    """A digest the policy accepted, and what the check rested on."""
+
+    digest: str
+    fingerprint: str
+    signature_format: str | None
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One resolution, and whether it failed in a way worth retrying soon."""
+
+    resolution: Resolution
+    transient: bool = False
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    """(type, reason, message) of the Events to record about it."""
+
+
+class Resolver:
+    """Resolves caches one at a time each (the caller serialises per cache)."""
+
+    def __init__(
+        self,
+        options: RegistryOptions,
+        load_policy: PolicyLoader,
+        *,
+        policy_source: str = "the trust Secret",
+        verify: VerifyFn = verify_by_policy,
+        client: Callable[[str], RegistryClient] | None = None,
+    ) -> None:
+        self._options = options
+        self._load_policy = load_policy
+        self._policy_source = policy_source
+        self._verify = verify
+        self._client = client or options.client
+        self._checked: dict[tuple[str, str | None, str], _Checked] = {}
+
+    def forget(self, cache: CacheObject) -> None:
+        """Drop what is remembered about `cache` (it was deleted)."""
+        self._checked.pop(_memo_key(cache), None)
+
+    async def resolve(self, cache: CacheObject) -> Outcome:
+        """Resolve `cache`'s image and check the signature of a digest not checked yet."""
+        stored_digest = cache.status.resolved_digest
+        stored_image = cache.status.resolved_image
+        generation = cache.generation
+
+        def keep(
+            resolved: Verdict,
+            verified: Verdict,
+            *,
+            transient: bool,
+            events: list[tuple[str, str, str]] | None = None,
+        ) -> Outcome:
+            """The digest stays as stored; the conditions say why."""
+            resolution = Resolution(generation, stored_digest, stored_image, resolved, verified)
+            return Outcome(resolution, transient=transient, events=events or [])
+
+        try:
+            reference = Reference.parse(cache.spec.image)
+            if reference.tag is None and reference.digest is None:
+                reference = reference.with_tag("latest")
+        except InvalidReferenceError as exc:
+            return keep(
+                Verdict("Resolved", False, "InvalidImage", str(exc)),
+                Verdict("Verified", False, "Error", "not checked: the image reference is invalid"),
+                transient=False,
+            )
+        policy: TrustPolicy | None = None
+        fingerprint = ""
+        policy_error: str | None = None
+        try:
+            policy, fingerprint = await self._load_policy()
+        except (GpufleetError, ValueError) as exc:
+            policy_error = str(exc)
+        except Exception as exc:  # the API server's answer; the check cannot be made
+            policy_error = f"cannot read {self._policy_source}: {type(exc).__name__}: {exc}"
+        memo = _memo_key(cache)
+        previous = self._checked.get(memo)
+        signature_format = cache.signature_format
+
+        def work() -> tuple[str | None, Verified | None]:
+            with self._client(reference.registry) as client:
+                digest = client.resolve(
+                    reference.repository, reference.digest or reference.tag or "latest"
+                )
+                if digest is None or policy is None:
+                    return digest, None
+                if (
+                    previous is not None
+                    and previous.digest == digest
+                    and previous.fingerprint == fingerprint
+                    and previous.signature_format == signature_format
+                ):
+                    return digest, None  # checked before, against the same policy
+                # The policy resolves again and vouches for the digest it checked: that one
+                # is published, even if the tag moved in between.
+                verified = self._verify(
+                    client, reference, policy,
+                    namespace=cache.key.namespace, signature_format=signature_format,
+                )  # fmt: skip
+                return verified.digest, verified
+
+        try:
+            digest, verified = await asyncio.to_thread(work)
+        except SignatureError as exc:
+            reason = _refusal_reason(exc)
+            verdict = Verdict("Verified", False, reason, str(exc))
+            # The tag did resolve; the digest it names is what was refused.
+            return keep(
+                Verdict("Resolved", True, "Resolved", f"{reference} is refused: see Verified"),
+                verdict, transient=reason == "Error",
+                events=[("Warning", f"Signature{reason}", str(exc))],
+            )  # fmt: skip
+        except KcacheError as exc:
+            return keep(
+                Verdict("Resolved", False, "RegistryError", str(exc)),
+                _carried_verified(cache, previous),
+                transient=True,
+            )
+        if digest is None:
+            return keep(
+                Verdict("Resolved", False, "NotFound", f"{reference} does not exist"),
+                _carried_verified(cache, previous),
+                transient=False,
+            )
+        resolved = Verdict("Resolved", True, "Resolved", f"{reference} is {digest}")
+        if policy_error is not None:
+            message = f"{digest} not checked: {policy_error}"
+            return keep(
+                resolved, Verdict("Verified", False, "Error", message), transient=True,
+                events=[("Warning", "SignatureError", message)] if digest != stored_digest else [],
+            )  # fmt: skip
+        if verified is None:
+            assert previous is not None  # checked before against the same policy
+            verdict = previous.verdict
+        elif verified.key_name is None:
+            verdict = Verdict("Verified", True, "NotRequired", "no trusted key is configured")
+        else:
+            how = f" ({verified.format})" if verified.format else ""
+            verdict = Verdict(
+                "Verified", True, "Verified", f"{digest} is signed by {verified.key_name}{how}"
+            )
+        self._checked[memo] = _Checked(digest, fingerprint, signature_format, verdict)
+        image = f"{reference.registry}/{reference.repository}@{digest}"
+        events = []
+        if digest != stored_digest:
+            events.append(("Normal", "Resolved", f"{reference} resolved to {digest}"))
+        return Outcome(Resolution(generation, digest, image, resolved, verdict), events=events)
+
+
+def _memo_key(cache: CacheObject) -> tuple[str, str | None, str]:
+    key = cache.key
+    return (key.kind, key.namespace, key.name)
+
+
+def _carried_verified(cache: CacheObject, previous: _Checked | None) -> Verdict:
+    """The Verified condition to show while the registry cannot say anything new."""
+    if previous is not None:
+        return previous.verdict
+    stored = cache.status.condition("Verified")
+    if stored is not None:
+        return Verdict("Verified", stored.status == "True", stored.reason, stored.message)
+    return Verdict("Verified", False, "Error", "not checked: the image did not resolve")
