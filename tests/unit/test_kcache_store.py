@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -359,3 +359,183 @@ def test_sweep_keeps_what_is_not_an_installers_temp_dir(store: CacheStore) -> No
 
     assert store.sweep() == [stale]
     assert foreign.is_dir()
+
+
+# -- derive: the same cache for another mount root, without the network -------------------------
+
+GROUP_A = "A" * 52
+GROUP_B = "B" * 52
+
+
+def group_file(mount_root: str, group: str, *names: str) -> str:
+    """A ``__grp__`` file as extraction writes it for `mount_root` (sorted, compact)."""
+    children = {n: f"{mount_root}/{group}/{n}" for n in sorted(names)}
+    return json.dumps({"child_paths": children}, sort_keys=True, separators=(",", ":"))
+
+
+def triton_like(mount_root: str) -> Callable[[Path], None]:
+    """A fill writing two kernel groups (one nested) whose group files name `mount_root`."""
+
+    def fill(tmp: Path) -> None:
+        a = tmp / GROUP_A
+        a.mkdir()
+        (a / "k.json").write_text('{"name": "k"}')
+        (a / "k.cubin").write_bytes(b"\x7fELF cubin")
+        (a / "__grp__k.json").write_text(group_file(mount_root, GROUP_A, "k.json", "k.cubin"))
+        b = tmp / "nested" / "triton_cache" / GROUP_B
+        b.mkdir(parents=True)
+        (b / "j.json").write_text('{"name": "j"}')
+        (b / "__grp__j.json").write_text(
+            group_file(mount_root, f"nested/triton_cache/{GROUP_B}", "j.json")
+        )
+        (tmp / "nested" / "other.bin").write_bytes(b"\0" * 5000)
+
+    return fill
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every regular file below `path` (relative name -> bytes)."""
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def test_derive_copies_the_entry_and_rewrites_every_group_file_to_the_new_root(
+    store: CacheStore,
+) -> None:
+    source = store.install(DIGEST, "/cache", triton_like("/cache"))
+    before = tree(source)
+
+    derived = store.derive(DIGEST, "/cache", "/kernels")
+
+    assert derived == store.path(DIGEST, "/kernels")
+    assert store.installed(DIGEST, "/kernels") == derived
+    got = tree(derived)
+    assert set(got) == set(before)
+    grp_a = f"{GROUP_A}/__grp__k.json"
+    grp_b = f"nested/triton_cache/{GROUP_B}/__grp__j.json"
+    assert json.loads(got[grp_a]) == {
+        "child_paths": {
+            "k.cubin": f"/kernels/{GROUP_A}/k.cubin",
+            "k.json": f"/kernels/{GROUP_A}/k.json",
+        }
+    }
+    assert json.loads(got[grp_b]) == {
+        "child_paths": {"j.json": f"/kernels/nested/triton_cache/{GROUP_B}/j.json"}
+    }
+    assert {k: v for k, v in got.items() if k not in (grp_a, grp_b)} == {
+        k: v for k, v in before.items() if k not in (grp_a, grp_b)
+    }
+    assert tree(source) == before  # the source entry is left as it was
+
+
+def test_a_derived_entry_is_what_extracting_for_that_root_gives(store: CacheStore) -> None:
+    store.install(DIGEST, "/cache", triton_like("/cache"))
+    direct = store.install(OTHER, "/srv/k", triton_like("/srv/k"))
+
+    derived = store.derive(DIGEST, "/cache", "/srv/k")
+
+    assert tree(derived) == tree(direct)
+
+
+def test_a_derived_entry_has_the_modes_pods_need(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        store = CacheStore(tmp_path / "store")
+        store.install(DIGEST, "/cache", triton_like("/cache"))
+        derived = store.derive(DIGEST, "/cache", "/kernels")
+    finally:
+        os.umask(old)
+
+    modes = {p.stat().st_mode & 0o7777 for p in derived.rglob("*") if p.is_file()}
+    dirs = {p.stat().st_mode & 0o7777 for p in [derived, *derived.rglob("*")] if p.is_dir()}
+    assert (modes, dirs) == ({0o644}, {0o755})
+
+
+def test_derive_refuses_when_the_source_root_is_not_installed(store: CacheStore) -> None:
+    store.install(DIGEST, "/other", triton_like("/other"))
+
+    with pytest.raises(KcacheError, match=r"'/cache'.*not installed"):
+        store.derive(DIGEST, "/cache", "/kernels")
+
+    assert not store.path(DIGEST, "/kernels").exists()
+
+
+def test_derive_refuses_a_source_left_half_removed(store: CacheStore) -> None:
+    source = store.install(DIGEST, "/cache", triton_like("/cache"))
+    source.with_name(source.name + ".complete").unlink()  # a crash mid-remove
+
+    with pytest.raises(KcacheError, match="not installed"):
+        store.derive(DIGEST, "/cache", "/kernels")
+
+
+def test_derive_to_an_installed_root_does_nothing(store: CacheStore) -> None:
+    store.install(DIGEST, "/cache", triton_like("/cache"))
+    first = store.derive(DIGEST, "/cache", "/kernels")
+    inode = (first / "nested" / "other.bin").stat().st_ino
+
+    assert store.derive(DIGEST, "/cache", "/kernels") == first
+    assert (first / "nested" / "other.bin").stat().st_ino == inode
+
+
+def test_derive_to_the_same_root_returns_the_source(store: CacheStore) -> None:
+    source = store.install(DIGEST, "/cache", triton_like("/cache"))
+
+    assert store.derive(DIGEST, "/cache", "/cache") == source
+
+
+@pytest.mark.parametrize("bad", ["kernels", "/a/../b", "/kernels/"])
+def test_derive_refuses_a_malformed_mount_root(store: CacheStore, bad: str) -> None:
+    store.install(DIGEST, "/cache", triton_like("/cache"))
+
+    with pytest.raises(KcacheError, match="mount root"):
+        store.derive(DIGEST, "/cache", bad)
+
+
+def test_derive_refuses_a_source_holding_a_symbolic_link(store: CacheStore) -> None:
+    source = store.install(DIGEST, "/cache", triton_like("/cache"))
+    (source / GROUP_A / "link").symlink_to("/etc/passwd")
+
+    with pytest.raises(KcacheError, match=r"link.*not a regular file"):
+        store.derive(DIGEST, "/cache", "/kernels")
+
+    assert not store.is_complete(DIGEST, "/kernels")
+    assert os.listdir(store.root / "tmp") == []
+
+
+def test_derive_refuses_a_group_file_that_is_not_one(store: CacheStore) -> None:
+    source = store.install(DIGEST, "/cache", triton_like("/cache"))
+    (source / GROUP_A / "__grp__k.json").write_text('{"child_paths": {"k.json": "/etc/k.json"}}')
+
+    with pytest.raises(KcacheError, match=r"__grp__k\.json"):
+        store.derive(DIGEST, "/cache", "/kernels")
+
+    assert not store.is_complete(DIGEST, "/kernels")
+
+
+def test_two_threads_deriving_one_root_copy_once(store: CacheStore) -> None:
+    store.install(DIGEST, "/cache", triton_like("/cache"))
+    results: list[Path] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def derive() -> None:
+        try:
+            barrier.wait(timeout=10)
+            results.append(store.derive(DIGEST, "/cache", "/kernels"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=derive) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert errors == []
+    assert results == [store.path(DIGEST, "/kernels")] * 4
+    assert os.listdir(store.root / "tmp") == []
+    assert [(c.digest, c.mount_root) for c in store.caches()] == [
+        (DIGEST, "/cache"),
+        (DIGEST, "/kernels"),
+    ]

@@ -14,7 +14,9 @@ is a crash's leftover and is redone. One lock file per digest and mount root
 (``flock``) lets one installer fill while the others wait. A temporary
 directory whose lock nobody holds is a killed installer's leftover: the first
 install of a `CacheStore` sweeps every one of them (`sweep`), whatever its
-digest. See docs/kcache-image.md.
+digest. `derive` makes a digest's entry for another mount root from an
+installed one, with no network: a copy whose group files name the new root.
+See docs/kcache-image.md.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpufleet.kcache.errors import KcacheError
-from gpufleet.kcache.image import check_mount_root
+from gpufleet.kcache import format as cache_format
+from gpufleet.kcache.errors import CacheFormatError, KcacheError
+from gpufleet.kcache.image import check_mount_root, is_group_file
 
 __all__ = ["CacheStore", "StoredCache", "mount_key"]
 
@@ -42,6 +45,8 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 _TMP_NAME = re.compile(r"([0-9a-f]{64}-[0-9a-f]{64})\.[^/]+")
 _MARKER_SUFFIX = ".complete"
 _DIR_MODE = 0o755
+_FILE_MODE = 0o644
+_MAX_GROUP_FILE = 16 << 20  # as extraction: a group file is read whole, so it is bounded
 CACHES = "caches"
 """The store's top directory of installed caches (``<root>/caches/sha256/...``)."""
 
@@ -152,6 +157,36 @@ class CacheStore:
             self._write_marker(target, manifest_digest, mount_root)
         return target
 
+    def derive(self, manifest_digest: str, from_root: str, to_root: str) -> Path:
+        """Install `manifest_digest`'s cache for `to_root` from its complete `from_root` entry.
+
+        No network: every file of the `from_root` entry is copied, and every
+        ``__grp__`` file is rewritten so that its child paths name `to_root`
+        (`format.stored_child_paths`, then `format.mounted_child_paths`), which
+        is what extracting the image for `to_root` would have written. It goes
+        through `install`, so the new entry is whole or absent, concurrent
+        derives copy once, and a kill mid-copy leaves only a swept leftover.
+        The source entry's lock is held shared meanwhile, so `remove` cannot
+        take it away under the copy. Nothing is done if the `to_root` entry is
+        installed already; `KcacheError` if the `from_root` one is not.
+        """
+        source = self.path(manifest_digest, from_root)
+        target = self.path(manifest_digest, to_root)
+        if source != target and self._complete(target):
+            return target
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        with self._locked(self._lock_name(source), shared=True):
+            if not self._complete(source):
+                raise KcacheError(
+                    f"{manifest_digest}: the cache for mount root {from_root!r} is not installed; "
+                    f"nothing to derive the one for {to_root!r} from"
+                )
+            if source == target:
+                return target
+            return self.install(
+                manifest_digest, to_root, lambda tmp: _copy_for_root(source, tmp, to_root)
+            )
+
     def sweep(self) -> list[Path]:
         """Remove the temporary directories of installers that died; returns what went.
 
@@ -203,13 +238,18 @@ class CacheStore:
     def _complete(self, target: Path) -> bool:
         return self._marker(target).is_file() and target.is_dir()
 
+    @staticmethod
+    def _lock_name(target: Path) -> str:
+        """``<hex>-<mount key>``: the name of an entry's lock and of its fills' temp dirs."""
+        return f"{target.parent.name}-{target.name}"
+
     @contextlib.contextmanager
-    def _locked(self, name: str) -> Iterator[None]:
+    def _locked(self, name: str, *, shared: bool = False) -> Iterator[None]:
         # flock belongs to the open file description: threads of one process exclude
         # each other as processes do, since each installer opens the file itself.
         fd = os.open(self.root / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
@@ -246,6 +286,47 @@ class CacheStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _copy_for_root(source: Path, dest: Path, mount_root: str) -> None:
+    """Copy the cache tree `source` into the empty `dest`, group files rewritten for `mount_root`.
+
+    Only directories and regular files are copied (extraction writes nothing
+    else); anything else in the source means it is not what the store wrote.
+    """
+
+    def fail(exc: OSError) -> None:
+        raise KcacheError(f"{exc.filename}: cannot be read: {exc.strerror}") from exc
+
+    for directory, dirnames, filenames in os.walk(source, onerror=fail):
+        here = Path(directory)
+        rel = here.relative_to(source)
+        for name in sorted(dirnames):
+            if (here / name).is_symlink():
+                raise KcacheError(f"{here / name}: is a symbolic link, not a regular file")
+            (dest / rel / name).mkdir(mode=_DIR_MODE)
+            (dest / rel / name).chmod(_DIR_MODE)  # the umask must not decide what pods can read
+        for name in sorted(filenames):
+            src, out = here / name, dest / rel / name
+            if not src.is_file() or src.is_symlink():
+                raise KcacheError(f"{src}: is a symbolic link or special file, not a regular file")
+            if is_group_file(name):
+                out.write_bytes(_group_for_root(src, rel, mount_root))
+            else:
+                shutil.copyfile(src, out, follow_symlinks=False)
+            out.chmod(_FILE_MODE)
+
+
+def _group_for_root(path: Path, group: Path, mount_root: str) -> bytes:
+    """A stored ``__grp__`` file's bytes with its child paths naming `mount_root`."""
+    if group == Path() or path.stat().st_size > _MAX_GROUP_FILE:
+        raise KcacheError(f"{path}: a group file outside a group, or over 16 MiB")
+    where, rel = str(path), group.as_posix()
+    try:
+        stored = cache_format.stored_child_paths(path.read_bytes(), group=rel, where=where)
+        return cache_format.mounted_child_paths(stored, group=rel, mount_root=mount_root)
+    except CacheFormatError as exc:
+        raise KcacheError(f"cannot derive the cache for {mount_root!r}: {exc}") from exc
 
 
 def _hex(manifest_digest: str) -> str:
