@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.kcache.errors import KcacheError
-from gpufleet.kcache.store import CacheStore
+from gpufleet.kcache.store import CacheStore, StoredCache
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32
@@ -99,7 +99,9 @@ def test_the_marker_records_the_digest_and_the_mount_root(store: CacheStore) -> 
     path = store.install(DIGEST, ROOT, Filler())
 
     marker = path.with_name(path.name + ".complete")
-    assert json.loads(marker.read_text()) == {"digest": DIGEST, "mount_root": ROOT}
+    record = json.loads(marker.read_text())
+    assert record == {"digest": DIGEST, "mount_root": ROOT, "size_bytes": record["size_bytes"]}
+    assert record["size_bytes"] > 0
     assert "complete" not in {p.name for p in path.iterdir()}
 
 
@@ -292,7 +294,7 @@ def test_a_volatile_store_installs_the_same_way(tmp_path: Path) -> None:
 _INSTALLER = """
 import sys, time
 from pathlib import Path
-from gpufleet.kcache.store import CacheStore
+from gpufleet.kcache.store import CacheStore, StoredCache
 
 root, digest, control, mount = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 
@@ -539,3 +541,209 @@ def test_two_threads_deriving_one_root_copy_once(store: CacheStore) -> None:
         (DIGEST, "/cache"),
         (DIGEST, "/kernels"),
     ]
+
+
+# -- remove, size and last use -------------------------------------------------------------------
+
+
+def marker_of(store: CacheStore, digest: str, mount_root: str) -> Path:
+    path = store.path(digest, mount_root)
+    return path.with_name(path.name + ".complete")
+
+
+def test_remove_takes_one_entry_and_leaves_the_digests_other_roots(store: CacheStore) -> None:
+    store.install(DIGEST, "/a", Filler())
+    kept = store.install(DIGEST, "/b", Filler())
+
+    removed = store.remove(DIGEST, "/a")
+
+    assert removed == [StoredCache(DIGEST, "/a", store.path(DIGEST, "/a"))]
+    assert not store.path(DIGEST, "/a").exists()
+    assert not marker_of(store, DIGEST, "/a").exists()
+    assert [c.path for c in store.caches()] == [kept]
+
+
+def test_remove_without_a_mount_root_takes_every_root_of_the_digest(store: CacheStore) -> None:
+    store.install(DIGEST, "/a", Filler())
+    store.install(DIGEST, "/b", Filler())
+    store.install(OTHER, "/a", Filler())
+
+    removed = store.remove(DIGEST)
+
+    assert [(c.digest, c.mount_root) for c in removed] == [(DIGEST, "/a"), (DIGEST, "/b")]
+    assert [(c.digest, c.mount_root) for c in store.caches()] == [(OTHER, "/a")]
+    assert not (store.root / "caches" / "sha256" / ("ab" * 32)).exists()
+
+
+def test_remove_drops_the_entrys_lock_file(store: CacheStore) -> None:
+    store.install(DIGEST, ROOT, Filler())
+    store.install(OTHER, ROOT, Filler())
+
+    store.remove(DIGEST)
+
+    assert os.listdir(store.root / "locks") == [f"{'cd' * 32}-{ROOT_KEY}.lock"]
+    fill = Filler()
+    store.install(DIGEST, ROOT, fill)  # a new lock file, a new install
+    assert fill.calls == 1
+
+
+def test_remove_of_what_is_not_there_removes_nothing(store: CacheStore) -> None:
+    store.install(OTHER, ROOT, Filler())
+
+    assert store.remove(DIGEST, ROOT) == []
+    assert store.remove(DIGEST) == []
+    assert store.is_complete(OTHER, ROOT)
+
+
+def test_remove_also_clears_a_crash_leftover_of_the_digest(store: CacheStore) -> None:
+    store.install(DIGEST, "/a", Filler())
+    leftover = store.path(DIGEST, "/b")
+    leftover.mkdir()
+    (leftover / "half.cubin").write_text("half")
+
+    removed = store.remove(DIGEST)
+
+    assert [c.mount_root for c in removed] == ["/a"]
+    assert not leftover.exists()
+
+
+def test_a_removed_entry_is_installed_again_by_the_next_install(store: CacheStore) -> None:
+    store.install(DIGEST, ROOT, Filler())
+    store.remove(DIGEST)
+    fill = Filler("again")
+
+    path = store.install(DIGEST, ROOT, fill)
+
+    assert fill.calls == 1
+    assert (path / "group" / "k.cubin").read_text() == "again"
+
+
+def test_remove_waits_for_an_installer_of_the_same_entry(store: CacheStore) -> None:
+    started, release = threading.Event(), threading.Event()
+    removed: list[list[StoredCache]] = []
+
+    def slow(tmp: Path) -> None:
+        started.set()
+        release.wait(timeout=10)
+        (tmp / "k.cubin").write_text("k")
+
+    installer = threading.Thread(target=store.install, args=(DIGEST, ROOT, slow))
+    installer.start()
+    assert started.wait(timeout=10)
+    remover = threading.Thread(target=lambda: removed.append(store.remove(DIGEST, ROOT)))
+    remover.start()
+    remover.join(timeout=0.5)
+    try:
+        assert remover.is_alive()  # blocked on the installer's lock, not racing it
+    finally:
+        release.set()
+        installer.join(timeout=10)
+        remover.join(timeout=10)
+
+    assert [c.mount_root for c in removed[0]] == [ROOT]
+    assert not store.is_complete(DIGEST, ROOT)
+    assert not store.path(DIGEST, ROOT).exists()
+
+
+def test_an_install_after_its_digest_directory_went_still_lands(store: CacheStore) -> None:
+    store.install(DIGEST, "/a", Filler())
+
+    def fill(tmp: Path) -> None:
+        store.remove(DIGEST, "/a")  # removes the now empty <hex>/ beside this fill
+        (tmp / "k").write_text("k")
+
+    assert store.install(DIGEST, "/b", fill) == store.path(DIGEST, "/b")
+    assert store.is_complete(DIGEST, "/b")
+
+
+def test_the_entry_size_is_its_bytes_on_disk_recorded_at_install(store: CacheStore) -> None:
+    def fill(tmp: Path) -> None:
+        (tmp / "g").mkdir()
+        (tmp / "g" / "big").write_bytes(os.urandom(100_000))
+        (tmp / "g" / "small").write_text("x")
+
+    path = store.install(DIGEST, ROOT, fill)
+    on_disk = sum(p.lstat().st_blocks * 512 for p in [path, *path.rglob("*")])
+
+    assert store.entry_size(DIGEST, ROOT) == on_disk
+    assert json.loads(marker_of(store, DIGEST, ROOT).read_text())["size_bytes"] == on_disk
+    (path / "g" / "big").unlink()  # not re-walked: the recorded figure stands
+    assert store.entry_size(DIGEST, ROOT) == on_disk
+
+
+def test_an_old_marker_without_a_size_gets_one_once_and_keeps_its_last_use(
+    store: CacheStore,
+) -> None:
+    path = store.install(DIGEST, ROOT, Filler())
+    marker = marker_of(store, DIGEST, ROOT)
+    marker.write_text(json.dumps({"digest": DIGEST, "mount_root": ROOT}))
+    os.utime(marker, (1000.0, 1000.0))
+    on_disk = sum(p.lstat().st_blocks * 512 for p in [path, *path.rglob("*")])
+
+    assert store.entry_size(DIGEST, ROOT) == on_disk
+    assert json.loads(marker.read_text())["size_bytes"] == on_disk
+    assert marker.stat().st_mtime == 1000.0
+
+
+def test_the_size_of_an_entry_not_installed_is_an_error(store: CacheStore) -> None:
+    with pytest.raises(KcacheError, match="not installed"):
+        store.entry_size(DIGEST, ROOT)
+
+
+def test_touch_records_the_last_use_in_the_markers_mtime(store: CacheStore) -> None:
+    store.install(DIGEST, ROOT, Filler())
+
+    assert store.touch(DIGEST, ROOT, when=1234.5)
+
+    assert marker_of(store, DIGEST, ROOT).stat().st_mtime == 1234.5
+    (usage,) = CacheStore(store.root).usage()  # another process's store: survives a restart
+    assert usage.last_used == 1234.5
+
+
+def test_touch_of_an_entry_not_installed_says_so(store: CacheStore) -> None:
+    assert not store.touch(DIGEST, ROOT)
+    assert not marker_of(store, DIGEST, ROOT).exists()
+
+
+def test_usage_lists_every_entry_with_its_size_and_last_use(store: CacheStore) -> None:
+    store.install(DIGEST, "/b", Filler())
+    store.install(DIGEST, "/a", Filler())
+    store.install(OTHER, "/a", Filler())
+    store.touch(DIGEST, "/a", when=10.0)
+    store.touch(DIGEST, "/b", when=20.0)
+    store.touch(OTHER, "/a", when=30.0)
+
+    assert [(u.cache.digest, u.cache.mount_root, u.last_used) for u in store.usage()] == [
+        (DIGEST, "/a", 10.0),
+        (DIGEST, "/b", 20.0),
+        (OTHER, "/a", 30.0),
+    ]
+    assert all(u.size_bytes == store.entry_size(DIGEST, "/a") for u in store.usage())
+
+
+def test_a_crash_between_marker_and_directory_removal_leaves_no_served_entry(
+    store: CacheStore,
+) -> None:
+    path = store.install(DIGEST, ROOT, Filler())
+    marker_of(store, DIGEST, ROOT).unlink()  # the state remove leaves when killed right here
+
+    assert store.installed(DIGEST, ROOT) is None
+    assert store.caches() == []
+    assert CacheStore(store.root).sweep() == [path]
+    assert not path.exists()
+
+
+def test_sweep_drops_a_marker_whose_directory_is_gone(store: CacheStore) -> None:
+    path = store.install(DIGEST, ROOT, Filler())
+    shutil.rmtree(path)
+
+    assert CacheStore(store.root).sweep() == [marker_of(store, DIGEST, ROOT)]
+    assert not marker_of(store, DIGEST, ROOT).exists()
+
+
+def test_sweep_keeps_an_entry_whose_installer_is_at_work(store: CacheStore) -> None:
+    path = store.path(DIGEST, ROOT)
+    path.mkdir(parents=True)  # renamed into place, marker not yet written
+    with holding_lock(store, f"{'ab' * 32}-{ROOT_KEY}"):
+        assert CacheStore(store.root).sweep() == []
+    assert path.is_dir()
