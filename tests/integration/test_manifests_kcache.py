@@ -20,6 +20,7 @@ import tests.integration.test_manifests as common
 from gpufleet.kcache.cluster import CSI_DRIVER
 from gpufleet.kcache.crds import render_crds
 from tests.integration.test_manifests import Manifest, Rule
+from tests.settings_docs import variable_names
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +56,8 @@ OPERATOR_RULES = (
     | _cluster("gkm.io", NODE_OBJECTS, "get", "list", "watch", "delete")
     | _cluster("", ("nodes",), "get", "list", "watch")
     | _cluster("", ("events",), "create")
+    # kopf watches CRDs to notice ours when they are established after it started.
+    | _cluster("apiextensions.k8s.io", ("customresourcedefinitions",), "get", "list", "watch")
     | {
         Rule("Role", OPERATOR_NAMESPACE, "", "secrets", "get", TRUST_SECRET),
         Rule("Role", OPERATOR_NAMESPACE, "coordination.k8s.io", "leases", "create"),
@@ -589,3 +592,64 @@ def test_no_secret_is_written_inline_in_the_env() -> None:
         and name != "KCACHE_TRUST_SECRET"
     ]
     assert inline == []
+
+
+# The env the manifests set is what the commands read. The settings models belong to the
+# operator and node parts; until their branches are merged the modules are absent and
+# these tests skip (naming the module), afterwards they run.
+
+RUNTIME_ONLY = {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
+SETTINGS = {
+    ("Deployment", "operator"): "gpufleet.kcache.operator.settings.OperatorSettings",
+    ("DaemonSet", "node"): "gpufleet.kcache.node.settings.NodeSettings",
+}
+DOWNWARD = {"NAMESPACE": OPERATOR_NAMESPACE, "POD_NAME": "pod-0", "NODE_NAME": "gpu-node-1"}
+
+
+def settings_model(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    loaded = pytest.importorskip(module, reason=f"{module} is not merged into this branch yet")
+    return getattr(loaded, name)
+
+
+def known_variables(model: Any) -> set[str]:
+    return {
+        variable
+        for name, info in model.model_fields.items()
+        for variable in variable_names(model, name, info)
+    }
+
+
+@pytest.mark.parametrize(("kind", "name"), list(SETTINGS))
+def test_container_env_names_only_settings_its_command_reads(kind: str, name: str) -> None:
+    model = settings_model(SETTINGS[kind, name])
+    assert set(env(kind, name)) - RUNTIME_ONLY - known_variables(model) == set()
+
+
+@pytest.mark.parametrize(("kind", "name"), list(SETTINGS))
+def test_container_env_values_are_valid_settings(
+    kind: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = settings_model(SETTINGS[kind, name])
+    for variable in known_variables(model):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, entry in env(kind, name).items():
+        if "value" in entry:
+            monkeypatch.setenv(variable, entry["value"])
+        elif "fieldRef" in entry.get("valueFrom", {}):
+            monkeypatch.setenv(variable, DOWNWARD[variable])
+    settings = model()
+    if name == "operator":
+        assert (
+            settings.namespace,
+            settings.kcache_trust_secret,
+            settings.lease_name,
+            settings.leader_election,
+            settings.server_port,
+        ) == (OPERATOR_NAMESPACE, TRUST_SECRET, LEASE, True, 8080)
+    else:
+        assert (settings.node_name, str(settings.csi_socket), str(settings.kcache_store)) == (
+            "gpu-node-1",
+            "/csi/csi.sock",
+            "/var/lib/gpufleet/kcache",
+        )
