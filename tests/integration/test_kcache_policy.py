@@ -118,7 +118,7 @@ def test_a_namespace_key_verifies_only_in_its_namespace(
     verified = verify_by_policy(client, ref, policy, namespace="team-a", signature_format=None)
     assert (verified.digest, verified.key_name) == (digest, "team-a")
     for scope in ("team-b", None):
-        with pytest.raises(UntrustedSignatureError, match=r"trusted keys 'ci'"):
+        with pytest.raises(UntrustedSignatureError, match=r"keys 'ci'"):
             verify_by_policy(client, ref, policy, namespace=scope, signature_format=None)
 
 
@@ -268,7 +268,7 @@ def test_the_format_label_checks_only_that_format(
 ) -> None:
     ref, _ = image
     signer(client, ref, keys["ci"])
-    with pytest.raises(UnsignedError, match=f"{label}: .* is unsigned"):
+    with pytest.raises(UnsignedError, match=rf"is unsigned .*\[{label}\] is unsigned"):
         verify_by_policy(client, ref, policy, namespace=None, signature_format=label)
     assert verify_by_policy(client, ref, policy, namespace=None, signature_format=None).key_name
 
