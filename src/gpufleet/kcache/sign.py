@@ -7,7 +7,8 @@ base64 DER signature in the layer's ``dev.cosignproject.cosign/signature``
 annotation. ``cosign verify --key`` reads what `sign_image` writes, and
 `verify_image` reads what ``cosign sign --key`` writes (see docs/kcache-sign.md).
 Loading and checking keys is `kcache.keys`' job; its public names are
-re-exported here.
+re-exported here. cosign 3's format, a Sigstore bundle attached as an OCI 1.1
+referrer, is `kcache.bundle`'s; `kcache.policy` checks either.
 """
 
 from __future__ import annotations
