@@ -9,7 +9,10 @@ build machine) only hit if extraction rewrote them to the mount root.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import uuid
 from collections.abc import Iterator
@@ -205,3 +208,56 @@ def test_an_mcv_image_of_two_layers_is_refused_before_its_layers_are_read(
 
     assert not any("/blobs/" in path for _, path in client.requests[before:])
     assert store.caches() == []
+
+
+# -- through the CLI -----------------------------------------------------------------------------
+
+
+def cache_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "KCACHE_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli", "cache", *args],
+        capture_output=True, text=True, env=env, timeout=180, check=False,
+    )  # fmt: skip
+
+
+def test_cache_extract_of_an_mcv_image_prints_the_path_triton_hits(
+    client: RegistryClient, build_dir: Path, tmp_path: Path
+) -> None:
+    ref = push(client, mcv_image(build_dir, docker=True))
+    shutil.rmtree(build_dir)
+    mount = tmp_path / "pod" / "cache"
+
+    done = cache_cli("extract", str(ref), "--store", str(tmp_path / "store"),
+                     "--mount-root", str(mount))  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    show_at(Path(done.stdout.strip()), mount)
+    assert compile_again(mount, archs=ARCHS, kernels=KERNELS).compiled == 0
+
+
+def test_cache_extract_of_an_mcv_image_with_a_wrong_size_label_exits_1_with_one_line(
+    client: RegistryClient, build_dir: Path, tmp_path: Path
+) -> None:
+    ref = push(client, mcv_image(build_dir, docker=False, size_bytes=12345))
+
+    done = cache_cli("extract", str(ref), "--store", str(tmp_path / "store"),
+                     "--mount-root", "/cache")  # fmt: skip
+
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert "12345" in line
+    assert "Traceback" not in done.stderr
+    assert CacheStore(tmp_path / "store").caches() == []
+
+
+def test_cache_extract_of_an_mcv_image_without_a_mount_root_says_to_give_one(
+    client: RegistryClient, build_dir: Path, tmp_path: Path
+) -> None:
+    ref = push(client, mcv_image(build_dir, docker=True))
+
+    done = cache_cli("extract", str(ref), "--store", str(tmp_path / "store"))
+
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert "no --mount-root given and the image names none" in line
