@@ -176,16 +176,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 f"volume:{volume.volume_id}", f"target:{volume.target_path}"
             ):
                 await self._publish(volume)
-        except _Refusal as refusal:
-            _log.warning(
-                "volume publish refused",
-                extra={
-                    "volume_id": request.volume_id[:256],
-                    "code": refusal.code.name,
-                    "reason": refusal.message,
-                },
-            )
-            await context.abort(refusal.code, refusal.message)
+        except Exception as exc:
+            await _abort(context, "volume publish refused", request.volume_id, exc)
         return csi_pb2.NodePublishVolumeResponse()
 
     async def NodeUnpublishVolume(
@@ -196,16 +188,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             volume_id, target = self._read_unpublish(request)
             async with self._locks.hold(f"volume:{volume_id}", f"target:{target}"):
                 await self._unpublish(volume_id, target)
-        except _Refusal as refusal:
-            _log.warning(
-                "volume unpublish refused",
-                extra={
-                    "volume_id": request.volume_id[:256],
-                    "code": refusal.code.name,
-                    "reason": refusal.message,
-                },
-            )
-            await context.abort(refusal.code, refusal.message)
+        except Exception as exc:
+            await _abort(context, "volume unpublish refused", request.volume_id, exc)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     # -- publish ------------------------------------------------------------------------------
@@ -368,7 +352,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             check_volume_id(request.volume_id)
             if not request.target_path:
                 raise InvalidVolumeError("target_path is required")
-            return request.volume_id, self._targets.check(request.target_path).path
+            target = self._targets.check(request.target_path, require_parent=False)
+            return request.volume_id, target.path
         except InvalidVolumeError as exc:
             _refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
@@ -414,6 +399,32 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 return
             self._unmount(target)
         raise KcacheError(f"{target} is still mounted after {_MAX_UNMOUNTS} unmounts")
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, what: str, volume_id: str, error: Exception
+) -> None:
+    """Log one line for `error` and answer with its code (INTERNAL for a bug of ours).
+
+    ``context.abort`` raises, so the RPC ends here.
+    """
+    if isinstance(error, _Refusal):
+        refusal = error
+    else:
+        _log.error(
+            "CSI request failed unexpectedly",
+            exc_info=error,
+            extra={"volume_id": volume_id[:256]},
+        )
+        refusal = _Refusal(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+    # Still pulling is the normal start of every volume; the kubelet retries with backoff.
+    level = logging.INFO if refusal.code == grpc.StatusCode.UNAVAILABLE else logging.WARNING
+    _log.log(
+        level,
+        what,
+        extra={"volume_id": volume_id[:256], "code": refusal.code.name, "reason": refusal.message},
+    )
+    await context.abort(refusal.code, refusal.message)
 
 
 def _context(request: VolumeRequest, digest: str | None) -> dict[str, object]:
