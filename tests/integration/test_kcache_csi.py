@@ -349,15 +349,25 @@ async def test_an_incompatible_node_says_which_gpu_mismatches(place: Place) -> N
     assert "cuda/80/32" in (answer.details() or "")
 
 
-async def test_a_crashing_node_state_is_internal_and_mounts_nothing(place: Place) -> None:
+async def test_a_crashing_node_state_is_internal_logged_once_and_mounts_nothing(
+    place: Place, caplog: pytest.LogCaptureFixture
+) -> None:
     class Broken(FakeVolumeSource):
         async def prepare(self, request: object) -> object:  # type: ignore[override]
             raise RuntimeError("bug")
 
     async with running_plugin(place, Broken()) as plugin:
-        answer = await refused(plugin.node.NodePublishVolume, publish_request(place.target()))
+        with caplog.at_level(logging.INFO, logger="gpufleet.kcache"):
+            answer = await refused(plugin.node.NodePublishVolume, publish_request(place.target()))
     assert answer.code() == grpc.StatusCode.INTERNAL
     assert not place.target().exists()
+    (line,) = caplog.records
+    assert (line.getMessage(), line.levelno, line.__dict__["code"]) == (
+        "volume publish refused",
+        logging.ERROR,
+        "INTERNAL",
+    )
+    assert line.exc_info is not None  # a bug of the node state: its traceback, once
 
 
 # --- the plugin's own refusals ---------------------------------------------------------------

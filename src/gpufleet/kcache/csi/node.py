@@ -95,8 +95,8 @@ class _Refusal(Exception):
         self.message = message
 
 
-def _refuse(code: grpc.StatusCode, message: str) -> NoReturn:
-    raise _Refusal(code, message)
+def _refuse(code: grpc.StatusCode, message: str, *, cause: BaseException | None = None) -> NoReturn:
+    raise _Refusal(code, message) from cause
 
 
 class _Locks:
@@ -272,10 +272,6 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             await asyncio.to_thread(self._mount, prepared.path, target)
         except KcacheError as exc:
             await asyncio.to_thread(self._forget, request.volume_id, target, created)
-            _log.error(
-                "volume mount failed",
-                extra={**_context(request, prepared.digest), "error": str(exc)},
-            )
             _refuse(grpc.StatusCode.INTERNAL, f"cannot mount the cache at {target}: {exc}")
         await self._tell_published(request, prepared)
         _log.info("volume published", extra=_context(request, prepared.digest))
@@ -294,8 +290,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         except VolumeError as exc:
             _refuse(status_code(exc), str(exc))
         except Exception as exc:
-            _log.exception("preparing a volume failed", extra=_context(request, None))
-            _refuse(grpc.StatusCode.INTERNAL, f"preparing {request.cache} failed: {exc}")
+            _refuse(grpc.StatusCode.INTERNAL, f"preparing {request.cache} failed: {exc}", cause=exc)
         if not prepared.path.is_absolute() or not prepared.path.is_dir():
             _refuse(grpc.StatusCode.INTERNAL, f"store entry {prepared.path} is not a directory")
         return prepared
@@ -404,24 +399,27 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 async def _abort(
     context: grpc.aio.ServicerContext, what: str, volume_id: str, error: Exception
 ) -> None:
-    """Log one line for `error` and answer with its code (INTERNAL for a bug of ours).
+    """Log one line for `error` and answer with its code (INTERNAL for a failure of ours).
 
     ``context.abort`` raises, so the RPC ends here.
     """
     if isinstance(error, _Refusal):
-        refusal = error
+        refusal, cause = error, error.__cause__
     else:
-        _log.error(
-            "CSI request failed unexpectedly",
-            exc_info=error,
-            extra={"volume_id": volume_id[:256]},
-        )
         refusal = _Refusal(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
-    # Still pulling is the normal start of every volume; the kubelet retries with backoff.
-    level = logging.INFO if refusal.code == grpc.StatusCode.UNAVAILABLE else logging.WARNING
+        cause = error
+    if refusal.code == grpc.StatusCode.INTERNAL:
+        level = logging.ERROR
+    elif refusal.code == grpc.StatusCode.UNAVAILABLE:
+        level = logging.INFO  # still pulling: how every volume starts; the kubelet retries
+    else:
+        level = logging.WARNING
     _log.log(
         level,
         what,
+        exc_info=cause
+        if isinstance(cause, Exception) and not isinstance(cause, KcacheError)
+        else None,
         extra={"volume_id": volume_id[:256], "code": refusal.code.name, "reason": refusal.message},
     )
     await context.abort(refusal.code, refusal.message)
