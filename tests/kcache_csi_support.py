@@ -38,8 +38,8 @@ MOUNT_ROOT = "/kernels"
 
 
 def volume_id(pod_uid: str = POD_UID, volume: str = VOLUME) -> str:
-    """The kubelet's id of an inline volume: ``csi-`` + sha256 of pod uid, volume, driver."""
-    return "csi-" + hashlib.sha256(f"{pod_uid}{volume}csi.gkm.io".encode()).hexdigest()
+    """The kubelet's id of an inline volume: ``csi-`` + hex sha256 of pod uid + volume name."""
+    return "csi-" + hashlib.sha256(f"{pod_uid}{volume}".encode()).hexdigest()
 
 
 @dataclass
