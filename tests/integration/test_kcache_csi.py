@@ -340,6 +340,22 @@ async def test_each_volume_error_is_its_status_code_with_its_message_and_mounts_
         assert plugin.source.publish_calls == []
 
 
+async def test_still_pulling_is_logged_at_info_and_other_refusals_at_warning(
+    place: Place, caplog: pytest.LogCaptureFixture
+) -> None:
+    levels = []
+    for error in (CacheNotReadyError("pulling"), CacheNotFoundError("no such cache")):
+        caplog.clear()
+        async with running_plugin(place, FakeVolumeSource(error=error)) as plugin:
+            with caplog.at_level(logging.INFO, logger="gpufleet.kcache"):
+                await refused(plugin.node.NodePublishVolume, publish_request(place.target()))
+        levels.append([(r.getMessage(), r.levelno) for r in caplog.records])
+    assert levels == [
+        [("volume publish refused", logging.INFO)],
+        [("volume publish refused", logging.WARNING)],
+    ]
+
+
 async def test_an_incompatible_node_says_which_gpu_mismatches(place: Place) -> None:
     reason = "GPU 0 (NVIDIA A100-SXM4-80GB) is cuda/80/32; cache has cuda/90/32"
     source = FakeVolumeSource(error=CacheIncompatibleError(reason))
