@@ -304,3 +304,37 @@ def test_a_bundle_layer_claiming_a_gigabyte_is_refused_before_any_blob_is_pulled
     ):
         verify_bundle_keys(client, ref, {"ci": key.public_key()})
     assert not [s for s in server.seen if bundle_digest in s.target]
+
+
+@pytest.mark.parametrize("status", [400, 404, 405])
+def test_a_registry_refusing_the_referrers_endpoint_gets_the_tag_schema(
+    servers: Callable[..., HostileServer],
+    key: ec.EllipticCurvePrivateKey,
+    no_docker_config: Path,
+    status: int,
+) -> None:
+    state = ReferrersRegistry(referrers=lambda _: Reply(status, {}, b"unsupported"))
+    server = servers(state)
+    digest = state.push_image()
+    ref = Reference.parse(f"{server.address}/{REPOSITORY}:v1")
+    with RegistryClient(server.address, docker_config=no_docker_config) as client:
+        sign_image_bundle(client, ref, key)
+        assert referrers_tag(digest) in state.tags
+        assert verify_bundle_keys(client, ref, {"ci": key.public_key()}) == (digest, "ci")
+
+
+def test_a_referrers_api_failing_otherwise_is_a_registry_error_not_unsigned(
+    servers: Callable[..., HostileServer],
+    key: ec.EllipticCurvePrivateKey,
+    no_docker_config: Path,
+) -> None:
+    state = ReferrersRegistry(referrers=lambda _: Reply(503, {}, b"down"))
+    server = servers(state)
+    state.push_image()
+    ref = Reference.parse(f"{server.address}/{REPOSITORY}:v1")
+    with (
+        RegistryClient(server.address, docker_config=no_docker_config) as client,
+        pytest.raises(RegistryError, match="HTTP 503") as failed,
+    ):
+        verify_by_policy(client, ref, _policy(key), namespace=None, signature_format=None)
+    assert not isinstance(failed.value, UnsignedError)

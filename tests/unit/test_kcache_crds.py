@@ -140,6 +140,7 @@ def test_null_status_is_an_empty_status() -> None:
         "registry.example/Caches/vector-add:v1",
         "registry.example/caches/vector add:v1",
         "registry.example/caches/vector-add@sha256:abc",
+        "registry.example/caches/vector-add:v1\n",
         "",
     ],
 )

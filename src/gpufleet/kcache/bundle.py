@@ -334,6 +334,8 @@ def _pull_bundle(client: RegistryClient, repository: str, referrer: Referrer) ->
         manifest, _, _ = client.get_manifest(repository, referrer.digest, accept=(OCI_MANIFEST,))
     except NotFoundError:
         raise SignatureError("listed, but the registry has no such manifest") from None
+    except DigestMismatchError as exc:
+        raise SignatureError(f"the referrer manifest does not match its digest: {exc}") from None
     document = _json_object(manifest, "the referrer manifest")
     if document.get("artifactType") != BUNDLE_MEDIA_TYPE:
         raise SignatureError(f"artifactType is {str(document.get('artifactType'))[:80]!r}")

@@ -905,9 +905,11 @@ class RegistryClient:
     ) -> bytes | None:
         """The OCI 1.1 referrers index of manifest ``digest`` (bytes, bounded like a manifest).
 
-        None when the registry answers 404: it has no referrers API, so the
-        referrers tag schema applies (`kcache.referrers`). ``artifact_type``
-        asks the registry to filter; it may not, so filter what comes back.
+        None when the registry answers 404 (the distribution spec's way of
+        saying it has no referrers API; 400 and 405, which some registries send
+        for an endpoint they do not know, count too): then the referrers tag
+        schema applies (`kcache.referrers`). ``artifact_type`` asks the registry
+        to filter; it may not, so filter what comes back.
         """
         what = f"referrers of {check_digest(digest)} in {check_repository(repository)}"
         params = {} if artifact_type is None else {"artifactType": artifact_type}
@@ -915,7 +917,7 @@ class RegistryClient:
             "GET", httpx.URL(self._url(f"{repository}/referrers/{digest}"), params=params),
             scopes=self._pull(repository), what=what, headers={"Accept": OCI_INDEX}, stream=True,
         )  # fmt: skip
-        if response.status_code == 404:
+        if response.status_code in (400, 404, 405):
             response.close()
             return None
         return self._read_manifest(response, what)

@@ -50,6 +50,7 @@ __all__ = [
     "Verified",
     "check_signature_format",
     "verify_by_policy",
+    "verify_signed",
 ]
 
 COSIGN_V2 = "cosign-v2"
@@ -187,46 +188,59 @@ def verify_by_policy(
     keys = policy.keys_for(namespace)
     if not keys:
         return Verified(digest=digest, key_name=None, format=None)
+    scope = "ClusterGKMCache" if namespace is None else f"namespace {namespace!r}"
+    return verify_signed(
+        client, reference, keys, signature_format=signature_format, image_digest=digest,
+        scope=scope,
+    )  # fmt: skip
+
+
+def verify_signed(
+    client: RegistryClient,
+    reference: Reference,
+    keys: Mapping[str, EllipticCurvePublicKey],
+    *,
+    signature_format: str | None,
+    signed_repository: str | None = None,
+    image_digest: str | None = None,
+    scope: str | None = None,
+) -> Verified:
+    """Check that one of ``keys`` signed ``reference`` in ``signature_format`` (None: either).
+
+    What `verify_by_policy` does once it knows the keys (``gpufleet cache verify``
+    calls it with one). ``signed_repository`` is the v2 payload's repository
+    when it is not the image's own (v3 statements name none); ``scope`` says
+    in messages whose policy it is.
+    """
+    check_signature_format(signature_format, "signature format")
+    if not keys:
+        raise ValueError("verify_signed needs at least one key")
+    digest = image_digest or resolve_digest(client, reference)
     formats = (signature_format,) if signature_format else (COSIGN_V3, COSIGN_V2)
     refusals: list[tuple[str, SignatureError]] = []
     for kind in formats:
         try:
-            verified = _VERIFIERS[kind](client, reference, keys, digest)
+            if kind == COSIGN_V2:
+                _, name = verify_image_keys(
+                    client, reference, keys, image_digest=digest,
+                    signed_repository=signed_repository,
+                )  # fmt: skip
+            else:
+                from gpufleet.kcache.bundle import verify_bundle_keys
+
+                _, name = verify_bundle_keys(client, reference, keys, image_digest=digest)
         except (UnsignedError, UntrustedSignatureError, SignedDigestMismatchError) as exc:
             refusals.append((kind, exc))
         else:
-            return Verified(digest=digest, key_name=verified, format=kind)
-    raise _refusal(refusals, reference, digest, keys, namespace)
+            return Verified(digest=digest, key_name=name, format=kind)
+    raise _refusal(refusals, reference, digest, keys, scope)
 
 
-def _verify_v2(
-    client: RegistryClient,
-    reference: Reference,
-    keys: Mapping[str, EllipticCurvePublicKey],
-    digest: str,
-) -> str:
-    _, name = verify_image_keys(client, reference, keys, image_digest=digest)
-    return name
-
-
-def _verify_v3(
-    client: RegistryClient,
-    reference: Reference,
-    keys: Mapping[str, EllipticCurvePublicKey],
-    digest: str,
-) -> str:
-    from gpufleet.kcache.bundle import verify_bundle_keys
-
-    _, name = verify_bundle_keys(client, reference, keys, image_digest=digest)
-    return name
-
-
-_VERIFIERS = {COSIGN_V2: _verify_v2, COSIGN_V3: _verify_v3}
 # The most telling refusal wins: a trusted key that signed something else says most.
-_RANK: tuple[type[SignatureError], ...] = (
-    SignedDigestMismatchError,
-    UntrustedSignatureError,
-    UnsignedError,
+_RANK: tuple[tuple[type[SignatureError], str], ...] = (
+    (SignedDigestMismatchError, "is signed by a trusted key, but for another digest"),
+    (UntrustedSignatureError, "has no valid signature by a trusted key"),
+    (UnsignedError, "is unsigned"),
 )
 
 
@@ -235,15 +249,16 @@ def _refusal(
     reference: Reference,
     digest: str,
     keys: Mapping[str, EllipticCurvePublicKey],
-    namespace: str | None,
+    scope: str | None,
 ) -> SignatureError:
-    kind = next(k for k in _RANK if any(isinstance(e, k) for _, e in refusals))
-    scope = "ClusterGKMCache" if namespace is None else f"namespace {namespace!r}"
-    details = "; ".join(f"{fmt}: {exc}" for fmt, exc in refusals)
-    return kind(
-        f"{reference} ({digest}) is refused by the signature policy for {scope} "
-        f"(trusted keys {key_names(keys)}): {details}"
+    kind, says = next(r for r in _RANK if any(isinstance(e, r[0]) for _, e in refusals))
+    prefix = f"{reference} ({digest})"
+    details = "; ".join(
+        f"[{fmt}] {str(exc).removeprefix(prefix).removeprefix(':').strip()}"
+        for fmt, exc in refusals
     )
+    policy = "" if scope is None else f"signature policy for {scope}, "
+    return kind(f"{prefix} {says} ({policy}trusted keys {key_names(keys)}): {details}")
 
 
 def _load_policy(raw: bytes, where: str) -> dict[str, Any]:

@@ -7,7 +7,8 @@ base64 DER signature in the layer's ``dev.cosignproject.cosign/signature``
 annotation. ``cosign verify --key`` reads what `sign_image` writes, and
 `verify_image` reads what ``cosign sign --key`` writes (see docs/kcache-sign.md).
 Loading and checking keys is `kcache.keys`' job; its public names are
-re-exported here.
+re-exported here. cosign 3's format, a Sigstore bundle attached as an OCI 1.1
+referrer, is `kcache.bundle`'s; `kcache.policy` checks either.
 """
 
 from __future__ import annotations
@@ -361,12 +362,11 @@ def verify_with_keys(
 ) -> str:
     """The name of the first of ``keys`` that made ``signature_b64`` over ``data``.
 
-    SignatureError when none did (with one key: `verify_payload`'s message).
+    SignatureError when none did (for `verify_image`'s one key: `verify_payload`'s message).
     """
-    if len(keys) == 1:
-        ((name, public_key),) = keys.items()
-        verify_payload(public_key, data, signature_b64)
-        return name
+    if set(keys) == {_THIS_KEY}:
+        verify_payload(keys[_THIS_KEY], data, signature_b64)
+        return _THIS_KEY
     der = _decode_signature(signature_b64)
     for name, public_key in keys.items():
         if not is_p256(public_key):
