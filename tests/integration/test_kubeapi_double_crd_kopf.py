@@ -50,7 +50,7 @@ class Operator:
 
 async def until(check: Callable[[], bool]) -> None:
     """Wait for ``check()``; fails as a hang after `LIMIT` seconds."""
-    await eventually(check)
+    await eventually(check, limit=LIMIT)
 
 
 def resolved(op: Operator, name: str) -> bool:
