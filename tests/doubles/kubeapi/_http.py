@@ -30,6 +30,7 @@ from tests.doubles.kubeapi._objects import (
     PODS,
     SUBJECT_ACCESS_REVIEWS,
     ApiError,
+    Cause,
     ResourceType,
     from_wire,
     status_body,
@@ -223,6 +224,18 @@ class ApiFront:
                 return _json(to_wire(wire, created), 201)
             case "update" if name is not None:
                 body = from_wire(wire, _check_kind(wire, await _body(raw)))
+                if resource.custom and not (body.get("metadata") or {}).get("resourceVersion"):
+                    raise ApiError.invalid(  # custom resources allow no unconditional update
+                        wire,
+                        name,
+                        [
+                            Cause(
+                                "metadata.resourceVersion",
+                                "FieldValueInvalid",
+                                "Invalid value: 0x0: must be specified for an update",
+                            )
+                        ],
+                    )
                 return _json(
                     to_wire(wire, store.replace(resource, namespace, name, body, subresource=sub))
                 )
