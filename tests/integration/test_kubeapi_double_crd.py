@@ -617,3 +617,14 @@ async def test_a_replace_without_resource_version_is_invalid_for_custom_resource
     assert "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update" in (
         message(caught.value)
     )
+
+
+async def test_empty_labels_or_finalizers_are_not_stored_so_not_a_change(
+    api: KubeApiDouble, custom: CustomObjectsApi
+) -> None:
+    # ObjectMeta's maps and lists are omitempty: an empty one is no field at all.
+    created = await create(custom, "c1")
+    patched = await merge_patch(custom, "c1", {"metadata": {"labels": {}, "finalizers": []}})
+
+    assert patched["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+    assert "labels" not in patched["metadata"]
