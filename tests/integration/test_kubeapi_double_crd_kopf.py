@@ -12,6 +12,7 @@ watch, kopf's finalizer, its JSON and merge patches of the object and of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -96,13 +97,17 @@ def registry_for(state: Operator) -> kopf.OperatorRegistry:
     return registry
 
 
-@pytest.fixture
-async def operator() -> AsyncIterator[Operator]:
+@contextlib.asynccontextmanager
+async def running_operator(
+    *, namespaces: tuple[str, ...] = (), before: Callable[[KubeApiDouble], None] = lambda _: None
+) -> AsyncIterator[Operator]:
+    """A double with the cache CRD and kopf running against it (cluster-wide by default)."""
     async with (
         KubeApiDouble(bookmark_interval=0.5) as api,
         ApiClient(api.client_configuration()) as client,
     ):
         api.add_crd(cache_crd())
+        before(api)
         state = Operator(api, CustomObjectsApi(client))
         registry = registry_for(state)
         stop = threading.Event()
@@ -111,7 +116,11 @@ async def operator() -> AsyncIterator[Operator]:
             try:
                 asyncio.run(
                     kopf.operator(
-                        registry=registry, standalone=True, clusterwide=True, stop_flag=stop
+                        registry=registry,
+                        standalone=True,
+                        clusterwide=not namespaces,
+                        namespaces=namespaces,
+                        stop_flag=stop,
                     )
                 )
             except BaseException as exc:  # the test sees it in state.crashed
@@ -127,6 +136,12 @@ async def operator() -> AsyncIterator[Operator]:
             await asyncio.to_thread(thread.join, 20)
         assert not thread.is_alive()
         assert state.crashed == []
+
+
+@pytest.fixture
+async def operator() -> AsyncIterator[Operator]:
+    async with running_operator() as state:
+        yield state
 
 
 async def create(op: Operator, name: str) -> None:
@@ -214,3 +229,25 @@ async def test_a_retried_handler_leaves_progress_annotations_then_purges_them(
     during = operator.annotations_on_retry[0]
     assert '"retries":1' in during["kopf.zalando.org/resolve"]
     assert '"message":"registry down"' in during["kopf.zalando.org/resolve"]
+
+
+async def test_kopf_with_namespace_patterns_lists_and_watches_namespaces() -> None:
+    def namespaces(api: KubeApiDouble) -> None:
+        api.add_namespace(NS)
+        api.add_namespace("other")
+
+    async with running_operator(namespaces=("team-*",), before=namespaces) as op:
+        await op.custom.create_namespaced_custom_object(
+            GROUP, VERSION, "other", "gkmcaches", cache("elsewhere")
+        )
+        await create(op, "c1")
+        await until(lambda: resolved(op, "c1"))
+        api = op.api
+        watched = {
+            r.namespace for r in api.requests if r.verb == "watch" and r.resource == "gkmcaches"
+        }
+
+        assert api.count(verb="list", resource="namespaces") >= 1
+        assert api.count(verb="watch", resource="namespaces") >= 1
+        assert watched == {NS}
+        assert [c[0] for c in op.calls] == ["create"]
