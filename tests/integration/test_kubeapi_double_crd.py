@@ -601,3 +601,30 @@ async def test_add_object_keeps_status_and_delete_object_honours_finalizers(
     assert got["status"]["resolvedDigest"].startswith("sha256:c")
     assert marked["metadata"]["deletionTimestamp"]
     assert api.objects(f"gkmcaches.{GROUP}") == []
+
+
+async def test_a_replace_without_resource_version_is_invalid_for_custom_resources(
+    custom: CustomObjectsApi,
+) -> None:
+    # Custom resources allow no unconditional update (pods and nodes do).
+    created = await create(custom, "c1")
+    del created["metadata"]["resourceVersion"]
+    with pytest.raises(ApiException) as caught:
+        await custom.replace_namespaced_custom_object(
+            GROUP, VERSION, NS, "gkmcaches", "c1", created
+        )
+    assert caught.value.status == 422
+    assert "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update" in (
+        message(caught.value)
+    )
+
+
+async def test_empty_labels_or_finalizers_are_not_stored_so_not_a_change(
+    api: KubeApiDouble, custom: CustomObjectsApi
+) -> None:
+    # ObjectMeta's maps and lists are omitempty: an empty one is no field at all.
+    created = await create(custom, "c1")
+    patched = await merge_patch(custom, "c1", {"metadata": {"labels": {}, "finalizers": []}})
+
+    assert patched["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+    assert "labels" not in patched["metadata"]

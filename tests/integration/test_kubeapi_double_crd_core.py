@@ -236,3 +236,36 @@ async def test_a_review_without_user_or_attributes_is_invalid(client: ApiClient)
     with pytest.raises(ApiException) as caught:
         await authz.create_subject_access_review({"spec": {"resourceAttributes": {"verb": "get"}}})
     assert caught.value.status == 422
+
+
+async def test_a_strategic_merge_patch_merges_finalizers_on_built_in_kinds(
+    api: KubeApiDouble, core: CoreV1Api
+) -> None:
+    # ObjectMeta.finalizers has patchStrategy "merge": a list in the patch adds to it.
+    api.add_pod(NS, "p", node_name="node-1", labels={})
+    await core.patch_namespaced_pod("p", NS, {"metadata": {"finalizers": ["a.example/x"]}})
+    added = await core.patch_namespaced_pod("p", NS, {"metadata": {"finalizers": ["b.example/y"]}})
+    removed = await core.patch_namespaced_pod(
+        "p", NS, {"metadata": {"$deleteFromPrimitiveList/finalizers": ["a.example/x"]}}
+    )
+
+    assert added.metadata.finalizers == ["a.example/x", "b.example/y"]
+    assert removed.metadata.finalizers == ["b.example/y"]
+
+
+async def test_events_are_selected_by_their_involved_object(
+    api: KubeApiDouble, core: CoreV1Api
+) -> None:
+    for name in ("c1", "c2"):
+        await core.create_namespaced_event(
+            NS,
+            CoreV1Event(
+                metadata=V1ObjectMeta(generate_name="e-"),
+                involved_object=V1ObjectReference(kind="GKMCache", name=name, namespace=NS),
+                reason="Resolved",
+            ),
+        )
+    selected = await core.list_namespaced_event(
+        NS, field_selector="involvedObject.kind=GKMCache,involvedObject.name=c2"
+    )
+    assert [e.involved_object.name for e in selected.items] == ["c2"]

@@ -25,9 +25,20 @@ _IDENTITY = ("name", "namespace", "uid", "creationTimestamp", "generation")
 _DELETION = ("deletionTimestamp", "deletionGracePeriodSeconds")
 
 
+_OMITTED_WHEN_EMPTY = ("labels", "annotations", "finalizers", "ownerReferences")
+
+
+def _drop_empty(meta: JsonObject) -> None:
+    # ObjectMeta's maps and lists are omitempty: an empty one is stored as no field.
+    for key in _OMITTED_WHEN_EMPTY:
+        if key in meta and not meta[key]:
+            del meta[key]
+
+
 def prepare_create(obj: JsonObject) -> None:
     """Set what the server sets on create (mutates ``obj``, a fresh copy)."""
     meta = obj["metadata"]
+    _drop_empty(meta)
     meta["generation"] = 1
     for key in _DELETION:
         meta.pop(key, None)
@@ -48,6 +59,7 @@ def prepare_update(
             stored["status"] = new["status"]
         return stored
     meta = new["metadata"]
+    _drop_empty(meta)
     # Identity and server-managed fields are the server's, whatever the client sent.
     for key in _IDENTITY + _DELETION:
         if key in old_meta:

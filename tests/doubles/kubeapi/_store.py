@@ -12,7 +12,6 @@ miss or duplicate an event.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import copy
@@ -22,7 +21,7 @@ import secrets
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tests.doubles.kubeapi import _meta
@@ -37,76 +36,10 @@ from tests.doubles.kubeapi._objects import (
 )
 from tests.doubles.kubeapi._patch import apply_patch
 from tests.doubles.kubeapi._selectors import Selector
+from tests.doubles.kubeapi._watch import Event, Watcher, line
 
 _SNAPSHOTS_KEPT = 32
 """Paginated list snapshots kept for ``continue`` tokens; older tokens answer 410."""
-
-
-@dataclass(slots=True)
-class _Event:
-    """One write, as watchers see it; its JSON is rendered once per version and shared."""
-
-    rv: int
-    resource: str
-    type: str
-    old: JsonObject | None
-    new: JsonObject
-    _json: dict[tuple[int, str], bytes] = field(default_factory=dict)
-
-    def encoded(self, obj: JsonObject, wire: ResourceType) -> bytes:
-        key = (id(obj), wire.version)
-        if key not in self._json:
-            self._json[key] = json.dumps(to_wire(wire, obj), separators=(",", ":")).encode()
-        return self._json[key]
-
-
-def _line(event_type: str, encoded_object: bytes) -> bytes:
-    return b'{"type":"%s","object":%s}\n' % (event_type.encode(), encoded_object)
-
-
-class Watcher:
-    """One open watch: filters events and queues them as ready-to-send JSON lines.
-
-    ``wire`` is the version the watcher asked for: objects are sent as it shows
-    them. A ``None`` in ``queue`` means the store dropped the watch.
-    """
-
-    def __init__(
-        self,
-        resource: ResourceType,
-        namespace: str | None,
-        selector: Selector,
-        wire: ResourceType | None = None,
-    ) -> None:
-        self.resource = resource
-        self.wire = wire if wire is not None else resource
-        self.namespace = namespace
-        self.selector = selector
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-    def _selects(self, obj: JsonObject | None) -> bool:
-        if obj is None:
-            return False
-        if self.namespace is not None and obj["metadata"].get("namespace") != self.namespace:
-            return False
-        return self.selector.matches(obj)
-
-    def offer(self, event: _Event) -> None:
-        """Queue ``event`` as this watcher sees it.
-
-        As on the real server, an object that starts or stops matching the
-        selector is ADDED or DELETED for this watcher, not MODIFIED.
-        """
-        if event.type == "DELETED":
-            if self._selects(event.old):
-                self.queue.put_nowait(_line("DELETED", event.encoded(event.new, self.wire)))
-            return
-        was, now = self._selects(event.old), self._selects(event.new)
-        if now:
-            encoded = event.encoded(event.new, self.wire)
-            self.queue.put_nowait(_line("MODIFIED" if was else "ADDED", encoded))
-        elif was:
-            self.queue.put_nowait(_line("DELETED", event.encoded(event.new, self.wire)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +59,7 @@ class Store:
         """Every stored resource by qualified name, custom resources included."""
         self._objects: dict[str, dict[str, dict[str, JsonObject]]] = {r: {} for r in RESOURCES}
         self._rv = 0
-        self._history: deque[_Event] = deque()
+        self._history: deque[Event] = deque()
         self._history_limit = history_limit
         self._floor = 0
         """Every event after this resourceVersion is still in ``_history``."""
@@ -416,7 +349,7 @@ class Store:
             space[meta["name"]] = new
         if resource is PODS:
             self._index_pod(old, None if event_type == "DELETED" else new)
-        event = _Event(self._rv, resource.qualified, event_type, old, new)
+        event = Event(self._rv, resource.qualified, event_type, old, new)
         self._history.append(event)
         while len(self._history) > self._history_limit:
             self._floor = self._history.popleft().rv
@@ -460,14 +393,14 @@ class Store:
             for obj in self._candidates(resource, namespace, selector):
                 if selector.matches(obj):
                     encoded = json.dumps(to_wire(watcher.wire, obj), separators=(",", ":")).encode()
-                    watcher.queue.put_nowait(_line("ADDED", encoded))
+                    watcher.queue.put_nowait(line("ADDED", encoded))
         else:
             since = _parse_rv(resource_version)
             if since > self._rv:
                 raise ApiError.too_large_resource_version(since, self._rv)
             if since < self._floor:
                 raise ApiError.expired(f"too old resource version: {since} ({self._floor + 1})")
-            replay: list[_Event] = []
+            replay: list[Event] = []
             for event in reversed(self._history):
                 if event.rv <= since:
                     break
