@@ -633,3 +633,49 @@ async def test_without_leader_election_it_leads_at_once_and_serves_health(
                 text = await metrics.text()
         assert "gpufleet_kcache_operator_leader 1.0" in text
     assert api.get("leases", OPERATOR_NS, "gpufleet-kcache-operator") is None
+
+
+async def test_a_malformed_trust_secret_refuses_new_digests(
+    api: KubeApiDouble, kube: Kube, registry: RegistryClient, repo: str
+) -> None:
+    push(registry, repo, "v1")
+    api.add_secret(OPERATOR_NS, "gpufleet-kcache-trust", {"policy.yaml": b"cluster: [nobody]\n"})
+    api.add_object(cache_body("vector-add", f"{registry.registry}/{repo}:v1"))
+    async with operator(kube):
+        await eventually(lambda: condition(status_of(api, "vector-add"), "Verified") != {}, LIMIT)
+        verified = condition(status_of(api, "vector-add"), "Verified")
+        assert (verified["status"], verified["reason"]) == ("False", "Error")
+        assert "gpufleet/gpufleet-kcache-trust" in verified["message"]
+        assert "resolvedDigest" not in status_of(api, "vector-add")
+
+
+async def test_an_unreachable_registry_is_a_registry_error_and_no_digest(
+    api: KubeApiDouble, kube: Kube
+) -> None:
+    api.add_object(cache_body("vector-add", "127.0.0.1:9/gpufleet-test/nowhere:v1"))
+    async with operator(kube, settings(kcache_resolve_timeout=5.0)) as runtime:
+        await eventually(
+            lambda: (
+                condition(status_of(api, "vector-add"), "Resolved").get("reason") == "RegistryError"
+            ),
+            LIMIT,
+        )
+        assert "resolvedDigest" not in status_of(api, "vector-add")
+        tried = runtime.stats.resolutions
+        await eventually(lambda: runtime.stats.resolutions > tried, LIMIT)  # retried, no crash
+
+
+async def test_a_restarted_operator_writes_nothing_when_nothing_changed(
+    api: KubeApiDouble, kube: Kube, registry: RegistryClient, repo: str
+) -> None:
+    digest = push(registry, repo, "v1")
+    api.add_object(cache_body("vector-add", f"{registry.registry}/{repo}:v1"))
+    report(api, KEY, "node-1", {digest: ("Extracted", 0)})
+    async with operator(kube):
+        await eventually(lambda: status_of(api, "vector-add").get("ready") == "1/1", LIMIT)
+        await settled(api)
+    writes = api.count(verb="patch") + api.count(verb="create") + api.count(verb="delete")
+    async with operator(kube) as runtime:
+        await eventually(lambda: runtime.stats.resolutions >= 1, LIMIT)
+        await settled(api)
+    assert api.count(verb="patch") + api.count(verb="create") + api.count(verb="delete") == writes

@@ -22,6 +22,7 @@ from gpufleet.kcache.crds import CacheObject
 from gpufleet.kcache.errors import (
     InvalidReferenceError,
     KcacheError,
+    RegistryError,
     SignatureError,
     SignedDigestMismatchError,
     UnsignedError,
@@ -100,6 +101,15 @@ _REFUSALS: tuple[tuple[type[SignatureError], str], ...] = (
     (UntrustedSignatureError, "WrongKey"),
     (SignedDigestMismatchError, "DigestMismatch"),
 )
+
+
+class _CheckFailed(Exception):
+    """The tag resolved, but the signature could not be checked (not a refusal)."""
+
+    def __init__(self, digest: str, error: KcacheError) -> None:
+        super().__init__(str(error))
+        self.digest = digest
+        self.error = error
 
 
 def _refusal_reason(error: SignatureError) -> str:
@@ -205,10 +215,15 @@ class Resolver:
                     return digest, None  # checked before, against the same policy
                 # The policy resolves again and vouches for the digest it checked: that one
                 # is published, even if the tag moved in between.
-                verified = self._verify(
-                    client, reference, policy,
-                    namespace=cache.key.namespace, signature_format=signature_format,
-                )  # fmt: skip
+                try:
+                    verified = self._verify(
+                        client, reference, policy,
+                        namespace=cache.key.namespace, signature_format=signature_format,
+                    )  # fmt: skip
+                except SignatureError:
+                    raise
+                except KcacheError as exc:
+                    raise _CheckFailed(digest, exc) from exc
                 return verified.digest, verified
 
         try:
@@ -222,6 +237,13 @@ class Resolver:
                 verdict, transient=reason == "Error",
                 events=[("Warning", f"Signature{reason}", str(exc))],
             )  # fmt: skip
+        except _CheckFailed as failed:
+            message = f"{failed.digest} not checked: {failed.error}"
+            return keep(
+                Verdict("Resolved", True, "Resolved", f"{reference} is {failed.digest}"),
+                Verdict("Verified", False, "Error", message),
+                transient=isinstance(failed.error, RegistryError),
+            )
         except KcacheError as exc:
             return keep(
                 Verdict("Resolved", False, "RegistryError", str(exc)),
