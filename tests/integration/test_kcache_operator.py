@@ -12,6 +12,9 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -679,3 +682,65 @@ async def test_a_restarted_operator_writes_nothing_when_nothing_changed(
         await eventually(lambda: runtime.stats.resolutions >= 1, LIMIT)
         await settled(api)
     assert api.count(verb="patch") + api.count(verb="create") + api.count(verb="delete") == writes
+
+
+# --- the command ------------------------------------------------------------------------
+
+GPUFLEET = [sys.executable, "-m", "gpufleet.cli", "cache", "operator"]
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "KCACHE_"))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"KCACHE_CLUSTER_CACHE_ACCESS": "everyone"}, "KCACHE_CLUSTER_CACHE_ACCESS"),
+        ({"KCACHE_RESOLVE_INTERVAL": "soon"}, "KCACHE_RESOLVE_INTERVAL"),
+        ({"REGISTRY_USERNAME": "bob"}, "REGISTRY_PASSWORD"),
+    ],
+)
+def test_bad_settings_exit_2_with_one_line_naming_the_variable(
+    variables: dict[str, str], named: str
+) -> None:
+    result = subprocess.run(
+        GPUFLEET, capture_output=True, text=True, env=command_env(**variables), timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_the_command_resolves_logs_json_and_stops_on_sigterm(
+    api: KubeApiDouble, registry: RegistryClient, repo: str, tmp_path: Path
+) -> None:
+    digest = push(registry, repo, "v1")
+    api.add_object(cache_body("vector-add", f"{registry.registry}/{repo}:v1"))
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    env = command_env(
+        KUBECONFIG=str(kubeconfig), LEADER_ELECTION="false", SERVER_PORT="0",
+        NAMESPACE=OPERATOR_NS, DOCKER_CONFIG=str(tmp_path),
+    )  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        *GPUFLEET, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await resolved(api, digest)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(LIMIT):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    assert stdout == b""
+    lines = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
+    assert any(line["msg"] == "status written" for line in lines)
+    assert any(line["msg"].startswith("Initial authentication") for line in lines)  # kopf's

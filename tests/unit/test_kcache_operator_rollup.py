@@ -7,6 +7,7 @@ from typing import Any
 
 from gpufleet.kcache.cluster import CacheKey, node_label_key
 from gpufleet.kcache.crds import CacheObject, NodeObject, status_dict
+from gpufleet.kcache.operator.controller import merge_listing
 from gpufleet.kcache.operator.rollup import Verdict, roll_up
 from gpufleet.kcache.operator.status import Resolution, status_patch, wanted_status
 
@@ -230,3 +231,23 @@ def test_a_failed_signature_keeps_the_old_digest_and_says_why() -> None:
     verified = status.condition("Verified")
     assert verified is not None
     assert (verified.status, verified.reason) == ("False", "Unsigned")
+
+
+def obj(name: str, version: int) -> dict[str, Any]:
+    return {"metadata": {"name": name, "resourceVersion": str(version)}}
+
+
+def test_a_fresh_list_replaces_what_the_watch_delivered() -> None:
+    merged = merge_listing({"a": obj("a", 3), "stale": obj("stale", 4)}, [obj("a", 5)], "9", {})
+    assert merged == {"a": obj("a", 5)}
+
+
+def test_the_watch_wins_over_a_list_served_before_its_event() -> None:
+    known = {"a": obj("a", 12), "new": obj("new", 11)}
+    merged = merge_listing(known, [obj("a", 5)], "10", {})
+    assert merged == {"a": obj("a", 12), "new": obj("new", 11)}
+
+
+def test_a_list_served_before_a_deletion_does_not_revive_the_object() -> None:
+    merged = merge_listing({}, [obj("a", 5), obj("b", 6)], "10", {"a": obj("a", 11)})
+    assert merged == {"b": obj("b", 6)}

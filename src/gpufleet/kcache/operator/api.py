@@ -121,8 +121,9 @@ class CacheApi:
 
     # --- node objects ------------------------------------------------------------------
 
-    async def list_node_objects(self, key: CacheKey) -> list[JsonObject]:
-        """The cache's node objects, read from the API server now (not the watch)."""
+    async def list_node_objects(self, key: CacheKey) -> tuple[list[JsonObject], str | None]:
+        """The cache's node objects read from the API server now (not the watch), and the
+        list's resourceVersion."""
         resource = key.node_resource
         selector = f"{LABEL_CACHE}={key.name}"
         if key.namespace is not None:
@@ -137,7 +138,9 @@ class CacheApi:
             )  # fmt: skip
         items = body.get("items") or []
         kind = resource.kind
-        return [{**item, "kind": item.get("kind") or kind} for item in items]
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        listed = [{**item, "kind": item.get("kind") or kind} for item in items]
+        return listed, version if isinstance(version, str) else None
 
     async def delete_node_object(self, key: CacheKey, name: str) -> None:
         """Delete one node object of the cache; already gone is fine."""

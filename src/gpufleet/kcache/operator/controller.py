@@ -42,7 +42,7 @@ from gpufleet.kcache.operator.api import CacheApi, JsonObject
 from gpufleet.kcache.operator.resolve import Resolver
 from gpufleet.kcache.operator.status import Resolution, status_patch, wanted_status
 
-__all__ = ["CacheController", "ControllerStats", "finalizer_of"]
+__all__ = ["CacheController", "ControllerStats", "finalizer_of", "merge_listing"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,34 @@ def _newer(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
     if new_version is None or old_version is None:
         return True
     return new_version >= old_version
+
+
+def merge_listing(
+    known: Mapping[str, JsonObject],
+    items: list[JsonObject],
+    version: str | None,
+    gone: Mapping[str, JsonObject],
+) -> dict[str, JsonObject]:
+    """The node objects of a cache after a fresh list at `version`, by name.
+
+    The list replaces what the watch delivered, except that an object the watch saw at a
+    version after the list's (changed or created while the list was served) stays as the
+    watch has it, and one the watch saw deleted since (`gone`) is not revived.
+    """
+    merged: dict[str, JsonObject] = {}
+    for obj in items:
+        name = (obj.get("metadata") or {}).get("name")
+        if not isinstance(name, str):
+            continue
+        if name in gone and _newer(gone[name], obj):
+            continue
+        old = known.get(name)
+        merged[name] = obj if old is None or _newer(obj, old) else dict(old)
+    at = {"metadata": {"resourceVersion": version}}
+    for name, obj in known.items():
+        if name not in merged and name not in gone and version is not None and not _newer(at, obj):
+            merged[name] = dict(obj)
+    return merged
 
 
 def _cache_key(obj: Mapping[str, Any]) -> CacheKey | None:
@@ -140,6 +168,8 @@ class CacheController:
         self._wall_clock = wall_clock
         self._caches: dict[CacheKey, JsonObject] = {}
         self._node_objects: dict[CacheKey, dict[str, JsonObject]] = {}
+        self._gone: dict[CacheKey, dict[str, JsonObject]] = {}
+        self._listing: set[CacheKey] = set()
         self._nodes: set[str] = set()
         self._slots: dict[CacheKey, _Slot] = {}
         self._closed = False
@@ -173,6 +203,9 @@ class CacheController:
         name = node_object.metadata.name
         objects = self._node_objects.setdefault(key, {})
         if kind == "DELETED":
+            if key in self._listing:
+                # Remembered, so that a list served just before this cannot revive it.
+                self._gone.setdefault(key, {})[name] = dict(obj)
             if objects.pop(name, None) is None:
                 return
         elif _newer(obj, objects.get(name)):
@@ -274,16 +307,20 @@ class CacheController:
             self._caches[key] = obj
         return self._caches[key]
 
-    def _merge_listed(self, key: CacheKey, items: list[JsonObject]) -> None:
-        """Replace the watched node objects by a fresh list, keeping later watch events."""
-        listed = {(o.get("metadata") or {}).get("name"): o for o in items}
-        known = self._node_objects.get(key, {})
-        merged: dict[str, JsonObject] = {}
-        for name, obj in listed.items():
-            if isinstance(name, str):
-                old = known.get(name)
-                merged[name] = obj if old is None or _newer(obj, old) else old
-        self._node_objects[key] = merged
+    async def _relist(self, key: CacheKey) -> None:
+        """Read the cache's node objects from the API server and merge them in."""
+        self._listing.add(key)
+        try:
+            self._merge_listed(key, await self._api.list_node_objects(key))
+        finally:
+            self._listing.discard(key)
+            self._gone.pop(key, None)
+
+    def _merge_listed(self, key: CacheKey, listing: tuple[list[JsonObject], str | None]) -> None:
+        items, version = listing
+        self._node_objects[key] = merge_listing(
+            self._node_objects.get(key, {}), items, version, self._gone.get(key, {})
+        )
 
     async def _reconcile(self, key: CacheKey, slot: _Slot) -> None:
         self.stats.reconciles += 1
@@ -299,7 +336,7 @@ class CacheController:
             return
         slot.invalid = None
         if not slot.listed:
-            self._merge_listed(key, await self._api.list_node_objects(key))
+            await self._relist(key)
             slot.listed = True
         finalizer = finalizer_of(key)
         if not cache.deleting and finalizer not in cache.metadata.finalizers:
@@ -391,7 +428,7 @@ class CacheController:
         finalizer = finalizer_of(key)
         if finalizer not in cache.metadata.finalizers or self._node_objects.get(key):
             return
-        self._merge_listed(key, await self._api.list_node_objects(key))
+        await self._relist(key)
         if self._node_objects.get(key):
             return
         await self._api.remove_finalizer(key, finalizer, list(cache.metadata.finalizers))
