@@ -44,12 +44,12 @@ PolicyLoader = Callable[[], Awaitable[tuple[TrustPolicy, str]]]
 """Returns the trust policy and a fingerprint of what it was built from."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RegistryOptions:
     """How to reach registries: like ``gpufleet cache``, plus the plain-HTTP allow-list."""
 
-    plain_http: frozenset[str] = frozenset()
-    """Registries (host[:port]) to talk HTTP to; loopback ones always are."""
+    plain_http: bool = False
+    """HTTP to every registry; without it, loopback ones only."""
     username: str | None = None
     password: str | None = None
     timeout: float = 60.0
@@ -59,7 +59,7 @@ class RegistryOptions:
         """A fresh client for `registry` (its deadline starts now)."""
         return RegistryClient(
             registry,
-            plain_http=True if registry in self.plain_http else None,
+            plain_http=True if self.plain_http else None,
             username=self.username,
             password=self.password,
             timeout=min(self.timeout, 30.0),

@@ -137,9 +137,13 @@ async def _lead(
     api = CacheApi(kube, event_namespace=settings.namespace)
     trust = TrustSource(api.read_secret_data, settings.namespace, settings.kcache_trust_secret)
     options = RegistryOptions(
-        plain_http=frozenset(settings.kcache_plain_http),
+        plain_http=settings.kcache_plain_http,
         username=settings.registry_username,
-        password=settings.registry_password,
+        password=(
+            settings.registry_password.get_secret_value()
+            if settings.registry_password is not None
+            else None
+        ),
         timeout=settings.kcache_resolve_timeout,
     )
     controller = CacheController(

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Self
+from typing import Self
 
-from pydantic import BeforeValidator, Field, model_validator
-from pydantic_settings import NoDecode
+from pydantic import Field, SecretStr, model_validator
 
 from gpufleet.core.config import CaseInsensitiveEnum, CommonSettings, Duration
 from gpufleet.kube.settings import KubeSettings, LeaseSettings
@@ -20,16 +19,6 @@ class ClusterCacheAccess(CaseInsensitiveEnum):
     RESTRICTED = "restricted"
 
 
-def _split_hosts(value: object) -> object:
-    # KCACHE_PLAIN_HTTP=reg-a:5000,reg-b names several registries.
-    if isinstance(value, str):
-        return tuple(part.strip() for part in value.split(",") if part.strip())
-    return value
-
-
-PlainHttpRegistries = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_hosts)]
-
-
 class OperatorSettings(CommonSettings, KubeSettings, LeaseSettings):
     """The operator: how often to re-resolve, whom to trust, where it runs, how to lead.
 
@@ -42,9 +31,10 @@ class OperatorSettings(CommonSettings, KubeSettings, LeaseSettings):
     kcache_resolve_timeout: Duration = Field(default=60.0, gt=0)
     kcache_trust_secret: str = Field(default="gpufleet-kcache-trust", min_length=1)
     kcache_cluster_cache_access: ClusterCacheAccess = ClusterCacheAccess.OPEN
-    kcache_plain_http: PlainHttpRegistries = ()
+    kcache_plain_http: bool = False
+    """Plain HTTP to every registry (loopback ones always are); as the node process has it."""
     registry_username: str | None = None
-    registry_password: str | None = None
+    registry_password: SecretStr | None = None
     server_port: int = Field(default=8080, ge=0, le=65535)
     leader_election: bool = True
     lease_name: str = Field(default="gpufleet-kcache-operator", min_length=1)
