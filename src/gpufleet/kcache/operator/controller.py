@@ -265,6 +265,7 @@ class CacheController:
             if key not in self._caches:
                 self._slots.pop(key, None)
                 self._node_objects.pop(key, None)
+                self._resolver.forget(key)
                 return
             try:
                 await self._reconcile(key, slot)
@@ -432,7 +433,6 @@ class CacheController:
         if self._node_objects.get(key):
             return
         await self._api.remove_finalizer(key, finalizer, list(cache.metadata.finalizers))
-        self._resolver.forget(cache)
         log.info("finalizer released", extra={"cache": str(key)})
 
 

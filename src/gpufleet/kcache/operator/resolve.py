@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gpufleet.core.errors import GpufleetError
+from gpufleet.kcache.cluster import CacheKey
 from gpufleet.kcache.crds import CacheObject
 from gpufleet.kcache.errors import (
     InvalidReferenceError,
@@ -153,11 +154,11 @@ class Resolver:
         self._policy_source = policy_source
         self._verify = verify
         self._client = client or options.client
-        self._checked: dict[tuple[str, str | None, str], _Checked] = {}
+        self._checked: dict[CacheKey, _Checked] = {}
 
-    def forget(self, cache: CacheObject) -> None:
-        """Drop what is remembered about `cache` (it was deleted)."""
-        self._checked.pop(_memo_key(cache), None)
+    def forget(self, key: CacheKey) -> None:
+        """Drop what is remembered about the cache `key` (it was deleted)."""
+        self._checked.pop(key, None)
 
     async def resolve(self, cache: CacheObject) -> Outcome:
         """Resolve `cache`'s image and check the signature of a digest not checked yet."""
@@ -195,7 +196,7 @@ class Resolver:
             policy_error = str(exc)
         except Exception as exc:  # the API server's answer; the check cannot be made
             policy_error = f"cannot read {self._policy_source}: {type(exc).__name__}: {exc}"
-        memo = _memo_key(cache)
+        memo = cache.key
         previous = self._checked.get(memo)
         signature_format = cache.signature_format
 
@@ -279,11 +280,6 @@ class Resolver:
         if digest != stored_digest:
             events.append(("Normal", "Resolved", f"{reference} resolved to {digest}"))
         return Outcome(Resolution(generation, digest, image, resolved, verdict), events=events)
-
-
-def _memo_key(cache: CacheObject) -> tuple[str, str | None, str]:
-    key = cache.key
-    return (key.kind, key.namespace, key.name)
 
 
 def _carried_verified(cache: CacheObject, previous: _Checked | None) -> Verdict:

@@ -31,6 +31,7 @@ from gpufleet.core.http import HealthServer, ReadinessCheck
 from gpufleet.core.signals import STOP_SIGNALS, stop_on_signals
 from gpufleet.kcache.operator.api import CacheApi
 from gpufleet.kcache.operator.controller import CacheController, ControllerStats
+from gpufleet.kcache.operator.errors import OperatorError
 from gpufleet.kcache.operator.handlers import build_registry, connection_info, operator_settings
 from gpufleet.kcache.operator.resolve import RegistryOptions, Resolver, TrustSource
 from gpufleet.kcache.operator.settings import OperatorSettings
@@ -204,10 +205,14 @@ async def _term(
         await _first(ended, *until)
     finally:
         term_stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await term
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            raise OperatorError(f"kopf failed: {type(exc).__name__}: {exc}") from exc
     if ended.is_set() and not any(event.is_set() for event in until):
-        raise RuntimeError("kopf stopped on its own")
+        raise OperatorError("kopf stopped on its own")
 
 
 async def run_operator(
