@@ -744,3 +744,17 @@ async def test_the_command_resolves_logs_json_and_stops_on_sigterm(
     lines = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
     assert any(line["msg"] == "status written" for line in lines)
     assert any(line["msg"].startswith("Initial authentication") for line in lines)  # kopf's
+
+
+async def test_a_start_checks_nodes_with_one_list_not_a_get_per_node_object(
+    api: KubeApiDouble, kube: Kube, registry: RegistryClient, repo: str
+) -> None:
+    digest = push(registry, repo, "v1")
+    api.add_object(cache_body("vector-add", f"{registry.registry}/{repo}:v1"))
+    for node in ("node-1", "node-2"):
+        report(api, KEY, node, {digest: ("Extracted", 0)})
+    async with operator(kube):
+        await eventually(lambda: status_of(api, "vector-add").get("ready") == "2/2", LIMIT)
+        await settled(api)
+    assert api.count(verb="get", resource="nodes") == 0
+    assert api.count(verb="delete") == 0

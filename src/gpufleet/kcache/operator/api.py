@@ -160,6 +160,12 @@ class CacheApi:
             if api_status(exc) != 404:
                 raise
 
+    async def list_node_names(self) -> set[str]:
+        """The names of every Node, from one list."""
+        body = await call_json(self._kube.core.list_node)
+        names = ((item.get("metadata") or {}).get("name") for item in body.get("items") or [])
+        return {name for name in names if isinstance(name, str)}
+
     async def node_exists(self, name: str) -> bool:
         """Whether the Node `name` exists (asked of the API server, not the watch)."""
         try:

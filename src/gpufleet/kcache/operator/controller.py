@@ -171,6 +171,8 @@ class CacheController:
         self._gone: dict[CacheKey, dict[str, JsonObject]] = {}
         self._listing: set[CacheKey] = set()
         self._nodes: set[str] = set()
+        self._nodes_listed: asyncio.Lock | None = None  # made on the loop, at first use
+        self._nodes_seeded = False
         self._slots: dict[CacheKey, _Slot] = {}
         self._closed = False
         self.stats = stats if stats is not None else ControllerStats()
@@ -409,8 +411,20 @@ class CacheController:
                 continue  # logged when it arrived
         return parsed
 
+    async def _list_nodes_once(self) -> None:
+        """Seed the known Nodes with one list, so a start costs no GET per node object."""
+        if self._nodes_listed is None:
+            self._nodes_listed = asyncio.Lock()
+        async with self._nodes_listed:
+            if not self._nodes_seeded:
+                self._nodes |= await self._api.list_node_names()
+                self._nodes_seeded = True
+
     async def _drop_stale_node_objects(self, key: CacheKey) -> None:
         """Delete node objects of Nodes that are gone (their node process cannot)."""
+        if not self._node_objects.get(key):
+            return
+        await self._list_nodes_once()
         for name, obj in list(self._node_objects.get(key, {}).items()):
             node = _node_of(obj)
             if not node or node in self._nodes:
