@@ -268,7 +268,9 @@ class Resolver:
             assert previous is not None  # checked before against the same policy
             verdict = previous.verdict
         elif verified.key_name is None:
-            verdict = Verdict("Verified", True, "NotRequired", "no trusted key is configured")
+            scope = "ClusterGKMCaches" if cache.key.namespace is None else cache.key.namespace
+            message = f"{self._policy_source} requires no key for {scope}"
+            verdict = Verdict("Verified", True, "NotRequired", message)
         else:
             how = f" ({verified.format})" if verified.format else ""
             verdict = Verdict(
