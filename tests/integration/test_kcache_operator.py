@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
+from gpufleet.kcache.bundle import sign_image_bundle
 from gpufleet.kcache.cluster import (
     ANNOTATION_RESOLVED_DIGEST,
     API_VERSION,
@@ -457,6 +458,7 @@ async def test_node_objects_of_a_gone_node_are_deleted_and_release_the_cache(
     api.add_object(node_object(KEY, "node-gone", {digest: ("Running", 1)}))
     async with operator(kube):
         await eventually(lambda: not api.objects("gkmcachenodes.gkm.io", NS), LIMIT)
+        await eventually(lambda: status_of(api, "vector-add").get("ready") == "0/0", LIMIT)
         assert status_of(api, "vector-add")["counts"]["nodeCnt"] == 0
         report(api, KEY, "node-1", {digest: ("Running", 1)})
         await eventually(lambda: status_of(api, "vector-add").get("ready") == "1/1", LIMIT)
@@ -758,3 +760,29 @@ async def test_a_start_checks_nodes_with_one_list_not_a_get_per_node_object(
         await settled(api)
     assert api.count(verb="get", resource="nodes") == 0
     assert api.count(verb="delete") == 0
+
+
+@pytest.mark.usefixtures("trust_secret")
+async def test_a_cosign_v3_bundle_is_verified_and_the_label_holds_the_check_to_its_format(
+    api: KubeApiDouble,
+    kube: Kube,
+    registry: RegistryClient,
+    repo: str,
+    trusted: ec.EllipticCurvePrivateKey,
+) -> None:
+    signed = push(registry, repo, "v1")
+    reference = Reference.parse(f"{registry.registry}/{repo}:v1")
+    sign_image_bundle(registry, reference, trusted)
+    api.add_object(
+        cache_body("bundle", str(reference), labels={"gkm.io/signature-format": "cosign-v3"})
+    )
+    api.add_object(
+        cache_body("sig", str(reference), labels={"gkm.io/signature-format": "cosign-v2"})
+    )
+    async with operator(kube):
+        await eventually(lambda: status_of(api, "bundle").get("resolvedDigest") == signed, LIMIT)
+        verified = condition(status_of(api, "bundle"), "Verified")
+        assert (verified["reason"], "cosign-v3" in verified["message"]) == ("Verified", True)
+        await eventually(lambda: condition(status_of(api, "sig"), "Verified") != {}, LIMIT)
+        assert condition(status_of(api, "sig"), "Verified")["reason"] == "Unsigned"
+        assert "resolvedDigest" not in status_of(api, "sig")

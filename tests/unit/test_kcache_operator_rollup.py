@@ -5,9 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from gpufleet.kcache.cluster import CacheKey, node_label_key
 from gpufleet.kcache.crds import CacheObject, NodeObject, status_dict
+from gpufleet.kcache.errors import (
+    SignatureError,
+    SignedDigestMismatchError,
+    UnsignedError,
+    UntrustedSignatureError,
+)
 from gpufleet.kcache.operator.controller import merge_listing
+from gpufleet.kcache.operator.resolve import refusal_reason
 from gpufleet.kcache.operator.rollup import Verdict, roll_up
 from gpufleet.kcache.operator.status import Resolution, status_patch, wanted_status
 
@@ -251,3 +260,16 @@ def test_the_watch_wins_over_a_list_served_before_its_event() -> None:
 def test_a_list_served_before_a_deletion_does_not_revive_the_object() -> None:
     merged = merge_listing({}, [obj("a", 5), obj("b", 6)], "10", {"a": obj("a", 11)})
     assert merged == {"b": obj("b", 6)}
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (UnsignedError("x"), "Unsigned"),
+        (UntrustedSignatureError("x"), "WrongKey"),
+        (SignedDigestMismatchError("x"), "DigestMismatch"),
+        (SignatureError("x"), "Error"),
+    ],
+)
+def test_each_refusal_has_its_condition_reason(error: SignatureError, reason: str) -> None:
+    assert refusal_reason(error) == reason

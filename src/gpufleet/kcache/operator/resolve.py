@@ -35,7 +35,7 @@ from gpufleet.kcache.operator.status import Resolution
 from gpufleet.kcache.policy import TrustPolicy, Verified, verify_by_policy
 from gpufleet.kcache.reference import Reference
 
-__all__ = ["RegistryOptions", "Resolver", "TrustSource", "VerifyFn"]
+__all__ = ["RegistryOptions", "Resolver", "TrustSource", "VerifyFn", "refusal_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class _CheckFailed(Exception):
         self.error = error
 
 
-def _refusal_reason(error: SignatureError) -> str:
+def refusal_reason(error: SignatureError) -> str:
+    """The Verified condition's reason for a refusal by the policy."""
     return next((reason for kind, reason in _REFUSALS if isinstance(error, kind)), "Error")
 
 
@@ -230,7 +231,7 @@ class Resolver:
         try:
             digest, verified = await asyncio.to_thread(work)
         except SignatureError as exc:
-            reason = _refusal_reason(exc)
+            reason = refusal_reason(exc)
             verdict = Verdict("Verified", False, reason, str(exc))
             # The tag did resolve; the digest it names is what was refused.
             return keep(
