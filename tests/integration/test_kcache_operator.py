@@ -415,7 +415,7 @@ async def test_a_burst_of_node_changes_is_coalesced_into_one_status_write(
     api.add_object(cache_body("vector-add", f"{registry.registry}/{repo}:v1"))
     for node in ("node-3", "node-4", "node-5"):
         api.add_node(node)
-    async with operator(kube, coalesce=1.0):
+    async with operator(kube, coalesce=1.5):
         await eventually(
             lambda: status_of(api, "vector-add").get("resolvedDigest") == digest, LIMIT
         )
@@ -424,7 +424,7 @@ async def test_a_burst_of_node_changes_is_coalesced_into_one_status_write(
         for node in ("node-1", "node-2", "node-3", "node-4", "node-5"):
             report(api, KEY, node, {digest: ("Extracted", 0)})
         await eventually(lambda: status_of(api, "vector-add").get("ready") == "5/5", LIMIT)
-        await settled(api, quiet=1.5)
+        await settled(api, quiet=2.0)
         assert status_writes(api) == before + 1
 
 
@@ -613,10 +613,11 @@ async def test_losing_the_lease_stops_kopf_and_a_later_term_resumes(
         def taken(obj: dict[str, Any]) -> None:
             obj["spec"]["holderIdentity"] = "intruder"
 
+        terms = runtime.terms
         api.update_object("leases", OPERATOR_NS, "gpufleet-kcache-operator", taken)
         await eventually(lambda: runtime.controller is None, LIMIT)
         # The intruder never renews: once its lease expires this replica leads again.
-        await eventually(lambda: runtime.terms == 2 and runtime.controller is not None, LIMIT)
+        await eventually(lambda: runtime.terms > terms and runtime.controller is not None, LIMIT)
         # The new term starts from a fresh list and resolves every cache once.
         new = push(registry, repo, "v1")
         await resolved(api, new)
