@@ -436,7 +436,10 @@ async def test_a_deleted_cache_is_kept_while_node_objects_remain_then_released(
 ) -> None:
     digest = push(registry, repo, "v1")
     api.add_object(cache_body("vector-add", f"{registry.registry}/{repo}:v1"))
-    async with operator(kube):
+    async with operator(kube) as runtime:
+        await eventually(lambda: runtime.controller is not None, LIMIT)
+        controller = runtime.controller
+        assert controller is not None
         report(api, KEY, "node-1", {digest: ("Running", 1)})
         await eventually(lambda: status_of(api, "vector-add").get("ready") == "1/1", LIMIT)
         api.delete_object("gkmcaches.gkm.io", NS, "vector-add")
@@ -448,6 +451,8 @@ async def test_a_deleted_cache_is_kept_while_node_objects_remain_then_released(
         # The node process unmounted everything and deleted its object: the cache goes.
         api.delete_object("gkmcachenodes.gkm.io", NS, node_object_name(KEY, "node-1"))
         await eventually(lambda: cache_of(api, "vector-add") is None, LIMIT)
+        # Forgotten too: no worker, nothing left in memory for it.
+        await eventually(lambda: controller.caches == 0 and not controller.workers, LIMIT)
 
 
 async def test_node_objects_of_a_gone_node_are_deleted_and_release_the_cache(

@@ -258,6 +258,11 @@ class CacheController:
         """How many caches the controller knows."""
         return len(self._caches)
 
+    @property
+    def workers(self) -> int:
+        """How many caches have a worker now."""
+        return len(self._slots)
+
     async def _work(self, key: CacheKey, slot: _Slot) -> None:
         while True:
             woken = await self._wait(key, slot)
@@ -305,10 +310,16 @@ class CacheController:
     # --- one reconcile -----------------------------------------------------------------
 
     def _store(self, key: CacheKey, obj: JsonObject) -> JsonObject:
-        """Keep the object a write returned (newer than the watch may have delivered)."""
-        if _newer(obj, self._caches.get(key)):
-            self._caches[key] = obj
-        return self._caches[key]
+        """Keep the object a write returned (newer than the watch may have delivered).
+
+        Unless the watch said DELETED meanwhile: a write's answer must not revive it.
+        """
+        current = self._caches.get(key)
+        if current is None:
+            return obj
+        if _newer(obj, current):
+            self._caches[key] = current = obj
+        return current
 
     async def _relist(self, key: CacheKey) -> None:
         """Read the cache's node objects from the API server and merge them in."""
