@@ -582,6 +582,16 @@ async def test_unknown_fields_are_pruned_and_defaults_filled(custom: CustomObjec
     assert status["status"] == {"observedGeneration": 1}
 
 
+async def test_a_null_field_that_is_not_nullable_is_pruned_then_defaulted(
+    custom: CustomObjectsApi,
+) -> None:
+    body = cache("c1")
+    body["spec"]["mode"] = None
+    body["spec"]["podTemplate"] = None
+    created = await custom.create_namespaced_custom_object(GROUP, VERSION, NS, "gkmcaches", body)
+    assert created["spec"] == {"image": IMAGE, "mode": "mount"}
+
+
 async def test_strategic_merge_patch_of_a_custom_resource_is_unsupported(
     custom: CustomObjectsApi,
 ) -> None:
