@@ -210,7 +210,7 @@ class Store:
         if not (keep_uid and meta.get("uid")):
             meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = timestamp()
-        _meta.prepare_create(obj)
+        _meta.prepare_create(resource, obj)
         if resource.admit is not None:
             obj = resource.admit(obj)
         return self._commit(resource, "ADDED", None, obj)
