@@ -192,6 +192,32 @@ async def test_a_posted_crd_is_served_with_discovery(client: ApiClient) -> None:
     assert listed["items"] == []
 
 
+async def test_discovery_prefers_the_most_stable_version(client: ApiClient) -> None:
+    crd = cache_crd("Widget")
+    stored = crd["spec"]["versions"][0]
+    crd["spec"]["versions"] = [
+        {**stored, "name": "v1alpha1", "storage": False},
+        {**stored, "name": "v1"},
+        {**stored, "name": "v1beta2", "storage": False},
+        {**stored, "name": "v10alpha1", "storage": False},
+    ]
+    async with KubeApiDouble() as fresh, aiohttp.ClientSession() as session:
+        fresh.add_crd(crd)
+        async with session.get(f"{fresh.url}/apis") as response:
+            groups = {g["name"]: g for g in (await response.json())["groups"]}
+        async with session.get(f"{fresh.url}/apis/{GROUP}") as response:
+            group = await response.json()
+
+    for found in (groups[GROUP], group):
+        assert found["preferredVersion"]["version"] == "v1"
+        assert [v["version"] for v in found["versions"]] == [
+            "v1",
+            "v1beta2",
+            "v10alpha1",
+            "v1alpha1",
+        ]
+
+
 async def test_a_crd_named_other_than_plural_dot_group_is_invalid(
     api: KubeApiDouble, client: ApiClient
 ) -> None:
@@ -554,6 +580,16 @@ async def test_unknown_fields_are_pruned_and_defaults_filled(custom: CustomObjec
     }
     assert "extra" not in created
     assert status["status"] == {"observedGeneration": 1}
+
+
+async def test_a_null_field_that_is_not_nullable_is_pruned_then_defaulted(
+    custom: CustomObjectsApi,
+) -> None:
+    body = cache("c1")
+    body["spec"]["mode"] = None
+    body["spec"]["podTemplate"] = None
+    created = await custom.create_namespaced_custom_object(GROUP, VERSION, NS, "gkmcaches", body)
+    assert created["spec"] == {"image": IMAGE, "mode": "mount"}
 
 
 async def test_strategic_merge_patch_of_a_custom_resource_is_unsupported(

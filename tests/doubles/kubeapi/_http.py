@@ -1,8 +1,8 @@
 """The HTTP face of the double: routing, REST verbs, watch streams, exec, accounting.
 
-kmock's ``KubernetesScaffold`` is the aiohttp handler: it serves discovery
-(``/api``, ``/apis``, ``/version``) and answers every path we do not serve with
-a 404 ``metav1.Status``. Requests for the resources we emulate are answered
+kmock's ``KubernetesScaffold`` is the aiohttp handler (``_discovery.KmockHandler``):
+it serves discovery (``/api``, ``/apis``, ``/version``) and answers every path
+we do not serve with a 404 ``metav1.Status``. Requests for the resources we emulate are answered
 here before kmock sees them, because kmock's reaction lookup walks every past
 request (it keeps them all for assertions), which is quadratic over a
 5,000-pod benchmark, and because its emulator has no resourceVersions.
@@ -16,12 +16,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import attrs
-import kmock
 from aiohttp import web
 
 from tests.doubles.kubeapi._authz import Authorizer
@@ -91,20 +89,6 @@ def _json(body: Any, status: int = 200) -> web.Response:
         status=status,
         content_type="application/json",
     )
-
-
-@attrs.define(kw_only=True)
-class KmockHandler(kmock.KubernetesScaffold):
-    """kmock's Kubernetes scaffold with our emulated resources answered first."""
-
-    front: Callable[[web.BaseRequest], Awaitable[web.StreamResponse | None]]
-
-    async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
-        """Serve from the emulation when it knows the path, else let kmock answer."""
-        response = await self.front(raw_request)
-        if response is not None:
-            return response
-        return await super().__call__(raw_request)
 
 
 class ApiFront:

@@ -12,14 +12,11 @@ miss or duplicate an event.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import copy
-import itertools
 import json
 import secrets
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,12 +31,10 @@ from tests.doubles.kubeapi._objects import (
     timestamp,
     to_wire,
 )
+from tests.doubles.kubeapi._pages import Pages
 from tests.doubles.kubeapi._patch import apply_patch
 from tests.doubles.kubeapi._selectors import Selector
 from tests.doubles.kubeapi._watch import Event, Watcher, line
-
-_SNAPSHOTS_KEPT = 32
-"""Paginated list snapshots kept for ``continue`` tokens; older tokens answer 410."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +60,7 @@ class Store:
         """Every event after this resourceVersion is still in ``_history``."""
         self._watchers: dict[str, set[Watcher]] = {r: set() for r in RESOURCES}
         self._pods_by_node: dict[str, set[tuple[str, str]]] = {}
-        self._snapshots: OrderedDict[int, tuple[int, list[JsonObject]]] = OrderedDict()
-        self._snapshot_ids = itertools.count(1)
+        self._pages = Pages()
         self.listeners: list[Callable[[ResourceType, str, JsonObject], None]] = []
         """Called after every commit with (resource, event type, object): CRDs serve themselves."""
 
@@ -142,7 +136,7 @@ class Store:
     ) -> JsonObject:
         """A ``<Kind>List`` body, paginated with ``limit``/``continue`` as the server does."""
         if continue_token:
-            snap_rv, items, offset = self._resume(continue_token)
+            snap_rv, items, offset = self._pages.resume(continue_token, self._floor)
         else:
             matching = [
                 o for o in self._candidates(resource, namespace, selector) if selector.matches(o)
@@ -152,7 +146,7 @@ class Store:
         metadata: JsonObject = {"resourceVersion": str(snap_rv)}
         end = offset + limit if limit > 0 else len(items)
         if end < len(items):
-            metadata["continue"] = self._remember(snap_rv, items, end)
+            metadata["continue"] = self._pages.remember(snap_rv, items, end)
             metadata["remainingItemCount"] = len(items) - end
         return {
             "kind": f"{resource.kind}List",
@@ -160,28 +154,6 @@ class Store:
             "metadata": metadata,
             "items": items[offset:end],
         }
-
-    def _remember(self, snap_rv: int, items: list[JsonObject], offset: int) -> str:
-        snap_id = next(self._snapshot_ids)
-        self._snapshots[snap_id] = (snap_rv, items)
-        while len(self._snapshots) > _SNAPSHOTS_KEPT:
-            self._snapshots.popitem(last=False)
-        token = json.dumps({"id": snap_id, "rv": snap_rv, "start": offset}).encode()
-        return base64.urlsafe_b64encode(token).decode()
-
-    def _resume(self, token: str) -> tuple[int, list[JsonObject], int]:
-        try:
-            data = json.loads(base64.urlsafe_b64decode(token.encode()))
-            snap_id, snap_rv, offset = int(data["id"]), int(data["rv"]), int(data["start"])
-        except (ValueError, KeyError, TypeError, binascii.Error):
-            raise ApiError.bad_request(f"invalid continue token {token!r}") from None
-        snapshot = self._snapshots.get(snap_id)
-        if snapshot is None or snap_rv < self._floor:
-            raise ApiError.expired(
-                "The provided continue parameter is too old to display a consistent list "
-                "result. You can start a new list without the continue parameter."
-            )
-        return snapshot[0], snapshot[1], offset
 
     def check_list_version(
         self, resource_version: str, match: str, *, continue_token: str, limit: int
@@ -238,7 +210,7 @@ class Store:
         if not (keep_uid and meta.get("uid")):
             meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = timestamp()
-        _meta.prepare_create(obj)
+        _meta.prepare_create(resource, obj)
         if resource.admit is not None:
             obj = resource.admit(obj)
         return self._commit(resource, "ADDED", None, obj)
@@ -437,7 +409,7 @@ class Store:
         self._rv = backup.rv
         self._history.clear()
         self._floor = backup.rv
-        self._snapshots.clear()
+        self._pages.clear()
         self.drop_watches()
 
     def expire_history(self) -> None:
