@@ -253,6 +253,10 @@ class NodeState:
     def add_use(self, use: Use) -> None:
         """A volume was published (or found mounted after a restart)."""
         self.uses[use.volume_id] = use
+        digests = self.digests.setdefault(use.cache, {})
+        if use.digest not in digests:
+            # Found mounted after a restart: it was in the store whole when it was mounted.
+            digests[use.digest] = DigestState(use.digest, "", Phase.EXTRACTED)
         self._reserved.pop((use.digest, use.mount_root), None)
         self._changed(use.cache)
 

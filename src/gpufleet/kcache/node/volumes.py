@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from gpufleet.kcache.cluster import (
     CLUSTER_CACHE,
     GROUP,
+    CacheKey,
     PreparedVolume,
     VolumeRequest,
 )
@@ -115,6 +116,7 @@ class NodeVolumes:
         read_pod: PodReader,
         review: AccessReview,
         on_unpublished: Callable[[], None] | None = None,
+        want: Callable[[CacheKey], None] | None = None,
         to_thread: Callable[..., Awaitable[Any]] = asyncio.to_thread,
     ) -> None:
         self._state = state
@@ -123,6 +125,7 @@ class NodeVolumes:
         self._read_pod = read_pod
         self._review = review
         self._on_unpublished = on_unpublished
+        self._want = want
         self._to_thread = to_thread
         self.published_count = 0
         """Volumes published since start (for metrics)."""
@@ -143,6 +146,8 @@ class NodeVolumes:
             raise CacheNotReadyError(f"{key}: no digest resolved yet (the operator resolves it)")
         state = self._state.digest_state(key, digest)
         if state is None or state.phase in (Phase.PENDING, Phase.DOWNLOADING):
+            if self._want is not None:
+                self._want(key)
             raise CacheNotReadyError(f"{key}: {digest} is still being pulled to this node")
         if state.phase is Phase.ERROR:
             raise CacheNotReadyError(f"{key}: pulling {digest} failed, retrying: {state.message}")
@@ -151,8 +156,9 @@ class NodeVolumes:
         if state.mount_root is None:
             raise CacheNotReadyError(f"{key}: {digest} is not in the store yet")
         root = await self._pod_mount_root(request, state.mount_root)
-        path = await self._entry(key, digest, state.mount_root, root)
+        # Reserved first: GC must not take an entry between its derivation and the mount.
         self._state.reserve(digest, root)
+        path = await self._entry(key, digest, state.mount_root, root)
         return PreparedVolume(path=path, digest=digest, mount_root=root)
 
     async def _check_access(self, request: VolumeRequest) -> None:
