@@ -13,13 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from gpufleet.kcache.errors import KcacheError
-from gpufleet.kcache.store import CacheStore
+from gpufleet.kcache.store import CacheStore, StoredCache
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32
@@ -99,7 +99,9 @@ def test_the_marker_records_the_digest_and_the_mount_root(store: CacheStore) -> 
     path = store.install(DIGEST, ROOT, Filler())
 
     marker = path.with_name(path.name + ".complete")
-    assert json.loads(marker.read_text()) == {"digest": DIGEST, "mount_root": ROOT}
+    record = json.loads(marker.read_text())
+    assert record == {"digest": DIGEST, "mount_root": ROOT, "size_bytes": record["size_bytes"]}
+    assert record["size_bytes"] > 0
     assert "complete" not in {p.name for p in path.iterdir()}
 
 
@@ -292,7 +294,7 @@ def test_a_volatile_store_installs_the_same_way(tmp_path: Path) -> None:
 _INSTALLER = """
 import sys, time
 from pathlib import Path
-from gpufleet.kcache.store import CacheStore
+from gpufleet.kcache.store import CacheStore, StoredCache
 
 root, digest, control, mount = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 
@@ -359,3 +361,389 @@ def test_sweep_keeps_what_is_not_an_installers_temp_dir(store: CacheStore) -> No
 
     assert store.sweep() == [stale]
     assert foreign.is_dir()
+
+
+# -- derive: the same cache for another mount root, without the network -------------------------
+
+GROUP_A = "A" * 52
+GROUP_B = "B" * 52
+
+
+def group_file(mount_root: str, group: str, *names: str) -> str:
+    """A ``__grp__`` file as extraction writes it for `mount_root` (sorted, compact)."""
+    children = {n: f"{mount_root}/{group}/{n}" for n in sorted(names)}
+    return json.dumps({"child_paths": children}, sort_keys=True, separators=(",", ":"))
+
+
+def triton_like(mount_root: str) -> Callable[[Path], None]:
+    """A fill writing two kernel groups (one nested) whose group files name `mount_root`."""
+
+    def fill(tmp: Path) -> None:
+        a = tmp / GROUP_A
+        a.mkdir()
+        (a / "k.json").write_text('{"name": "k"}')
+        (a / "k.cubin").write_bytes(b"\x7fELF cubin")
+        (a / "__grp__k.json").write_text(group_file(mount_root, GROUP_A, "k.json", "k.cubin"))
+        b = tmp / "nested" / "triton_cache" / GROUP_B
+        b.mkdir(parents=True)
+        (b / "j.json").write_text('{"name": "j"}')
+        (b / "__grp__j.json").write_text(
+            group_file(mount_root, f"nested/triton_cache/{GROUP_B}", "j.json")
+        )
+        (tmp / "nested" / "other.bin").write_bytes(b"\0" * 5000)
+
+    return fill
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every regular file below `path` (relative name -> bytes)."""
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def test_derive_copies_the_entry_and_rewrites_every_group_file_to_the_new_root(
+    store: CacheStore,
+) -> None:
+    source = store.install(DIGEST, "/cache", triton_like("/cache"))
+    before = tree(source)
+
+    derived = store.derive(DIGEST, "/cache", "/kernels")
+
+    assert derived == store.path(DIGEST, "/kernels")
+    assert store.installed(DIGEST, "/kernels") == derived
+    got = tree(derived)
+    assert set(got) == set(before)
+    grp_a = f"{GROUP_A}/__grp__k.json"
+    grp_b = f"nested/triton_cache/{GROUP_B}/__grp__j.json"
+    assert json.loads(got[grp_a]) == {
+        "child_paths": {
+            "k.cubin": f"/kernels/{GROUP_A}/k.cubin",
+            "k.json": f"/kernels/{GROUP_A}/k.json",
+        }
+    }
+    assert json.loads(got[grp_b]) == {
+        "child_paths": {"j.json": f"/kernels/nested/triton_cache/{GROUP_B}/j.json"}
+    }
+    assert {k: v for k, v in got.items() if k not in (grp_a, grp_b)} == {
+        k: v for k, v in before.items() if k not in (grp_a, grp_b)
+    }
+    assert tree(source) == before  # the source entry is left as it was
+
+
+def test_a_derived_entry_is_what_extracting_for_that_root_gives(store: CacheStore) -> None:
+    store.install(DIGEST, "/cache", triton_like("/cache"))
+    direct = store.install(OTHER, "/srv/k", triton_like("/srv/k"))
+
+    derived = store.derive(DIGEST, "/cache", "/srv/k")
+
+    assert tree(derived) == tree(direct)
+
+
+def test_a_derived_entry_has_the_modes_pods_need(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        store = CacheStore(tmp_path / "store")
+        store.install(DIGEST, "/cache", triton_like("/cache"))
+        derived = store.derive(DIGEST, "/cache", "/kernels")
+    finally:
+        os.umask(old)
+
+    modes = {p.stat().st_mode & 0o7777 for p in derived.rglob("*") if p.is_file()}
+    dirs = {p.stat().st_mode & 0o7777 for p in [derived, *derived.rglob("*")] if p.is_dir()}
+    assert (modes, dirs) == ({0o644}, {0o755})
+
+
+def test_derive_refuses_when_the_source_root_is_not_installed(store: CacheStore) -> None:
+    store.install(DIGEST, "/other", triton_like("/other"))
+
+    with pytest.raises(KcacheError, match=r"'/cache'.*not installed"):
+        store.derive(DIGEST, "/cache", "/kernels")
+
+    assert not store.path(DIGEST, "/kernels").exists()
+
+
+def test_derive_refuses_a_source_left_half_removed(store: CacheStore) -> None:
+    source = store.install(DIGEST, "/cache", triton_like("/cache"))
+    source.with_name(source.name + ".complete").unlink()  # a crash mid-remove
+
+    with pytest.raises(KcacheError, match="not installed"):
+        store.derive(DIGEST, "/cache", "/kernels")
+
+
+def test_derive_to_an_installed_root_does_nothing(store: CacheStore) -> None:
+    store.install(DIGEST, "/cache", triton_like("/cache"))
+    first = store.derive(DIGEST, "/cache", "/kernels")
+    inode = (first / "nested" / "other.bin").stat().st_ino
+
+    assert store.derive(DIGEST, "/cache", "/kernels") == first
+    assert (first / "nested" / "other.bin").stat().st_ino == inode
+
+
+def test_derive_to_the_same_root_returns_the_source(store: CacheStore) -> None:
+    source = store.install(DIGEST, "/cache", triton_like("/cache"))
+
+    assert store.derive(DIGEST, "/cache", "/cache") == source
+
+
+@pytest.mark.parametrize("bad", ["kernels", "/a/../b", "/kernels/"])
+def test_derive_refuses_a_malformed_mount_root(store: CacheStore, bad: str) -> None:
+    store.install(DIGEST, "/cache", triton_like("/cache"))
+
+    with pytest.raises(KcacheError, match="mount root"):
+        store.derive(DIGEST, "/cache", bad)
+
+
+def test_derive_refuses_a_source_holding_a_symbolic_link(store: CacheStore) -> None:
+    source = store.install(DIGEST, "/cache", triton_like("/cache"))
+    (source / GROUP_A / "link").symlink_to("/etc/passwd")
+
+    with pytest.raises(KcacheError, match=r"link.*not a regular file"):
+        store.derive(DIGEST, "/cache", "/kernels")
+
+    assert not store.is_complete(DIGEST, "/kernels")
+    assert os.listdir(store.root / "tmp") == []
+
+
+def test_derive_refuses_a_group_file_that_is_not_one(store: CacheStore) -> None:
+    source = store.install(DIGEST, "/cache", triton_like("/cache"))
+    (source / GROUP_A / "__grp__k.json").write_text('{"child_paths": {"k.json": "/etc/k.json"}}')
+
+    with pytest.raises(KcacheError, match=r"__grp__k\.json"):
+        store.derive(DIGEST, "/cache", "/kernels")
+
+    assert not store.is_complete(DIGEST, "/kernels")
+
+
+def test_two_threads_deriving_one_root_copy_once(store: CacheStore) -> None:
+    store.install(DIGEST, "/cache", triton_like("/cache"))
+    results: list[Path] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def derive() -> None:
+        try:
+            barrier.wait(timeout=10)
+            results.append(store.derive(DIGEST, "/cache", "/kernels"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=derive) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert errors == []
+    assert results == [store.path(DIGEST, "/kernels")] * 4
+    assert os.listdir(store.root / "tmp") == []
+    assert [(c.digest, c.mount_root) for c in store.caches()] == [
+        (DIGEST, "/cache"),
+        (DIGEST, "/kernels"),
+    ]
+
+
+# -- remove, size and last use -------------------------------------------------------------------
+
+
+def marker_of(store: CacheStore, digest: str, mount_root: str) -> Path:
+    path = store.path(digest, mount_root)
+    return path.with_name(path.name + ".complete")
+
+
+def test_remove_takes_one_entry_and_leaves_the_digests_other_roots(store: CacheStore) -> None:
+    store.install(DIGEST, "/a", Filler())
+    kept = store.install(DIGEST, "/b", Filler())
+
+    removed = store.remove(DIGEST, "/a")
+
+    assert removed == [StoredCache(DIGEST, "/a", store.path(DIGEST, "/a"))]
+    assert not store.path(DIGEST, "/a").exists()
+    assert not marker_of(store, DIGEST, "/a").exists()
+    assert [c.path for c in store.caches()] == [kept]
+
+
+def test_remove_without_a_mount_root_takes_every_root_of_the_digest(store: CacheStore) -> None:
+    store.install(DIGEST, "/a", Filler())
+    store.install(DIGEST, "/b", Filler())
+    store.install(OTHER, "/a", Filler())
+
+    removed = store.remove(DIGEST)
+
+    assert [(c.digest, c.mount_root) for c in removed] == [(DIGEST, "/a"), (DIGEST, "/b")]
+    assert [(c.digest, c.mount_root) for c in store.caches()] == [(OTHER, "/a")]
+    assert not (store.root / "caches" / "sha256" / ("ab" * 32)).exists()
+
+
+def test_remove_drops_the_entrys_lock_file(store: CacheStore) -> None:
+    store.install(DIGEST, ROOT, Filler())
+    store.install(OTHER, ROOT, Filler())
+
+    store.remove(DIGEST)
+
+    assert os.listdir(store.root / "locks") == [f"{'cd' * 32}-{ROOT_KEY}.lock"]
+    fill = Filler()
+    store.install(DIGEST, ROOT, fill)  # a new lock file, a new install
+    assert fill.calls == 1
+
+
+def test_remove_of_what_is_not_there_removes_nothing(store: CacheStore) -> None:
+    store.install(OTHER, ROOT, Filler())
+
+    assert store.remove(DIGEST, ROOT) == []
+    assert store.remove(DIGEST) == []
+    assert store.is_complete(OTHER, ROOT)
+
+
+def test_remove_also_clears_a_crash_leftover_of_the_digest(store: CacheStore) -> None:
+    store.install(DIGEST, "/a", Filler())
+    leftover = store.path(DIGEST, "/b")
+    leftover.mkdir()
+    (leftover / "half.cubin").write_text("half")
+
+    removed = store.remove(DIGEST)
+
+    assert [c.mount_root for c in removed] == ["/a"]
+    assert not leftover.exists()
+
+
+def test_a_removed_entry_is_installed_again_by_the_next_install(store: CacheStore) -> None:
+    store.install(DIGEST, ROOT, Filler())
+    store.remove(DIGEST)
+    fill = Filler("again")
+
+    path = store.install(DIGEST, ROOT, fill)
+
+    assert fill.calls == 1
+    assert (path / "group" / "k.cubin").read_text() == "again"
+
+
+def test_remove_waits_for_an_installer_of_the_same_entry(store: CacheStore) -> None:
+    started, release = threading.Event(), threading.Event()
+    removed: list[list[StoredCache]] = []
+
+    def slow(tmp: Path) -> None:
+        started.set()
+        release.wait(timeout=10)
+        (tmp / "k.cubin").write_text("k")
+
+    installer = threading.Thread(target=store.install, args=(DIGEST, ROOT, slow))
+    installer.start()
+    assert started.wait(timeout=10)
+    remover = threading.Thread(target=lambda: removed.append(store.remove(DIGEST, ROOT)))
+    remover.start()
+    remover.join(timeout=0.5)
+    try:
+        assert remover.is_alive()  # blocked on the installer's lock, not racing it
+    finally:
+        release.set()
+        installer.join(timeout=10)
+        remover.join(timeout=10)
+
+    assert [c.mount_root for c in removed[0]] == [ROOT]
+    assert not store.is_complete(DIGEST, ROOT)
+    assert not store.path(DIGEST, ROOT).exists()
+
+
+def test_an_install_after_its_digest_directory_went_still_lands(store: CacheStore) -> None:
+    store.install(DIGEST, "/a", Filler())
+
+    def fill(tmp: Path) -> None:
+        store.remove(DIGEST, "/a")  # removes the now empty <hex>/ beside this fill
+        (tmp / "k").write_text("k")
+
+    assert store.install(DIGEST, "/b", fill) == store.path(DIGEST, "/b")
+    assert store.is_complete(DIGEST, "/b")
+
+
+def test_the_entry_size_is_its_bytes_on_disk_recorded_at_install(store: CacheStore) -> None:
+    def fill(tmp: Path) -> None:
+        (tmp / "g").mkdir()
+        (tmp / "g" / "big").write_bytes(os.urandom(100_000))
+        (tmp / "g" / "small").write_text("x")
+
+    path = store.install(DIGEST, ROOT, fill)
+    on_disk = sum(p.lstat().st_blocks * 512 for p in [path, *path.rglob("*")])
+
+    assert store.entry_size(DIGEST, ROOT) == on_disk
+    assert json.loads(marker_of(store, DIGEST, ROOT).read_text())["size_bytes"] == on_disk
+    (path / "g" / "big").unlink()  # not re-walked: the recorded figure stands
+    assert store.entry_size(DIGEST, ROOT) == on_disk
+
+
+def test_an_old_marker_without_a_size_gets_one_once_and_keeps_its_last_use(
+    store: CacheStore,
+) -> None:
+    path = store.install(DIGEST, ROOT, Filler())
+    marker = marker_of(store, DIGEST, ROOT)
+    marker.write_text(json.dumps({"digest": DIGEST, "mount_root": ROOT}))
+    os.utime(marker, (1000.0, 1000.0))
+    on_disk = sum(p.lstat().st_blocks * 512 for p in [path, *path.rglob("*")])
+
+    assert store.entry_size(DIGEST, ROOT) == on_disk
+    assert json.loads(marker.read_text())["size_bytes"] == on_disk
+    assert marker.stat().st_mtime == 1000.0
+
+
+def test_the_size_of_an_entry_not_installed_is_an_error(store: CacheStore) -> None:
+    with pytest.raises(KcacheError, match="not installed"):
+        store.entry_size(DIGEST, ROOT)
+
+
+def test_touch_records_the_last_use_in_the_markers_mtime(store: CacheStore) -> None:
+    store.install(DIGEST, ROOT, Filler())
+
+    assert store.touch(DIGEST, ROOT, when=1234.5)
+
+    assert marker_of(store, DIGEST, ROOT).stat().st_mtime == 1234.5
+    (usage,) = CacheStore(store.root).usage()  # another process's store: survives a restart
+    assert usage.last_used == 1234.5
+
+
+def test_touch_of_an_entry_not_installed_says_so(store: CacheStore) -> None:
+    assert not store.touch(DIGEST, ROOT)
+    assert not marker_of(store, DIGEST, ROOT).exists()
+
+
+def test_usage_lists_every_entry_with_its_size_and_last_use(store: CacheStore) -> None:
+    store.install(DIGEST, "/b", Filler())
+    store.install(DIGEST, "/a", Filler())
+    store.install(OTHER, "/a", Filler())
+    store.touch(DIGEST, "/a", when=10.0)
+    store.touch(DIGEST, "/b", when=20.0)
+    store.touch(OTHER, "/a", when=30.0)
+
+    assert [(u.cache.digest, u.cache.mount_root, u.last_used) for u in store.usage()] == [
+        (DIGEST, "/a", 10.0),
+        (DIGEST, "/b", 20.0),
+        (OTHER, "/a", 30.0),
+    ]
+    assert all(u.size_bytes == store.entry_size(DIGEST, "/a") for u in store.usage())
+
+
+def test_a_crash_between_marker_and_directory_removal_leaves_no_served_entry(
+    store: CacheStore,
+) -> None:
+    path = store.install(DIGEST, ROOT, Filler())
+    marker_of(store, DIGEST, ROOT).unlink()  # the state remove leaves when killed right here
+
+    assert store.installed(DIGEST, ROOT) is None
+    assert store.caches() == []
+    assert CacheStore(store.root).sweep() == [path]
+    assert not path.exists()
+
+
+def test_sweep_drops_a_marker_whose_directory_is_gone(store: CacheStore) -> None:
+    path = store.install(DIGEST, ROOT, Filler())
+    shutil.rmtree(path)
+
+    assert CacheStore(store.root).sweep() == [marker_of(store, DIGEST, ROOT)]
+    assert not marker_of(store, DIGEST, ROOT).exists()
+
+
+def test_sweep_keeps_an_entry_whose_installer_is_at_work(store: CacheStore) -> None:
+    path = store.path(DIGEST, ROOT)
+    path.mkdir(parents=True)  # renamed into place, marker not yet written
+    with holding_lock(store, f"{'ab' * 32}-{ROOT_KEY}"):
+        assert CacheStore(store.root).sweep() == []
+    assert path.is_dir()

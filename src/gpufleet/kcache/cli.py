@@ -409,3 +409,11 @@ def verify(
     with _client(reference, plain_http, force_plain_http, takes="cache verify") as (client, ref):
         digest = verify_image(client, ref, public, signed_repository=signed_repository)
     sys.stdout.write(f"{digest}\n")
+
+
+@app.command()
+def crds() -> None:
+    """Print the gkm.io CustomResourceDefinitions (a YAML stream): ``| kubectl apply -f -``."""
+    from gpufleet.kcache.crds import render_crds
+
+    sys.stdout.write(render_crds())

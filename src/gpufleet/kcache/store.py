@@ -14,7 +14,14 @@ is a crash's leftover and is redone. One lock file per digest and mount root
 (``flock``) lets one installer fill while the others wait. A temporary
 directory whose lock nobody holds is a killed installer's leftover: the first
 install of a `CacheStore` sweeps every one of them (`sweep`), whatever its
-digest. See docs/kcache-image.md.
+digest, and what a killed `remove` left.
+
+`derive` makes a digest's entry for another mount root from an installed one,
+with no network: a copy whose group files name the new root. `remove` drops an
+entry (marker first, under its lock). For garbage collection (gc.py) each
+marker also records the entry's size on disk, measured once at install, and
+its mtime is the entry's last use (`touch`), so the least-recently-used order
+survives restarts. See docs/kcache-image.md and docs/kcache-cluster.md.
 """
 
 from __future__ import annotations
@@ -32,16 +39,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpufleet.kcache.errors import KcacheError
-from gpufleet.kcache.image import check_mount_root
+from gpufleet.kcache import format as cache_format
+from gpufleet.kcache.errors import CacheFormatError, KcacheError
+from gpufleet.kcache.image import check_mount_root, is_group_file
 
-__all__ = ["CacheStore", "StoredCache", "mount_key"]
+__all__ = ["CacheStore", "CacheUsage", "StoredCache", "mount_key"]
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _HEX = re.compile(r"[0-9a-f]{64}")
 _TMP_NAME = re.compile(r"([0-9a-f]{64}-[0-9a-f]{64})\.[^/]+")
 _MARKER_SUFFIX = ".complete"
 _DIR_MODE = 0o755
+_FILE_MODE = 0o644
+_MAX_GROUP_FILE = 16 << 20  # as extraction: a group file is read whole, so it is bounded
 CACHES = "caches"
 """The store's top directory of installed caches (``<root>/caches/sha256/...``)."""
 
@@ -62,6 +72,17 @@ class StoredCache:
     digest: str
     mount_root: str
     path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class CacheUsage:
+    """An installed cache with what garbage collection weighs: its size and its last use."""
+
+    cache: StoredCache
+    size_bytes: int
+    """Bytes on disk (allocated blocks of its files and directories), measured at install."""
+    last_used: float
+    """Seconds since the epoch: the install, or the latest `CacheStore.touch`."""
 
 
 class CacheStore:
@@ -104,14 +125,108 @@ class CacheStore:
             record = _read_marker(marker)
             if record is None:
                 continue
-            digest, mount_root = record
             try:
-                path = self.path(digest, mount_root)
+                path = self.path(record.digest, record.mount_root)
             except KcacheError:
                 continue
             if path == marker.with_suffix("") and path.is_dir():
-                found.append(StoredCache(digest, mount_root, path))
+                found.append(StoredCache(record.digest, record.mount_root, path))
         return sorted(found, key=lambda c: (c.digest, c.mount_root))
+
+    def usage(self) -> list[CacheUsage]:
+        """Every installed cache with its size on disk and its last use, as `caches` orders them.
+
+        What garbage collection plans from. An entry removed while this runs is
+        left out.
+        """
+        found: list[CacheUsage] = []
+        for cache in self.caches():
+            try:
+                size = self.entry_size(cache.digest, cache.mount_root)
+                last_used = self._marker(cache.path).stat().st_mtime
+            except (KcacheError, FileNotFoundError):
+                continue
+            found.append(CacheUsage(cache, size, last_used))
+        return found
+
+    def entry_size(self, manifest_digest: str, mount_root: str) -> int:
+        """The bytes on disk of an installed cache: its files' and directories' allocated blocks.
+
+        Measured once, when it is installed, and kept in its marker
+        (``size_bytes``), so GC never walks a cache again. A marker from before
+        sizes were recorded gets one the first time it is asked (its last use
+        is kept). `KcacheError` if the cache is not installed.
+        """
+        target = self.path(manifest_digest, mount_root)
+        marker = self._marker(target)
+        record = _read_marker(marker) if target.is_dir() else None
+        if record is not None and record.size_bytes is not None:
+            return record.size_bytes
+        if record is None:
+            raise KcacheError(f"{manifest_digest} for mount root {mount_root!r}: not installed")
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        with self._locked(self._lock_name(target)):
+            record = _read_marker(marker) if target.is_dir() else None
+            if record is None:
+                raise KcacheError(f"{manifest_digest} for mount root {mount_root!r}: not installed")
+            if record.size_bytes is not None:
+                return record.size_bytes
+            size = _disk_usage(target)
+            before = marker.stat()
+            self._write_marker(target, manifest_digest, mount_root, size)
+            os.utime(marker, ns=(before.st_atime_ns, before.st_mtime_ns))
+            return size
+
+    def touch(self, manifest_digest: str, mount_root: str, *, when: float | None = None) -> bool:
+        """Record a use of the cache now (or at `when`, seconds since the epoch).
+
+        The last use is the marker's mtime: set at install, moved by every
+        touch (``utime``, no flush: a power loss may roll it back a little), so
+        it outlives the process and the GC's least-recently-used order with
+        it. Returns False, and records nothing, if the cache is not installed.
+        """
+        marker = self._marker(self.path(manifest_digest, mount_root))
+        try:
+            os.utime(marker, None if when is None else (when, when))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def remove(self, manifest_digest: str, mount_root: str | None = None) -> list[StoredCache]:
+        """Remove the cache of `manifest_digest` for `mount_root` (None: for every mount root).
+
+        Under the entry's lock, so never while an installer fills it or a
+        `derive` copies from it: the marker goes first, flushed, then the
+        directory. A crash in between leaves a directory without a marker,
+        which is not installed (never served) and which the next `sweep` or
+        install of it removes. Returns the installed caches removed, in order;
+        crash leftovers of the digest are cleared on the way without being
+        listed. With a `mount_root`, an install of that entry in progress is
+        waited for and its result removed; without one, only what is on disk
+        under the digest is. The caller makes sure no pod mounts what it
+        removes (gc.py).
+        """
+        hex_ = _hex(manifest_digest)
+        if mount_root is not None:
+            targets = [self.path(manifest_digest, mount_root)]
+        else:
+            try:
+                names = os.listdir(self._digest_dir(hex_))
+            except FileNotFoundError:
+                names = []
+            keys = {n.removesuffix(_MARKER_SUFFIX) for n in names}
+            targets = [self._digest_dir(hex_) / k for k in sorted(keys) if _HEX.fullmatch(k)]
+        removed: list[StoredCache] = []
+        for target in targets:
+            (self.root / "locks").mkdir(parents=True, exist_ok=True)
+            with self._locked(self._lock_name(target), drop=True):
+                record = _read_marker(self._marker(target))
+                was_installed = self._complete(target)
+                self._drop_entry(target)
+            if was_installed and record is not None and record.digest == manifest_digest:
+                removed.append(StoredCache(manifest_digest, record.mount_root, target))
+        self._drop_digest_dir(self._digest_dir(hex_))
+        return removed
 
     def install(self, manifest_digest: str, mount_root: str, fill: Callable[[Path], None]) -> Path:
         """Install the cache of `manifest_digest` for `mount_root` with ``fill(tmp_dir)``.
@@ -121,7 +236,8 @@ class CacheStore:
         cache made for `mount_root` into it. If it raises, the directory is
         removed and the error passes on. A caller that finds another installer
         of the same digest and mount root at work waits for it and then returns
-        the finished path without calling `fill`.
+        the finished path without calling `fill`. The cache's size on disk is
+        measured before it is renamed into place and kept in its marker.
         """
         hex_ = _hex(manifest_digest)
         target = self.path(manifest_digest, mount_root)
@@ -140,55 +256,115 @@ class CacheStore:
             try:
                 tmp.chmod(_DIR_MODE)  # mkdtemp's 0o700 would hide the cache from pods
                 fill(tmp)
+                size = _disk_usage(tmp)
                 if self.durable:
                     _sync_filesystem(tmp)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(tmp, target)
+                _rename_into(tmp, target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             self._sync_dir(target.parent)
             self._sync_dir(target.parent.parent)  # a new <hex>/ must outlive a crash too
-            self._write_marker(target, manifest_digest, mount_root)
+            self._write_marker(target, manifest_digest, mount_root, size)
         return target
 
+    def derive(self, manifest_digest: str, from_root: str, to_root: str) -> Path:
+        """Install `manifest_digest`'s cache for `to_root` from its complete `from_root` entry.
+
+        No network: every file of the `from_root` entry is copied, and every
+        ``__grp__`` file is rewritten so that its child paths name `to_root`
+        (`format.stored_child_paths`, then `format.mounted_child_paths`), which
+        is what extracting the image for `to_root` would have written. It goes
+        through `install`, so the new entry is whole or absent, concurrent
+        derives copy once, and a kill mid-copy leaves only a swept leftover.
+        The source entry's lock is held shared meanwhile, so `remove` cannot
+        take it away under the copy. Nothing is done if the `to_root` entry is
+        installed already; `KcacheError` if the `from_root` one is not.
+        """
+        source = self.path(manifest_digest, from_root)
+        target = self.path(manifest_digest, to_root)
+        if source != target and self._complete(target):
+            return target
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        with self._locked(self._lock_name(source), shared=True):
+            if not self._complete(source):
+                raise KcacheError(
+                    f"{manifest_digest}: the cache for mount root {from_root!r} is not installed; "
+                    f"nothing to derive the one for {to_root!r} from"
+                )
+            if source == target:
+                return target
+            return self.install(
+                manifest_digest, to_root, lambda tmp: _copy_for_root(source, tmp, to_root)
+            )
+
     def sweep(self) -> list[Path]:
-        """Remove the temporary directories of installers that died; returns what went.
+        """Remove what killed installers and removers left; returns what went.
 
         A fill's temporary directory lives only while its installer holds the
         lock of its digest and mount root, so one whose lock can be taken at
         once belongs to a process that was killed (SIGKILL, OOM, power loss)
         and would otherwise stay until that same cache is installed again. One
-        whose lock is held is being filled and is left alone. `install` calls
-        this once per store object, before its first fill.
+        whose lock is held is being filled and is left alone. The same goes
+        for an entry directory without its marker (an installer killed between
+        rename and marker, or a `remove` killed between marker and directory)
+        and for a marker whose directory is gone: neither is installed, and
+        both go when their lock is free. `install` calls this once per store
+        object, before its first fill; the node process calls it at start.
         """
         self._swept = True
         removed: list[Path] = []
         try:
             entries = sorted((self.root / "tmp").iterdir())
         except FileNotFoundError:
-            return removed
+            entries = []
         names = {m.group(1) for e in entries if (m := _TMP_NAME.fullmatch(e.name)) is not None}
         for name in sorted(names):
             with self._try_locked(name) as free:
                 if not free:
                     continue  # a live installer is filling it
-                for stale in (self.root / "tmp").glob(f"{name}.*"):
+                for stale in sorted((self.root / "tmp").glob(f"{name}.*")):
                     shutil.rmtree(stale, ignore_errors=True)
                     removed.append(stale)
+        for digest_dir in sorted((self.root / CACHES / "sha256").glob("*")):
+            if not _HEX.fullmatch(digest_dir.name):
+                continue
+            keys = {n.name.removesuffix(_MARKER_SUFFIX) for n in digest_dir.iterdir()}
+            for key in sorted(k for k in keys if _HEX.fullmatch(k)):
+                target = digest_dir / key
+                if self._complete(target):
+                    continue
+                with self._try_locked(self._lock_name(target)) as free:
+                    if not free or self._complete(target):
+                        continue  # an installer between its rename and its marker
+                    removed.extend(p for p in (self._marker(target), target) if p.exists())
+                    self._drop_entry(target)
+            self._drop_digest_dir(digest_dir)
         return removed
+
+    def _drop_entry(self, target: Path) -> None:
+        """Marker first (flushed), then the directory and any fill leftovers; lock held."""
+        marker = self._marker(target)
+        if marker.exists():
+            marker.unlink()
+            self._sync_dir(target.parent)  # gone for good before any of its files goes
+        self._clear_leftovers(self._lock_name(target), target)
+
+    @staticmethod
+    def _drop_digest_dir(digest_dir: Path) -> None:
+        """Remove a digest's directory once it is empty (`_rename_into` makes it again)."""
+        with contextlib.suppress(OSError):  # not empty, or gone already
+            digest_dir.rmdir()
 
     @contextlib.contextmanager
     def _try_locked(self, name: str) -> Iterator[bool]:
         """Hold `name`'s lock if nobody does (yields True), else yield False at once."""
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        fd = self._lock_fd(name, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fd is None:
+            yield False
+            return
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
             yield True
         finally:
             os.close(fd)
@@ -203,15 +379,54 @@ class CacheStore:
     def _complete(self, target: Path) -> bool:
         return self._marker(target).is_file() and target.is_dir()
 
+    @staticmethod
+    def _lock_name(target: Path) -> str:
+        """``<hex>-<mount key>``: the name of an entry's lock and of its fills' temp dirs."""
+        return f"{target.parent.name}-{target.name}"
+
     @contextlib.contextmanager
-    def _locked(self, name: str) -> Iterator[None]:
-        # flock belongs to the open file description: threads of one process exclude
-        # each other as processes do, since each installer opens the file itself.
-        fd = os.open(self.root / "locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    def _locked(self, name: str, *, shared: bool = False, drop: bool = False) -> Iterator[None]:
+        """Hold `name`'s lock (shared or exclusive); with `drop`, its file goes before release.
+
+        `remove` drops the lock file of an entry it removed, so lock files do
+        not pile up for every digest ever seen; `_lock_fd` makes that safe.
+        """
+        fd = self._lock_fd(name, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        assert fd is not None  # a blocking lock is always had in the end
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+            if drop:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.root / "locks" / f"{name}.lock").unlink()
         finally:
+            os.close(fd)
+
+    def _lock_fd(self, name: str, operation: int) -> int | None:
+        """An open descriptor holding `name`'s flock; None if LOCK_NB found it held.
+
+        flock belongs to the open file description: threads of one process
+        exclude each other as processes do, since each locker opens the file
+        itself. A lock file may be unlinked by its holder (`remove`); whoever
+        then gets the lock of the unlinked file retries with the new one, so
+        two lockers never hold two different files of one name.
+        """
+        path = self.root / "locks" / f"{name}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, operation)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
             os.close(fd)
 
     def _clear_leftovers(self, name: str, target: Path) -> None:
@@ -224,10 +439,13 @@ class CacheStore:
         for stale in (self.root / "tmp").glob(f"{name}.*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def _write_marker(self, target: Path, manifest_digest: str, mount_root: str) -> None:
+    def _write_marker(
+        self, target: Path, manifest_digest: str, mount_root: str, size_bytes: int
+    ) -> None:
         marker = self._marker(target)
         tmp = marker.with_name(f".{marker.name}.tmp")
-        record = json.dumps({"digest": manifest_digest, "mount_root": mount_root}, sort_keys=True)
+        fields = {"digest": manifest_digest, "mount_root": mount_root, "size_bytes": size_bytes}
+        record = json.dumps(fields, sort_keys=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             os.write(fd, f"{record}\n".encode())
@@ -248,6 +466,47 @@ class CacheStore:
             os.close(fd)
 
 
+def _copy_for_root(source: Path, dest: Path, mount_root: str) -> None:
+    """Copy the cache tree `source` into the empty `dest`, group files rewritten for `mount_root`.
+
+    Only directories and regular files are copied (extraction writes nothing
+    else); anything else in the source means it is not what the store wrote.
+    """
+
+    def fail(exc: OSError) -> None:
+        raise KcacheError(f"{exc.filename}: cannot be read: {exc.strerror}") from exc
+
+    for directory, dirnames, filenames in os.walk(source, onerror=fail):
+        here = Path(directory)
+        rel = here.relative_to(source)
+        for name in sorted(dirnames):
+            if (here / name).is_symlink():
+                raise KcacheError(f"{here / name}: is a symbolic link, not a regular file")
+            (dest / rel / name).mkdir(mode=_DIR_MODE)
+            (dest / rel / name).chmod(_DIR_MODE)  # the umask must not decide what pods can read
+        for name in sorted(filenames):
+            src, out = here / name, dest / rel / name
+            if not src.is_file() or src.is_symlink():
+                raise KcacheError(f"{src}: is a symbolic link or special file, not a regular file")
+            if is_group_file(name):
+                out.write_bytes(_group_for_root(src, rel, mount_root))
+            else:
+                shutil.copyfile(src, out, follow_symlinks=False)
+            out.chmod(_FILE_MODE)
+
+
+def _group_for_root(path: Path, group: Path, mount_root: str) -> bytes:
+    """A stored ``__grp__`` file's bytes with its child paths naming `mount_root`."""
+    if group == Path() or path.stat().st_size > _MAX_GROUP_FILE:
+        raise KcacheError(f"{path}: a group file outside a group, or over 16 MiB")
+    where, rel = str(path), group.as_posix()
+    try:
+        stored = cache_format.stored_child_paths(path.read_bytes(), group=rel, where=where)
+        return cache_format.mounted_child_paths(stored, group=rel, mount_root=mount_root)
+    except CacheFormatError as exc:
+        raise KcacheError(f"cannot derive the cache for {mount_root!r}: {exc}") from exc
+
+
 def _hex(manifest_digest: str) -> str:
     match = _DIGEST.fullmatch(manifest_digest)
     if match is None:
@@ -255,8 +514,16 @@ def _hex(manifest_digest: str) -> str:
     return match.group(1)
 
 
-def _read_marker(marker: Path) -> tuple[str, str] | None:
-    """(digest, mount root) from a marker; None for one that is unreadable or malformed."""
+@dataclass(frozen=True, slots=True)
+class _Marker:
+    digest: str
+    mount_root: str
+    size_bytes: int | None
+    """None in a marker written before sizes were recorded."""
+
+
+def _read_marker(marker: Path) -> _Marker | None:
+    """What a marker records; None for one that is missing, unreadable or malformed."""
     if not _HEX.fullmatch(marker.name.removesuffix(_MARKER_SUFFIX)):
         return None
     try:
@@ -268,7 +535,35 @@ def _read_marker(marker: Path) -> tuple[str, str] | None:
     digest, mount_root = record.get("digest"), record.get("mount_root")
     if not isinstance(digest, str) or not isinstance(mount_root, str):
         return None
-    return digest, mount_root
+    size = record.get("size_bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        size = None
+    return _Marker(digest, mount_root, size)
+
+
+def _disk_usage(path: Path) -> int:
+    """The bytes allocated to `path` and everything below it (st_blocks, links not followed)."""
+    total = path.lstat().st_blocks * 512
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                total += _disk_usage(Path(entry.path))
+            else:
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
+
+
+def _rename_into(tmp: Path, target: Path) -> None:
+    """Rename a filled directory to `target`, making its parent; a concurrent `remove` may
+    drop an empty parent between the mkdir and the rename, so that is retried."""
+    for attempt in range(10):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, target)
+            return
+        except FileNotFoundError:
+            if attempt == 9 or not tmp.is_dir():
+                raise
 
 
 def _sync_filesystem(path: Path) -> None:
