@@ -48,15 +48,9 @@ class World:
         self.pods: dict[tuple[str, str], Mapping[str, Any]] = {}
         self.allowed: set[tuple[str, str]] = set()
         self.reviews: list[tuple[str, str, str, str, str]] = []
-        self.derived: list[tuple[str, str, str]] = []
         self.volumes = NodeVolumes(
-            self.state, installed=self.store.installed, derive=self.derive,
-            read_pod=self.read_pod, review=self.review,
-        )  # fmt: skip
-
-    def derive(self, digest: str, from_root: str, to_root: str) -> Path:
-        self.derived.append((digest, from_root, to_root))
-        return self.store.install(digest, to_root, lambda tmp: (tmp / "derived").write_text("x"))
+            self.state, store=self.store, read_pod=self.read_pod, review=self.review
+        )
 
     async def read_pod(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         return self.pods.get((namespace, name))
@@ -129,8 +123,8 @@ async def test_a_pod_at_the_images_mount_root_gets_the_pulled_entry(world: World
 
     volume = await world.prepare()
 
-    assert volume == PreparedVolume(world.store.installed(DIGEST, "/cache"), DIGEST, "/cache")  # type: ignore[arg-type]
-    assert world.derived == []
+    assert volume == PreparedVolume(world.store.path(DIGEST, "/cache"), DIGEST, "/cache")
+    assert [c.mount_root for c in world.store.caches()] == ["/cache"]
 
 
 async def test_a_pod_at_another_path_gets_an_entry_derived_for_it_once(world: World) -> None:
@@ -143,7 +137,7 @@ async def test_a_pod_at_another_path_gets_an_entry_derived_for_it_once(world: Wo
     assert first.mount_root == "/kernels"
     assert first.path == world.store.installed(DIGEST, "/kernels")
     assert second == first
-    assert world.derived == [(DIGEST, "/cache", "/kernels")]
+    assert (first.path / "k").read_text() == "x"
     assert (DIGEST, "/kernels") in world.state.in_use()
 
 

@@ -16,20 +16,14 @@ from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from gpufleet.kcache.cluster import (
-    API_VERSION,
-    LABEL_CACHE,
-    LABEL_HOSTNAME,
-    CacheKey,
-    node_label_key,
-    node_object_name,
-)
+from gpufleet.kcache.cluster import CacheKey, node_label_key, node_object_name
+from gpufleet.kcache.crds import merge_patch, new_node_object
 from gpufleet.kcache.node.gpus import NodeGpus
 from gpufleet.kcache.node.kubeapi import NodeApi
 from gpufleet.kcache.node.state import NodeState, Phase
 from gpufleet.kube.client import api_status
 
-__all__ = ["LABEL_PREFIX", "NodeLabels", "NodeObjects", "merge_patch", "node_status"]
+__all__ = ["LABEL_PREFIX", "NodeLabels", "NodeObjects", "node_status"]
 
 log = logging.getLogger(__name__)
 
@@ -92,23 +86,6 @@ def _message(phase: Phase, digest: str) -> str:
         Phase.RUNNING: f"{digest} is mounted by a pod",
         Phase.OUTDATED: f"{digest} is no longer resolved but a pod still mounts it",
     }.get(phase, phase.value)
-
-
-def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> Json:
-    """The JSON merge patch (RFC 7396) that turns `old` into `new` (null removes a key)."""
-    patch: Json = {}
-    for name in old:
-        if name not in new:
-            patch[name] = None
-    for name, value in new.items():
-        before = old.get(name)
-        if isinstance(value, Mapping) and isinstance(before, Mapping):
-            inner = merge_patch(before, value)
-            if inner:
-                patch[name] = inner
-        elif name not in old or before != value:
-            patch[name] = copy.deepcopy(value)
-    return patch
 
 
 def _without_times(status: Mapping[str, Any]) -> Json:
@@ -179,7 +156,7 @@ class NodeObjects:
         status = _with_times(content, before, self._now())
         self._written.pop(key)  # unknown until the writes succeed: the next sync reads it
         if before is None:
-            await self._create(key, name)
+            await self._create(key)
             patch = status
         else:
             patch = merge_patch(before, status)
@@ -191,17 +168,11 @@ class NodeObjects:
             extra={"cache": str(key), "object": name, "states": _states(content)},
         )
 
-    async def _create(self, key: CacheKey, name: str) -> None:
-        resource = key.node_resource
-        metadata: Json = {
-            "name": name,
-            "labels": {LABEL_HOSTNAME: self._node, LABEL_CACHE: key.name},
-        }
-        if key.namespace is not None:
-            metadata["namespace"] = key.namespace
-        body = {"apiVersion": API_VERSION, "kind": resource.kind, "metadata": metadata, "spec": {}}
+    async def _create(self, key: CacheKey) -> None:
         try:
-            await self._api.create_object(resource, key.namespace, body)
+            await self._api.create_object(
+                key.node_resource, key.namespace, new_node_object(key, self._node)
+            )
         except Exception as exc:
             if api_status(exc) != 409:  # there already: the status patch makes it ours
                 raise

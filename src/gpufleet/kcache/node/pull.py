@@ -125,9 +125,7 @@ class Puller:
                 "pulled into the store",
                 extra={"image": image, "mount_root": pulled.mount_root, "path": str(pulled.path)},
             )
-        return PullOutcome(
-            outcome.verdicts, True, "", pulled.mount_root, outcome.size, pulled.path
-        )
+        return PullOutcome(outcome.verdicts, True, "", pulled.mount_root, outcome.size, pulled.path)
 
     def _judge(self, labels: dict[str, str], digest: str) -> PullOutcome:
         """The verdicts for `labels`; the store path too when the entry is installed already."""

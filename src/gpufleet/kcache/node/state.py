@@ -13,7 +13,6 @@ says why). What the node object shows adds the mounts: an Extracted digest that 
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -22,6 +21,7 @@ from typing import Any
 
 from gpufleet.kcache.cluster import CLUSTER_CACHE, NAMESPACED_CACHE, CacheKey, PodInfo
 from gpufleet.kcache.compat import GpuVerdict
+from gpufleet.kcache.crds import DigestState as Phase
 
 __all__ = [
     "RESERVATION_SECONDS",
@@ -35,18 +35,6 @@ __all__ = [
 
 RESERVATION_SECONDS = 300.0
 """How long a prepared (not yet published) store entry is kept from GC."""
-
-
-class Phase(enum.StrEnum):
-    """A digest's state on this node, with GKM's condition names."""
-
-    PENDING = "Pending"
-    DOWNLOADING = "Downloading"
-    EXTRACTED = "Extracted"
-    RUNNING = "Running"
-    OUTDATED = "Outdated"
-    ERROR = "Error"
-    INCOMPATIBLE = "Incompatible"
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,8 +44,9 @@ from gpufleet.kcache.errors import (
     KcacheError,
 )
 from gpufleet.kcache.node.state import NodeState, Phase, Use
+from gpufleet.kcache.store import CacheStore
 
-__all__ = ["AccessReview", "Derive", "NodeVolumes", "PodReader", "mount_paths"]
+__all__ = ["AccessReview", "NodeVolumes", "PodReader", "mount_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ class AccessReview(Protocol):
     async def __call__(self, user: str, verb: str, group: str, resource: str, name: str) -> bool:
         """True when allowed; raises when the API cannot answer."""
         ...
-
-
-Derive = Callable[[str, str, str], Path]
-"""``derive(digest, from_root, to_root)``: the store entry for `to_root` (blocking)."""
 
 
 def mount_paths(pod: Mapping[str, Any], volume_name: str) -> dict[str, str]:
@@ -111,8 +108,7 @@ class NodeVolumes:
         self,
         state: NodeState,
         *,
-        installed: Callable[[str, str], Path | None],
-        derive: Derive,
+        store: CacheStore,
         read_pod: PodReader,
         review: AccessReview,
         on_unpublished: Callable[[], None] | None = None,
@@ -120,8 +116,7 @@ class NodeVolumes:
         to_thread: Callable[..., Awaitable[Any]] = asyncio.to_thread,
     ) -> None:
         self._state = state
-        self._installed = installed
-        self._derive = derive
+        self._store = store
         self._read_pod = read_pod
         self._review = review
         self._on_unpublished = on_unpublished
@@ -205,15 +200,15 @@ class NodeVolumes:
 
     async def _entry(self, key: object, digest: str, image_root: str, root: str) -> Path:
         if root == image_root:
-            path = self._installed(digest, image_root)
+            path = self._store.installed(digest, image_root)
             if path is None:
                 raise CacheNotReadyError(f"{key}: {digest} is no longer in the store")
             return path
-        path = self._installed(digest, root)
+        path = self._store.installed(digest, root)
         if path is not None:
             return path
         try:
-            derived: Path = await self._to_thread(self._derive, digest, image_root, root)
+            derived: Path = await self._to_thread(self._store.derive, digest, image_root, root)
         except KcacheError as exc:
             raise CacheNotReadyError(f"{key}: preparing {digest} for {root}: {exc}") from exc
         log.info(
@@ -225,6 +220,8 @@ class NodeVolumes:
     async def published(self, request: VolumeRequest, volume: PreparedVolume) -> None:
         """The volume is mounted at its target and recorded: the pod uses the digest."""
         self.published_count += 1
+        # The last use orders GC's evictions under a disk budget, across restarts too.
+        await self._to_thread(self._store.touch, volume.digest, volume.mount_root)
         self._state.add_use(
             Use(request.volume_id, request.cache, volume.digest, volume.mount_root, request.pod)
         )
