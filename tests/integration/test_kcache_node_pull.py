@@ -1,0 +1,81 @@
+"""The node's puller against the real registry, with a real Triton cache for sm_90 only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpufleet.kcache.errors import RegistryError
+from gpufleet.kcache.node.pull import Puller
+from gpufleet.kcache.oci import RegistryClient
+from gpufleet.kcache.reference import Reference
+from gpufleet.kcache.store import CacheStore
+from tests.conftest import require
+from tests.integration.kcache_node_support import IMAGE_ROOT, closed_port, gpus_of, push_cache
+from tests.kcache_support import build_triton_cache
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory, test_servers: dict[str, str]) -> str:
+    """A real Triton cache of two kernels for arch 90 only, pushed once for the module."""
+    (registry,) = require(test_servers, "REGISTRY")
+    base = tmp_path_factory.mktemp("node-pull")
+    build_triton_cache(base / "triton", archs=(90,))
+    return push_cache(base / "triton", registry, base / "image")
+
+
+def puller(store: Path, preset: str, *, registry: str | None = None) -> Puller:
+    def clients(name: str) -> RegistryClient:
+        return RegistryClient(registry or name, deadline=30)
+
+    return Puller(CacheStore(store, durable=False), gpus_of(preset), clients, node_name="node-1")
+
+
+def test_an_h100_node_pulls_the_cache_into_the_store_for_its_mount_root(
+    image: str, tmp_path: Path
+) -> None:
+    digest = Reference.parse(image).digest
+    assert digest is not None
+
+    outcome = puller(tmp_path, "dgx-h100").pull(image, digest)
+
+    assert outcome.compatible
+    assert outcome.mount_root == IMAGE_ROOT
+    assert outcome.path == CacheStore(tmp_path).installed(digest, IMAGE_ROOT)
+    assert [v.matches for v in outcome.verdicts] == [True] * 8
+    assert outcome.size is not None and outcome.size > 0
+
+
+def test_an_a100_node_finds_it_incompatible_and_pulls_nothing(image: str, tmp_path: Path) -> None:
+    digest = Reference.parse(image).digest
+    assert digest is not None
+
+    outcome = puller(tmp_path, "dgx-a100").pull(image, digest)
+
+    assert not outcome.compatible
+    assert outcome.message.startswith("no GPU of node node-1 can use it: GPU 0-7 (NVIDIA A100")
+    assert "is cuda/80/32: no kernels for cuda arch 80 (cache has: cuda/90/32)" in outcome.message
+    assert CacheStore(tmp_path).caches() == []
+
+
+def test_a_registry_that_is_down_fails_the_pull(image: str, tmp_path: Path) -> None:
+    digest = Reference.parse(image).digest
+    assert digest is not None
+    with pytest.raises(RegistryError):
+        puller(tmp_path, "dgx-h100", registry=closed_port()).pull(image, digest)
+    assert CacheStore(tmp_path).caches() == []
+
+
+def test_a_pulled_cache_is_served_after_a_restart_while_the_registry_is_down(
+    image: str, tmp_path: Path
+) -> None:
+    digest = Reference.parse(image).digest
+    assert digest is not None
+    first = puller(tmp_path, "dgx-h100").pull(image, digest)
+
+    again = puller(tmp_path, "dgx-h100", registry=closed_port()).pull(image, digest)
+
+    assert again == first
