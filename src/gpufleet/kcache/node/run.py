@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from gpufleet.core.http import HealthServer
+from gpufleet.core.retry import Backoff
 from gpufleet.core.signals import stop_on_signals
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.gpu.source import GpuSource
 from gpufleet.kcache.cluster import CLUSTER_CACHE, NAMESPACED_CACHE, VolumeSource
 from gpufleet.kcache.mounts import MountEntry, read_mountinfo
-from gpufleet.kcache.node.agent import Agent
+from gpufleet.kcache.node.agent import Agent, Collect
 from gpufleet.kcache.node.gpus import read_gpus
 from gpufleet.kcache.node.metrics import NodeCollector
 from gpufleet.kcache.node.nodeobject import NodeLabels, NodeObjects
@@ -46,7 +47,10 @@ from gpufleet.kcache.store import CacheStore, StoredCache
 if TYPE_CHECKING:
     from gpufleet.kube.client import Kube
 
-__all__ = ["CsiServer", "NodeProcess", "node_process", "rebuild_uses", "run_node"]
+__all__ = [
+    "CsiServer", "NodeParts", "NodeProcess", "node_agent", "node_process", "rebuild_uses",
+    "run_node",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -138,35 +142,43 @@ def default_csi_server(settings: NodeSettings) -> CsiFactory:
 
 
 @dataclass
-class NodeProcess:
-    """A running node process's parts, for tests."""
+class NodeParts:
+    """The node process without its servers: the state, the agent, the volume source."""
 
     state: NodeState
     agent: Agent
     volumes: NodeVolumes
     store: CacheStore
     publications: PublicationLog
+    uses: list[Use]
+    """The volumes found mounted at start."""
+
+
+@dataclass
+class NodeProcess:
+    """A running node process's parts, for tests."""
+
+    parts: NodeParts
     health: HealthServer
     csi: CsiServer
 
 
 @contextlib.asynccontextmanager
-async def node_process(
+async def node_agent(
     settings: NodeSettings,
     *,
     source: GpuSource,
     kube: Kube,
-    registry: CollectorRegistry | None = None,
-    csi: CsiFactory | None = None,
     clients: ClientFactory | None = None,
     mountinfo: Callable[[], Sequence[MountEntry]] = read_mountinfo,
+    collect: Collect | None = None,
+    backoff: Backoff | None = None,
     durable: bool = True,
-) -> AsyncIterator[NodeProcess]:
-    """Start everything; stop it all when the block ends."""
+) -> AsyncIterator[NodeParts]:
+    """Read the GPUs, sweep the store, rebuild the mounts, run the agent until the block ends."""
     from gpufleet.kcache.node.kubeapi import NodeApi
     from gpufleet.kube.watch import Informer
 
-    registry = registry if registry is not None else REGISTRY
     gpus = await asyncio.to_thread(read_gpus, source)
     store = CacheStore(settings.kcache_store, durable=durable)
     swept = await asyncio.to_thread(store.sweep)
@@ -186,50 +198,70 @@ async def node_process(
         informers=lambda kind: Informer(listers[kind]),
         objects=NodeObjects(api, settings.node_name),
         labels=NodeLabels(api, settings.node_name),
-        collect=_collect_garbage, max_bytes=settings.kcache_store_max_bytes,
+        collect=collect or _collect_garbage, max_bytes=settings.kcache_store_max_bytes,
         gc_interval=settings.kcache_gc_interval,
+        backoff=backoff or Backoff(initial=1.0, cap=settings.kcache_retry_max),
     )  # fmt: skip
     volumes = NodeVolumes(
         state, store=store, read_pod=api.read_pod, review=api.access_review,
         on_unpublished=agent.collect_soon, want=agent.want,
     )  # fmt: skip
-    serving = asyncio.Event()
-    server = (csi or default_csi_server(settings))(volumes, publications, lambda: agent.synced)
-    health = HealthServer(
-        port=settings.metrics_port, registry=registry, setting="--metrics-port, METRICS_PORT"
-    )
-
-    async def caches_synced() -> bool:
-        return agent.synced
-
-    async def csi_serving() -> bool:
-        return serving.is_set()
-
-    health.add_readiness_check("caches", caches_synced)
-    health.add_readiness_check("csi", csi_serving)
-    collector = NodeCollector(agent, volumes)
-    registry.register(collector)
-    task: asyncio.Task[None] | None = None
+    task = asyncio.create_task(agent.run(), name="kcache node agent")
     try:
-        await server.start()
-        serving.set()
-        await health.start()
-        task = asyncio.create_task(agent.run(), name="kcache node agent")
-        log.info("kernel cache node serving", extra={
-            "node": settings.node_name, "csi_endpoint": settings.csi_endpoint,
-            "store": str(settings.kcache_store), "gpus": len(gpus.devices),
-            "mounted": len(uses), "metrics_port": health.port,
-        })  # fmt: skip
-        yield NodeProcess(state, agent, volumes, store, publications, health, server)
+        yield NodeParts(state, agent, volumes, store, publications, uses)
     finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await health.stop()
-        serving.clear()
-        await server.stop()
-        registry.unregister(collector)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def node_process(
+    settings: NodeSettings,
+    *,
+    source: GpuSource,
+    kube: Kube,
+    registry: CollectorRegistry | None = None,
+    csi: CsiFactory | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[NodeProcess]:
+    """The agent (`node_agent`, which takes `kwargs`), the CSI server and the health server."""
+    registry = registry if registry is not None else REGISTRY
+    async with node_agent(settings, source=source, kube=kube, **kwargs) as parts:
+        agent = parts.agent
+        serving = asyncio.Event()
+        server = (csi or default_csi_server(settings))(
+            parts.volumes, parts.publications, lambda: agent.synced
+        )
+        health = HealthServer(
+            port=settings.metrics_port, registry=registry, setting="--metrics-port, METRICS_PORT"
+        )
+
+        async def caches_synced() -> bool:
+            return agent.synced
+
+        async def csi_serving() -> bool:
+            return serving.is_set()
+
+        health.add_readiness_check("caches", caches_synced)
+        health.add_readiness_check("csi", csi_serving)
+        collector = NodeCollector(agent, parts.volumes)
+        registry.register(collector)
+        try:
+            await server.start()
+            serving.set()
+            await health.start()
+            log.info("kernel cache node serving", extra={
+                "node": settings.node_name, "csi_endpoint": settings.csi_endpoint,
+                "store": str(settings.kcache_store), "gpus": len(agent.gpus.devices),
+                "mounted": len(parts.uses), "metrics_port": health.port,
+            })  # fmt: skip
+            yield NodeProcess(parts, health, server)
+        finally:
+            await health.stop()
+            serving.clear()
+            await server.stop()
+            registry.unregister(collector)
 
 
 async def run_node(

@@ -1,0 +1,363 @@
+"""The node agent on the Kubernetes API double, with the real registry and a real Triton cache.
+
+The operator is not running: a test writes the cache's ``status`` as the operator would. The
+cache holds two kernels for sm_90 only, so a simulated dgx-h100 node can use it and a dgx-a100
+cannot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpufleet.core.retry import Backoff
+from gpufleet.gpu import sim
+from gpufleet.gpu.nvml import NvmlSource
+from gpufleet.kcache import mounts
+from gpufleet.kcache.cluster import (
+    API_VERSION,
+    NAMESPACED_CACHE_FINALIZER,
+    CacheKey,
+    PodInfo,
+    VolumeRequest,
+    node_label_key,
+    node_object_name,
+)
+from gpufleet.kcache.crds import RESOURCES, crd
+from gpufleet.kcache.errors import CacheIncompatibleError, InvalidVolumeError
+from gpufleet.kcache.node.run import NodeParts, node_agent
+from gpufleet.kcache.node.settings import NodeSettings
+from gpufleet.kcache.oci import RegistryClient
+from gpufleet.kcache.publications import Publication
+from gpufleet.kcache.reference import Reference
+from gpufleet.kube.client import Kube
+from tests.conftest import require
+from tests.doubles.kubeapi import KubeApiDouble
+from tests.integration.kcache_node_support import IMAGE_ROOT, closed_port, push_cache
+from tests.kcache_support import build_triton_cache, compile_again
+from tests.polling import eventually
+
+pytestmark = pytest.mark.integration
+
+NODE = "node-1"
+NAMESPACE = "team-a"
+KEY = CacheKey("GKMCache", NAMESPACE, "vector-add")
+NODE_OBJECTS = "gkmcachenodes"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory, test_servers: dict[str, str]) -> str:
+    """``<repo>@<digest>`` of a real Triton cache for sm_90, pushed once for the module."""
+    (registry,) = require(test_servers, "REGISTRY")
+    base = tmp_path_factory.mktemp("node-agent")
+    build_triton_cache(base / "triton", archs=(90,))
+    return push_cache(base / "triton", registry, base / "image")
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[KubeApiDouble]:
+    async with KubeApiDouble(bookmark_interval=0.2) as double:
+        for resource in RESOURCES:
+            double.add_crd(crd(resource))
+        double.add_node(NODE)
+        yield double
+
+
+@dataclass
+class Registry:
+    """Which address the node's registry clients reach: the real one, or a closed port."""
+
+    down: bool = False
+    closed: str = field(default_factory=closed_port)
+    made: int = 0
+
+    def client(self, name: str) -> RegistryClient:
+        self.made += 1
+        return RegistryClient(self.closed if self.down else name, deadline=30)
+
+
+def digest_of(image: str) -> str:
+    digest = Reference.parse(image).digest
+    assert digest is not None
+    return digest
+
+
+def add_cache(api: KubeApiDouble, image: str | None, *, name: str = KEY.name) -> None:
+    """A GKMCache as the operator leaves it once resolved (finalizer and status)."""
+    obj: dict[str, Any] = {
+        "apiVersion": API_VERSION,
+        "kind": "GKMCache",
+        "metadata": {
+            "name": name, "namespace": NAMESPACE, "finalizers": [NAMESPACED_CACHE_FINALIZER],
+        },
+        "spec": {"image": "registry.example/caches/vector-add:v1"},
+    }  # fmt: skip
+    if image is not None:
+        obj["status"] = {"resolvedDigest": digest_of(image), "resolvedImage": image}
+    api.add_object(obj)
+
+
+def node_object(api: KubeApiDouble, key: CacheKey = KEY) -> dict[str, Any] | None:
+    name = node_object_name(key, NODE)
+    found = [o for o in api.objects(NODE_OBJECTS, key.namespace) if o["metadata"]["name"] == name]
+    return found[0] if found else None
+
+
+def digest_entry(api: KubeApiDouble, image: str) -> dict[str, Any] | None:
+    obj = node_object(api)
+    if obj is None:
+        return None
+    entry: dict[str, Any] | None = (
+        obj.get("status", {}).get("caches", {}).get(KEY.name, {}).get(digest_of(image))
+    )
+    return entry
+
+
+def state_of(api: KubeApiDouble, image: str) -> str | None:
+    entry = digest_entry(api, image)
+    return None if entry is None else str(entry["conditions"][0]["type"])
+
+
+def node_label(api: KubeApiDouble, key: CacheKey = KEY) -> str | None:
+    node = api.get("nodes", None, NODE)
+    assert node is not None
+    value = (node["metadata"].get("labels") or {}).get(node_label_key(key))
+    return None if value is None else str(value)
+
+
+def writes(api: KubeApiDouble) -> int:
+    """Writes of node objects (any verb, any subresource) and of the Node."""
+    return sum(
+        api.count(verb=verb, resource=resource)
+        for verb in ("create", "update", "patch", "delete")
+        for resource in (NODE_OBJECTS, "nodes")
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(
+    kube: Kube, store: Path, preset: str, registry: Registry
+) -> AsyncIterator[NodeParts]:
+    settings = NodeSettings(node_name=NODE, kcache_store=store)
+    source = NvmlSource(sim.SimulatedNvml(sim.preset(preset)))
+    try:
+        async with node_agent(
+            settings, source=source, kube=kube, clients=registry.client, durable=False,
+            backoff=Backoff(initial=0.05, cap=0.2, jitter=0),
+        ) as parts:  # fmt: skip
+            yield parts
+    finally:
+        source.close()
+
+
+def request(volume: str = "kernels", uid: str = "uid-1") -> VolumeRequest:
+    target = Path(f"/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~csi/{volume}/mount")
+    return VolumeRequest(
+        f"csi-{uuid.uuid4().hex}", target, volume, KEY, PodInfo(NAMESPACE, "app", uid, "default")
+    )
+
+
+def add_pod(api: KubeApiDouble, *mounts_: tuple[str, str], uid: str = "uid-1") -> None:
+    containers = [
+        {"name": name, "image": "app", "volumeMounts": [{"name": "kernels", "mountPath": path}]}
+        for name, path in mounts_
+    ]
+    volume = {"name": "kernels", "csi": {"driver": "csi.gkm.io", "volumeAttributes": {
+        "csi.gkm.io/GKMCache": KEY.name, "csi.gkm.io/namespace": NAMESPACE,
+    }}}  # fmt: skip
+    api.add_object({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app", "namespace": NAMESPACE, "uid": uid},
+        "spec": {"nodeName": NODE, "containers": containers, "volumes": [volume]},
+    })  # fmt: skip
+
+
+async def test_an_h100_node_pulls_a_resolved_cache_and_reports_it_ready(
+    api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
+) -> None:
+    add_cache(api, image)
+    async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
+        await eventually(lambda: state_of(api, image) == "Extracted", 60)
+        await eventually(lambda: node_label(api) == "ready")
+
+        entry = digest_entry(api, image)
+        assert entry is not None
+        assert [g["id"] for g in entry["compatibleGPUs"]] == list(range(8))
+        assert entry["incompatibleGPUs"] == []
+        assert entry["volumeSize"] > 0
+        status = node_object(api)["status"]  # type: ignore[index]
+        assert status["nodeName"] == NODE
+        assert status["gpus"] == [
+            {"gpuType": "NVIDIA H100 80GB HBM3", "driverVersion": status["gpus"][0]["driverVersion"],
+             "ids": list(range(8))},
+        ]  # fmt: skip
+        assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None
+
+
+async def test_a_steady_node_makes_no_writes(
+    api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
+) -> None:
+    add_cache(api, image)
+    async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
+        await eventually(lambda: node_label(api) == "ready", 60)
+        await eventually(lambda: not node.agent._dirty and not node.agent._wake.is_set())
+        before = writes(api)
+        # A change of the cache that changes nothing this node shows: an annotation.
+        api.update_object(
+            "gkmcaches", NAMESPACE, KEY.name,
+            lambda o: o["metadata"].setdefault("annotations", {}).update({"x": "y"}),
+        )  # fmt: skip
+        await eventually(lambda: node.state.cache(KEY) is not None and api.count(verb="watch") > 0)
+        await node.agent.write(node.state.keys())  # a forced pass writes nothing either
+
+        assert writes(api) == before
+
+
+async def test_an_a100_node_reports_the_cache_incompatible_with_why_and_refuses_it(
+    api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
+) -> None:
+    add_cache(api, image)
+    add_pod(api, ("app", "/cache"))
+    async with running(kube, tmp_path / "store", "dgx-a100", Registry()) as node:
+        await eventually(lambda: state_of(api, image) == "Incompatible", 60)
+        await eventually(lambda: node_label(api) == "incompatible")
+        entry = digest_entry(api, image)
+        assert entry is not None
+        message = entry["conditions"][0]["message"]
+        assert "cuda/80/32: no kernels for cuda arch 80 (cache has: cuda/90/32)" in message
+        assert [g["reason"] for g in entry["incompatibleGPUs"]][0].startswith("no kernels")
+
+        with pytest.raises(CacheIncompatibleError, match="cache has: cuda/90/32"):
+            await node.volumes.prepare(request())
+        assert node.store.caches() == []
+
+
+async def test_a_registry_outage_is_an_error_then_ready_once_it_is_back(
+    api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
+) -> None:
+    registry = Registry(down=True)
+    add_cache(api, image)
+    async with running(kube, tmp_path / "store", "dgx-h100", registry) as node:
+        await eventually(lambda: state_of(api, image) == "Error", 30)
+        entry = digest_entry(api, image)
+        assert entry is not None and "RegistryError" in entry["conditions"][0]["message"]
+        assert node_label(api) is None
+        tries = registry.made
+        await eventually(lambda: registry.made > tries + 1)  # it keeps trying
+
+        registry.down = False
+
+        await eventually(lambda: state_of(api, image) == "Extracted", 60)
+        assert node_label(api) == "ready"
+        assert node.agent.pull_failures_total >= 2
+
+
+async def test_a_pod_mounting_at_another_path_gets_an_entry_triton_hits_there(
+    api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
+) -> None:
+    mount_path = tmp_path / "kernels"  # where "the container" sees the volume
+    add_cache(api, image)
+    add_pod(api, ("app", str(mount_path)), ("sidecar", str(mount_path)))
+    async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
+        await eventually(lambda: node_label(api) == "ready", 60)
+
+        volume = await node.volumes.prepare(request())
+
+        assert volume.mount_root == str(mount_path)
+        assert volume.path == node.store.installed(digest_of(image), str(mount_path))
+        mount_path.mkdir()
+        mounts.bind_read_only(volume.path, mount_path)
+        try:
+            report = compile_again(mount_path, archs=(90,))
+        finally:
+            mounts.unmount(mount_path)
+        assert report.compiled == 0
+        assert report.cache_hits == 2
+
+
+async def test_two_containers_mounting_at_different_paths_are_refused(
+    api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
+) -> None:
+    add_cache(api, image)
+    add_pod(api, ("app", "/cache"), ("tool", "/kernels"))
+    async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
+        await eventually(lambda: node_label(api) == "ready", 60)
+        with pytest.raises(InvalidVolumeError, match="app at /cache, tool at /kernels"):
+            await node.volumes.prepare(request())
+
+
+async def test_a_published_volume_shows_running_and_a_deleted_cache_goes_once_unmounted(
+    api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
+) -> None:
+    add_cache(api, image)
+    add_pod(api, ("app", "/cache"))
+    async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
+        await eventually(lambda: node_label(api) == "ready", 60)
+        req = request()
+        volume = await node.volumes.prepare(req)
+        await node.volumes.published(req, volume)
+        await eventually(lambda: state_of(api, image) == "Running")
+        pods = digest_entry(api, image)["pods"]  # type: ignore[index]
+        assert pods == [{"podNamespace": NAMESPACE, "podName": "app", "volumeId": req.volume_id}]
+
+        api.delete_object("gkmcaches", NAMESPACE, KEY.name)  # the finalizer keeps it
+        await eventually(lambda: node_label(api) is None)
+        await node.agent.collect_now()
+        assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None
+        assert node_object(api) is not None
+
+        await node.volumes.unpublished(req.volume_id)
+
+        await eventually(lambda: node_object(api) is None)
+        await eventually(lambda: node.store.caches() == [])
+
+
+async def test_a_cache_another_cache_resolves_to_stays_when_one_is_deleted(
+    api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
+) -> None:
+    add_cache(api, image)
+    add_cache(api, image, name="twin")
+    async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
+        await eventually(lambda: node_label(api) == "ready", 60)
+        api.delete_object("gkmcaches", NAMESPACE, KEY.name)
+        await eventually(lambda: node_object(api) is None)
+        await node.agent.collect_now()
+        assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None
+
+
+async def test_after_a_restart_a_mounted_cache_is_never_collected(
+    api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    target = tmp_path / "pods" / "mount"
+    add_cache(api, image)
+    async with running(kube, store, "dgx-h100", Registry()) as node:
+        await eventually(lambda: node_label(api) == "ready", 60)
+        source = node.store.installed(digest_of(image), IMAGE_ROOT)
+        assert source is not None
+        # What the CSI server leaves behind: a bind mount and its durable record.
+        target.mkdir(parents=True)
+        mounts.bind_read_only(source, target)
+        node.publications.record(Publication(
+            "csi-live", target, KEY, PodInfo(NAMESPACE, "app", "uid-1", "default"),
+            digest_of(image), IMAGE_ROOT, source, created_target=True, published_at=0.0,
+        ))  # fmt: skip
+    try:
+        # Meanwhile the cache was deleted: only the mount keeps the entry.
+        api.update_object("gkmcaches", NAMESPACE, KEY.name, lambda o: o["metadata"].update(
+            {"finalizers": []}))  # fmt: skip
+        api.delete_object("gkmcaches", NAMESPACE, KEY.name)
+        async with running(kube, store, "dgx-h100", Registry(down=True)) as node:
+            assert [u.volume_id for u in node.uses] == ["csi-live"]
+            await eventually(lambda: node.agent.synced)
+            await node.agent.collect_now()
+            assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None
+            await eventually(lambda: state_of(api, image) == "Outdated")
+    finally:
+        mounts.unmount(target)
