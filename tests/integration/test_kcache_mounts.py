@@ -21,7 +21,10 @@ from gpufleet.kcache.mounts import (
     unmount,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root"),
+]
 
 
 @pytest.fixture

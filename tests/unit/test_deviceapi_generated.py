@@ -15,11 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "src" / "gpufleet" / "deviceapi" / "v1alpha1"
 COMMITTED_PODRESOURCES = ROOT / "src" / "gpufleet" / "exporter" / "podmap" / "kubelet_v1"
+COMMITTED_CSI = ROOT / "src" / "gpufleet" / "kcache" / "csi" / "v1"
 
 
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Both generated packages, freshly generated into a temp dir (never into src/)."""
+    """Every generated package, freshly generated into a temp dir (never into src/)."""
     out = tmp_path_factory.mktemp("proto")
     subprocess.run(
         ["bash", str(ROOT / "scripts" / "gen-proto.sh")],
@@ -27,6 +28,7 @@ def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
             **os.environ,
             "OUT": str(out / "deviceapi"),
             "OUT_PODRESOURCES": str(out / "podresources"),
+            "OUT_CSI": str(out / "csi"),
             "PYTHON": sys.executable,
         },
         check=True, capture_output=True, timeout=120,
@@ -50,11 +52,19 @@ def test_regenerating_the_kubelet_podresources_code_changes_nothing(regenerated:
     assert stale == [], f"run `make proto` and commit: {stale} differ from proto/"
 
 
+def test_regenerating_the_csi_code_changes_nothing(regenerated: Path) -> None:
+    names = ["csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py"]
+    stale = _stale(regenerated / "csi", COMMITTED_CSI, names)
+    assert stale == [], f"run `make proto` and commit: {stale} differ from proto/"
+
+
 GENERATED = [
     COMMITTED / "gpu_pb2.py",
     COMMITTED / "gpu_pb2_grpc.py",
     COMMITTED_PODRESOURCES / "api_pb2.py",
     COMMITTED_PODRESOURCES / "api_pb2_grpc.py",
+    COMMITTED_CSI / "csi_pb2.py",
+    COMMITTED_CSI / "csi_pb2_grpc.py",
 ]
 
 
@@ -120,9 +130,10 @@ def test_make_proto_refuses_another_generator_version(tmp_path: Path) -> None:
     done = subprocess.run(
         ["bash", str(scripts / "gen-proto.sh")],
         env={**os.environ, "OUT": str(tmp_path / "a"), "OUT_PODRESOURCES": str(tmp_path / "b"),
-             "PYTHON": sys.executable},
+             "OUT_CSI": str(tmp_path / "c"), "PYTHON": sys.executable},
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 1
     assert "pins 1.0.0" in done.stderr
     assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "c").exists()
