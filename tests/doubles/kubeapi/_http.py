@@ -24,17 +24,18 @@ import attrs
 import kmock
 from aiohttp import web
 
+from tests.doubles.kubeapi._authz import Authorizer
 from tests.doubles.kubeapi._exec import ExecHandler, ExecRequest, exec_target, serve_exec
 from tests.doubles.kubeapi._objects import (
     PODS,
-    RESOURCES,
+    SUBJECT_ACCESS_REVIEWS,
     ApiError,
     ResourceType,
     from_wire,
     status_body,
     to_wire,
 )
-from tests.doubles.kubeapi._patch import apply_patch
+from tests.doubles.kubeapi._patch import STRATEGIC_MERGE_PATCH, apply_patch
 from tests.doubles.kubeapi._selectors import Selector
 from tests.doubles.kubeapi._store import Store, Watcher
 
@@ -70,7 +71,7 @@ class RecordedRequest:
 @dataclass(frozen=True, slots=True)
 class _Route:
     resource: ResourceType
-    """As served at the version the request names (the store keeps `RESOURCES`' version)."""
+    """As served at the version the request names (the store keeps its storage version)."""
     namespace: str | None
     name: str | None
     subresource: str | None
@@ -117,6 +118,7 @@ class ApiFront:
         *,
         served: Iterable[ResourceType],
         exec_handler: Callable[[], ExecHandler],
+        authorizer: Authorizer,
         bookmark_interval: float,
         stopping: asyncio.Event,
     ) -> None:
@@ -125,8 +127,21 @@ class ApiFront:
         self.requests: list[RecordedRequest] = []
         self.exec_by_uid: collections.Counter[str] = collections.Counter()
         self._exec_handler = exec_handler
+        self._authorizer = authorizer
         self._bookmark_interval = bookmark_interval
         self._stopping = stopping
+
+    def serve(self, resource: ResourceType) -> None:
+        """Answer ``resource`` (at ``resource.version``) from now on."""
+        self._served[(resource.group, resource.version, resource.plural)] = resource
+
+    def served(self) -> list[ResourceType]:
+        """Every (resource, version) answered now."""
+        return list(self._served.values())
+
+    def unserve(self, resource: ResourceType) -> None:
+        """Stop answering ``resource`` at ``resource.version``: kmock answers 404."""
+        self._served.pop((resource.group, resource.version, resource.plural), None)
 
     async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse | None:
         """Record the request; answer it if it addresses an emulated resource."""
@@ -162,8 +177,12 @@ class ApiFront:
             route.subresource,
         )
         # The store keeps one version of each resource; `wire` is the one asked for.
-        resource = RESOURCES[wire.plural]
+        resource = wire.stored
         params = raw.query
+        if resource is SUBJECT_ACCESS_REVIEWS:
+            if route.verb != "create" or name is not None:
+                raise ApiError(405, "MethodNotAllowed", "the server does not allow this method")
+            return _json(self._authorizer.review(_check_kind(wire, await _body(raw))), 201)
         if (resource.namespaced and name is not None and namespace is None) or (
             not resource.namespaced and namespace is not None
         ):
@@ -196,15 +215,26 @@ class ApiFront:
                 assert name is not None
                 return _json(to_wire(wire, store.require(resource, namespace, name)))
             case "create" if name is None:
-                created = store.create(resource, namespace, from_wire(wire, await _body(raw)))
+                body = _check_kind(wire, await _body(raw))
+                if resource.custom and "status" in resource.subresources:
+                    body.pop("status", None)  # status is reset on create where it is its own
+                created = store.create(resource, namespace, from_wire(wire, body))
                 return _json(to_wire(wire, created), 201)
             case "update" if name is not None:
-                body = from_wire(wire, await _body(raw))
+                body = from_wire(wire, _check_kind(wire, await _body(raw)))
                 return _json(
                     to_wire(wire, store.replace(resource, namespace, name, body, subresource=sub))
                 )
             case "patch" if name is not None:
                 content_type = raw.headers.get("Content-Type", "")
+                if resource.custom and content_type.startswith(STRATEGIC_MERGE_PATCH):
+                    raise ApiError(
+                        415,
+                        "UnsupportedMediaType",
+                        "the body of the request was in an unknown format - accepted media types "
+                        "include: application/json-patch+json, application/merge-patch+json, "
+                        "application/apply-patch+yaml",
+                    )
                 patch = await raw.read()
                 if wire == resource:
                     patched = store.patch(
@@ -376,6 +406,23 @@ def _selector(
     if name is not None:  # a watch on a named URL watches that one object
         fields = ",".join(f for f in (fields, f"metadata.name={name}") if f)
     return Selector.parse(resource.plural, params.get("labelSelector", ""), fields)
+
+
+def _check_kind(wire: ResourceType, body: Any) -> Any:
+    """400 for a body of another apiVersion or kind than the URL's, as the real server says."""
+    if not isinstance(body, dict):
+        raise ApiError.bad_request("the body of the request must be a JSON object")
+    version, kind = body.get("apiVersion"), body.get("kind")
+    if version not in (None, "", wire.api_version):
+        raise ApiError.bad_request(
+            f"the API version in the data ({version}) does not match the expected API "
+            f"version ({wire.api_version})"
+        )
+    if kind not in (None, "", wire.kind):
+        raise ApiError.bad_request(
+            f"the kind in the data ({kind}) does not match the expected kind ({wire.kind})"
+        )
+    return body
 
 
 def _int(text: str, what: str) -> int:

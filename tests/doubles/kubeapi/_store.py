@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.doubles.kubeapi import _meta
 from tests.doubles.kubeapi._objects import (
     PODS,
     RESOURCES,
@@ -121,6 +122,8 @@ class Store:
     """In-memory objects of every served resource, with etcd-like versioning."""
 
     def __init__(self, *, history_limit: int) -> None:
+        self._resources: dict[str, ResourceType] = dict(RESOURCES)
+        """Every stored resource by qualified name, custom resources included."""
         self._objects: dict[str, dict[str, dict[str, JsonObject]]] = {r: {} for r in RESOURCES}
         self._rv = 0
         self._history: deque[_Event] = deque()
@@ -131,17 +134,40 @@ class Store:
         self._pods_by_node: dict[str, set[tuple[str, str]]] = {}
         self._snapshots: OrderedDict[int, tuple[int, list[JsonObject]]] = OrderedDict()
         self._snapshot_ids = itertools.count(1)
+        self.listeners: list[Callable[[ResourceType, str, JsonObject], None]] = []
+        """Called after every commit with (resource, event type, object): CRDs serve themselves."""
 
     @property
     def resource_version(self) -> int:
         """The newest resourceVersion handed out."""
         return self._rv
 
+    # --- resources -----------------------------------------------------------------
+
+    def register(self, resource: ResourceType) -> None:
+        """Store objects of ``resource`` (at its storage version) from now on."""
+        key = resource.qualified
+        self._resources[key] = resource
+        self._objects.setdefault(key, {})
+        self._watchers.setdefault(key, set())
+
+    def unregister(self, resource: ResourceType) -> None:
+        """Forget ``resource`` and its objects; its watches end (its CRD was deleted)."""
+        key = resource.qualified
+        self._resources.pop(key, None)
+        self._objects.pop(key, None)
+        for watcher in self._watchers.pop(key, set()):
+            watcher.queue.put_nowait(None)
+
+    def resource(self, qualified: str) -> ResourceType | None:
+        """The stored resource named ``plural`` or ``plural.group``, if any."""
+        return self._resources.get(qualified)
+
     # --- reads -------------------------------------------------------------------
 
     def get(self, resource: ResourceType, namespace: str | None, name: str) -> JsonObject | None:
         """The stored object (shared: do not mutate), or ``None``."""
-        return self._objects[resource.plural].get(namespace or "", {}).get(name)
+        return self._objects[resource.qualified].get(namespace or "", {}).get(name)
 
     def require(self, resource: ResourceType, namespace: str | None, name: str) -> JsonObject:
         """The stored object, or a 404 ``ApiError``."""
@@ -165,7 +191,7 @@ class Store:
                 if namespace is None or ns == namespace:
                     yield self._objects["pods"][ns][name]
             return
-        spaces = self._objects[resource.plural]
+        spaces = self._objects[resource.qualified]
         if namespace is not None:
             yield from spaces.get(namespace, {}).values()
         else:
@@ -279,7 +305,9 @@ class Store:
         if not (keep_uid and meta.get("uid")):
             meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = timestamp()
-        meta.pop("deletionTimestamp", None)
+        _meta.prepare_create(obj)
+        if resource.admit is not None:
+            obj = resource.admit(obj)
         return self._commit(resource, "ADDED", None, obj)
 
     def replace(
@@ -340,20 +368,16 @@ class Store:
         sent_rv = meta.get("resourceVersion")
         if sent_rv not in (None, "") and sent_rv != current["metadata"]["resourceVersion"]:
             raise ApiError.conflict(resource, current["metadata"]["name"])
-        # Identity and server-managed fields are the server's, whatever the client sent.
-        for key in ("name", "namespace", "uid", "creationTimestamp"):
-            if key in current["metadata"]:
-                meta[key] = current["metadata"][key]
         new["apiVersion"], new["kind"] = resource.api_version, resource.kind
-        if subresource == "status":  # the status endpoint changes nothing but status
-            new = {**current, "status": new.get("status", {})}
-            new["metadata"] = dict(current["metadata"])
-        elif subresource is None and "status" in resource.subresources:
-            if "status" in current:
-                new["status"] = current["status"]  # the main endpoint ignores status
-            else:
-                new.pop("status", None)
-        return self._commit(resource, "MODIFIED", current, new)
+        new = _meta.prepare_update(resource, current, new, subresource)
+        if resource.admit is not None:
+            new = resource.admit(new)
+        if subresource != "*" and _meta.unchanged(current, new):
+            return current  # nothing to write: no new version, no event, as etcd is spared
+        written = self._commit(resource, "MODIFIED", current, new)
+        if _meta.finalized(written):  # the last finalizer went: the deletion completes
+            return self._commit(resource, "DELETED", written, dict(written))
+        return written
 
     def delete(
         self,
@@ -362,13 +386,20 @@ class Store:
         name: str,
         preconditions: Mapping[str, Any] | None = None,
     ) -> JsonObject:
-        """Remove the object at once (no graceful termination); DELETED goes to watchers."""
+        """Remove the object (DELETED), or mark it deleting while finalizers hold it (MODIFIED).
+
+        There is no graceful termination: an object without finalizers goes at once.
+        """
         current = self.require(resource, namespace, name)
         wanted = preconditions or {}
         if wanted.get("resourceVersion") not in (None, current["metadata"]["resourceVersion"]):
             raise ApiError.conflict(resource, name)
         if wanted.get("uid") not in (None, current["metadata"]["uid"]):
             raise ApiError.conflict(resource, name)
+        if _meta.held_by_finalizers(current):
+            if current["metadata"].get("deletionTimestamp"):
+                return current
+            return self._commit(resource, "MODIFIED", current, _meta.marked_deleting(current))
         final = {**current, "metadata": {**current["metadata"], "deletionTimestamp": timestamp()}}
         return self._commit(resource, "DELETED", current, final)
 
@@ -378,19 +409,21 @@ class Store:
         self._rv += 1
         new["metadata"] = {**new["metadata"], "resourceVersion": str(self._rv)}
         meta = new["metadata"]
-        space = self._objects[resource.plural].setdefault(meta.get("namespace") or "", {})
+        space = self._objects[resource.qualified].setdefault(meta.get("namespace") or "", {})
         if event_type == "DELETED":
             del space[meta["name"]]
         else:
             space[meta["name"]] = new
         if resource is PODS:
             self._index_pod(old, None if event_type == "DELETED" else new)
-        event = _Event(self._rv, resource.plural, event_type, old, new)
+        event = _Event(self._rv, resource.qualified, event_type, old, new)
         self._history.append(event)
         while len(self._history) > self._history_limit:
             self._floor = self._history.popleft().rv
-        for watcher in self._watchers[resource.plural]:
+        for watcher in self._watchers[resource.qualified]:
             watcher.offer(event)
+        for listener in self.listeners:
+            listener(resource, event_type, new)
         return new
 
     def _index_pod(self, old: JsonObject | None, new: JsonObject | None) -> None:
@@ -438,16 +471,16 @@ class Store:
             for event in reversed(self._history):
                 if event.rv <= since:
                     break
-                if event.resource == resource.plural:
+                if event.resource == resource.qualified:
                     replay.append(event)
             for event in reversed(replay):
                 watcher.offer(event)
-        self._watchers[resource.plural].add(watcher)
+        self._watchers[resource.qualified].add(watcher)
         return watcher
 
     def unwatch(self, watcher: Watcher) -> None:
         """Forget a watch whose stream has ended."""
-        self._watchers[watcher.resource.plural].discard(watcher)
+        self._watchers.get(watcher.resource.qualified, set()).discard(watcher)
 
     def backup(self) -> StoreBackup:
         """Every object and the version counter now, as an etcd snapshot holds them."""
@@ -465,8 +498,8 @@ class Store:
         the counter goes on from the backup's version, so versions handed out
         after the backup are handed out again, to other writes.
         """
-        self._objects = {r: {ns: dict(objs) for ns, objs in spaces.items()}
-                         for r, spaces in backup.objects.items()}  # fmt: skip
+        self._objects = {r: {ns: dict(objs) for ns, objs in backup.objects.get(r, {}).items()}
+                         for r in self._resources}  # fmt: skip
         self._pods_by_node = {node: set(keys) for node, keys in backup.pods_by_node.items()}
         self._rv = backup.rv
         self._history.clear()
