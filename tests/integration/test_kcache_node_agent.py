@@ -48,7 +48,7 @@ pytestmark = pytest.mark.integration
 NODE = "node-1"
 NAMESPACE = "team-a"
 KEY = CacheKey("GKMCache", NAMESPACE, "vector-add")
-NODE_OBJECTS = "gkmcachenodes"
+NODE_OBJECTS = "gkmcachenodes.gkm.io"
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,8 @@ def request(volume: str = "kernels", uid: str = "uid-1") -> VolumeRequest:
     )
 
 
-def add_pod(api: KubeApiDouble, *mounts_: tuple[str, str], uid: str = "uid-1") -> None:
+def add_pod(api: KubeApiDouble, *mounts_: tuple[str, str]) -> str:
+    """A pod of `NODE` whose containers mount the cache's volume; returns its UID."""
     containers = [
         {"name": name, "image": "app", "volumeMounts": [{"name": "kernels", "mountPath": path}]}
         for name, path in mounts_
@@ -171,11 +172,12 @@ def add_pod(api: KubeApiDouble, *mounts_: tuple[str, str], uid: str = "uid-1") -
     volume = {"name": "kernels", "csi": {"driver": "csi.gkm.io", "volumeAttributes": {
         "csi.gkm.io/GKMCache": KEY.name, "csi.gkm.io/namespace": NAMESPACE,
     }}}  # fmt: skip
-    api.add_object({
+    stored = api.add_object({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "app", "namespace": NAMESPACE, "uid": uid},
+        "metadata": {"name": "app", "namespace": NAMESPACE},
         "spec": {"nodeName": NODE, "containers": containers, "volumes": [volume]},
     })  # fmt: skip
+    return str(stored["metadata"]["uid"])
 
 
 async def test_an_h100_node_pulls_a_resolved_cache_and_reports_it_ready(
@@ -193,10 +195,9 @@ async def test_an_h100_node_pulls_a_resolved_cache_and_reports_it_ready(
         assert entry["volumeSize"] > 0
         status = node_object(api)["status"]  # type: ignore[index]
         assert status["nodeName"] == NODE
-        assert status["gpus"] == [
-            {"gpuType": "NVIDIA H100 80GB HBM3", "driverVersion": status["gpus"][0]["driverVersion"],
-             "ids": list(range(8))},
-        ]  # fmt: skip
+        (group,) = status["gpus"]
+        assert (group["gpuType"], group["ids"]) == ("NVIDIA H100 80GB HBM3", list(range(8)))
+        assert group["driverVersion"]
         assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None
 
 
@@ -210,10 +211,16 @@ async def test_a_steady_node_makes_no_writes(
         before = writes(api)
         # A change of the cache that changes nothing this node shows: an annotation.
         api.update_object(
-            "gkmcaches", NAMESPACE, KEY.name,
+            "gkmcaches.gkm.io", NAMESPACE, KEY.name,
             lambda o: o["metadata"].setdefault("annotations", {}).update({"x": "y"}),
         )  # fmt: skip
-        await eventually(lambda: node.state.cache(KEY) is not None and api.count(verb="watch") > 0)
+        informer = node.agent.informers["GKMCache"]
+
+        def seen() -> bool:
+            cached = informer.get(NAMESPACE, KEY.name)
+            return cached is not None and "x" in (cached["metadata"].get("annotations") or {})
+
+        await eventually(seen)
         await node.agent.write(node.state.keys())  # a forced pass writes nothing either
 
         assert writes(api) == before
@@ -223,7 +230,7 @@ async def test_an_a100_node_reports_the_cache_incompatible_with_why_and_refuses_
     api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
 ) -> None:
     add_cache(api, image)
-    add_pod(api, ("app", "/cache"))
+    uid = add_pod(api, ("app", "/cache"))
     async with running(kube, tmp_path / "store", "dgx-a100", Registry()) as node:
         await eventually(lambda: state_of(api, image) == "Incompatible", 60)
         await eventually(lambda: node_label(api) == "incompatible")
@@ -231,10 +238,10 @@ async def test_an_a100_node_reports_the_cache_incompatible_with_why_and_refuses_
         assert entry is not None
         message = entry["conditions"][0]["message"]
         assert "cuda/80/32: no kernels for cuda arch 80 (cache has: cuda/90/32)" in message
-        assert [g["reason"] for g in entry["incompatibleGPUs"]][0].startswith("no kernels")
+        assert entry["incompatibleGPUs"][0]["reason"].startswith("no kernels")
 
         with pytest.raises(CacheIncompatibleError, match="cache has: cuda/90/32"):
-            await node.volumes.prepare(request())
+            await node.volumes.prepare(request(uid=uid))
         assert node.store.caches() == []
 
 
@@ -246,7 +253,8 @@ async def test_a_registry_outage_is_an_error_then_ready_once_it_is_back(
     async with running(kube, tmp_path / "store", "dgx-h100", registry) as node:
         await eventually(lambda: state_of(api, image) == "Error", 30)
         entry = digest_entry(api, image)
-        assert entry is not None and "RegistryError" in entry["conditions"][0]["message"]
+        assert entry is not None
+        assert "RegistryError" in entry["conditions"][0]["message"]
         assert node_label(api) is None
         tries = registry.made
         await eventually(lambda: registry.made > tries + 1)  # it keeps trying
@@ -254,7 +262,7 @@ async def test_a_registry_outage_is_an_error_then_ready_once_it_is_back(
         registry.down = False
 
         await eventually(lambda: state_of(api, image) == "Extracted", 60)
-        assert node_label(api) == "ready"
+        await eventually(lambda: node_label(api) == "ready")
         assert node.agent.pull_failures_total >= 2
 
 
@@ -263,11 +271,11 @@ async def test_a_pod_mounting_at_another_path_gets_an_entry_triton_hits_there(
 ) -> None:
     mount_path = tmp_path / "kernels"  # where "the container" sees the volume
     add_cache(api, image)
-    add_pod(api, ("app", str(mount_path)), ("sidecar", str(mount_path)))
+    uid = add_pod(api, ("app", str(mount_path)), ("sidecar", str(mount_path)))
     async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
         await eventually(lambda: node_label(api) == "ready", 60)
 
-        volume = await node.volumes.prepare(request())
+        volume = await node.volumes.prepare(request(uid=uid))
 
         assert volume.mount_root == str(mount_path)
         assert volume.path == node.store.installed(digest_of(image), str(mount_path))
@@ -285,28 +293,28 @@ async def test_two_containers_mounting_at_different_paths_are_refused(
     api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
 ) -> None:
     add_cache(api, image)
-    add_pod(api, ("app", "/cache"), ("tool", "/kernels"))
+    uid = add_pod(api, ("app", "/cache"), ("tool", "/kernels"))
     async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
         await eventually(lambda: node_label(api) == "ready", 60)
         with pytest.raises(InvalidVolumeError, match="app at /cache, tool at /kernels"):
-            await node.volumes.prepare(request())
+            await node.volumes.prepare(request(uid=uid))
 
 
 async def test_a_published_volume_shows_running_and_a_deleted_cache_goes_once_unmounted(
     api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
 ) -> None:
     add_cache(api, image)
-    add_pod(api, ("app", "/cache"))
+    uid = add_pod(api, ("app", "/cache"))
     async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
         await eventually(lambda: node_label(api) == "ready", 60)
-        req = request()
+        req = request(uid=uid)
         volume = await node.volumes.prepare(req)
         await node.volumes.published(req, volume)
         await eventually(lambda: state_of(api, image) == "Running")
         pods = digest_entry(api, image)["pods"]  # type: ignore[index]
         assert pods == [{"podNamespace": NAMESPACE, "podName": "app", "volumeId": req.volume_id}]
 
-        api.delete_object("gkmcaches", NAMESPACE, KEY.name)  # the finalizer keeps it
+        api.delete_object("gkmcaches.gkm.io", NAMESPACE, KEY.name)  # the finalizer keeps it
         await eventually(lambda: node_label(api) is None)
         await node.agent.collect_now()
         assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None
@@ -325,7 +333,7 @@ async def test_a_cache_another_cache_resolves_to_stays_when_one_is_deleted(
     add_cache(api, image, name="twin")
     async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
         await eventually(lambda: node_label(api) == "ready", 60)
-        api.delete_object("gkmcaches", NAMESPACE, KEY.name)
+        api.delete_object("gkmcaches.gkm.io", NAMESPACE, KEY.name)
         await eventually(lambda: node_object(api) is None)
         await node.agent.collect_now()
         assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None
@@ -350,9 +358,9 @@ async def test_after_a_restart_a_mounted_cache_is_never_collected(
         ))  # fmt: skip
     try:
         # Meanwhile the cache was deleted: only the mount keeps the entry.
-        api.update_object("gkmcaches", NAMESPACE, KEY.name, lambda o: o["metadata"].update(
+        api.update_object("gkmcaches.gkm.io", NAMESPACE, KEY.name, lambda o: o["metadata"].update(
             {"finalizers": []}))  # fmt: skip
-        api.delete_object("gkmcaches", NAMESPACE, KEY.name)
+        api.delete_object("gkmcaches.gkm.io", NAMESPACE, KEY.name)
         async with running(kube, store, "dgx-h100", Registry(down=True)) as node:
             assert [u.volume_id for u in node.uses] == ["csi-live"]
             await eventually(lambda: node.agent.synced)

@@ -223,6 +223,9 @@ class Agent:
     async def _write_forever(self) -> None:
         await self._wait_synced()
         await self.labels.prune({node_label_key(key) for key in self.state.caches})
+        # Whatever changed before we listened (the mounts found at start) is written too.
+        self._dirty.update(self.state.keys())
+        self._wake.set()
         attempt = 0
         while True:
             await self._wake.wait()

@@ -41,7 +41,7 @@ from gpufleet.kcache.node.settings import NodeSettings
 from gpufleet.kcache.node.state import NodeState, Use
 from gpufleet.kcache.node.volumes import NodeVolumes
 from gpufleet.kcache.oci import RegistryClient
-from gpufleet.kcache.publications import PublicationLog
+from gpufleet.kcache.publications import PUBLICATIONS, PublicationLog
 from gpufleet.kcache.store import CacheStore, StoredCache
 
 if TYPE_CHECKING:
@@ -53,9 +53,6 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-PUBLICATIONS = "publications"
-"""The store's directory of publication records."""
 
 
 class CsiServer(Protocol):
@@ -126,17 +123,14 @@ def default_csi_server(settings: NodeSettings) -> CsiFactory:
     def build(
         source: VolumeSource, publications: PublicationLog, ready: Callable[[], bool]
     ) -> CsiServer:
+        from gpufleet.kcache.csi.node import NodeServicer
         from gpufleet.kcache.csi.server import CsiServer as Server
 
-        server: CsiServer = Server(
-            source,
-            socket=settings.csi_socket,
-            kubelet_dir=settings.kubelet_dir,
-            node_id=settings.node_name,
+        node = NodeServicer(
+            source, kubelet_dir=settings.kubelet_dir, node_id=settings.node_name,
             publications=publications,
-            ready=ready,
-        )
-        return server
+        )  # fmt: skip
+        return Server(settings.csi_endpoint, node=node, ready=ready)
 
     return build
 
