@@ -6,17 +6,39 @@ import asyncio
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
 
 from gpufleet.gpu import sim
 from gpufleet.gpu.nvml import NvmlSource
+from gpufleet.kcache.cluster import (
+    API_VERSION,
+    NAMESPACED_CACHE_FINALIZER,
+    CacheKey,
+    node_label_key,
+    node_object_name,
+)
+from gpufleet.kcache.crds import RESOURCES, crd
 from gpufleet.kcache.image import build_image
 from gpufleet.kcache.node.gpus import NodeGpus, read_gpus
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.transfer import push_image
+from tests.doubles.kubeapi import KubeApiDouble
 
 IMAGE_ROOT = "/cache"
 """The mount root the test images are built for (the issue's example)."""
+NODE = "node-1"
+NAMESPACE = "team-a"
+KEY = CacheKey("GKMCache", NAMESPACE, "vector-add")
+NODE_OBJECTS = "gkmcachenodes.gkm.io"
+CACHES = "gkmcaches.gkm.io"
+
+
+def serve_crds(api: KubeApiDouble) -> None:
+    """Declare the four gkm.io kinds and add the node."""
+    for resource in RESOURCES:
+        api.add_crd(crd(resource))
+    api.add_node(NODE)
 
 
 def push_cache(cache: Path, registry: str, workdir: Path, *, mount_root: str = IMAGE_ROOT) -> str:
@@ -44,6 +66,72 @@ def closed_port() -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"127.0.0.1:{port}"
+
+
+def digest_of(image: str) -> str:
+    digest = Reference.parse(image).digest
+    assert digest is not None
+    return digest
+
+
+def add_cache(api: KubeApiDouble, image: str | None, *, name: str = KEY.name) -> None:
+    """A GKMCache as the operator leaves it once resolved (finalizer and status)."""
+    obj: dict[str, Any] = {
+        "apiVersion": API_VERSION,
+        "kind": "GKMCache",
+        "metadata": {
+            "name": name, "namespace": NAMESPACE, "finalizers": [NAMESPACED_CACHE_FINALIZER],
+        },
+        "spec": {"image": "registry.example/caches/vector-add:v1"},
+    }  # fmt: skip
+    if image is not None:
+        obj["status"] = {"resolvedDigest": digest_of(image), "resolvedImage": image}
+    api.add_object(obj)
+
+
+def node_object(api: KubeApiDouble, key: CacheKey = KEY) -> dict[str, Any] | None:
+    name = node_object_name(key, NODE)
+    found = [o for o in api.objects(NODE_OBJECTS, key.namespace) if o["metadata"]["name"] == name]
+    return found[0] if found else None
+
+
+def digest_entry(api: KubeApiDouble, image: str) -> dict[str, Any] | None:
+    obj = node_object(api)
+    if obj is None:
+        return None
+    entry: dict[str, Any] | None = (
+        obj.get("status", {}).get("caches", {}).get(KEY.name, {}).get(digest_of(image))
+    )
+    return entry
+
+
+def state_of(api: KubeApiDouble, image: str) -> str | None:
+    entry = digest_entry(api, image)
+    return None if entry is None else str(entry["conditions"][0]["type"])
+
+
+def node_label(api: KubeApiDouble, key: CacheKey = KEY) -> str | None:
+    node = api.get("nodes", None, NODE)
+    assert node is not None
+    value = (node["metadata"].get("labels") or {}).get(node_label_key(key))
+    return None if value is None else str(value)
+
+
+def add_pod(api: KubeApiDouble, *mounts_: tuple[str, str]) -> str:
+    """A pod of `NODE` whose containers mount the cache's volume; returns its UID."""
+    containers = [
+        {"name": name, "image": "app", "volumeMounts": [{"name": "kernels", "mountPath": path}]}
+        for name, path in mounts_
+    ]
+    volume = {"name": "kernels", "csi": {"driver": "csi.gkm.io", "volumeAttributes": {
+        "csi.gkm.io/GKMCache": KEY.name, "csi.gkm.io/namespace": NAMESPACE,
+    }}}  # fmt: skip
+    stored = api.add_object({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app", "namespace": NAMESPACE},
+        "spec": {"nodeName": NODE, "containers": containers, "volumes": [volume]},
+    })  # fmt: skip
+    return str(stored["metadata"]["uid"])
 
 
 class StallingProxy:

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,34 +20,39 @@ from gpufleet.gpu import sim
 from gpufleet.gpu.nvml import NvmlSource
 from gpufleet.kcache import mounts
 from gpufleet.kcache.cluster import (
-    API_VERSION,
-    NAMESPACED_CACHE_FINALIZER,
-    CacheKey,
     PodInfo,
     VolumeRequest,
-    node_label_key,
-    node_object_name,
 )
-from gpufleet.kcache.crds import RESOURCES, crd
 from gpufleet.kcache.errors import CacheIncompatibleError, InvalidVolumeError
 from gpufleet.kcache.node.run import NodeParts, node_agent
 from gpufleet.kcache.node.settings import NodeSettings
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.publications import Publication
-from gpufleet.kcache.reference import Reference
 from gpufleet.kube.client import Kube
 from tests.conftest import require
 from tests.doubles.kubeapi import KubeApiDouble
-from tests.integration.kcache_node_support import IMAGE_ROOT, closed_port, push_cache
+from tests.integration.kcache_node_support import (
+    CACHES,
+    IMAGE_ROOT,
+    KEY,
+    NAMESPACE,
+    NODE,
+    NODE_OBJECTS,
+    add_cache,
+    add_pod,
+    closed_port,
+    digest_entry,
+    digest_of,
+    node_label,
+    node_object,
+    push_cache,
+    serve_crds,
+    state_of,
+)
 from tests.kcache_support import build_triton_cache, compile_again
 from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
-
-NODE = "node-1"
-NAMESPACE = "team-a"
-KEY = CacheKey("GKMCache", NAMESPACE, "vector-add")
-NODE_OBJECTS = "gkmcachenodes.gkm.io"
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +67,7 @@ def image(tmp_path_factory: pytest.TempPathFactory, test_servers: dict[str, str]
 @pytest.fixture
 async def api() -> AsyncIterator[KubeApiDouble]:
     async with KubeApiDouble(bookmark_interval=0.2) as double:
-        for resource in RESOURCES:
-            double.add_crd(crd(resource))
-        double.add_node(NODE)
+        serve_crds(double)
         yield double
 
 
@@ -80,55 +82,6 @@ class Registry:
     def client(self, name: str) -> RegistryClient:
         self.made += 1
         return RegistryClient(self.closed if self.down else name, deadline=30)
-
-
-def digest_of(image: str) -> str:
-    digest = Reference.parse(image).digest
-    assert digest is not None
-    return digest
-
-
-def add_cache(api: KubeApiDouble, image: str | None, *, name: str = KEY.name) -> None:
-    """A GKMCache as the operator leaves it once resolved (finalizer and status)."""
-    obj: dict[str, Any] = {
-        "apiVersion": API_VERSION,
-        "kind": "GKMCache",
-        "metadata": {
-            "name": name, "namespace": NAMESPACE, "finalizers": [NAMESPACED_CACHE_FINALIZER],
-        },
-        "spec": {"image": "registry.example/caches/vector-add:v1"},
-    }  # fmt: skip
-    if image is not None:
-        obj["status"] = {"resolvedDigest": digest_of(image), "resolvedImage": image}
-    api.add_object(obj)
-
-
-def node_object(api: KubeApiDouble, key: CacheKey = KEY) -> dict[str, Any] | None:
-    name = node_object_name(key, NODE)
-    found = [o for o in api.objects(NODE_OBJECTS, key.namespace) if o["metadata"]["name"] == name]
-    return found[0] if found else None
-
-
-def digest_entry(api: KubeApiDouble, image: str) -> dict[str, Any] | None:
-    obj = node_object(api)
-    if obj is None:
-        return None
-    entry: dict[str, Any] | None = (
-        obj.get("status", {}).get("caches", {}).get(KEY.name, {}).get(digest_of(image))
-    )
-    return entry
-
-
-def state_of(api: KubeApiDouble, image: str) -> str | None:
-    entry = digest_entry(api, image)
-    return None if entry is None else str(entry["conditions"][0]["type"])
-
-
-def node_label(api: KubeApiDouble, key: CacheKey = KEY) -> str | None:
-    node = api.get("nodes", None, NODE)
-    assert node is not None
-    value = (node["metadata"].get("labels") or {}).get(node_label_key(key))
-    return None if value is None else str(value)
 
 
 def writes(api: KubeApiDouble) -> int:
@@ -163,23 +116,6 @@ def request(volume: str = "kernels", uid: str = "uid-1") -> VolumeRequest:
     )
 
 
-def add_pod(api: KubeApiDouble, *mounts_: tuple[str, str]) -> str:
-    """A pod of `NODE` whose containers mount the cache's volume; returns its UID."""
-    containers = [
-        {"name": name, "image": "app", "volumeMounts": [{"name": "kernels", "mountPath": path}]}
-        for name, path in mounts_
-    ]
-    volume = {"name": "kernels", "csi": {"driver": "csi.gkm.io", "volumeAttributes": {
-        "csi.gkm.io/GKMCache": KEY.name, "csi.gkm.io/namespace": NAMESPACE,
-    }}}  # fmt: skip
-    stored = api.add_object({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "app", "namespace": NAMESPACE},
-        "spec": {"nodeName": NODE, "containers": containers, "volumes": [volume]},
-    })  # fmt: skip
-    return str(stored["metadata"]["uid"])
-
-
 async def test_an_h100_node_pulls_a_resolved_cache_and_reports_it_ready(
     api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
 ) -> None:
@@ -211,7 +147,7 @@ async def test_a_steady_node_makes_no_writes(
         before = writes(api)
         # A change of the cache that changes nothing this node shows: an annotation.
         api.update_object(
-            "gkmcaches.gkm.io", NAMESPACE, KEY.name,
+            CACHES, NAMESPACE, KEY.name,
             lambda o: o["metadata"].setdefault("annotations", {}).update({"x": "y"}),
         )  # fmt: skip
         informer = node.agent.informers["GKMCache"]
@@ -314,7 +250,7 @@ async def test_a_published_volume_shows_running_and_a_deleted_cache_goes_once_un
         pods = digest_entry(api, image)["pods"]  # type: ignore[index]
         assert pods == [{"podNamespace": NAMESPACE, "podName": "app", "volumeId": req.volume_id}]
 
-        api.delete_object("gkmcaches.gkm.io", NAMESPACE, KEY.name)  # the finalizer keeps it
+        api.delete_object(CACHES, NAMESPACE, KEY.name)  # the finalizer keeps it
         await eventually(lambda: node_label(api) is None)
         await node.agent.collect_now()
         assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None
@@ -333,7 +269,7 @@ async def test_a_cache_another_cache_resolves_to_stays_when_one_is_deleted(
     add_cache(api, image, name="twin")
     async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
         await eventually(lambda: node_label(api) == "ready", 60)
-        api.delete_object("gkmcaches.gkm.io", NAMESPACE, KEY.name)
+        api.delete_object(CACHES, NAMESPACE, KEY.name)
         await eventually(lambda: node_object(api) is None)
         await node.agent.collect_now()
         assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None
@@ -358,9 +294,9 @@ async def test_after_a_restart_a_mounted_cache_is_never_collected(
         ))  # fmt: skip
     try:
         # Meanwhile the cache was deleted: only the mount keeps the entry.
-        api.update_object("gkmcaches.gkm.io", NAMESPACE, KEY.name, lambda o: o["metadata"].update(
+        api.update_object(CACHES, NAMESPACE, KEY.name, lambda o: o["metadata"].update(
             {"finalizers": []}))  # fmt: skip
-        api.delete_object("gkmcaches.gkm.io", NAMESPACE, KEY.name)
+        api.delete_object(CACHES, NAMESPACE, KEY.name)
         async with running(kube, store, "dgx-h100", Registry(down=True)) as node:
             assert [u.volume_id for u in node.uses] == ["csi-live"]
             await eventually(lambda: node.agent.synced)

@@ -183,6 +183,7 @@ async def node_agent(
     uses = await asyncio.to_thread(rebuild_uses, state, publications, mountinfo)
     api = NodeApi(kube)
     listers = {r.kind: api.lister(r) for r in (NAMESPACED_CACHE, CLUSTER_CACHE)}
+    retry_max = settings.kcache_retry_max
     puller = Puller(
         store, gpus, clients or registry_clients(settings), node_name=settings.node_name,
         max_bytes=settings.kcache_max_bytes, max_config_bytes=settings.kcache_max_config_bytes,
@@ -194,7 +195,7 @@ async def node_agent(
         labels=NodeLabels(api, settings.node_name),
         collect=collect or _collect_garbage, max_bytes=settings.kcache_store_max_bytes,
         gc_interval=settings.kcache_gc_interval,
-        backoff=backoff or Backoff(initial=1.0, cap=settings.kcache_retry_max),
+        backoff=backoff or Backoff(initial=min(1.0, retry_max), cap=retry_max),
     )  # fmt: skip
     volumes = NodeVolumes(
         state, store=store, read_pod=api.read_pod, review=api.access_review,
