@@ -37,7 +37,6 @@ from tests.integration.kcache_node_support import (
     KEY,
     NAMESPACE,
     NODE,
-    NODE_OBJECTS,
     add_cache,
     add_pod,
     closed_port,
@@ -89,7 +88,7 @@ def writes(api: KubeApiDouble) -> int:
     return sum(
         api.count(verb=verb, resource=resource)
         for verb in ("create", "update", "patch", "delete")
-        for resource in (NODE_OBJECTS, "nodes")
+        for resource in ("gkmcachenodes", "nodes")
     )
 
 
@@ -243,10 +242,13 @@ async def test_a_published_volume_shows_running_and_a_deleted_cache_goes_once_un
     uid = add_pod(api, ("app", "/cache"))
     async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
         await eventually(lambda: node_label(api) == "ready", 60)
+        await eventually(lambda: not node.agent._dirty and not node.agent._wake.is_set())
         req = request(uid=uid)
         volume = await node.volumes.prepare(req)
+        before = writes(api)
         await node.volumes.published(req, volume)
         await eventually(lambda: state_of(api, image) == "Running")
+        assert writes(api) == before + 1  # one status patch; the Node's label stays "ready"
         pods = digest_entry(api, image)["pods"]  # type: ignore[index]
         assert pods == [{"podNamespace": NAMESPACE, "podName": "app", "volumeId": req.volume_id}]
 
