@@ -46,7 +46,8 @@ def test_an_h100_node_pulls_the_cache_into_the_store_for_its_mount_root(
     assert outcome.mount_root == IMAGE_ROOT
     assert outcome.path == CacheStore(tmp_path).installed(digest, IMAGE_ROOT)
     assert [v.matches for v in outcome.verdicts] == [True] * 8
-    assert outcome.size is not None and outcome.size > 0
+    assert outcome.size is not None
+    assert outcome.size > 0
 
 
 def test_an_a100_node_finds_it_incompatible_and_pulls_nothing(image: str, tmp_path: Path) -> None:
