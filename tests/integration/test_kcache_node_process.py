@@ -303,6 +303,19 @@ def kill(process: subprocess.Popen[bytes]) -> None:
     sys.stderr.write(process.stderr.read().decode()[-1500:])
 
 
+def test_a_missing_node_name_is_one_line_naming_it_and_exit_2(place: Place) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("NODE_NAME", "KUBECONFIG")}
+    done = subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli", "cache", "node", "--simulate", "dgx-h100"],
+        env={**env, "KCACHE_STORE": str(place.store)}, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "gpufleet: configuration error: missing required NODE_NAME"
+    ]
+
+
 async def test_sigkill_mid_pull_and_while_mounted_serves_nothing_half_and_collects_nothing_mounted(
     api: KubeApiDouble, image: str, place: Place, tmp_path: Path, test_servers: dict[str, str]
 ) -> None:
@@ -320,6 +333,15 @@ async def test_sigkill_mid_pull_and_while_mounted_serves_nothing_half_and_collec
         add_cache(api, f"{proxy.address}/{reference.repository}@{digest}")
         uid = add_pod(api, ("app", IMAGE_ROOT))
         request = publish_request(place.target(uid), uid)
+
+        stopped = node_command(api, place, kubeconfig)
+        try:
+            await asyncio.wait_for(proxy.stalling.wait(), 60)
+        finally:
+            stopped.send_signal(signal.SIGTERM)
+        # A pull in flight does not hold up a SIGTERM (the kubelet would SIGKILL after 30 s).
+        assert await asyncio.to_thread(stopped.wait, 15) == 0
+        proxy.stalling.clear()
 
         first = node_command(api, place, kubeconfig)
         try:

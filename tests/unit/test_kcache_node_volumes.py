@@ -168,6 +168,13 @@ async def test_a_missing_pod_is_refused(world: World) -> None:
         await world.prepare()
 
 
+async def test_a_cache_of_another_namespace_is_never_served(world: World) -> None:
+    other = CacheKey("GKMCache", "team-b", "vector-add")
+    world.ready(other)
+    with pytest.raises(CacheAccessDeniedError, match="its own namespace"):
+        await world.prepare(other)
+
+
 async def test_an_open_cluster_cache_asks_no_access_review(world: World) -> None:
     world.ready(CLUSTER_KEY)
     world.pods[("team-a", "app")] = pod(("app", "/cache", {}))

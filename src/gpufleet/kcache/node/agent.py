@@ -22,8 +22,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gpufleet.core.retry import Backoff
 from gpufleet.kcache.cluster import CLUSTER_CACHE, NAMESPACED_CACHE, CacheKey, node_label_key
@@ -36,6 +37,41 @@ from gpufleet.kcache.store import CacheStore, StoredCache
 __all__ = ["Agent", "Collect", "InformerFactory"]
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a daemon thread of its own, awaited without blocking the loop.
+
+    Not `asyncio.to_thread`: the default executor's threads are joined when the loop shuts
+    down, so a pull in flight (up to `KCACHE_DEADLINE`) would hold up a SIGTERM. A pull may
+    be abandoned at any point: the store never counts an entry whose marker is missing.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task, which re-raises it
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=work, name=getattr(fn, "__qualname__", "pull"), daemon=True).start()
+    return await future
 
 
 class Collect(Protocol):
@@ -181,7 +217,7 @@ class Agent:
         while self._still_wanted(key, digest, image):
             self.pulls_total += 1
             try:
-                outcome: PullOutcome = await asyncio.to_thread(self.puller.pull, image, digest)
+                outcome: PullOutcome = await in_daemon_thread(self.puller.pull, image, digest)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -134,6 +134,12 @@ class NodeVolumes:
                 raise CacheNotReadyError(f"{key}: not known yet, the node is still starting")
             why = "is being deleted" if spec is not None else "does not exist"
             raise CacheNotFoundError(f"{key} {why}")
+        if key.namespace is not None and key.namespace != request.pod.namespace:
+            # The CSI side refuses this already; the state never serves across namespaces.
+            raise CacheAccessDeniedError(
+                f"{key}: pod {request.pod.namespace}/{request.pod.name} may only mount "
+                f"caches of its own namespace"
+            )
         if key.resource is CLUSTER_CACHE and spec.access == "restricted":
             await self._check_access(request)
         digest = spec.resolved_digest
