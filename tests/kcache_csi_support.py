@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc.aio
 
@@ -37,8 +38,8 @@ MOUNT_ROOT = "/kernels"
 
 
 def volume_id(pod_uid: str = POD_UID, volume: str = VOLUME) -> str:
-    """The kubelet's id of an inline volume: ``csi-`` + sha256 of pod uid, volume, driver."""
-    return "csi-" + hashlib.sha256(f"{pod_uid}{volume}csi.gkm.io".encode()).hexdigest()
+    """The kubelet's id of an inline volume: ``csi-`` + hex sha256 of pod uid + volume name."""
+    return "csi-" + hashlib.sha256(f"{pod_uid}{volume}".encode()).hexdigest()
 
 
 @dataclass
@@ -170,11 +171,15 @@ class Plugin:
 
 
 @contextlib.asynccontextmanager
-async def running_plugin(place: Place, source: FakeVolumeSource) -> AsyncIterator[Plugin]:
-    """`CsiServer` on ``place.socket`` until the block ends."""
+async def running_plugin(
+    place: Place, source: FakeVolumeSource, **collaborators: Any
+) -> AsyncIterator[Plugin]:
+    """`CsiServer` on ``place.socket`` until the block ends; `collaborators` go to the servicer."""
     log = PublicationLog(place.store / PUBLICATIONS)
     ready = [True]
-    node = NodeServicer(source, kubelet_dir=place.kubelet, node_id="node-1", publications=log)
+    node = NodeServicer(
+        source, kubelet_dir=place.kubelet, node_id="node-1", publications=log, **collaborators
+    )
     server = CsiServer(f"unix://{place.socket}", node=node, ready=lambda: ready[0])
     await server.start()
     channel = grpc.aio.insecure_channel(f"unix://{place.socket}")

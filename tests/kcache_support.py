@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +42,65 @@ def scale(x, out, alpha, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     tl.store(out + offsets, tl.load(x + offsets, mask=mask) * alpha, mask=mask)
+
+
+@triton.jit
+def softmax(out, x, out_stride, x_stride, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n_cols
+    values = tl.load(x + row * x_stride + offsets, mask=mask, other=-float("inf"))
+    values = values - tl.max(values, axis=0)
+    numerator = tl.exp(values)
+    result = numerator / tl.sum(numerator, axis=0)
+    tl.store(out + row * out_stride + offsets, result, mask=mask)
 '''
 
 _SIGNATURES: dict[str, dict[str, str]] = {
     "add": {"x": "*fp32", "y": "*fp32", "out": "*fp32", "n": "i32"},
     "scale": {"x": "*fp32", "out": "*fp32", "alpha": "fp32", "n": "i32"},
-}
+    "softmax": {
+        "out": "*fp32", "x": "*fp32", "out_stride": "i32", "x_stride": "i32", "n_cols": "i32",
+    },
+}  # fmt: skip
 _CONSTEXPRS: dict[str, int] = {"BLOCK": 128}
 _MODULE = "gpufleet_kcache_kernels"
 
 
 @dataclass(frozen=True, slots=True)
+class KernelSpec:
+    """One compile: a kernel of KERNEL_SOURCE, its BLOCK, and num_warps (None: Triton's 4).
+
+    Each distinct spec is its own cache entry: BLOCK and num_warps are in Triton's key.
+    """
+
+    kernel: str
+    block: int = 128
+    num_warps: int | None = None
+
+
+SOFTMAX_FAMILY: tuple[KernelSpec, ...] = tuple(
+    KernelSpec("softmax", block, warps)
+    for block in (128, 256, 512, 1024, 2048)
+    for warps in (1, 2, 4, 8)
+)
+"""20 row-softmax variants, as an autotuned softmax leaves in a real cache."""
+
+
+@dataclass(frozen=True, slots=True)
 class CompileReport:
-    """What a compile of the kernels did: how many ran Triton's pipeline, how many hit the cache."""
+    """What a compile of the kernels did: how many ran Triton's pipeline, how many hit the cache.
+
+    The seconds the subprocess spent importing Triton, computing ``triton_key()`` (a hash of
+    Triton itself, once per process before any cache lookup) and on the kernels are there for
+    the benchmarks; they take no part in equality.
+    """
 
     compiled: int
     cache_hits: int
+    import_s: float = field(default=0.0, compare=False)
+    key_s: float = field(default=0.0, compare=False)
+    kernels_s: float = field(default=0.0, compare=False)
 
 
 def build_triton_cache(
@@ -81,6 +124,17 @@ def compile_again(
     return _run(cache_dir, archs, kernels)
 
 
+def compile_specs(
+    cache_dir: Path, specs: tuple[KernelSpec, ...], *, archs: tuple[int, ...] = (90,)
+) -> CompileReport:
+    """Compile `specs` for every arch with ``TRITON_CACHE_DIR=cache_dir``, in a fresh interpreter.
+
+    What `build_triton_cache` and `compile_again` do for the plain kernels, for any set of
+    variants: the first call into an empty directory compiles them all, a later one hits.
+    """
+    return _run_specs(cache_dir, archs, specs)
+
+
 def group_dirs(cache_dir: Path) -> set[str]:
     """The names of the group directories directly under a Triton cache directory."""
     return {p.name for p in cache_dir.iterdir() if p.is_dir()}
@@ -101,7 +155,13 @@ def _kernel_dir() -> Path:
 
 
 def _run(cache_dir: Path, archs: tuple[int, ...], kernels: tuple[str, ...]) -> CompileReport:
-    unknown = set(kernels) - set(_SIGNATURES)
+    return _run_specs(cache_dir, archs, tuple(KernelSpec(kernel) for kernel in kernels))
+
+
+def _run_specs(
+    cache_dir: Path, archs: tuple[int, ...], specs: tuple[KernelSpec, ...]
+) -> CompileReport:
+    unknown = {spec.kernel for spec in specs} - set(_SIGNATURES)
     if unknown:
         raise ValueError(f"no such test kernels: {sorted(unknown)}")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +170,11 @@ def _run(cache_dir: Path, archs: tuple[int, ...], kernels: tuple[str, ...]) -> C
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
     env["TRITON_CACHE_DIR"] = str(cache_dir.resolve())
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # set explicitly: silences Triton's warning about it
-    request = {"kernel_dir": str(_kernel_dir()), "archs": list(archs), "kernels": list(kernels)}
+    request = {
+        "kernel_dir": str(_kernel_dir()),
+        "archs": list(archs),
+        "specs": [[s.kernel, s.block, s.num_warps] for s in specs],
+    }
     done = subprocess.run(
         [sys.executable, __file__, json.dumps(request)],
         env=env,
@@ -122,17 +186,27 @@ def _run(cache_dir: Path, archs: tuple[int, ...], kernels: tuple[str, ...]) -> C
     if done.returncode != 0:
         raise RuntimeError(f"compiling test kernels failed ({done.returncode}):\n{done.stderr}")
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    return CompileReport(compiled=report["compiled"], cache_hits=report["cache_hits"])
+    return CompileReport(
+        compiled=report["compiled"], cache_hits=report["cache_hits"],
+        import_s=report["import_s"], key_s=report["key_s"], kernels_s=report["kernels_s"],
+    )  # fmt: skip
 
 
-def _compile_in_this_process(request: dict[str, Any]) -> dict[str, int]:
+def _compile_in_this_process(request: dict[str, Any]) -> dict[str, float]:
     """The subprocess side: compile, counting the stage runs of every real compile."""
     import importlib
+    import time
 
+    started = time.perf_counter()
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
+    from triton.runtime.cache import triton_key
+
+    imported = time.perf_counter()
+    triton_key()  # cached: the first compile would compute it, hit or miss
+    keyed = time.perf_counter()
 
     runs: dict[str, int] = {}
     original = CUDABackend.add_stages
@@ -147,18 +221,25 @@ def _compile_in_this_process(request: dict[str, Any]) -> dict[str, int]:
     module = importlib.import_module(_MODULE)
     calls = 0
     for arch in request["archs"]:
-        for kernel in request["kernels"]:
+        for kernel, block, num_warps in request["specs"]:
             source = ASTSource(
                 fn=getattr(module, kernel),
                 signature=_SIGNATURES[kernel],
-                constexprs=dict(_CONSTEXPRS),
+                constexprs={**_CONSTEXPRS, "BLOCK": block},
             )
-            triton.compile(source, target=GPUTarget("cuda", arch, WARP_SIZE))
+            options = {} if num_warps is None else {"num_warps": num_warps}
+            triton.compile(source, target=GPUTarget("cuda", arch, WARP_SIZE), options=options)
             calls += 1
     compiled = runs.get("cubin", 0)
     if runs.get("ttir", 0) != compiled:
         raise RuntimeError(f"partial pipelines ran: {runs}")
-    return {"compiled": compiled, "cache_hits": calls - compiled}
+    return {
+        "compiled": compiled,
+        "cache_hits": calls - compiled,
+        "import_s": imported - started,
+        "key_s": keyed - imported,
+        "kernels_s": time.perf_counter() - keyed,
+    }
 
 
 def _counted(name: str, stage: Any, runs: dict[str, int]) -> Any:

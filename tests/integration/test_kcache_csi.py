@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from gpufleet.kcache.errors import (
     CacheNotFoundError,
     CacheNotReadyError,
     InvalidVolumeError,
+    KcacheError,
     VolumeError,
 )
 from gpufleet.kcache.mounts import mounted_at, mounted_from, read_mountinfo
@@ -254,6 +257,57 @@ async def test_a_mount_of_ours_whose_record_was_lost_is_recorded_again(plugin: P
     assert mounted_from(target, record.source, read_mountinfo())
 
 
+def unmount_by_hand(target: Path) -> None:
+    subprocess.run(["umount", target], check=True)
+
+
+def writable_bind(source: Path, target: Path) -> None:
+    """A broken mount function: a bind mount that stays writable."""
+    subprocess.run(["mount", "--bind", source, target], check=True)
+
+
+def failing_bind(source: Path, target: Path) -> None:
+    raise KcacheError(f"bind mount of {source} at {target}: Operation not permitted")
+
+
+async def test_a_mount_that_is_not_read_only_is_undone_and_refused(place: Place) -> None:
+    target = place.target()
+    source = FakeVolumeSource(volume=place.volume())
+    async with running_plugin(place, source, bind=writable_bind) as plugin:
+        answer = await refused(plugin.node.NodePublishVolume, publish_request(target))
+        assert answer.code() == grpc.StatusCode.INTERNAL
+        assert "read-only" in (answer.details() or "")
+        assert mounts_at(target) == 0
+        assert not target.exists()
+        assert plugin.log.all() == []
+        assert source.publish_calls == []
+
+
+async def test_a_failed_mount_is_internal_and_leaves_nothing(place: Place) -> None:
+    target = place.target()
+    async with running_plugin(
+        place, FakeVolumeSource(volume=place.volume()), bind=failing_bind
+    ) as plugin:
+        answer = await refused(plugin.node.NodePublishVolume, publish_request(target))
+        assert answer.code() == grpc.StatusCode.INTERNAL
+        assert "Operation not permitted" in (answer.details() or "")
+        assert not target.exists()
+        assert plugin.log.all() == []
+
+
+async def test_a_node_state_failing_to_note_a_publish_does_not_fail_the_pod(
+    place: Place,
+) -> None:
+    class Forgetful(FakeVolumeSource):
+        async def published(self, request: object, volume: object) -> None:  # type: ignore[override]
+            raise RuntimeError("bug")
+
+    target = place.target()
+    async with running_plugin(place, Forgetful(volume=place.volume())) as plugin:
+        await plugin.node.NodePublishVolume(publish_request(target))
+    assert mounts_at(target) == 1
+
+
 # --- the node state's refusals ---------------------------------------------------------------
 
 
@@ -286,6 +340,22 @@ async def test_each_volume_error_is_its_status_code_with_its_message_and_mounts_
         assert plugin.source.publish_calls == []
 
 
+async def test_still_pulling_is_logged_at_info_and_other_refusals_at_warning(
+    place: Place, caplog: pytest.LogCaptureFixture
+) -> None:
+    levels = []
+    for error in (CacheNotReadyError("pulling"), CacheNotFoundError("no such cache")):
+        caplog.clear()
+        async with running_plugin(place, FakeVolumeSource(error=error)) as plugin:
+            with caplog.at_level(logging.INFO, logger="gpufleet.kcache"):
+                await refused(plugin.node.NodePublishVolume, publish_request(place.target()))
+        levels.append([(r.getMessage(), r.levelno) for r in caplog.records])
+    assert levels == [
+        [("volume publish refused", logging.INFO)],
+        [("volume publish refused", logging.WARNING)],
+    ]
+
+
 async def test_an_incompatible_node_says_which_gpu_mismatches(place: Place) -> None:
     reason = "GPU 0 (NVIDIA A100-SXM4-80GB) is cuda/80/32; cache has cuda/90/32"
     source = FakeVolumeSource(error=CacheIncompatibleError(reason))
@@ -295,15 +365,25 @@ async def test_an_incompatible_node_says_which_gpu_mismatches(place: Place) -> N
     assert "cuda/80/32" in (answer.details() or "")
 
 
-async def test_a_crashing_node_state_is_internal_and_mounts_nothing(place: Place) -> None:
+async def test_a_crashing_node_state_is_internal_logged_once_and_mounts_nothing(
+    place: Place, caplog: pytest.LogCaptureFixture
+) -> None:
     class Broken(FakeVolumeSource):
         async def prepare(self, request: object) -> object:  # type: ignore[override]
             raise RuntimeError("bug")
 
     async with running_plugin(place, Broken()) as plugin:
-        answer = await refused(plugin.node.NodePublishVolume, publish_request(place.target()))
+        with caplog.at_level(logging.INFO, logger="gpufleet.kcache"):
+            answer = await refused(plugin.node.NodePublishVolume, publish_request(place.target()))
     assert answer.code() == grpc.StatusCode.INTERNAL
     assert not place.target().exists()
+    (line,) = caplog.records
+    assert (line.getMessage(), line.levelno, line.__dict__["code"]) == (
+        "volume publish refused",
+        logging.ERROR,
+        "INTERNAL",
+    )
+    assert line.exc_info is not None  # a bug of the node state: its traceback, once
 
 
 # --- the plugin's own refusals ---------------------------------------------------------------
@@ -571,6 +651,27 @@ async def test_unpublish_logs_one_line_with_pod_and_cache(
     assert [r.getMessage() for r in caplog.records] == ["volume unpublished"]
     assert caplog.records[0].__dict__["pod"] == f"{NAMESPACE}/{POD_NAME}"
     assert caplog.records[0].__dict__["cache"] == f"GKMCache {NAMESPACE}/{CACHE}"
+
+
+async def test_unpublish_retried_after_the_kubelet_removed_the_volume_dir_is_ok(
+    plugin: Plugin,
+) -> None:
+    target = plugin.place.target()
+    await plugin.node.NodePublishVolume(publish_request(target))
+    await plugin.node.NodeUnpublishVolume(unpublish_request(target))
+    shutil.rmtree(target.parent)
+    await plugin.node.NodeUnpublishVolume(unpublish_request(target))
+    assert plugin.source.unpublish_calls == [volume_id()]
+
+
+async def test_unpublish_of_a_mount_gone_since_drops_the_record(plugin: Plugin) -> None:
+    target = plugin.place.target()
+    await plugin.node.NodePublishVolume(publish_request(target))
+    unmount_by_hand(target)  # a reboot, or an admin
+    shutil.rmtree(target.parent)
+    await plugin.node.NodeUnpublishVolume(unpublish_request(target))
+    assert plugin.log.all() == []
+    assert plugin.source.unpublish_calls == [volume_id()]
 
 
 async def test_publish_unpublish_publish_again_works(plugin: Plugin) -> None:

@@ -38,6 +38,9 @@ CONTROLLER_OVERLAYS = ("stdout", "postgres", "s3", "http", "labels", "check")
 INVENTORY_OVERLAYS = (*CONTROLLER_OVERLAYS, "agent")
 GPU_EXPORTER = "gpu-exporter"
 OVERLAYS = (*INVENTORY_OVERLAYS, GPU_EXPORTER)
+# The kernel cache's overlay (CRDs, a privileged CSI DaemonSet): tests of its own in
+# test_manifests_kcache.py.
+KCACHE = "kcache"
 # DaemonSets on GPU nodes that read NVML through the NVIDIA runtime.
 NODE_OVERLAYS = ("agent", GPU_EXPORTER)
 
@@ -221,7 +224,7 @@ def test_overlay_renders_with_kubectl_kustomize(overlay: str) -> None:
 
 def test_every_overlay_directory_is_tested() -> None:
     on_disk = {path.parent.name for path in OVERLAYS_DIR.glob("*/kustomization.yaml")}
-    assert on_disk == set(OVERLAYS)
+    assert on_disk == {*OVERLAYS, KCACHE}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -450,3 +450,31 @@ def test_example_pods_name_example_caches_of_their_own_namespace_or_cluster_cach
             else:
                 assert attributes["csi.gkm.io/namespace"] == namespace
                 assert (namespace, attributes["csi.gkm.io/GKMCache"]) in namespaced
+
+
+def test_example_grants_use_of_the_cluster_cache_to_the_pods_service_account() -> None:
+    # With KCACHE_CLUSTER_CACHE_ACCESS=restricted the node process asks whether the pod's
+    # ServiceAccount may `use` clustergkmcaches/<name>; a cluster-scoped check sees only
+    # ClusterRoleBindings.
+    documents = example_documents()
+    (cache,) = [d for d in documents if d["kind"] == "ClusterGKMCache"]
+    (pod,) = [d for d in documents if d["kind"] == "Pod" and d["metadata"]["namespace"] == "team-b"]
+    (role,) = [d for d in documents if d["kind"] == "ClusterRole"]
+    (binding,) = [d for d in documents if d["kind"] == "ClusterRoleBinding"]
+    account = pod["spec"].get("serviceAccountName", "default")
+    assert (
+        role["rules"],
+        binding["roleRef"]["name"],
+        binding["subjects"],
+    ) == (
+        [
+            {
+                "apiGroups": ["gkm.io"],
+                "resources": ["clustergkmcaches"],
+                "resourceNames": [cache["metadata"]["name"]],
+                "verbs": ["use"],
+            }
+        ],
+        role["metadata"]["name"],
+        [{"kind": "ServiceAccount", "name": account, "namespace": "team-b"}],
+    )

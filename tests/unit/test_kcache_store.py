@@ -741,6 +741,23 @@ def test_sweep_drops_a_marker_whose_directory_is_gone(store: CacheStore) -> None
     assert not marker_of(store, DIGEST, ROOT).exists()
 
 
+def test_sweep_drops_a_half_written_marker_and_keeps_the_entry(store: CacheStore) -> None:
+    path = store.install(DIGEST, ROOT, Filler())
+    half = path.with_name(f".{path.name}.complete.tmp")
+    half.write_text('{"digest": "sha')  # a marker write killed before its rename
+
+    assert CacheStore(store.root).sweep() == [half]
+    assert store.installed(DIGEST, ROOT) == path
+
+
+def test_remove_drops_a_half_written_marker_with_its_entry(store: CacheStore) -> None:
+    path = store.install(DIGEST, ROOT, Filler())
+    path.with_name(f".{path.name}.complete.tmp").write_text("{")
+
+    assert [c.path for c in store.remove(DIGEST)] == [path]
+    assert not path.parent.exists()
+
+
 def test_sweep_keeps_an_entry_whose_installer_is_at_work(store: CacheStore) -> None:
     path = store.path(DIGEST, ROOT)
     path.mkdir(parents=True)  # renamed into place, marker not yet written

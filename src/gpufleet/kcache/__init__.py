@@ -5,6 +5,6 @@
 - `reference` parses image references; `credentials` reads docker's config.json;
   `oci` talks to registries; `transfer` moves images between them and the store.
 - `tarstream` reads a layer as a stream; `extract` unpacks it safely into the
-  content-addressed `store`.
+  content-addressed `store`; `mcv` knows the layouts and manifests of MCV-built images.
 - `keys` loads signing keys; `sign` signs and verifies in cosign's key-based format.
 """

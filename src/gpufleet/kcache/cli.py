@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -69,6 +70,15 @@ SignedRepositoryOpt = Annotated[
         "mirrored from there with its signature.",
     ),
 ]
+
+
+class SignatureFormat(StrEnum):
+    """The two cosign signature formats (``kcache.policy``'s names)."""
+
+    COSIGN_V2 = "cosign-v2"
+    COSIGN_V3 = "cosign-v3"
+
+
 DeadlineOpt = Annotated[
     float | None,
     typer.Option(
@@ -375,18 +385,33 @@ def sign(
     key: Annotated[
         Path, typer.Option("--key", help="EC P-256 private key (PEM; password in COSIGN_PASSWORD).")
     ],
+    signature_format: Annotated[
+        SignatureFormat,
+        typer.Option(
+            "--format",
+            help="cosign-v2: the sha256-<digest>.sig tag; cosign-v3: a Sigstore bundle "
+            "attached as an OCI 1.1 referrer (what cosign 3 writes).",
+            case_sensitive=False,
+        ),
+    ] = SignatureFormat.COSIGN_V2,
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
 ) -> None:
-    """Sign an image in cosign's key-based format (tag sha256-<digest>.sig)."""
+    """Sign an image in cosign's key-based format; prints the signature manifest's digest."""
     from gpufleet.kcache.keys import load_private_key
-    from gpufleet.kcache.sign import sign_image
 
     settings = load_settings(CacheSettings)
     password = None if settings.cosign_password is None else settings.cosign_password.encode()
     private = load_private_key(key, password)
     with _client(reference, plain_http, force_plain_http, takes="cache sign") as (client, ref):
-        digest = sign_image(client, ref, private)
+        if signature_format is SignatureFormat.COSIGN_V3:
+            from gpufleet.kcache.bundle import sign_image_bundle
+
+            digest = sign_image_bundle(client, ref, private)
+        else:
+            from gpufleet.kcache.sign import sign_image
+
+            digest = sign_image(client, ref, private)
     sys.stdout.write(f"{digest}\n")
 
 
@@ -394,21 +419,33 @@ def sign(
 def verify(
     reference: Annotated[str, typer.Argument(metavar="REF")],
     key: Annotated[Path, typer.Option("--key", help="The signer's public key (PEM).")],
+    signature_format: Annotated[
+        SignatureFormat | None,
+        typer.Option(
+            "--format",
+            help="Check only this format [either: the cosign-v3 bundle, then the cosign-v2 tag].",
+            case_sensitive=False,
+        ),
+    ] = None,
     signed_repository: SignedRepositoryOpt = None,
     plain_http: PlainHttpOpt = False,
     force_plain_http: ForcePlainOpt = False,
 ) -> None:
     """Verify an image's signature; prints the verified manifest digest.
 
-    The signature must name the image's own repository, or --signed-repository.
+    A cosign-v2 signature must name the image's own repository, or --signed-repository.
     """
     from gpufleet.kcache.keys import load_public_key
-    from gpufleet.kcache.sign import verify_image
+    from gpufleet.kcache.policy import verify_signed
 
     public = load_public_key(key)
+    wanted = None if signature_format is None else signature_format.value
     with _client(reference, plain_http, force_plain_http, takes="cache verify") as (client, ref):
-        digest = verify_image(client, ref, public, signed_repository=signed_repository)
-    sys.stdout.write(f"{digest}\n")
+        verified = verify_signed(
+            client, ref, {key.name: public}, signature_format=wanted,
+            signed_repository=signed_repository,
+        )  # fmt: skip
+    sys.stdout.write(f"{verified.digest}\n")
 
 
 @app.command()

@@ -42,6 +42,22 @@ class SignatureError(KcacheError):
     """The image is unsigned, signed by another key, or its signature names another digest."""
 
 
+class UnsignedError(SignatureError):
+    """The image carries no signature at all in the format(s) looked for."""
+
+
+class UntrustedSignatureError(SignatureError):
+    """Signatures exist, but none verifies with a trusted key for this image and repository."""
+
+
+class SignedDigestMismatchError(SignatureError):
+    """A trusted key signed another digest than the one the reference resolves to now."""
+
+
+class TrustPolicyError(KcacheError, ConfigError):
+    """The trust Secret (public keys, ``policy.yaml``) is malformed; a configuration error."""
+
+
 class VolumeError(KcacheError):
     """A CSI volume cannot be published; each subclass is answered with one gRPC status code."""
 

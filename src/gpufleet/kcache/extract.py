@@ -8,9 +8,12 @@ written, and every file is created by us with
 ``O_CREAT | O_EXCL | O_NOFOLLOW`` relative to directory descriptors opened
 with ``O_NOFOLLOW``. Links of any kind, devices, FIFOs, setuid/setgid/sticky
 bits, paths that are absolute, hold ``..`` or lie outside ``io.triton.cache/``
-and ``io.triton.manifest/``, duplicates, and anything past the byte or entry
-limits are refused with `UnsafeArchiveError` naming the member. On any failure
-`dest` is left empty. See docs/kcache-image.md.
+and ``io.triton.manifest/`` (or MCV's ``io.vllm.cache/`` and
+``io.vllm.manifest/``, never both pairs), duplicates, and anything past the
+byte or entry limits are refused with `UnsafeArchiveError` naming the member.
+The manifest is ours (every file's size and sha256) or MCV's kernel list,
+which `kcache.mcv` checks. On any failure `dest` is left empty. See
+docs/kcache-image.md.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from gpufleet.kcache.errors import (
     KcacheError,
     UnsafeArchiveError,
 )
-from gpufleet.kcache.image import MANIFEST_PATH, MCV_PREFIX, check_mount_root, is_group_file
+from gpufleet.kcache.image import MANIFEST_PATH, check_mount_root, is_group_file
+from gpufleet.kcache.mcv import Family, check_kernel_list, family_of, is_kernel_list
 from gpufleet.kcache.tarstream import CHUNK_SIZE, Inflater, TarHeader, TarStream
 
 __all__ = [
@@ -54,8 +58,7 @@ DEFAULT_MAX_ENTRIES = 65_536
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
-_CACHE_TOP = MCV_PREFIX.rstrip("/")
-_MANIFEST_TOP, _MANIFEST_NAME = MANIFEST_PATH.split("/")
+_MANIFEST_NAME = MANIFEST_PATH.rsplit("/", 1)[1]
 # A group file is a few KB: the cap bounds what is held in memory.
 _MAX_GROUP_FILE = 16 * 1024**2
 MANIFEST_BYTES_PER_ENTRY = 512
@@ -107,15 +110,21 @@ def extract_layer(
     *,
     mount_root: str,
     expected_size: int | None,
+    expected_entries: int | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> Extracted:
     """Extract the ``io.triton.cache/`` files of a tar+gzip layer into `dest`, verified.
 
-    `dest` must be an empty directory (or not exist yet). The layer's manifest
-    must list exactly the files extracted, with their sizes and sha256; their
-    total size must equal `expected_size` (the image's size label; None skips
-    that check). Group files are rewritten so that their child paths lie
+    The ``io.triton.cache/`` (or ``io.vllm.cache/``) prefix is stripped:
+    `dest` is the cache root, what ``TRITON_CACHE_DIR`` (``VLLM_CACHE_ROOT``)
+    names. `dest` must be an empty directory (or not exist yet). The layer's
+    manifest must list exactly the files extracted, with their sizes and
+    sha256; their total size must equal `expected_size` (the image's size
+    label; None skips that check). An MCV kernel-list manifest lists no files:
+    then `expected_size` is required, and `expected_entries` (the entry-count
+    label; None skips it) is checked against it (`mcv.check_kernel_list`).
+    Group files are rewritten so that their child paths lie
     under `mount_root`, where pods will see the cache. The gzip stream is read
     to its end, so a caller hashing it as it goes sees every byte. `layer` is
     read by a worker thread (inflating ahead); it is not touched after return.
@@ -134,7 +143,7 @@ def extract_layer(
             raise KcacheError(f"{dest}: extraction needs an empty directory")
         extraction = _Extraction(root_fd, dest, mount_root, max_bytes, max_entries)
         try:
-            return extraction.run(layer, expected_size)
+            return extraction.run(layer, expected_size, expected_entries)
         except BaseException:
             _empty(root_fd)
             if created:
@@ -161,9 +170,15 @@ class _Extraction:
         self.seen: set[str] = set()
         self.stored: dict[str, tuple[int, str]] = {}
         self.manifest: bytes | None = None
+        self.family: Family | None = None
+        self.groups: set[str] = set()
+        self.group_files = 0
+        self.hash_dirs: set[str] = set()
         self.dirs = _Dirs(root_fd)
 
-    def run(self, layer: BinaryIO, expected_size: int | None) -> Extracted:
+    def run(
+        self, layer: BinaryIO, expected_size: int | None, expected_entries: int | None
+    ) -> Extracted:
         limit = _tar_limit(self.max_bytes, self.max_entries)
         try:
             with Inflater(layer) as plain, self.dirs:
@@ -175,7 +190,7 @@ class _Extraction:
             raise CacheFormatError(f"layer: not a valid gzip stream: {exc}") from exc
         except OSError as exc:
             raise KcacheError(f"{self.dest}: extraction failed: {exc}") from exc
-        manifest = self._check_manifest()
+        manifest = self._check_manifest(expected_size, expected_entries)
         if expected_size is not None and self.cache_bytes != expected_size:
             raise CacheFormatError(
                 f"layer: the cache files hold {self.cache_bytes} bytes, "
@@ -190,13 +205,25 @@ class _Extraction:
             raise UnsafeArchiveError(
                 f"layer member {name!r}: more than {self.max_entries} entries (--max-entries)"
             )
-        parts = _judge(header)
+        parts, family = _judge(header)
+        if self.family is None:
+            self.family = family
+        elif family is not self.family:
+            raise UnsafeArchiveError(
+                f"layer member {name!r}: under {parts[0]}/, beside members under "
+                f"{self.family.cache_top}/ and {self.family.manifest_top}/; one pair only"
+            )
         key = "/".join(parts)
         if key in self.seen:
             raise UnsafeArchiveError(f"layer member {name!r}: appears twice")
         self.seen.add(key)
+        is_cache = parts[0] == family.cache_top
+        # What MCV counts as a vLLM cache's entries: the directories in torch_compile_cache/.
+        below = parts[2:] if is_cache and parts[1:2] == ("torch_compile_cache",) else ()
+        if len(below) > 1 or (below and header.type == b"5"):
+            self.hash_dirs.add(below[0])
         if header.type == b"5":
-            if parts[0] == _CACHE_TOP and len(parts) > 1:
+            if is_cache and len(parts) > 1:
                 self.dirs.ensure(parts[1:], name)
             return
         if header.size > self.max_bytes - self.data_bytes:
@@ -205,7 +232,7 @@ class _Extraction:
                 f"{self.max_bytes} bytes (--max-bytes)"
             )
         self.data_bytes += header.size
-        if parts[0] == _MANIFEST_TOP:
+        if not is_cache:
             cap = max_manifest_bytes(self.max_entries)
             if header.size > cap:
                 raise UnsafeArchiveError(
@@ -221,6 +248,9 @@ class _Extraction:
             )
         self.cache_bytes += header.size
         self.stored[key] = self._write(tar, header, parts[1:])
+        if len(parts) == 3 and is_group_file(parts[2]):
+            self.groups.add(parts[1])
+            self.group_files += 1
 
     def _write(self, tar: TarStream, header: TarHeader, rel: tuple[str, ...]) -> tuple[int, str]:
         """Write one cache file; its stored size and sha256."""
@@ -264,32 +294,49 @@ class _Extraction:
             os.close(fd)
         return header.size, sha.hexdigest()
 
-    def _check_manifest(self) -> dict[str, object]:
-        """The layer's manifest, once it is known to list exactly the files extracted."""
-        if self.manifest is None:
-            raise CacheFormatError(f"layer: no {MANIFEST_PATH}")
+    def _check_manifest(
+        self, expected_size: int | None, expected_entries: int | None
+    ) -> dict[str, object]:
+        """The layer's manifest, once it is known to describe exactly the files extracted."""
+        family = self.family
+        if self.manifest is None or family is None:
+            where = MANIFEST_PATH if family is None else family.manifest_path
+            raise CacheFormatError(f"layer: no {where}")
+        where = family.manifest_path
         # Every JSON value but the first follows a ',', '[' or ':'; a count of those bounds the
         # objects json.loads would make (strings holding them only make the count larger).
         values = sum(self.manifest.count(mark) for mark in (b",", b"[", b":"))
         allowed = _VALUES_PER_FILE * len(self.stored) + _VALUES_BASE
         if values > allowed:
             raise CacheFormatError(
-                f"layer: {MANIFEST_PATH} holds more JSON values than {allowed}, the most a "
+                f"layer: {where} holds more JSON values than {allowed}, the most a "
                 f"manifest of the {len(self.stored)} files extracted can hold"
             )
         try:
             doc = json.loads(self.manifest)
         except RecursionError:
-            raise CacheFormatError(f"layer: {MANIFEST_PATH} is nested too deeply") from None
+            raise CacheFormatError(f"layer: {where} is nested too deeply") from None
         except (UnicodeDecodeError, ValueError) as exc:
-            raise CacheFormatError(f"layer: {MANIFEST_PATH} is not JSON: {exc}") from exc
+            raise CacheFormatError(f"layer: {where} is not JSON: {exc}") from exc
+        if is_kernel_list(doc):
+            assert isinstance(doc, dict)  # narrowed by is_kernel_list, for mypy
+            if expected_size is None:
+                raise CacheFormatError(
+                    f"layer: {where} is MCV's kernel list, which names no file: "
+                    "the image's cache-size-bytes label is needed to check the files"
+                )
+            check_kernel_list(
+                doc, family, where=where, groups=self.groups, group_files=self.group_files,
+                hash_dirs=len(self.hash_dirs), expected_entries=expected_entries,
+            )  # fmt: skip
+            return doc
         files = doc.get("files") if isinstance(doc, dict) else None
         if (
             not isinstance(doc, dict)
             or doc.get("schemaVersion") != 1
             or not isinstance(files, list)
         ):
-            raise CacheFormatError(f"layer: {MANIFEST_PATH} is not a version 1 manifest")
+            raise CacheFormatError(f"layer: {where} is not a version 1 manifest")
         listed: dict[str, tuple[int, str]] = {}
         for item in files:
             path = item.get("path") if isinstance(item, dict) else None
@@ -302,30 +349,28 @@ class _Extraction:
                 or not isinstance(sha, str)
                 or path in listed
             ):
-                raise CacheFormatError(
-                    f"layer: {MANIFEST_PATH}: invalid or repeated entry {item!r}"
-                )
+                raise CacheFormatError(f"layer: {where}: invalid or repeated entry {item!r}")
             listed[path] = (size, sha)
         for path, (size, sha) in self.stored.items():
             if path not in listed:
-                raise CacheFormatError(f"layer member {path!r}: not listed in {MANIFEST_PATH}")
+                raise CacheFormatError(f"layer member {path!r}: not listed in {where}")
             if listed[path] != (size, sha):
                 raise DigestMismatchError(
                     f"layer member {path!r}: {size} bytes with sha256 {sha}, "
-                    f"but {MANIFEST_PATH} lists {listed[path][0]} bytes with sha256 "
+                    f"but {where} lists {listed[path][0]} bytes with sha256 "
                     f"{listed[path][1]}"
                 )
         missing = sorted(set(listed) - set(self.stored))
         if missing:
             raise CacheFormatError(
-                f"layer: {MANIFEST_PATH} lists {missing[0]!r} (and {len(missing) - 1} more), "
+                f"layer: {where} lists {missing[0]!r} (and {len(missing) - 1} more), "
                 "which the layer does not hold"
             )
         return doc
 
 
-def _judge(header: TarHeader) -> tuple[str, ...]:
-    """The member's path components, if its type, mode and path are acceptable."""
+def _judge(header: TarHeader) -> tuple[tuple[str, ...], Family]:
+    """The member's path components and family, if its type, mode and path are acceptable."""
     name = header.name
     kind = {
         b"1": "a hard link",
@@ -354,12 +399,16 @@ def _judge(header: TarHeader) -> tuple[str, ...]:
     if any(part in ("", ".") for part in parts) or "\x00" in name:
         raise UnsafeArchiveError(f"layer member {name!r}: not a normalized relative path")
     is_dir = header.type == b"5"
-    if parts[0] == _CACHE_TOP and (len(parts) > 1 or is_dir):
-        return parts
-    if parts[0] == _MANIFEST_TOP and (parts == (_MANIFEST_TOP,) if is_dir else
-                                      parts == (_MANIFEST_TOP, _MANIFEST_NAME)):  # fmt: skip
-        return parts
-    raise UnsafeArchiveError(f"layer member {name!r}: outside {MCV_PREFIX} and {MANIFEST_PATH}")
+    family = family_of(parts[0])
+    if family is not None and parts[0] == family.cache_top and (len(parts) > 1 or is_dir):
+        return parts, family
+    top = parts[0]
+    if family is not None and (parts == (top,) if is_dir else parts == (top, _MANIFEST_NAME)):
+        return parts, family
+    raise UnsafeArchiveError(
+        f"layer member {name!r}: outside io.triton.cache/ and {MANIFEST_PATH} "
+        "(or MCV's io.vllm.cache/ and io.vllm.manifest/manifest.json)"
+    )
 
 
 class _Dirs:

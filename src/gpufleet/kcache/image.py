@@ -46,6 +46,9 @@ __all__ = [
     "CACHE_TYPE_LABEL",
     "CONFIG_MEDIA_TYPE",
     "DEFAULT_MOUNT_ROOT",
+    "DOCKER_CONFIG_MEDIA_TYPE",
+    "DOCKER_LAYER_MEDIA_TYPE",
+    "DOCKER_MANIFEST_MEDIA_TYPE",
     "ENTRY_COUNT_LABEL",
     "LAYER_MEDIA_TYPE",
     "MANIFEST_MEDIA_TYPE",
@@ -69,6 +72,10 @@ LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 DEFAULT_MOUNT_ROOT = "/var/cache/gpufleet/kernels"
+# What a Docker-built image (MCV by docker build) carries instead; its layer is gzip too.
+DOCKER_MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_MEDIA_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 MANIFEST_SCHEMA_VERSION = 1
 FILE_MODE = 0o644

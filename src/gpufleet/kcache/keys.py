@@ -27,6 +27,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "not_p256_error",
+    "parse_public_key",
     "password_from_env",
 ]
 
@@ -96,10 +97,14 @@ def load_private_key(path: Path, password: bytes | None = None) -> ec.EllipticCu
 
 def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
     """An EC P-256 public key from a PEM (``cosign.pub``: SubjectPublicKeyInfo) or DER file."""
-    data = _read_key(path)
+    return parse_public_key(_read_key(path), str(path))
+
+
+def parse_public_key(data: bytes, what: str) -> ec.EllipticCurvePublicKey:
+    """An EC P-256 public key from PEM or DER ``data``; errors name ``what``, never the bytes."""
     pem_type = _pem_type(data)
     if pem_type is not None and pem_type.endswith(b"PRIVATE KEY"):
-        raise SigningKeyError(f"{path} holds a private key; verifying needs the public key")
+        raise SigningKeyError(f"{what} holds a private key; verifying needs the public key")
     try:
         key: Any = (
             serialization.load_der_public_key(data)
@@ -107,9 +112,9 @@ def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
             else serialization.load_pem_public_key(data)
         )
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise SigningKeyError(f"{path}: not a PEM or DER public key: {exc}") from None
+        raise SigningKeyError(f"{what}: not a PEM or DER public key: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not is_p256(key):
-        raise not_p256_error(key, str(path))
+        raise not_p256_error(key, what)
     return key
 
 

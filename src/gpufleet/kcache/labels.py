@@ -25,6 +25,9 @@ __all__ = [
     "MOUNT_ROOT_LABEL",
     "SUMMARY_LABEL",
     "TRITON_VERSION_LABEL",
+    "VLLM_CACHE_SIZE_LABEL",
+    "VLLM_ENTRY_COUNT_LABEL",
+    "VLLM_SUMMARY_LABEL",
     "canonical_json",
     "labels_for",
     "labels_of",
@@ -39,6 +42,10 @@ CACHE_TYPE_LABEL = "io.gpufleet.kcache/cache-type"
 SUMMARY_LABEL = "io.gpufleet.kcache/summary"
 TRITON_VERSION_LABEL = "io.gpufleet.kcache/triton-version"
 MOUNT_ROOT_LABEL = "io.gpufleet.kcache/mount-root"
+# MCV labels a vLLM cache's image with these instead of the cache.triton.image/ ones.
+VLLM_SUMMARY_LABEL = "cache.vllm.image/summary"
+VLLM_ENTRY_COUNT_LABEL = "cache.vllm.image/entry-count"
+VLLM_CACHE_SIZE_LABEL = "cache.vllm.image/cache-size-bytes"
 
 
 def labels_of(config: bytes) -> dict[str, str]:
@@ -66,7 +73,8 @@ def summary_from_labels(labels: Mapping[str, str]) -> CacheSummary:
     Our own ``io.gpufleet.kcache/summary`` label is preferred and must agree
     with MCV's entry-count and size labels; an image built by MCV (no label of
     ours) yields a Triton summary from MCV's labels alone, with no kernel
-    names or Triton versions.
+    names or Triton versions, or a vLLM one from MCV's ``cache.vllm.image/*``
+    labels (their summary holds the Triton targets of the kernels inside).
     """
     if SUMMARY_LABEL in labels:
         summary = _summary_from_json(labels)
@@ -77,20 +85,29 @@ def summary_from_labels(labels: Mapping[str, str]) -> CacheSummary:
                     f"label {key}={labels[key]!r} disagrees with {SUMMARY_LABEL} ({value})"
                 )
         return summary
-    if MCV_SUMMARY_LABEL not in labels:
+    if MCV_SUMMARY_LABEL in labels:
+        kind, summary_label, count_label, size_label = (
+            CacheKind.TRITON, MCV_SUMMARY_LABEL, ENTRY_COUNT_LABEL, CACHE_SIZE_LABEL,
+        )  # fmt: skip
+    elif VLLM_SUMMARY_LABEL in labels:
+        kind, summary_label, count_label, size_label = (
+            CacheKind.VLLM, VLLM_SUMMARY_LABEL, VLLM_ENTRY_COUNT_LABEL, VLLM_CACHE_SIZE_LABEL,
+        )  # fmt: skip
+    else:
         raise CacheFormatError(
-            f"not a kernel cache image: neither {SUMMARY_LABEL} nor {MCV_SUMMARY_LABEL} label"
+            f"not a kernel cache image: none of the labels {SUMMARY_LABEL}, "
+            f"{MCV_SUMMARY_LABEL}, {VLLM_SUMMARY_LABEL}"
         )
-    doc = _json_label(labels, MCV_SUMMARY_LABEL)
+    doc = _json_label(labels, summary_label)
     targets = doc.get("targets") if isinstance(doc, dict) else None
     if not isinstance(targets, list):
-        raise CacheFormatError(f"label {MCV_SUMMARY_LABEL}: no 'targets' list")
+        raise CacheFormatError(f"label {summary_label}: no 'targets' list")
     return CacheSummary(
-        kind=CacheKind.TRITON,
-        targets=_sorted_targets(_mcv_target(item) for item in targets),
+        kind=kind,
+        targets=_sorted_targets(_mcv_target(item, summary_label) for item in targets),
         triton_versions=(),
-        entry_count=_count_label(labels, ENTRY_COUNT_LABEL),
-        size_bytes=_count_label(labels, CACHE_SIZE_LABEL),
+        entry_count=_count_label(labels, count_label),
+        size_bytes=_count_label(labels, size_label),
         kernel_names=(),
     )
 
@@ -176,14 +193,14 @@ def _target(item: dict[str, object], label: str) -> Target:
     return Target(backend, arch, warp)
 
 
-def _mcv_target(item: object) -> Target:
+def _mcv_target(item: object, label: str) -> Target:
     """MCV writes arch as a string; a CUDA arch is a number to us (90 for sm_90)."""
     if not isinstance(item, dict):
-        raise CacheFormatError(f"label {MCV_SUMMARY_LABEL}: invalid target {item!r}")
+        raise CacheFormatError(f"label {label}: invalid target {item!r}")
     arch = item.get("arch")
     if isinstance(arch, str) and arch.isascii() and arch.isdigit():
         item = {**item, "arch": int(arch)}
-    return _target(item, MCV_SUMMARY_LABEL)
+    return _target(item, label)
 
 
 def _sorted_targets(targets: Iterable[Target]) -> tuple[Target, ...]:

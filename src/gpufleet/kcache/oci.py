@@ -868,6 +868,22 @@ class RegistryClient:
             scopes=self._pull(repository), what=what,
             headers={"Accept": ", ".join(accept)}, stream=True,
         )  # fmt: skip
+        data = self._read_manifest(response, what)
+        digest = sha256_digest(data)
+        expected: str | None = response.headers.get("Docker-Content-Digest")
+        if reference.startswith("sha256:"):
+            expected = reference
+        if expected is not None and expected != digest:
+            raise DigestMismatchError(
+                f"{what} at {self.registry} should be {expected} but its content hashes to {digest}"
+            )
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        if media_type not in accept:
+            media_type = _declared_media_type(data) or media_type
+        return data, media_type, digest
+
+    def _read_manifest(self, response: httpx.Response, what: str) -> bytes:
+        """The body of a 200 answer, at most `MAX_MANIFEST_BYTES`; else the error it is."""
         try:
             if response.status_code != 200:
                 raise self._fail(response, what)
@@ -882,19 +898,29 @@ class RegistryClient:
             raise RegistryError(f"reading {what} from {self.registry}: {exc}") from exc
         finally:
             response.close()
-        data = bytes(body)
-        digest = sha256_digest(data)
-        expected: str | None = response.headers.get("Docker-Content-Digest")
-        if reference.startswith("sha256:"):
-            expected = reference
-        if expected is not None and expected != digest:
-            raise DigestMismatchError(
-                f"{what} at {self.registry} should be {expected} but its content hashes to {digest}"
-            )
-        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-        if media_type not in accept:
-            media_type = _declared_media_type(data) or media_type
-        return data, media_type, digest
+        return bytes(body)
+
+    def get_referrers(
+        self, repository: str, digest: str, *, artifact_type: str | None = None
+    ) -> bytes | None:
+        """The OCI 1.1 referrers index of manifest ``digest`` (bytes, bounded like a manifest).
+
+        None when the registry answers 404 (the distribution spec's way of
+        saying it has no referrers API; 400 and 405, which some registries send
+        for an endpoint they do not know, count too): then the referrers tag
+        schema applies (`kcache.referrers`). ``artifact_type`` asks the registry
+        to filter; it may not, so filter what comes back.
+        """
+        what = f"referrers of {check_digest(digest)} in {check_repository(repository)}"
+        params = {} if artifact_type is None else {"artifactType": artifact_type}
+        response = self._send(
+            "GET", httpx.URL(self._url(f"{repository}/referrers/{digest}"), params=params),
+            scopes=self._pull(repository), what=what, headers={"Accept": OCI_INDEX}, stream=True,
+        )  # fmt: skip
+        if response.status_code in (400, 404, 405):
+            response.close()
+            return None
+        return self._read_manifest(response, what)
 
     def resolve(self, repository: str, reference: str) -> str | None:
         """The digest ``reference`` (a tag or digest) points at; None when absent."""

@@ -7,7 +7,8 @@ base64 DER signature in the layer's ``dev.cosignproject.cosign/signature``
 annotation. ``cosign verify --key`` reads what `sign_image` writes, and
 `verify_image` reads what ``cosign sign --key`` writes (see docs/kcache-sign.md).
 Loading and checking keys is `kcache.keys`' job; its public names are
-re-exported here.
+re-exported here. cosign 3's format, a Sigstore bundle attached as an OCI 1.1
+referrer, is `kcache.bundle`'s; `kcache.policy` checks either.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from gpufleet.kcache.errors import (
     KcacheError,
     NotFoundError,
     SignatureError,
+    SignedDigestMismatchError,
+    UnsignedError,
+    UntrustedSignatureError,
 )
 from gpufleet.kcache.keys import (
     COSIGN_PASSWORD_ENV,
@@ -60,18 +64,23 @@ __all__ = [
     "SignatureRegistry",
     "SignedClaims",
     "SigningKeyError",
+    "key_names",
     "load_private_key",
     "load_public_key",
     "parse_payload",
     "password_from_env",
     "payload",
+    "resolve_digest",
     "sign_image",
     "sign_payload",
     "signature_config",
     "signature_manifest",
     "signature_tag",
+    "summarize_failures",
     "verify_image",
+    "verify_image_keys",
     "verify_payload",
+    "verify_with_keys",
 ]
 
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -86,6 +95,7 @@ MAX_SIGNATURE_LAYERS = 1000
 """Each layer costs a blob pull; a .sig image with more is refused rather than walked."""
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_THIS_KEY = "the given key"
 _MANIFEST_MEDIA_TYPES = (
     OCI_MANIFEST_MEDIA_TYPE,
     "application/vnd.docker.distribution.manifest.v2+json",
@@ -182,14 +192,18 @@ def verify_payload(public_key: ec.EllipticCurvePublicKey, data: bytes, signature
     """Check a base64 DER signature over ``data``; SignatureError when it does not verify."""
     if not is_p256(public_key):
         raise not_p256_error(public_key, "public key")
-    try:
-        der = base64.b64decode(signature_b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise SignatureError("the signature annotation is not base64") from None
+    der = _decode_signature(signature_b64)
     try:
         public_key.verify(der, data, _ECDSA_SHA256)
     except InvalidSignature:
         raise SignatureError("the signature does not verify with this key") from None
+
+
+def _decode_signature(signature_b64: str) -> bytes:
+    try:
+        return base64.b64decode(signature_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError("the signature annotation is not base64") from None
 
 
 def signature_config(diff_ids: Sequence[str]) -> bytes:
@@ -228,7 +242,7 @@ def sign_image(
     of the same payload is already there changes nothing.
     """
     repository = reference.repository
-    image_digest = _image_digest(client, reference)
+    image_digest = resolve_digest(client, reference)
     body = payload(_docker_reference(reference), image_digest)
     body_digest = _sha256(body)
     tag = signature_tag(image_digest)
@@ -264,36 +278,105 @@ def verify_image(
     ``signed_repository`` (``REGISTRY/REPOSITORY``) when given: an image
     mirrored from there keeps the signature made for its origin.
     """
+    digest, _ = verify_image_keys(
+        client, reference, {_THIS_KEY: public_key}, signed_repository=signed_repository
+    )
+    return digest
+
+
+def verify_image_keys(
+    client: SignatureRegistry,
+    reference: ImageReference,
+    keys: Mapping[str, ec.EllipticCurvePublicKey],
+    *,
+    signed_repository: str | None = None,
+    image_digest: str | None = None,
+) -> tuple[str, str]:
+    """`verify_image` with any of ``keys`` (by name); returns (digest, the name that verified).
+
+    ``image_digest``: the digest the reference was resolved to already (so that
+    every format checks the same one); resolved here when None. Raises
+    `UnsignedError` (no ``.sig`` image or no layers), `SignedDigestMismatchError`
+    (a key signed another digest) or `UntrustedSignatureError` (anything else:
+    no layer verifies, or one signed for another repository). Messages name the
+    keys by name only.
+    """
+    if not keys:
+        raise ValueError("verify_image_keys needs at least one key")
     expected = _identity(signed_repository or f"{reference.registry}/{reference.repository}")
     if expected is None:
         raise InvalidReferenceError(
             f"--signed-repository {signed_repository!r}: not a REGISTRY/REPOSITORY"
         )
     repository = reference.repository
-    image_digest = _image_digest(client, reference)
+    if image_digest is None:
+        image_digest = resolve_digest(client, reference)
     tag = signature_tag(image_digest)
     where = f"{reference.registry}/{repository}:{tag}"
     try:
         manifest, _, _ = client.get_manifest(repository, tag)
     except NotFoundError:
-        raise SignatureError(
+        raise UnsignedError(
             f"{reference} ({image_digest}) is unsigned: no signature image at {where}"
         ) from None
-    layers = _parse_layers(manifest, where)
+    try:
+        layers = _parse_layers(manifest, where)
+    except SignatureError as exc:
+        raise UntrustedSignatureError(str(exc)) from None
     if not layers:
-        raise SignatureError(f"{reference} ({image_digest}) is unsigned: {where} has no layers")
+        raise UnsignedError(f"{reference} ({image_digest}) is unsigned: {where} has no layers")
     failures: list[str] = []
+    mismatched = False
     for layer in layers:
         try:
-            _verify_layer(client, repository, layer, public_key, image_digest, expected)
+            name = _verify_layer(client, repository, layer, keys, image_digest, expected)
         except SignatureError as exc:
+            mismatched = mismatched or isinstance(exc, SignedDigestMismatchError)
             failures.append(f"layer {layer.get('digest')}: {exc}")
         else:
-            return image_digest
-    shown = "; ".join(failures[:5]) + (
-        f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
+            return image_digest, name
+    error = SignedDigestMismatchError if mismatched else UntrustedSignatureError
+    raise error(
+        f"{reference} ({image_digest}): no valid signature in {where}"
+        f"{_tried(keys)}: {summarize_failures(failures)}"
     )
-    raise SignatureError(f"{reference} ({image_digest}): no valid signature in {where}: {shown}")
+
+
+def summarize_failures(failures: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` failures joined, and how many more there were."""
+    more = f"; and {len(failures) - shown} more" if len(failures) > shown else ""
+    return "; ".join(failures[:shown]) + more
+
+
+def key_names(keys: Mapping[str, object]) -> str:
+    """The names of ``keys`` for a message: ``'a', 'b'`` (the key material never)."""
+    return ", ".join(repr(name) for name in sorted(keys))
+
+
+def _tried(keys: Mapping[str, object]) -> str:
+    return "" if set(keys) == {_THIS_KEY} else f" (trusted keys tried: {key_names(keys)})"
+
+
+def verify_with_keys(
+    keys: Mapping[str, ec.EllipticCurvePublicKey], data: bytes, signature_b64: str
+) -> str:
+    """The name of the first of ``keys`` that made ``signature_b64`` over ``data``.
+
+    SignatureError when none did (for `verify_image`'s one key: `verify_payload`'s message).
+    """
+    if set(keys) == {_THIS_KEY}:
+        verify_payload(keys[_THIS_KEY], data, signature_b64)
+        return _THIS_KEY
+    der = _decode_signature(signature_b64)
+    for name, public_key in keys.items():
+        if not is_p256(public_key):
+            raise not_p256_error(public_key, f"trusted key {name!r}")
+        try:
+            public_key.verify(der, data, _ECDSA_SHA256)
+        except InvalidSignature:
+            continue
+        return name
+    raise SignatureError(f"the signature does not verify with any of the keys {key_names(keys)}")
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -389,10 +472,10 @@ def _verify_layer(
     client: SignatureRegistry,
     repository: str,
     layer: Mapping[str, Any],
-    public_key: ec.EllipticCurvePublicKey,
+    keys: Mapping[str, ec.EllipticCurvePublicKey],
     image_digest: str,
     identity: tuple[str, str],
-) -> None:
+) -> str:
     media_type, digest, size = layer.get("mediaType"), layer.get("digest"), layer.get("size")
     signature = _layer_signature(layer)
     if media_type != SIMPLE_SIGNING_MEDIA_TYPE or signature is None:
@@ -402,19 +485,21 @@ def _verify_layer(
     if not isinstance(size, int) or not 0 <= size <= MAX_PAYLOAD_BYTES:
         raise SignatureError(f"payload size {size!r} is not between 0 and {MAX_PAYLOAD_BYTES}")
     body = _pull_payload(client, repository, digest)
-    verify_payload(public_key, body, signature)
+    name = verify_with_keys(keys, body, signature)
     claims = parse_payload(body)
     if claims.manifest_digest != image_digest:
         # A valid signature of another image, copied or re-tagged next to this one.
-        raise SignatureError(
+        raise SignedDigestMismatchError(
             f"the signed payload names {claims.manifest_digest}, not this image's {image_digest}"
+            + ("" if name == _THIS_KEY else f" (signed by trusted key {name!r})")
         )
     if _identity(claims.docker_reference) != identity:
         # A valid signature of this very image, made for another repository: copied here.
-        raise SignatureError(
+        raise UntrustedSignatureError(
             f"the signed payload names repository {claims.docker_reference!r}, not "
             f"{'/'.join(identity)} (--signed-repository accepts another)"
         )
+    return name
 
 
 def _identity(text: str) -> tuple[str, str] | None:
@@ -451,7 +536,8 @@ def _pull_payload(client: SignatureRegistry, repository: str, digest: str) -> by
     return body
 
 
-def _image_digest(client: SignatureRegistry, reference: ImageReference) -> str:
+def resolve_digest(client: SignatureRegistry, reference: ImageReference) -> str:
+    """The manifest digest ``reference`` resolves to; a digest reference must match it."""
     target = reference.digest or reference.tag
     if target is None:
         raise KcacheError(f"{reference}: names neither a tag nor a digest")

@@ -214,8 +214,8 @@ class CacheStore:
                 names = os.listdir(self._digest_dir(hex_))
             except FileNotFoundError:
                 names = []
-            keys = {n.removesuffix(_MARKER_SUFFIX) for n in names}
-            targets = [self._digest_dir(hex_) / k for k in sorted(keys) if _HEX.fullmatch(k)]
+            keys = {k for n in names if (k := _entry_key(n)) is not None}
+            targets = [self._digest_dir(hex_) / k for k in sorted(keys)]
         removed: list[StoredCache] = []
         for target in targets:
             (self.root / "locks").mkdir(parents=True, exist_ok=True)
@@ -329,14 +329,20 @@ class CacheStore:
         for digest_dir in sorted((self.root / CACHES / "sha256").glob("*")):
             if not _HEX.fullmatch(digest_dir.name):
                 continue
-            keys = {n.name.removesuffix(_MARKER_SUFFIX) for n in digest_dir.iterdir()}
-            for key in sorted(k for k in keys if _HEX.fullmatch(k)):
+            keys = {k for n in digest_dir.iterdir() if (k := _entry_key(n.name)) is not None}
+            for key in sorted(keys):
                 target = digest_dir / key
-                if self._complete(target):
+                half_marker = self._marker_tmp(target)
+                if self._complete(target) and not half_marker.exists():
                     continue
                 with self._try_locked(self._lock_name(target)) as free:
-                    if not free or self._complete(target):
+                    if not free:
                         continue  # an installer between its rename and its marker
+                    if half_marker.exists():  # a marker write killed before its rename
+                        half_marker.unlink()
+                        removed.append(half_marker)
+                    if self._complete(target):
+                        continue
                     removed.extend(p for p in (self._marker(target), target) if p.exists())
                     self._drop_entry(target)
             self._drop_digest_dir(digest_dir)
@@ -348,6 +354,8 @@ class CacheStore:
         if marker.exists():
             marker.unlink()
             self._sync_dir(target.parent)  # gone for good before any of its files goes
+        with contextlib.suppress(FileNotFoundError):
+            self._marker_tmp(target).unlink()
         self._clear_leftovers(self._lock_name(target), target)
 
     @staticmethod
@@ -375,6 +383,11 @@ class CacheStore:
     @staticmethod
     def _marker(target: Path) -> Path:
         return target.with_name(f"{target.name}{_MARKER_SUFFIX}")
+
+    @staticmethod
+    def _marker_tmp(target: Path) -> Path:
+        """Where a marker is written before it is renamed into place."""
+        return target.with_name(f".{target.name}{_MARKER_SUFFIX}.tmp")
 
     def _complete(self, target: Path) -> bool:
         return self._marker(target).is_file() and target.is_dir()
@@ -442,8 +455,7 @@ class CacheStore:
     def _write_marker(
         self, target: Path, manifest_digest: str, mount_root: str, size_bytes: int
     ) -> None:
-        marker = self._marker(target)
-        tmp = marker.with_name(f".{marker.name}.tmp")
+        marker, tmp = self._marker(target), self._marker_tmp(target)
         fields = {"digest": manifest_digest, "mount_root": mount_root, "size_bytes": size_bytes}
         record = json.dumps(fields, sort_keys=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -505,6 +517,14 @@ def _group_for_root(path: Path, group: Path, mount_root: str) -> bytes:
         return cache_format.mounted_child_paths(stored, group=rel, mount_root=mount_root)
     except CacheFormatError as exc:
         raise KcacheError(f"cannot derive the cache for {mount_root!r}: {exc}") from exc
+
+
+def _entry_key(name: str) -> str | None:
+    """The mount key an entry's directory, marker or half-written marker is named by."""
+    if name.startswith(".") and name.endswith(f"{_MARKER_SUFFIX}.tmp"):
+        name = name[1 : -len(".tmp")]
+    key = name.removesuffix(_MARKER_SUFFIX)
+    return key if _HEX.fullmatch(key) else None
 
 
 def _hex(manifest_digest: str) -> str:

@@ -26,16 +26,14 @@ from gpufleet.kcache.extract import (
 )
 from gpufleet.kcache.image import (
     CONFIG_MEDIA_TYPE,
+    DOCKER_CONFIG_MEDIA_TYPE,
+    DOCKER_LAYER_MEDIA_TYPE,
+    DOCKER_MANIFEST_MEDIA_TYPE,
     LAYER_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPE,
     BuiltImage,
 )
-from gpufleet.kcache.labels import (
-    CACHE_SIZE_LABEL,
-    MOUNT_ROOT_LABEL,
-    labels_of,
-    summary_from_labels,
-)
+from gpufleet.kcache.labels import MOUNT_ROOT_LABEL, labels_of, summary_from_labels
 from gpufleet.kcache.model import CacheSummary
 from gpufleet.kcache.oci import ProgressCallback, RegistryClient
 from gpufleet.kcache.reference import Reference
@@ -54,6 +52,10 @@ __all__ = [
 
 MAX_CONFIG_BYTES = 4 * 1024**2
 """The largest image config `fetch_image` reads by default: a cache image's is a few KiB."""
+# An image built by MCV comes as an OCI or a Docker schema2 image, whichever builder pushed it.
+_MANIFEST_TYPES = (MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE)
+_CONFIG_TYPES = (CONFIG_MEDIA_TYPE, DOCKER_CONFIG_MEDIA_TYPE)
+_LAYER_TYPES = (LAYER_MEDIA_TYPE, DOCKER_LAYER_MEDIA_TYPE)
 
 
 def push_image(
@@ -101,11 +103,18 @@ class RemoteImage:
 
     @property
     def size_bytes(self) -> int:
-        """The cache's size as the image declares it (the extracted files must add up to it)."""
-        try:
-            return int(self.labels[CACHE_SIZE_LABEL])
-        except (KeyError, ValueError) as exc:
-            raise KcacheError(f"{self.reference}: no valid {CACHE_SIZE_LABEL} label") from exc
+        """The cache's size as the image declares it (the extracted files must add up to it).
+
+        The ``cache-size-bytes`` label, of ``cache.triton.image/`` or MCV's
+        ``cache.vllm.image/``; `summary_from_labels` checked that it agrees with
+        our summary label where both are there.
+        """
+        return self.summary.size_bytes
+
+    @property
+    def entry_count(self) -> int:
+        """The cache's entries as the image declares them: kernel groups (MCV: its kernels)."""
+        return self.summary.entry_count
 
 
 def fetch_image(
@@ -119,7 +128,7 @@ def fetch_image(
     """
     ref = reference.digest or reference.tag or "latest"
     manifest_bytes, media_type, digest = client.get_manifest(reference.repository, ref)
-    if media_type != MANIFEST_MEDIA_TYPE:
+    if media_type not in _MANIFEST_TYPES:
         raise KcacheError(f"{reference}: not a cache image (manifest type {media_type})")
     try:
         manifest = json.loads(manifest_bytes)
@@ -129,7 +138,7 @@ def fetch_image(
             count = len(layers) if isinstance(layers, list) else "no list of"
             raise ValueError(f"{count} layers")
         (layer,) = layers
-        if config["mediaType"] != CONFIG_MEDIA_TYPE or layer["mediaType"] != LAYER_MEDIA_TYPE:
+        if config["mediaType"] not in _CONFIG_TYPES or layer["mediaType"] not in _LAYER_TYPES:
             raise ValueError(
                 f"config {config['mediaType']}, layer {layer['mediaType']}: unexpected media types"
             )
@@ -247,7 +256,7 @@ def pull_to_store(
             layer.seek(0)
             extract_layer(
                 layer, target, mount_root=root, expected_size=image.size_bytes,
-                max_bytes=max_bytes, max_entries=max_entries,
+                expected_entries=image.entry_count, max_bytes=max_bytes, max_entries=max_entries,
             )  # fmt: skip
         extracted = True
 

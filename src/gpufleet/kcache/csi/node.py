@@ -95,8 +95,8 @@ class _Refusal(Exception):
         self.message = message
 
 
-def _refuse(code: grpc.StatusCode, message: str) -> NoReturn:
-    raise _Refusal(code, message)
+def _refuse(code: grpc.StatusCode, message: str, *, cause: BaseException | None = None) -> NoReturn:
+    raise _Refusal(code, message) from cause
 
 
 class _Locks:
@@ -176,16 +176,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 f"volume:{volume.volume_id}", f"target:{volume.target_path}"
             ):
                 await self._publish(volume)
-        except _Refusal as refusal:
-            _log.warning(
-                "volume publish refused",
-                extra={
-                    "volume_id": request.volume_id[:256],
-                    "code": refusal.code.name,
-                    "reason": refusal.message,
-                },
-            )
-            await context.abort(refusal.code, refusal.message)
+        except Exception as exc:
+            await _abort(context, "volume publish refused", request.volume_id, exc)
         return csi_pb2.NodePublishVolumeResponse()
 
     async def NodeUnpublishVolume(
@@ -196,16 +188,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             volume_id, target = self._read_unpublish(request)
             async with self._locks.hold(f"volume:{volume_id}", f"target:{target}"):
                 await self._unpublish(volume_id, target)
-        except _Refusal as refusal:
-            _log.warning(
-                "volume unpublish refused",
-                extra={
-                    "volume_id": request.volume_id[:256],
-                    "code": refusal.code.name,
-                    "reason": refusal.message,
-                },
-            )
-            await context.abort(refusal.code, refusal.message)
+        except Exception as exc:
+            await _abort(context, "volume unpublish refused", request.volume_id, exc)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     # -- publish ------------------------------------------------------------------------------
@@ -288,10 +272,6 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             await asyncio.to_thread(self._mount, prepared.path, target)
         except KcacheError as exc:
             await asyncio.to_thread(self._forget, request.volume_id, target, created)
-            _log.error(
-                "volume mount failed",
-                extra={**_context(request, prepared.digest), "error": str(exc)},
-            )
             _refuse(grpc.StatusCode.INTERNAL, f"cannot mount the cache at {target}: {exc}")
         await self._tell_published(request, prepared)
         _log.info("volume published", extra=_context(request, prepared.digest))
@@ -310,8 +290,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         except VolumeError as exc:
             _refuse(status_code(exc), str(exc))
         except Exception as exc:
-            _log.exception("preparing a volume failed", extra=_context(request, None))
-            _refuse(grpc.StatusCode.INTERNAL, f"preparing {request.cache} failed: {exc}")
+            _refuse(grpc.StatusCode.INTERNAL, f"preparing {request.cache} failed: {exc}", cause=exc)
         if not prepared.path.is_absolute() or not prepared.path.is_dir():
             _refuse(grpc.StatusCode.INTERNAL, f"store entry {prepared.path} is not a directory")
         return prepared
@@ -368,7 +347,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             check_volume_id(request.volume_id)
             if not request.target_path:
                 raise InvalidVolumeError("target_path is required")
-            return request.volume_id, self._targets.check(request.target_path).path
+            target = self._targets.check(request.target_path, require_parent=False)
+            return request.volume_id, target.path
         except InvalidVolumeError as exc:
             _refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
@@ -414,6 +394,35 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 return
             self._unmount(target)
         raise KcacheError(f"{target} is still mounted after {_MAX_UNMOUNTS} unmounts")
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, what: str, volume_id: str, error: Exception
+) -> None:
+    """Log one line for `error` and answer with its code (INTERNAL for a failure of ours).
+
+    ``context.abort`` raises, so the RPC ends here.
+    """
+    if isinstance(error, _Refusal):
+        refusal, cause = error, error.__cause__
+    else:
+        refusal = _Refusal(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+        cause = error
+    if refusal.code == grpc.StatusCode.INTERNAL:
+        level = logging.ERROR
+    elif refusal.code == grpc.StatusCode.UNAVAILABLE:
+        level = logging.INFO  # still pulling: how every volume starts; the kubelet retries
+    else:
+        level = logging.WARNING
+    _log.log(
+        level,
+        what,
+        exc_info=cause
+        if isinstance(cause, Exception) and not isinstance(cause, KcacheError)
+        else None,
+        extra={"volume_id": volume_id[:256], "code": refusal.code.name, "reason": refusal.message},
+    )
+    await context.abort(refusal.code, refusal.message)
 
 
 def _context(request: VolumeRequest, digest: str | None) -> dict[str, object]:

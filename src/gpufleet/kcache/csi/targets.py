@@ -51,11 +51,15 @@ class TargetChecker:
         self.kubelet_dir = Path(os.path.normpath(os.fspath(kubelet_dir)))
         self._pods = self.kubelet_dir / "pods"
 
-    def check(self, target_path: str, *, pod_uid: str | None = None) -> PublishTarget:
+    def check(
+        self, target_path: str, *, pod_uid: str | None = None, require_parent: bool = True
+    ) -> PublishTarget:
         """The target `target_path` names; `pod_uid` (from the pod info) must match when given.
 
         Raises `InvalidVolumeError` for a path outside the kubelet's CSI volume directories,
-        one that is not normal, one for another pod, or one that crosses a symlink.
+        one that is not normal, one for another pod, or one that crosses a symlink; and, with
+        `require_parent` (publish), one whose parent the kubelet has not made. Unpublish
+        accepts a missing parent: the kubelet may have cleaned up before it retries.
         """
         target = self._layout(target_path)
         if pod_uid is not None and target.pod_uid != pod_uid:
@@ -63,7 +67,7 @@ class TargetChecker:
                 f"target_path {target_path!r} is in the directory of pod uid {target.pod_uid},"
                 f" not of the pod the volume is for ({pod_uid})"
             )
-        self._no_symlinks(target)
+        self._no_symlinks(target, require_parent=require_parent)
         return target
 
     def _layout(self, target_path: str) -> PublishTarget:
@@ -100,7 +104,7 @@ class TargetChecker:
             )
         return PublishTarget(path=path, pod_uid=uid, volume_name=volume_name)
 
-    def _no_symlinks(self, target: PublishTarget) -> None:
+    def _no_symlinks(self, target: PublishTarget, *, require_parent: bool) -> None:
         resolved_root = Path(os.path.realpath(self.kubelet_dir))
         relative = target.path.relative_to(self.kubelet_dir)
         current = self.kubelet_dir
@@ -122,6 +126,8 @@ class TargetChecker:
                 raise InvalidVolumeError(f"target_path {target.path}: {current} is not a directory")
         parent = target.path.parent
         if not parent.is_dir():
+            if not require_parent:
+                return
             raise InvalidVolumeError(
                 f"target_path {target.path}: its parent {parent} does not exist (the kubelet"
                 " makes it before it publishes)"

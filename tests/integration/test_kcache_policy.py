@@ -1,0 +1,324 @@
+"""`verify_by_policy` against Debian's docker-registry: keys by namespace, both cosign formats.
+
+Images here are tiny (a config and a layer that are not a cache): policy
+verification reads manifests and signatures only. The registry has no
+referrers API, so cosign v3 bundles go through the referrers tag schema.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gpufleet.kcache.bundle import BUNDLE_MEDIA_TYPE, sign_image_bundle
+from gpufleet.kcache.errors import (
+    SignatureError,
+    SignedDigestMismatchError,
+    UnsignedError,
+    UntrustedSignatureError,
+)
+from gpufleet.kcache.oci import OCI_MANIFEST, RegistryClient, sha256_digest
+from gpufleet.kcache.policy import TrustPolicy, Verified, verify_by_policy
+from gpufleet.kcache.reference import Reference
+from gpufleet.kcache.referrers import referrers_tag
+from gpufleet.kcache.sign import sign_image, signature_tag
+from tests.conftest import require
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def registry(test_servers: dict[str, str]) -> str:
+    (address,) = require(test_servers, "REGISTRY")
+    return address
+
+
+@pytest.fixture
+def client(registry: str) -> Iterator[RegistryClient]:
+    with RegistryClient(registry) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, ec.EllipticCurvePrivateKey]:
+    return {name: ec.generate_private_key(ec.SECP256R1()) for name in ("ci", "team-a", "rogue")}
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.fixture(scope="module")
+def policy(keys: dict[str, ec.EllipticCurvePrivateKey]) -> TrustPolicy:
+    """ci signs cluster caches and every namespace's; team-a also trusts its own key."""
+    data = {f"{name}.pub": _pem(key) for name, key in keys.items() if name != "rogue"}
+    data["policy.yaml"] = b'cluster: [ci]\nnamespaces: {team-a: [team-a, ci], "*": [ci]}\n'
+    return TrustPolicy.from_secret_data(data)
+
+
+def push_image(client: RegistryClient, ref: Reference, content: bytes) -> str:
+    """A minimal OCI image at ``ref`` (one layer, ``content``); returns its digest."""
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    client.push_blob(ref.repository, config)
+    client.push_blob(ref.repository, content)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": sha256_digest(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": sha256_digest(content), "size": len(content)}],
+    }).encode()  # fmt: skip
+    assert ref.tag is not None
+    return client.push_manifest(ref.repository, ref.tag, manifest, OCI_MANIFEST)
+
+
+@pytest.fixture
+def image(client: RegistryClient, registry: str) -> tuple[Reference, str]:
+    ref = Reference.parse(f"{registry}/kcache-policy/img-{uuid.uuid4().hex[:8]}:v1")
+    return ref, push_image(client, ref, uuid.uuid4().bytes)
+
+
+def _copy_manifest(client: RegistryClient, repository: str, source: str, target: str) -> None:
+    manifest, media_type, _ = client.get_manifest(repository, source)
+    client.push_manifest(repository, target, manifest, media_type)
+
+
+# -- cosign v2 (.sig tag) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label", [None, "cosign-v2"])
+def test_an_image_signed_v2_with_a_trusted_key_is_verified(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+    policy: TrustPolicy,
+    label: str | None,
+) -> None:
+    ref, digest = image
+    sign_image(client, ref, keys["ci"])
+    verified = verify_by_policy(client, ref, policy, namespace=None, signature_format=label)
+    assert verified == Verified(digest=digest, key_name="ci", format="cosign-v2")
+
+
+def test_a_namespace_key_verifies_only_in_its_namespace(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+    policy: TrustPolicy,
+) -> None:
+    ref, digest = image
+    sign_image(client, ref, keys["team-a"])
+    verified = verify_by_policy(client, ref, policy, namespace="team-a", signature_format=None)
+    assert (verified.digest, verified.key_name) == (digest, "team-a")
+    for scope in ("team-b", None):
+        with pytest.raises(UntrustedSignatureError, match=r"keys 'ci'"):
+            verify_by_policy(client, ref, policy, namespace=scope, signature_format=None)
+
+
+def test_an_unsigned_image_is_refused_as_unsigned(
+    client: RegistryClient, image: tuple[Reference, str], policy: TrustPolicy
+) -> None:
+    ref, digest = image
+    with pytest.raises(UnsignedError, match="unsigned") as refused:
+        verify_by_policy(client, ref, policy, namespace=None, signature_format=None)
+    message = str(refused.value)
+    assert digest in message
+    assert "ClusterGKMCache" in message
+    assert "'ci'" in message
+
+
+def test_an_image_signed_by_another_key_is_untrusted_and_no_key_is_shown(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+    policy: TrustPolicy,
+) -> None:
+    ref, _ = image
+    sign_image(client, ref, keys["rogue"])
+    with pytest.raises(UntrustedSignatureError, match="does not verify") as refused:
+        verify_by_policy(client, ref, policy, namespace="team-a", signature_format="cosign-v2")
+    message = str(refused.value)
+    assert "'ci'" in message
+    assert "'team-a'" in message
+    for key in keys.values():
+        pem_body = b"".join(_pem(key).splitlines()[1:-1]).decode()
+        assert pem_body[:24] not in message
+
+
+def test_a_tag_moved_to_another_image_after_signing_is_refused(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+    policy: TrustPolicy,
+) -> None:
+    ref, signed = image
+    sign_image(client, ref, keys["ci"])
+    swapped = push_image(client, ref, b"another image under the signed tag")
+    assert swapped != signed
+    with pytest.raises(UnsignedError, match=swapped):
+        verify_by_policy(client, ref, policy, namespace=None, signature_format=None)
+
+
+def test_a_signature_copied_to_the_swapped_digest_is_a_digest_mismatch(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+    policy: TrustPolicy,
+) -> None:
+    ref, signed = image
+    sign_image(client, ref, keys["ci"])
+    swapped = push_image(client, ref, b"another image, with the old signature copied")
+    _copy_manifest(client, ref.repository, signature_tag(signed), signature_tag(swapped))
+    with pytest.raises(SignedDigestMismatchError, match=f"names {signed}, not this image's"):
+        verify_by_policy(client, ref, policy, namespace=None, signature_format="cosign-v2")
+
+
+def test_nothing_is_checked_where_nothing_is_required(
+    client: RegistryClient, image: tuple[Reference, str], policy: TrustPolicy
+) -> None:
+    ref, digest = image
+    open_policy = TrustPolicy.from_secret_data({})
+    verified = verify_by_policy(client, ref, open_policy, namespace="x", signature_format=None)
+    assert verified == Verified(digest=digest, key_name=None, format=None)
+    assert not verified.required
+
+
+def test_a_digest_reference_is_verified_as_that_digest(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+    policy: TrustPolicy,
+) -> None:
+    ref, digest = image
+    sign_image(client, ref, keys["ci"])
+    pinned = Reference.parse(f"{ref.registry}/{ref.repository}@{digest}")
+    verified = verify_by_policy(client, pinned, policy, namespace="x", signature_format=None)
+    assert verified.digest == digest
+
+
+def test_every_refusal_is_a_signature_error() -> None:
+    for kind in (UnsignedError, UntrustedSignatureError, SignedDigestMismatchError):
+        assert issubclass(kind, SignatureError)
+
+
+# -- cosign v3 (bundle referrer, through the referrers tag schema) -------------------------
+
+
+@pytest.mark.parametrize("label", [None, "cosign-v3"])
+def test_an_image_signed_v3_with_a_trusted_key_is_verified(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+    policy: TrustPolicy,
+    label: str | None,
+) -> None:
+    ref, digest = image
+    sign_image_bundle(client, ref, keys["ci"])
+    verified = verify_by_policy(client, ref, policy, namespace="team-b", signature_format=label)
+    assert verified == Verified(digest=digest, key_name="ci", format="cosign-v3")
+
+
+def test_the_v3_signature_is_listed_in_the_referrers_tag_schema_index(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+) -> None:
+    ref, digest = image
+    referrer = sign_image_bundle(client, ref, keys["ci"])
+    index, _, _ = client.get_manifest(ref.repository, referrers_tag(digest))
+    entries = json.loads(index)["manifests"]
+    assert [(e["digest"], e["artifactType"]) for e in entries] == [(referrer, BUNDLE_MEDIA_TYPE)]
+    manifest = json.loads(client.get_manifest(ref.repository, referrer)[0])
+    assert manifest["subject"]["digest"] == digest
+    assert manifest["artifactType"] == BUNDLE_MEDIA_TYPE
+
+
+def test_signing_v3_again_with_the_same_key_adds_nothing(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+) -> None:
+    ref, digest = image
+    first = sign_image_bundle(client, ref, keys["ci"])
+    assert sign_image_bundle(client, ref, keys["ci"]) == first
+    other = sign_image_bundle(client, ref, keys["team-a"])
+    index = json.loads(client.get_manifest(ref.repository, referrers_tag(digest))[0])
+    assert [e["digest"] for e in index["manifests"]] == [first, other]
+
+
+@pytest.mark.parametrize(
+    ("signer", "label"),
+    [(sign_image, "cosign-v3"), (sign_image_bundle, "cosign-v2")],
+    ids=["v2-signed-v3-wanted", "v3-signed-v2-wanted"],
+)
+def test_the_format_label_checks_only_that_format(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+    policy: TrustPolicy,
+    signer: Callable[..., str],
+    label: str,
+) -> None:
+    ref, _ = image
+    signer(client, ref, keys["ci"])
+    with pytest.raises(UnsignedError, match=rf"is unsigned .*\[{label}\] is unsigned"):
+        verify_by_policy(client, ref, policy, namespace=None, signature_format=label)
+    assert verify_by_policy(client, ref, policy, namespace=None, signature_format=None).key_name
+
+
+def test_an_image_signed_v3_by_another_key_is_untrusted(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+    policy: TrustPolicy,
+) -> None:
+    ref, _ = image
+    sign_image_bundle(client, ref, keys["rogue"])
+    with pytest.raises(UntrustedSignatureError, match=r"does not verify with any of the keys"):
+        verify_by_policy(client, ref, policy, namespace="team-a", signature_format=None)
+
+
+def test_a_v3_tag_moved_after_signing_is_refused_and_a_copied_index_is_a_mismatch(
+    client: RegistryClient,
+    image: tuple[Reference, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+    policy: TrustPolicy,
+) -> None:
+    ref, signed = image
+    sign_image_bundle(client, ref, keys["ci"])
+    swapped = push_image(client, ref, b"another image under the v3-signed tag")
+    with pytest.raises(UnsignedError, match=swapped):
+        verify_by_policy(client, ref, policy, namespace=None, signature_format=None)
+    _copy_manifest(client, ref.repository, referrers_tag(signed), referrers_tag(swapped))
+    with pytest.raises(SignedDigestMismatchError, match=f"names {signed}, not this image's"):
+        verify_by_policy(client, ref, policy, namespace=None, signature_format=None)
+
+
+def test_both_formats_work_against_the_registry_that_wants_credentials(
+    test_servers: dict[str, str],
+    keys: dict[str, ec.EllipticCurvePrivateKey],
+    policy: TrustPolicy,
+    tmp_path: Path,
+) -> None:
+    address, user, password = require(
+        test_servers, "REGISTRY_AUTH", "REGISTRY_AUTH_USER", "REGISTRY_AUTH_PASSWORD"
+    )
+    ref = Reference.parse(f"{address}/kcache-policy/auth-{uuid.uuid4().hex[:8]}:v1")
+    with RegistryClient(
+        address, username=user, password=password, docker_config=tmp_path
+    ) as client:
+        digest = push_image(client, ref, uuid.uuid4().bytes)
+        sign_image_bundle(client, ref, keys["ci"])
+        sign_image(client, ref, keys["team-a"])
+        v3 = verify_by_policy(client, ref, policy, namespace="team-b", signature_format=None)
+        v2 = verify_by_policy(client, ref, policy, namespace="team-a", signature_format="cosign-v2")
+    assert v3 == Verified(digest=digest, key_name="ci", format="cosign-v3")
+    assert v2 == Verified(digest=digest, key_name="team-a", format="cosign-v2")
