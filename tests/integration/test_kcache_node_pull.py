@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
+import uuid
 from pathlib import Path
 
 import pytest
 
 from gpufleet.kcache.errors import RegistryError
+from gpufleet.kcache.image import DEFAULT_MOUNT_ROOT
 from gpufleet.kcache.node.pull import Puller
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.store import CacheStore
 from tests.conftest import require
 from tests.integration.kcache_node_support import IMAGE_ROOT, closed_port, gpus_of, push_cache
-from tests.kcache_support import build_triton_cache
+from tests.kcache_mcv import mcv_image
+from tests.kcache_support import CompileReport, build_triton_cache, compile_again
 
 pytestmark = pytest.mark.integration
 
@@ -80,3 +84,27 @@ def test_a_pulled_cache_is_served_after_a_restart_while_the_registry_is_down(
     again = puller(tmp_path, "dgx-h100", registry=closed_port()).pull(image, digest)
 
     assert again == first
+
+
+def test_an_mcv_image_is_pulled_for_the_default_root_and_derived_for_a_pods_path(
+    tmp_path: Path, test_servers: dict[str, str]
+) -> None:
+    (registry,) = require(test_servers, "REGISTRY")
+    build_dir = tmp_path / "build-machine" / "root" / ".triton" / "cache"
+    build_triton_cache(build_dir, archs=(90,))
+    reference = Reference(registry, f"kcache-node/mcv-{uuid.uuid4().hex[:10]}", "v1")
+    with RegistryClient(registry) as client:
+        digest = mcv_image(build_dir, docker=True).push(client, reference)
+    shutil.rmtree(build_dir)  # MCV's __grp__ files name it: it must not be what Triton finds
+    image = f"{registry}/{reference.repository}@{digest}"
+
+    outcome = puller(tmp_path / "store", "dgx-h100").pull(image, digest)
+
+    assert outcome.compatible
+    assert outcome.mount_root == DEFAULT_MOUNT_ROOT  # MCV names no mount root
+    pod_root = tmp_path / "pod" / "kernels"
+    store = CacheStore(tmp_path / "store", durable=False)
+    derived = store.derive(digest, DEFAULT_MOUNT_ROOT, str(pod_root))
+    pod_root.parent.mkdir(parents=True)
+    pod_root.symlink_to(derived, target_is_directory=True)  # the container's view
+    assert compile_again(pod_root, archs=(90,)) == CompileReport(compiled=0, cache_hits=2)
