@@ -34,11 +34,12 @@ NODE_OBJECTS = "gkmcachenodes.gkm.io"
 CACHES = "gkmcaches.gkm.io"
 
 
-def serve_crds(api: KubeApiDouble) -> None:
-    """Declare the four gkm.io kinds and add the node."""
+def serve_crds(api: KubeApiDouble, *, node: bool = True) -> None:
+    """Declare the four gkm.io kinds (and add the node)."""
     for resource in RESOURCES:
         api.add_crd(crd(resource))
-    api.add_node(NODE)
+    if node:
+        api.add_node(NODE)
 
 
 def push_cache(cache: Path, registry: str, workdir: Path, *, mount_root: str = IMAGE_ROOT) -> str:

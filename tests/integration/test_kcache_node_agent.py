@@ -307,3 +307,39 @@ async def test_after_a_restart_a_mounted_cache_is_never_collected(
             await eventually(lambda: state_of(api, image) == "Outdated")
     finally:
         mounts.unmount(target)
+
+
+@pytest.fixture(scope="module")
+def moved(tmp_path_factory: pytest.TempPathFactory, test_servers: dict[str, str]) -> str:
+    """Another image (one kernel only): where the cache's tag moves to."""
+    (registry,) = require(test_servers, "REGISTRY")
+    base = tmp_path_factory.mktemp("node-agent-moved")
+    build_triton_cache(base / "triton", archs=(90,), kernels=("add",))
+    return push_cache(base / "triton", registry, base / "image")
+
+
+async def test_a_moved_tag_keeps_the_mounted_old_digest_until_unmounted_and_pulls_the_new(
+    api: KubeApiDouble, kube: Kube, image: str, moved: str, tmp_path: Path
+) -> None:
+    add_cache(api, image)
+    uid = add_pod(api, ("app", IMAGE_ROOT))
+    async with running(kube, tmp_path / "store", "dgx-h100", Registry()) as node:
+        await eventually(lambda: node_label(api) == "ready", 60)
+        req = request(uid=uid)
+        await node.volumes.published(req, await node.volumes.prepare(req))
+
+        api.update_object(CACHES, NAMESPACE, KEY.name, lambda o: o.update(
+            {"status": {"resolvedDigest": digest_of(moved), "resolvedImage": moved}}
+        ))  # fmt: skip
+
+        await eventually(lambda: state_of(api, moved) == "Extracted", 60)
+        assert state_of(api, image) == "Outdated"
+        await node.agent.collect_now()
+        assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None
+        assert node_label(api) == "ready"
+
+        await node.volumes.unpublished(req.volume_id)
+
+        await eventually(lambda: state_of(api, image) is None)
+        await eventually(lambda: node.store.installed(digest_of(image), IMAGE_ROOT) is None)
+        assert node.store.installed(digest_of(moved), IMAGE_ROOT) is not None

@@ -38,7 +38,8 @@ from gpufleet.kcache.node.settings import NodeSettings
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.store import CacheStore
-from gpufleet.kube.client import Kube
+from gpufleet.kube.client import Kube, connect
+from gpufleet.kube.settings import KubeSettings
 from tests.conftest import require
 from tests.doubles.kubeapi import KubeApiDouble
 from tests.integration.kcache_node_support import (
@@ -388,3 +389,25 @@ async def test_sigkill_mid_pull_and_while_mounted_serves_nothing_half_and_collec
         finally:
             third.send_signal(signal.SIGTERM)
             assert third.wait(timeout=30) == 0
+
+
+async def test_the_process_is_not_ready_until_the_crds_exist_and_then_is(
+    place: Place, image: str
+) -> None:
+    async with KubeApiDouble(bookmark_interval=0.2) as bare:
+        bare.add_node(NODE)
+        settings = KubeSettings(qps=1000, burst=1000)
+        async with (
+            await connect(settings, configuration=bare.client_configuration()) as client,
+            in_process(client, place) as process,
+        ):
+            status, body = await http_get(process.health.port, "/readyz")
+            assert status == 503
+            assert '"caches": {"ok": false' in body
+
+            serve_crds(bare, node=False)
+            add_cache(bare, image)
+
+            await eventually(lambda: node_label(bare) == "ready", 60)
+            status, _ = await http_get(process.health.port, "/readyz")
+            assert status == 200
