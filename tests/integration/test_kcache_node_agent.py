@@ -20,9 +20,13 @@ from gpufleet.gpu import sim
 from gpufleet.gpu.nvml import NvmlSource
 from gpufleet.kcache import mounts
 from gpufleet.kcache.cluster import (
+    CacheKey,
     PodInfo,
     VolumeRequest,
+    node_label_key,
+    node_object_name,
 )
+from gpufleet.kcache.crds import new_node_object
 from gpufleet.kcache.errors import CacheIncompatibleError, InvalidVolumeError
 from gpufleet.kcache.node.run import NodeParts, node_agent
 from gpufleet.kcache.node.settings import NodeSettings
@@ -37,6 +41,7 @@ from tests.integration.kcache_node_support import (
     KEY,
     NAMESPACE,
     NODE,
+    NODE_OBJECTS,
     add_cache,
     add_pod,
     closed_port,
@@ -343,3 +348,21 @@ async def test_a_moved_tag_keeps_the_mounted_old_digest_until_unmounted_and_pull
         await eventually(lambda: state_of(api, image) is None)
         await eventually(lambda: node.store.installed(digest_of(image), IMAGE_ROOT) is None)
         assert node.store.installed(digest_of(moved), IMAGE_ROOT) is not None
+
+
+async def test_node_objects_and_labels_of_caches_gone_meanwhile_are_removed_at_start(
+    api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
+) -> None:
+    gone = CacheKey("GKMCache", NAMESPACE, "gone")
+    for node in (NODE, "node-2"):
+        body = new_node_object(gone, node)
+        api.add_object({**body, "status": {"nodeName": node}})
+    api.update_object("nodes", None, NODE, lambda n: n["metadata"].setdefault(
+        "labels", {}).update({node_label_key(gone): "ready"}))  # fmt: skip
+    add_cache(api, image)
+    async with running(kube, tmp_path / "store", "dgx-h100", Registry()):
+        await eventually(lambda: node_label(api) == "ready", 60)
+        await eventually(lambda: node_label(api, gone) is None)
+        names = {o["metadata"]["name"] for o in api.objects(NODE_OBJECTS, NAMESPACE)}
+        assert node_object_name(gone, NODE) not in names
+        assert node_object_name(gone, "node-2") in names  # another node's: not ours to delete

@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+MAX_MESSAGE = 2048
+"""The most characters of a condition message (the CRD allows 32 KiB; a reason is short)."""
+
+
+def _bounded(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
+
 
 async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` in a daemon thread of its own, awaited without blocking the loop.
@@ -225,7 +232,7 @@ class Agent:
                 self.pull_failures_total += 1
                 delay = self._backoff.delay(attempt, self._rand)
                 attempt += 1
-                message = f"{type(exc).__name__}: {exc}"
+                message = _bounded(f"{type(exc).__name__}: {exc}")
                 log.warning(
                     "pull failed, retrying",
                     extra={"cache": str(key), "image": image, "error": message,
@@ -239,7 +246,7 @@ class Agent:
                 break
             if not outcome.compatible:
                 self.state.update(
-                    key, digest, phase=Phase.INCOMPATIBLE, message=outcome.message,
+                    key, digest, phase=Phase.INCOMPATIBLE, message=_bounded(outcome.message),
                     verdicts=outcome.verdicts,
                 )  # fmt: skip
                 log.info("incompatible with this node", extra={
@@ -258,7 +265,7 @@ class Agent:
 
     async def _write_forever(self) -> None:
         await self._wait_synced()
-        await self.labels.prune({node_label_key(key) for key in self.state.caches})
+        await self._prune()
         # Whatever changed before we listened (the mounts found at start) is written too.
         self._dirty.update(self.state.keys())
         self._wake.set()
@@ -281,6 +288,24 @@ class Agent:
                 self._dirty.update(keys)
                 await self._sleep(delay)
                 self._wake.set()
+
+    async def _prune(self) -> None:
+        """Once listed: drop node objects and labels of caches that went while we were down."""
+        attempt = 0
+        while True:
+            try:
+                await self.objects.prune(self.state.keys())
+                await self.labels.prune({node_label_key(key) for key in self.state.caches})
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = self._write_backoff.delay(attempt, self._rand)
+                attempt += 1
+                log.warning("pruning node objects and labels failed, retrying", extra={
+                    "error": f"{type(exc).__name__}: {exc}", "retry_in": round(delay, 3),
+                })  # fmt: skip
+                await self._sleep(delay)
 
     async def write(self, keys: Collection[CacheKey]) -> None:
         """Bring the node objects and the Node labels of `keys` in line with the state."""

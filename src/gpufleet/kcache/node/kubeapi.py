@@ -75,6 +75,17 @@ class NodeApi:
             raise
         return result
 
+    async def list_objects(self, resource: Resource, label_selector: str) -> list[Json]:
+        """The custom objects of `resource` in every namespace that match `label_selector`."""
+        if resource.namespaced:
+            method: Any = self.custom.list_custom_object_for_all_namespaces
+        else:
+            method = self.custom.list_cluster_custom_object
+        body = await call_json(
+            method, GROUP, VERSION, resource.plural, label_selector=label_selector
+        )
+        return [item for item in body.get("items") or () if isinstance(item, dict)]
+
     async def create_object(self, resource: Resource, namespace: str | None, body: Json) -> Json:
         """Create a custom object; returns it as stored."""
         if namespace is None:

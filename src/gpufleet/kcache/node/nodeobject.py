@@ -16,7 +16,17 @@ from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from gpufleet.kcache.cluster import CacheKey, node_label_key, node_object_name
+from gpufleet.kcache.cluster import (
+    CLUSTER_CACHE,
+    CLUSTER_CACHE_NODE,
+    LABEL_CACHE,
+    LABEL_HOSTNAME,
+    NAMESPACED_CACHE,
+    NAMESPACED_CACHE_NODE,
+    CacheKey,
+    node_label_key,
+    node_object_name,
+)
 from gpufleet.kcache.crds import merge_patch, new_node_object
 from gpufleet.kcache.node.gpus import NodeGpus
 from gpufleet.kcache.node.kubeapi import NodeApi
@@ -177,6 +187,38 @@ class NodeObjects:
             if api_status(exc) != 409:  # there already: the status patch makes it ours
                 raise
         self.writes += 1
+
+    async def prune(self, keep: Collection[CacheKey]) -> list[CacheKey]:
+        """Delete this node's node objects of caches not in `keep`; returns their caches.
+
+        For objects left by a cache that went while the process was down without its
+        finalizer waiting for us (removed by hand), which nothing else would delete.
+        """
+        gone: list[CacheKey] = []
+        selector = f"{LABEL_HOSTNAME}={self._node}"
+        for resource in (NAMESPACED_CACHE_NODE, CLUSTER_CACHE_NODE):
+            for obj in await self._api.list_objects(resource, selector):
+                metadata = obj.get("metadata") or {}
+                cache = (metadata.get("labels") or {}).get(LABEL_CACHE)
+                if not cache:
+                    continue
+                namespace = metadata.get("namespace") if resource.namespaced else None
+                key = CacheKey(
+                    NAMESPACED_CACHE.kind if resource.namespaced else CLUSTER_CACHE.kind,  # type: ignore[arg-type]
+                    namespace,
+                    str(cache),
+                )
+                if key in keep or metadata.get("name") != node_object_name(key, self._node):
+                    continue
+                await self._api.delete_object(resource, namespace, str(metadata["name"]))
+                self.writes += 1
+                self._written[key] = None
+                gone.append(key)
+        if gone:
+            log.info("deleted node objects of caches that are gone", extra={
+                "caches": [str(key) for key in gone],
+            })  # fmt: skip
+        return gone
 
     def forget(self, key: CacheKey) -> None:
         """Drop what is known of `key`'s object (the next sync reads it again)."""
