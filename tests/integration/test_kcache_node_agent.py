@@ -27,7 +27,11 @@ from gpufleet.kcache.cluster import (
     node_object_name,
 )
 from gpufleet.kcache.crds import new_node_object
-from gpufleet.kcache.errors import CacheIncompatibleError, InvalidVolumeError
+from gpufleet.kcache.errors import (
+    CacheIncompatibleError,
+    CacheNotReadyError,
+    InvalidVolumeError,
+)
 from gpufleet.kcache.node.run import NodeParts, node_agent
 from gpufleet.kcache.node.settings import NodeSettings
 from gpufleet.kcache.oci import RegistryClient
@@ -99,9 +103,9 @@ def writes(api: KubeApiDouble) -> int:
 
 @contextlib.asynccontextmanager
 async def running(
-    kube: Kube, store: Path, preset: str, registry: Registry
+    kube: Kube, store: Path, preset: str, registry: Registry, *, max_bytes: int | None = None
 ) -> AsyncIterator[NodeParts]:
-    settings = NodeSettings(node_name=NODE, kcache_store=store)
+    settings = NodeSettings(node_name=NODE, kcache_store=store, kcache_store_max_bytes=max_bytes)
     source = NvmlSource(sim.SimulatedNvml(sim.preset(preset)))
     try:
         async with node_agent(
@@ -366,3 +370,27 @@ async def test_node_objects_and_labels_of_caches_gone_meanwhile_are_removed_at_s
         names = {o["metadata"]["name"] for o in api.objects(NODE_OBJECTS, NAMESPACE)}
         assert node_object_name(gone, NODE) not in names
         assert node_object_name(gone, "node-2") in names  # another node's: not ours to delete
+
+
+async def test_a_cache_evicted_for_the_budget_is_pulled_again_when_a_pod_asks_for_it(
+    api: KubeApiDouble, kube: Kube, image: str, tmp_path: Path
+) -> None:
+    add_cache(api, image)
+    uid = add_pod(api, ("app", IMAGE_ROOT))
+    registry = Registry()
+    async with running(kube, tmp_path / "store", "dgx-h100", registry, max_bytes=1) as node:
+        await eventually(lambda: node_label(api) == "ready", 60)
+        await node.agent.collect_now()  # over the budget, and nothing mounts it
+        assert node.store.caches() == []
+        await eventually(lambda: state_of(api, image) == "Pending")
+        assert "KCACHE_STORE_MAX_BYTES" in digest_entry(api, image)["conditions"][0]["message"]  # type: ignore[index]
+        assert node_label(api) is None
+
+        req = request(uid=uid)
+        with pytest.raises(CacheNotReadyError):
+            await node.volumes.prepare(req)  # asks for it again
+
+        await eventually(lambda: node_label(api) == "ready", 60)
+        await node.volumes.published(req, await node.volumes.prepare(req))
+        await node.agent.collect_now()
+        assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None  # mounted: kept
