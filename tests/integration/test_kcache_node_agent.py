@@ -345,7 +345,7 @@ async def test_a_moved_tag_keeps_the_mounted_old_digest_until_unmounted_and_pull
         assert state_of(api, image) == "Outdated"
         await node.agent.collect_now()
         assert node.store.installed(digest_of(image), IMAGE_ROOT) is not None
-        assert node_label(api) == "ready"
+        await eventually(lambda: node_label(api) == "ready")  # patched after the node object
 
         await node.volumes.unpublished(req.volume_id)
 
@@ -384,7 +384,7 @@ async def test_a_cache_evicted_for_the_budget_is_pulled_again_when_a_pod_asks_fo
         assert node.store.caches() == []
         await eventually(lambda: state_of(api, image) == "Pending")
         assert "KCACHE_STORE_MAX_BYTES" in digest_entry(api, image)["conditions"][0]["message"]  # type: ignore[index]
-        assert node_label(api) is None
+        await eventually(lambda: node_label(api) is None)
 
         req = request(uid=uid)
         with pytest.raises(CacheNotReadyError):
