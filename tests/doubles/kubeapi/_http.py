@@ -1,8 +1,8 @@
 """The HTTP face of the double: routing, REST verbs, watch streams, exec, accounting.
 
-kmock's ``KubernetesScaffold`` is the aiohttp handler: it serves discovery
-(``/api``, ``/apis``, ``/version``) and answers every path we do not serve with
-a 404 ``metav1.Status``. Requests for the resources we emulate are answered
+kmock's ``KubernetesScaffold`` is the aiohttp handler (``_discovery.KmockHandler``):
+it serves discovery (``/api``, ``/apis``, ``/version``) and answers every path
+we do not serve with a 404 ``metav1.Status``. Requests for the resources we emulate are answered
 here before kmock sees them, because kmock's reaction lookup walks every past
 request (it keeps them all for assertions), which is quadratic over a
 5,000-pod benchmark, and because its emulator has no resourceVersions.
@@ -16,27 +16,28 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import attrs
-import kmock
 from aiohttp import web
 
+from tests.doubles.kubeapi._authz import Authorizer
 from tests.doubles.kubeapi._exec import ExecHandler, ExecRequest, exec_target, serve_exec
 from tests.doubles.kubeapi._objects import (
     PODS,
-    RESOURCES,
+    SUBJECT_ACCESS_REVIEWS,
     ApiError,
+    Cause,
     ResourceType,
     from_wire,
     status_body,
     to_wire,
 )
-from tests.doubles.kubeapi._patch import apply_patch
+from tests.doubles.kubeapi._patch import STRATEGIC_MERGE_PATCH, apply_patch
 from tests.doubles.kubeapi._selectors import Selector
-from tests.doubles.kubeapi._store import Store, Watcher
+from tests.doubles.kubeapi._store import Store
+from tests.doubles.kubeapi._watch import pump
 
 _log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class RecordedRequest:
 @dataclass(frozen=True, slots=True)
 class _Route:
     resource: ResourceType
-    """As served at the version the request names (the store keeps `RESOURCES`' version)."""
+    """As served at the version the request names (the store keeps its storage version)."""
     namespace: str | None
     name: str | None
     subresource: str | None
@@ -90,20 +91,6 @@ def _json(body: Any, status: int = 200) -> web.Response:
     )
 
 
-@attrs.define(kw_only=True)
-class KmockHandler(kmock.KubernetesScaffold):
-    """kmock's Kubernetes scaffold with our emulated resources answered first."""
-
-    front: Callable[[web.BaseRequest], Awaitable[web.StreamResponse | None]]
-
-    async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
-        """Serve from the emulation when it knows the path, else let kmock answer."""
-        response = await self.front(raw_request)
-        if response is not None:
-            return response
-        return await super().__call__(raw_request)
-
-
 class ApiFront:
     """Answers the emulated resources over HTTP from a ``Store``.
 
@@ -117,6 +104,7 @@ class ApiFront:
         *,
         served: Iterable[ResourceType],
         exec_handler: Callable[[], ExecHandler],
+        authorizer: Authorizer,
         bookmark_interval: float,
         stopping: asyncio.Event,
     ) -> None:
@@ -125,8 +113,21 @@ class ApiFront:
         self.requests: list[RecordedRequest] = []
         self.exec_by_uid: collections.Counter[str] = collections.Counter()
         self._exec_handler = exec_handler
+        self._authorizer = authorizer
         self._bookmark_interval = bookmark_interval
         self._stopping = stopping
+
+    def serve(self, resource: ResourceType) -> None:
+        """Answer ``resource`` (at ``resource.version``) from now on."""
+        self._served[(resource.group, resource.version, resource.plural)] = resource
+
+    def served(self) -> list[ResourceType]:
+        """Every (resource, version) answered now."""
+        return list(self._served.values())
+
+    def unserve(self, resource: ResourceType) -> None:
+        """Stop answering ``resource`` at ``resource.version``: kmock answers 404."""
+        self._served.pop((resource.group, resource.version, resource.plural), None)
 
     async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse | None:
         """Record the request; answer it if it addresses an emulated resource."""
@@ -162,8 +163,12 @@ class ApiFront:
             route.subresource,
         )
         # The store keeps one version of each resource; `wire` is the one asked for.
-        resource = RESOURCES[wire.plural]
+        resource = wire.stored
         params = raw.query
+        if resource is SUBJECT_ACCESS_REVIEWS:
+            if route.verb != "create" or name is not None:
+                raise ApiError(405, "MethodNotAllowed", "the server does not allow this method")
+            return _json(self._authorizer.review(_check_kind(wire, await _body(raw))), 201)
         if (resource.namespaced and name is not None and namespace is None) or (
             not resource.namespaced and namespace is not None
         ):
@@ -196,15 +201,38 @@ class ApiFront:
                 assert name is not None
                 return _json(to_wire(wire, store.require(resource, namespace, name)))
             case "create" if name is None:
-                created = store.create(resource, namespace, from_wire(wire, await _body(raw)))
+                body = _check_kind(wire, await _body(raw))
+                if resource.custom and "status" in resource.subresources:
+                    body.pop("status", None)  # status is reset on create where it is its own
+                created = store.create(resource, namespace, from_wire(wire, body))
                 return _json(to_wire(wire, created), 201)
             case "update" if name is not None:
-                body = from_wire(wire, await _body(raw))
+                body = from_wire(wire, _check_kind(wire, await _body(raw)))
+                if resource.custom and not (body.get("metadata") or {}).get("resourceVersion"):
+                    raise ApiError.invalid(  # custom resources allow no unconditional update
+                        wire,
+                        name,
+                        [
+                            Cause(
+                                "metadata.resourceVersion",
+                                "FieldValueInvalid",
+                                "Invalid value: 0x0: must be specified for an update",
+                            )
+                        ],
+                    )
                 return _json(
                     to_wire(wire, store.replace(resource, namespace, name, body, subresource=sub))
                 )
             case "patch" if name is not None:
                 content_type = raw.headers.get("Content-Type", "")
+                if resource.custom and content_type.startswith(STRATEGIC_MERGE_PATCH):
+                    raise ApiError(
+                        415,
+                        "UnsupportedMediaType",
+                        "the body of the request was in an unknown format - accepted media types "
+                        "include: application/json-patch+json, application/merge-patch+json, "
+                        "application/apply-patch+yaml",
+                    )
                 patch = await raw.read()
                 if wire == resource:
                     patched = store.patch(
@@ -253,65 +281,20 @@ class ApiFront:
             await response.write_eof()
             return response
         try:
-            await self._pump(response, watcher, deadline, bookmarks)
+            await pump(
+                response,
+                watcher,
+                deadline=deadline,
+                bookmark_interval=self._bookmark_interval if bookmarks else None,
+                stopping=self._stopping,
+                current_version=lambda: self.store.resource_version,
+            )
             await response.write_eof()
         except ConnectionError:
             pass  # the client hung up
         finally:
             self.store.unwatch(watcher)
         return response
-
-    async def _pump(
-        self,
-        response: web.StreamResponse,
-        watcher: Watcher,
-        deadline: float | None,
-        bookmarks: bool,
-    ) -> None:
-        interval = self._bookmark_interval
-        next_bookmark = time.monotonic() + interval
-        while not self._stopping.is_set():
-            lines: list[bytes] = []
-            dropped = False
-            while not watcher.queue.empty():  # send a backlog (a replay) in one write
-                item = watcher.queue.get_nowait()
-                if item is None:
-                    dropped = True
-                    break
-                lines.append(item)
-            if lines:
-                await response.write(b"".join(lines))
-            if dropped:
-                return
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return
-            if bookmarks and now >= next_bookmark:
-                # The queue is empty, so this watcher has seen every write up to now.
-                await response.write(self._bookmark(watcher.wire))
-                next_bookmark = now + interval
-            wait = min(
-                deadline - now if deadline is not None else interval,
-                next_bookmark - now if bookmarks else interval,
-            )
-            try:
-                item = await asyncio.wait_for(watcher.queue.get(), timeout=max(wait, 0.001))
-            except TimeoutError:
-                continue
-            if item is None:
-                return
-            await response.write(item)
-
-    def _bookmark(self, resource: ResourceType) -> bytes:
-        event = {
-            "type": "BOOKMARK",
-            "object": {
-                "kind": resource.kind,
-                "apiVersion": resource.api_version,
-                "metadata": {"resourceVersion": str(self.store.resource_version)},
-            },
-        }
-        return json.dumps(event, separators=(",", ":")).encode() + b"\n"
 
     async def _exec(
         self, raw: web.BaseRequest, namespace: str | None, name: str
@@ -376,6 +359,23 @@ def _selector(
     if name is not None:  # a watch on a named URL watches that one object
         fields = ",".join(f for f in (fields, f"metadata.name={name}") if f)
     return Selector.parse(resource.plural, params.get("labelSelector", ""), fields)
+
+
+def _check_kind(wire: ResourceType, body: Any) -> Any:
+    """400 for a body of another apiVersion or kind than the URL's, as the real server says."""
+    if not isinstance(body, dict):
+        raise ApiError.bad_request("the body of the request must be a JSON object")
+    version, kind = body.get("apiVersion"), body.get("kind")
+    if version not in (None, "", wire.api_version):
+        raise ApiError.bad_request(
+            f"the API version in the data ({version}) does not match the expected API "
+            f"version ({wire.api_version})"
+        )
+    if kind not in (None, "", wire.kind):
+        raise ApiError.bad_request(
+            f"the kind in the data ({kind}) does not match the expected kind ({wire.kind})"
+        )
+    return body
 
 
 def _int(text: str, what: str) -> int:

@@ -21,6 +21,9 @@ JsonObject = dict[str, Any]
 Converter = Callable[[JsonObject, str, str], JsonObject]
 """``convert(obj, source_version, target_version)``: one object as another version shows it."""
 
+Admit = Callable[[JsonObject], JsonObject]
+"""``admit(obj)``: the object as the server stores it (pruned), or a 422 ``ApiError``."""
+
 
 @dataclass(frozen=True, slots=True)
 class ResourceType:
@@ -34,6 +37,13 @@ class ResourceType:
     subresources: tuple[str, ...] = ()
     convert: Converter | None = None
     """For a resource served at several versions: between its versions and the stored one."""
+    storage_version: str | None = None
+    """The version the store keeps, when this one is another served version of it."""
+    custom: bool = False
+    """Declared by a CustomResourceDefinition (no strategic merge patch, status reset on create)."""
+    admit: Admit | None = dataclasses.field(default=None, compare=False)
+    """Checks (and may prune) an object about to be stored; raises a 422 ``ApiError``."""
+    verbs: tuple[str, ...] = ("get", "list", "watch", "create", "update", "patch", "delete")
 
     @property
     def api_version(self) -> str:
@@ -45,11 +55,24 @@ class ResourceType:
         """``pods`` or ``leases.coordination.k8s.io``, as the server names it in messages."""
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
+    @property
+    def qualified_kind(self) -> str:
+        """``Pod`` or ``GKMCache.gkm.io``, as the server names the kind in 422 messages."""
+        return f"{self.kind}.{self.group}" if self.group else self.kind
+
+    @property
+    def stored(self) -> ResourceType:
+        """This resource at the version the store keeps (itself when that is this version)."""
+        if self.storage_version is None:
+            return self
+        return dataclasses.replace(self, version=self.storage_version, storage_version=None)
+
     def served_as(self, version: str) -> ResourceType:
         """This resource as served at another version of its group."""
         if version != self.version and self.convert is None:
             raise ValueError(f"{self.qualified} is served at {self.version} only")
-        return dataclasses.replace(self, version=version)
+        keeps = self.storage_version or self.version
+        return dataclasses.replace(self, version=version, storage_version=keeps)
 
 
 PODS = ResourceType("pods", "Pod", "", "v1", namespaced=True, subresources=("exec", "status"))
@@ -63,25 +86,48 @@ RESOURCE_SLICES = ResourceType(
     namespaced=False,
     convert=convert_resource_slice,
 )
-RESOURCES: dict[str, ResourceType] = {r.plural: r for r in (PODS, NODES, LEASES, RESOURCE_SLICES)}
-"""Every resource the store holds, at the version it stores (a served version's view is
-converted on the way in and out, see `to_wire` and `from_wire`)."""
+SUBJECT_ACCESS_REVIEWS = ResourceType(
+    "subjectaccessreviews",
+    "SubjectAccessReview",
+    "authorization.k8s.io",
+    "v1",
+    namespaced=False,
+    verbs=("create",),
+)
+"""Answered, never stored (see ``_authz``)."""
+RESOURCES: dict[str, ResourceType] = {
+    r.qualified: r for r in (PODS, NODES, LEASES, RESOURCE_SLICES)
+}
+"""The built-in resources the store holds, by qualified name, at the version it stores (a
+served version's view is converted on the way in and out, see `to_wire` and `from_wire`);
+the kinds of ``_core``, CRDs (``_crd.CRDS``) and custom resources join them in the store."""
 
 
 def to_wire(resource: ResourceType, obj: JsonObject) -> JsonObject:
     """A stored object as the served version ``resource`` shows it (the same dict if unchanged)."""
-    stored = RESOURCES[resource.plural]
-    if resource.version == stored.version or resource.convert is None:
+    stored = resource.storage_version or resource.version
+    if resource.version == stored or resource.convert is None:
         return obj
-    return resource.convert(obj, stored.version, resource.version)
+    return resource.convert(obj, stored, resource.version)
 
 
 def from_wire(resource: ResourceType, body: Any) -> Any:
     """A request body sent to the served version ``resource``, as the store keeps it."""
-    stored = RESOURCES[resource.plural]
-    if resource.version == stored.version or resource.convert is None or not isinstance(body, dict):
+    stored = resource.storage_version or resource.version
+    if resource.version == stored or resource.convert is None or not isinstance(body, dict):
         return body
-    return resource.convert(body, resource.version, stored.version)
+    return resource.convert(body, resource.version, stored)
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """One field error of a 422, as ``field.Error`` renders it (``reason`` is its type)."""
+
+    field: str
+    reason: str
+    """``FieldValueRequired``, ``FieldValueInvalid``, ``FieldValueTooLong`` and so on."""
+    message: str
+    """``Required value``, ``Invalid value: "x": …``, as the server writes it after the field."""
 
 
 class ApiError(Exception):
@@ -134,6 +180,25 @@ class ApiError(Exception):
             f'Operation cannot be fulfilled on {resource.qualified} "{name}": the object has '
             "been modified; please apply your changes to the latest version and try again",
             {"name": name, "group": resource.group, "kind": resource.plural},
+        )
+
+    @classmethod
+    def invalid(cls, resource: ResourceType, name: str, causes: Sequence[Cause]) -> ApiError:
+        """422 Invalid: the object fails validation; worded as ``errors.NewInvalid`` words it."""
+        texts = [f"{c.field}: {c.message}" for c in causes]
+        joined = texts[0] if len(texts) == 1 else f"[{', '.join(texts)}]"
+        return cls(
+            422,
+            "Invalid",
+            f'{resource.qualified_kind} "{name}" is invalid: {joined}',
+            {
+                "name": name,
+                "group": resource.group,
+                "kind": resource.kind,
+                "causes": [
+                    {"reason": c.reason, "message": c.message, "field": c.field} for c in causes
+                ],
+            },
         )
 
     @classmethod

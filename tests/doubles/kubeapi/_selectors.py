@@ -44,6 +44,32 @@ _FIELDS: dict[str, dict[str, Callable[[JsonObject], str]]] = {
 }
 
 
+_METADATA_FIELDS: dict[str, Callable[[JsonObject], str]] = {
+    "metadata.name": lambda o: o["metadata"].get("name", ""),
+    "metadata.namespace": lambda o: o["metadata"].get("namespace", ""),
+}
+"""What every other resource (custom resources, secrets, events …) can be selected by."""
+_FIELDS["secrets"] = {**_METADATA_FIELDS, "type": lambda o: o.get("type", "")}
+_FIELDS["events"] = {
+    **_METADATA_FIELDS,
+    **{
+        f"involvedObject.{key}": (lambda k: lambda o: str(o.get("involvedObject", {}).get(k, "")))(
+            key
+        )
+        for key in ("kind", "namespace", "name", "uid", "apiVersion", "resourceVersion")
+    },
+    "involvedObject.fieldPath": lambda o: o.get("involvedObject", {}).get("fieldPath", ""),
+    "reason": lambda o: o.get("reason", ""),
+    "reportingComponent": lambda o: o.get("reportingComponent", ""),
+    "source": lambda o: o.get("source", {}).get("component", ""),
+    "type": lambda o: o.get("type", ""),
+}
+_FIELDS["namespaces"] = {
+    **_METADATA_FIELDS,
+    "status.phase": lambda o: o.get("status", {}).get("phase", ""),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class _LabelTerm:
     key: str
@@ -140,7 +166,7 @@ def _parse_field_term(resource: str, term: str) -> _FieldTerm:
     if match is None:
         raise ApiError.bad_request(f"invalid field selector: {term.strip()!r}")
     field, op, value = match.groups()
-    getter = _FIELDS.get(resource, {}).get(field)
+    getter = _FIELDS.get(resource, _METADATA_FIELDS).get(field)
     if getter is None:
         raise ApiError.bad_request(f"field label not supported: {field}", reason="BadRequest")
     return _FieldTerm(field, getter, value, op != "!=")

@@ -12,19 +12,16 @@ miss or duplicate an event.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import copy
-import itertools
 import json
 import secrets
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from tests.doubles.kubeapi import _meta
 from tests.doubles.kubeapi._objects import (
     PODS,
     RESOURCES,
@@ -34,78 +31,10 @@ from tests.doubles.kubeapi._objects import (
     timestamp,
     to_wire,
 )
+from tests.doubles.kubeapi._pages import Pages
 from tests.doubles.kubeapi._patch import apply_patch
 from tests.doubles.kubeapi._selectors import Selector
-
-_SNAPSHOTS_KEPT = 32
-"""Paginated list snapshots kept for ``continue`` tokens; older tokens answer 410."""
-
-
-@dataclass(slots=True)
-class _Event:
-    """One write, as watchers see it; its JSON is rendered once per version and shared."""
-
-    rv: int
-    resource: str
-    type: str
-    old: JsonObject | None
-    new: JsonObject
-    _json: dict[tuple[int, str], bytes] = field(default_factory=dict)
-
-    def encoded(self, obj: JsonObject, wire: ResourceType) -> bytes:
-        key = (id(obj), wire.version)
-        if key not in self._json:
-            self._json[key] = json.dumps(to_wire(wire, obj), separators=(",", ":")).encode()
-        return self._json[key]
-
-
-def _line(event_type: str, encoded_object: bytes) -> bytes:
-    return b'{"type":"%s","object":%s}\n' % (event_type.encode(), encoded_object)
-
-
-class Watcher:
-    """One open watch: filters events and queues them as ready-to-send JSON lines.
-
-    ``wire`` is the version the watcher asked for: objects are sent as it shows
-    them. A ``None`` in ``queue`` means the store dropped the watch.
-    """
-
-    def __init__(
-        self,
-        resource: ResourceType,
-        namespace: str | None,
-        selector: Selector,
-        wire: ResourceType | None = None,
-    ) -> None:
-        self.resource = resource
-        self.wire = wire if wire is not None else resource
-        self.namespace = namespace
-        self.selector = selector
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-    def _selects(self, obj: JsonObject | None) -> bool:
-        if obj is None:
-            return False
-        if self.namespace is not None and obj["metadata"].get("namespace") != self.namespace:
-            return False
-        return self.selector.matches(obj)
-
-    def offer(self, event: _Event) -> None:
-        """Queue ``event`` as this watcher sees it.
-
-        As on the real server, an object that starts or stops matching the
-        selector is ADDED or DELETED for this watcher, not MODIFIED.
-        """
-        if event.type == "DELETED":
-            if self._selects(event.old):
-                self.queue.put_nowait(_line("DELETED", event.encoded(event.new, self.wire)))
-            return
-        was, now = self._selects(event.old), self._selects(event.new)
-        if now:
-            encoded = event.encoded(event.new, self.wire)
-            self.queue.put_nowait(_line("MODIFIED" if was else "ADDED", encoded))
-        elif was:
-            self.queue.put_nowait(_line("DELETED", event.encoded(event.new, self.wire)))
+from tests.doubles.kubeapi._watch import Event, Watcher, line
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,27 +50,51 @@ class Store:
     """In-memory objects of every served resource, with etcd-like versioning."""
 
     def __init__(self, *, history_limit: int) -> None:
+        self._resources: dict[str, ResourceType] = dict(RESOURCES)
+        """Every stored resource by qualified name, custom resources included."""
         self._objects: dict[str, dict[str, dict[str, JsonObject]]] = {r: {} for r in RESOURCES}
         self._rv = 0
-        self._history: deque[_Event] = deque()
+        self._history: deque[Event] = deque()
         self._history_limit = history_limit
         self._floor = 0
         """Every event after this resourceVersion is still in ``_history``."""
         self._watchers: dict[str, set[Watcher]] = {r: set() for r in RESOURCES}
         self._pods_by_node: dict[str, set[tuple[str, str]]] = {}
-        self._snapshots: OrderedDict[int, tuple[int, list[JsonObject]]] = OrderedDict()
-        self._snapshot_ids = itertools.count(1)
+        self._pages = Pages()
+        self.listeners: list[Callable[[ResourceType, str, JsonObject], None]] = []
+        """Called after every commit with (resource, event type, object): CRDs serve themselves."""
 
     @property
     def resource_version(self) -> int:
         """The newest resourceVersion handed out."""
         return self._rv
 
+    # --- resources -----------------------------------------------------------------
+
+    def register(self, resource: ResourceType) -> None:
+        """Store objects of ``resource`` (at its storage version) from now on."""
+        key = resource.qualified
+        self._resources[key] = resource
+        self._objects.setdefault(key, {})
+        self._watchers.setdefault(key, set())
+
+    def unregister(self, resource: ResourceType) -> None:
+        """Forget ``resource`` and its objects; its watches end (its CRD was deleted)."""
+        key = resource.qualified
+        self._resources.pop(key, None)
+        self._objects.pop(key, None)
+        for watcher in self._watchers.pop(key, set()):
+            watcher.queue.put_nowait(None)
+
+    def resource(self, qualified: str) -> ResourceType | None:
+        """The stored resource named ``plural`` or ``plural.group``, if any."""
+        return self._resources.get(qualified)
+
     # --- reads -------------------------------------------------------------------
 
     def get(self, resource: ResourceType, namespace: str | None, name: str) -> JsonObject | None:
         """The stored object (shared: do not mutate), or ``None``."""
-        return self._objects[resource.plural].get(namespace or "", {}).get(name)
+        return self._objects[resource.qualified].get(namespace or "", {}).get(name)
 
     def require(self, resource: ResourceType, namespace: str | None, name: str) -> JsonObject:
         """The stored object, or a 404 ``ApiError``."""
@@ -165,7 +118,7 @@ class Store:
                 if namespace is None or ns == namespace:
                     yield self._objects["pods"][ns][name]
             return
-        spaces = self._objects[resource.plural]
+        spaces = self._objects[resource.qualified]
         if namespace is not None:
             yield from spaces.get(namespace, {}).values()
         else:
@@ -183,7 +136,7 @@ class Store:
     ) -> JsonObject:
         """A ``<Kind>List`` body, paginated with ``limit``/``continue`` as the server does."""
         if continue_token:
-            snap_rv, items, offset = self._resume(continue_token)
+            snap_rv, items, offset = self._pages.resume(continue_token, self._floor)
         else:
             matching = [
                 o for o in self._candidates(resource, namespace, selector) if selector.matches(o)
@@ -193,7 +146,7 @@ class Store:
         metadata: JsonObject = {"resourceVersion": str(snap_rv)}
         end = offset + limit if limit > 0 else len(items)
         if end < len(items):
-            metadata["continue"] = self._remember(snap_rv, items, end)
+            metadata["continue"] = self._pages.remember(snap_rv, items, end)
             metadata["remainingItemCount"] = len(items) - end
         return {
             "kind": f"{resource.kind}List",
@@ -201,28 +154,6 @@ class Store:
             "metadata": metadata,
             "items": items[offset:end],
         }
-
-    def _remember(self, snap_rv: int, items: list[JsonObject], offset: int) -> str:
-        snap_id = next(self._snapshot_ids)
-        self._snapshots[snap_id] = (snap_rv, items)
-        while len(self._snapshots) > _SNAPSHOTS_KEPT:
-            self._snapshots.popitem(last=False)
-        token = json.dumps({"id": snap_id, "rv": snap_rv, "start": offset}).encode()
-        return base64.urlsafe_b64encode(token).decode()
-
-    def _resume(self, token: str) -> tuple[int, list[JsonObject], int]:
-        try:
-            data = json.loads(base64.urlsafe_b64decode(token.encode()))
-            snap_id, snap_rv, offset = int(data["id"]), int(data["rv"]), int(data["start"])
-        except (ValueError, KeyError, TypeError, binascii.Error):
-            raise ApiError.bad_request(f"invalid continue token {token!r}") from None
-        snapshot = self._snapshots.get(snap_id)
-        if snapshot is None or snap_rv < self._floor:
-            raise ApiError.expired(
-                "The provided continue parameter is too old to display a consistent list "
-                "result. You can start a new list without the continue parameter."
-            )
-        return snapshot[0], snapshot[1], offset
 
     def check_list_version(
         self, resource_version: str, match: str, *, continue_token: str, limit: int
@@ -279,7 +210,9 @@ class Store:
         if not (keep_uid and meta.get("uid")):
             meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = timestamp()
-        meta.pop("deletionTimestamp", None)
+        _meta.prepare_create(resource, obj)
+        if resource.admit is not None:
+            obj = resource.admit(obj)
         return self._commit(resource, "ADDED", None, obj)
 
     def replace(
@@ -340,20 +273,16 @@ class Store:
         sent_rv = meta.get("resourceVersion")
         if sent_rv not in (None, "") and sent_rv != current["metadata"]["resourceVersion"]:
             raise ApiError.conflict(resource, current["metadata"]["name"])
-        # Identity and server-managed fields are the server's, whatever the client sent.
-        for key in ("name", "namespace", "uid", "creationTimestamp"):
-            if key in current["metadata"]:
-                meta[key] = current["metadata"][key]
         new["apiVersion"], new["kind"] = resource.api_version, resource.kind
-        if subresource == "status":  # the status endpoint changes nothing but status
-            new = {**current, "status": new.get("status", {})}
-            new["metadata"] = dict(current["metadata"])
-        elif subresource is None and "status" in resource.subresources:
-            if "status" in current:
-                new["status"] = current["status"]  # the main endpoint ignores status
-            else:
-                new.pop("status", None)
-        return self._commit(resource, "MODIFIED", current, new)
+        new = _meta.prepare_update(resource, current, new, subresource)
+        if resource.admit is not None:
+            new = resource.admit(new)
+        if subresource != "*" and _meta.unchanged(current, new):
+            return current  # nothing to write: no new version, no event, as etcd is spared
+        written = self._commit(resource, "MODIFIED", current, new)
+        if _meta.finalized(written):  # the last finalizer went: the deletion completes
+            return self._commit(resource, "DELETED", written, dict(written))
+        return written
 
     def delete(
         self,
@@ -362,13 +291,20 @@ class Store:
         name: str,
         preconditions: Mapping[str, Any] | None = None,
     ) -> JsonObject:
-        """Remove the object at once (no graceful termination); DELETED goes to watchers."""
+        """Remove the object (DELETED), or mark it deleting while finalizers hold it (MODIFIED).
+
+        There is no graceful termination: an object without finalizers goes at once.
+        """
         current = self.require(resource, namespace, name)
         wanted = preconditions or {}
         if wanted.get("resourceVersion") not in (None, current["metadata"]["resourceVersion"]):
             raise ApiError.conflict(resource, name)
         if wanted.get("uid") not in (None, current["metadata"]["uid"]):
             raise ApiError.conflict(resource, name)
+        if _meta.held_by_finalizers(current):
+            if current["metadata"].get("deletionTimestamp"):
+                return current
+            return self._commit(resource, "MODIFIED", current, _meta.marked_deleting(current))
         final = {**current, "metadata": {**current["metadata"], "deletionTimestamp": timestamp()}}
         return self._commit(resource, "DELETED", current, final)
 
@@ -378,19 +314,21 @@ class Store:
         self._rv += 1
         new["metadata"] = {**new["metadata"], "resourceVersion": str(self._rv)}
         meta = new["metadata"]
-        space = self._objects[resource.plural].setdefault(meta.get("namespace") or "", {})
+        space = self._objects[resource.qualified].setdefault(meta.get("namespace") or "", {})
         if event_type == "DELETED":
             del space[meta["name"]]
         else:
             space[meta["name"]] = new
         if resource is PODS:
             self._index_pod(old, None if event_type == "DELETED" else new)
-        event = _Event(self._rv, resource.plural, event_type, old, new)
+        event = Event(self._rv, resource.qualified, event_type, old, new)
         self._history.append(event)
         while len(self._history) > self._history_limit:
             self._floor = self._history.popleft().rv
-        for watcher in self._watchers[resource.plural]:
+        for watcher in self._watchers[resource.qualified]:
             watcher.offer(event)
+        for listener in self.listeners:
+            listener(resource, event_type, new)
         return new
 
     def _index_pod(self, old: JsonObject | None, new: JsonObject | None) -> None:
@@ -427,27 +365,27 @@ class Store:
             for obj in self._candidates(resource, namespace, selector):
                 if selector.matches(obj):
                     encoded = json.dumps(to_wire(watcher.wire, obj), separators=(",", ":")).encode()
-                    watcher.queue.put_nowait(_line("ADDED", encoded))
+                    watcher.queue.put_nowait(line("ADDED", encoded))
         else:
             since = _parse_rv(resource_version)
             if since > self._rv:
                 raise ApiError.too_large_resource_version(since, self._rv)
             if since < self._floor:
                 raise ApiError.expired(f"too old resource version: {since} ({self._floor + 1})")
-            replay: list[_Event] = []
+            replay: list[Event] = []
             for event in reversed(self._history):
                 if event.rv <= since:
                     break
-                if event.resource == resource.plural:
+                if event.resource == resource.qualified:
                     replay.append(event)
             for event in reversed(replay):
                 watcher.offer(event)
-        self._watchers[resource.plural].add(watcher)
+        self._watchers[resource.qualified].add(watcher)
         return watcher
 
     def unwatch(self, watcher: Watcher) -> None:
         """Forget a watch whose stream has ended."""
-        self._watchers[watcher.resource.plural].discard(watcher)
+        self._watchers.get(watcher.resource.qualified, set()).discard(watcher)
 
     def backup(self) -> StoreBackup:
         """Every object and the version counter now, as an etcd snapshot holds them."""
@@ -465,13 +403,13 @@ class Store:
         the counter goes on from the backup's version, so versions handed out
         after the backup are handed out again, to other writes.
         """
-        self._objects = {r: {ns: dict(objs) for ns, objs in spaces.items()}
-                         for r, spaces in backup.objects.items()}  # fmt: skip
+        self._objects = {r: {ns: dict(objs) for ns, objs in backup.objects.get(r, {}).items()}
+                         for r in self._resources}  # fmt: skip
         self._pods_by_node = {node: set(keys) for node, keys in backup.pods_by_node.items()}
         self._rv = backup.rv
         self._history.clear()
         self._floor = backup.rv
-        self._snapshots.clear()
+        self._pages.clear()
         self.drop_watches()
 
     def expire_history(self) -> None:

@@ -24,6 +24,11 @@ import yaml
 from kubernetes_asyncio.client import Configuration
 
 from gpufleet.gpu.sim import SimFleet
+from tests.doubles.kubeapi._authz import Authorizer
+from tests.doubles.kubeapi._cluster import ClusterObjects
+from tests.doubles.kubeapi._core import CORE_KINDS
+from tests.doubles.kubeapi._crd import CRDS
+from tests.doubles.kubeapi._discovery import KmockHandler, discovery_info
 from tests.doubles.kubeapi._dra import (
     NVIDIA_GPU_DRIVER,
     RESOURCE_SLICE_VERSIONS,
@@ -31,12 +36,13 @@ from tests.doubles.kubeapi._dra import (
     new_resource_slice,
 )
 from tests.doubles.kubeapi._exec import ExecHandler, SmiRenderer, default_handler
-from tests.doubles.kubeapi._http import ApiFront, KmockHandler, RecordedRequest
+from tests.doubles.kubeapi._http import ApiFront, RecordedRequest
 from tests.doubles.kubeapi._objects import (
     LEASES,
     NODES,
     PODS,
     RESOURCE_SLICES,
+    SUBJECT_ACCESS_REVIEWS,
     JsonObject,
     ResourceType,
     new_node,
@@ -45,11 +51,12 @@ from tests.doubles.kubeapi._objects import (
 )
 from tests.doubles.kubeapi._store import Store, StoreBackup
 
-_KINDS = {"pods": PODS, "nodes": NODES, "leases": LEASES, "resourceslices": RESOURCE_SLICES}
 
-
-class KubeApiDouble:
+class KubeApiDouble(ClusterObjects):
     """An API server double for pods, nodes, leases and ResourceSlices, with exec into GPU nodes.
+
+    Also Secrets, Events, Namespaces, ServiceAccounts, SubjectAccessReviews and
+    custom resources declared by CRDs (see `ClusterObjects`).
 
     ``bookmark_interval`` is how often watches that allow bookmarks get one
     (seconds); ``history_limit`` is how many past events a watch can resume
@@ -72,11 +79,17 @@ class KubeApiDouble:
                 f"ResourceSlices are not served at {sorted(unknown)}; "
                 f"choose from {list(RESOURCE_SLICE_VERSIONS)}"
             )
-        served: list[ResourceType] = [PODS, NODES, LEASES]
+        served: list[ResourceType] = [PODS, NODES, LEASES, *CORE_KINDS, CRDS]
         served += [RESOURCE_SLICES.served_as(v) for v in dict.fromkeys(resource_slice_versions)]
+        served.append(SUBJECT_ACCESS_REVIEWS)
         self.resource_slice_versions = tuple(dict.fromkeys(resource_slice_versions))
         """The versions that serve ResourceSlices, as given."""
         self._store = Store(history_limit=history_limit)
+        for kind in (*CORE_KINDS, CRDS):
+            self._store.register(kind)
+        self._store.listeners.append(self._on_commit)
+        self._crd_served = {}
+        self._authorizer = Authorizer()
         self._stopping = asyncio.Event()
         self._smi = SmiRenderer()
         self._default_exec = default_handler(self._smi)
@@ -85,19 +98,15 @@ class KubeApiDouble:
             self._store,
             served=served,
             exec_handler=lambda: self._exec_handler or self._default_exec,
+            authorizer=self._authorizer,
             bookmark_interval=bookmark_interval,
             stopping=self._stopping,
         )
         self.kmock = KmockHandler(front=self._front)
         """kmock's handler: add reactions for paths the double does not emulate."""
         for resource in served:
-            self.kmock.resources[f"{resource.api_version}/{resource.plural}"] = kmock.ResourceInfo(
-                kind=resource.kind,
-                singular=resource.kind.lower(),
-                namespaced=resource.namespaced,
-                verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
-                subresources=set(resource.subresources),
-            )
+            key = f"{resource.api_version}/{resource.plural}"
+            self.kmock.resources[key] = discovery_info(resource)
         self._server: kmock.Server | None = None
         self.url = ""
 
@@ -271,8 +280,9 @@ class KubeApiDouble:
         self._store.delete(RESOURCE_SLICES, None, name)
 
     def get(self, kind: str, namespace: str | None, name: str) -> JsonObject | None:
-        """A copy of a stored object: ``pods``, ``nodes``, ``leases``, ``resourceslices`` (v1)."""
-        obj = self._store.get(_KINDS[kind], namespace, name)
+        """A copy of a stored object: ``pods``, ``nodes``, ``leases``, ``resourceslices`` (v1),
+        ``secrets`` …, or a custom resource's ``plural.group`` (its storage version)."""
+        obj = self._store.get(self._resource(kind), namespace, name)
         return None if obj is None else _copy(obj)
 
     @property
