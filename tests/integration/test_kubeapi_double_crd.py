@@ -192,6 +192,32 @@ async def test_a_posted_crd_is_served_with_discovery(client: ApiClient) -> None:
     assert listed["items"] == []
 
 
+async def test_discovery_prefers_the_most_stable_version(client: ApiClient) -> None:
+    crd = cache_crd("Widget")
+    stored = crd["spec"]["versions"][0]
+    crd["spec"]["versions"] = [
+        {**stored, "name": "v1alpha1", "storage": False},
+        {**stored, "name": "v1"},
+        {**stored, "name": "v1beta2", "storage": False},
+        {**stored, "name": "v10alpha1", "storage": False},
+    ]
+    async with KubeApiDouble() as fresh, aiohttp.ClientSession() as session:
+        fresh.add_crd(crd)
+        async with session.get(f"{fresh.url}/apis") as response:
+            groups = {g["name"]: g for g in (await response.json())["groups"]}
+        async with session.get(f"{fresh.url}/apis/{GROUP}") as response:
+            group = await response.json()
+
+    for found in (groups[GROUP], group):
+        assert found["preferredVersion"]["version"] == "v1"
+        assert [v["version"] for v in found["versions"]] == [
+            "v1",
+            "v1beta2",
+            "v10alpha1",
+            "v1alpha1",
+        ]
+
+
 async def test_a_crd_named_other_than_plural_dot_group_is_invalid(
     api: KubeApiDouble, client: ApiClient
 ) -> None:
@@ -556,6 +582,16 @@ async def test_unknown_fields_are_pruned_and_defaults_filled(custom: CustomObjec
     assert status["status"] == {"observedGeneration": 1}
 
 
+async def test_a_null_field_that_is_not_nullable_is_pruned_then_defaulted(
+    custom: CustomObjectsApi,
+) -> None:
+    body = cache("c1")
+    body["spec"]["mode"] = None
+    body["spec"]["podTemplate"] = None
+    created = await custom.create_namespaced_custom_object(GROUP, VERSION, NS, "gkmcaches", body)
+    assert created["spec"] == {"image": IMAGE, "mode": "mount"}
+
+
 async def test_strategic_merge_patch_of_a_custom_resource_is_unsupported(
     custom: CustomObjectsApi,
 ) -> None:
@@ -601,3 +637,30 @@ async def test_add_object_keeps_status_and_delete_object_honours_finalizers(
     assert got["status"]["resolvedDigest"].startswith("sha256:c")
     assert marked["metadata"]["deletionTimestamp"]
     assert api.objects(f"gkmcaches.{GROUP}") == []
+
+
+async def test_a_replace_without_resource_version_is_invalid_for_custom_resources(
+    custom: CustomObjectsApi,
+) -> None:
+    # Custom resources allow no unconditional update (pods and nodes do).
+    created = await create(custom, "c1")
+    del created["metadata"]["resourceVersion"]
+    with pytest.raises(ApiException) as caught:
+        await custom.replace_namespaced_custom_object(
+            GROUP, VERSION, NS, "gkmcaches", "c1", created
+        )
+    assert caught.value.status == 422
+    assert "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update" in (
+        message(caught.value)
+    )
+
+
+async def test_empty_labels_or_finalizers_are_not_stored_so_not_a_change(
+    api: KubeApiDouble, custom: CustomObjectsApi
+) -> None:
+    # ObjectMeta's maps and lists are omitempty: an empty one is no field at all.
+    created = await create(custom, "c1")
+    patched = await merge_patch(custom, "c1", {"metadata": {"labels": {}, "finalizers": []}})
+
+    assert patched["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+    assert "labels" not in patched["metadata"]

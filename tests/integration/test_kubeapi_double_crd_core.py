@@ -8,6 +8,7 @@ each shown with the real ``kubernetes_asyncio`` client over a loopback socket.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -236,3 +237,72 @@ async def test_a_review_without_user_or_attributes_is_invalid(client: ApiClient)
     with pytest.raises(ApiException) as caught:
         await authz.create_subject_access_review({"spec": {"resourceAttributes": {"verb": "get"}}})
     assert caught.value.status == 422
+
+
+async def test_a_strategic_merge_patch_merges_finalizers_on_built_in_kinds(
+    api: KubeApiDouble, core: CoreV1Api
+) -> None:
+    # ObjectMeta.finalizers has patchStrategy "merge": a list in the patch adds to it.
+    api.add_pod(NS, "p", node_name="node-1", labels={})
+    await core.patch_namespaced_pod("p", NS, {"metadata": {"finalizers": ["a.example/x"]}})
+    added = await core.patch_namespaced_pod("p", NS, {"metadata": {"finalizers": ["b.example/y"]}})
+    removed = await core.patch_namespaced_pod(
+        "p", NS, {"metadata": {"$deleteFromPrimitiveList/finalizers": ["a.example/x"]}}
+    )
+
+    assert added.metadata.finalizers == ["a.example/x", "b.example/y"]
+    assert removed.metadata.finalizers == ["b.example/y"]
+
+
+async def test_events_are_selected_by_their_involved_object(
+    api: KubeApiDouble, core: CoreV1Api
+) -> None:
+    for name in ("c1", "c2"):
+        await core.create_namespaced_event(
+            NS,
+            CoreV1Event(
+                metadata=V1ObjectMeta(generate_name="e-"),
+                involved_object=V1ObjectReference(kind="GKMCache", name=name, namespace=NS),
+                reason="Resolved",
+            ),
+        )
+    selected = await core.list_namespaced_event(
+        NS, field_selector="involvedObject.kind=GKMCache,involvedObject.name=c2"
+    )
+    assert [e.involved_object.name for e in selected.items] == ["c2"]
+
+
+# --- metadata validation ---------------------------------------------------------------------
+
+
+async def test_a_name_that_is_not_a_dns_subdomain_is_invalid(core: CoreV1Api) -> None:
+    with pytest.raises(ApiException) as caught:
+        await core.create_namespaced_secret(NS, {"metadata": {"name": "Trust_Keys"}})
+    assert caught.value.status == 422
+    assert (
+        'metadata.name: Invalid value: "Trust_Keys": a lowercase RFC 1123 subdomain'
+        in (json.loads(caught.value.body)["message"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ({"gkm.io/digest": "sha256:" + "a" * 20}, "a valid label must be an empty string or"),
+        ({"gkm.io/cache": "x" * 64}, "must be no more than 63 characters"),
+        ({"bad key": "v"}, "name part must consist of alphanumeric characters"),
+        ({"Bad_Prefix/k": "v"}, "prefix part a lowercase RFC 1123 subdomain"),
+    ],
+)
+async def test_invalid_label_keys_and_values_are_refused(
+    api: KubeApiDouble, core: CoreV1Api, labels: dict[str, str], expected: str
+) -> None:
+    api.add_node("node-1")
+    with pytest.raises(ApiException) as caught:
+        await core.patch_node("node-1", {"metadata": {"labels": labels}})
+    assert caught.value.status == 422
+    assert (
+        'Node "node-1" is invalid: metadata.labels: Invalid value: '
+        in (json.loads(caught.value.body)["message"])
+    )
+    assert expected in json.loads(caught.value.body)["message"]

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 
-import kmock
-
 from tests.doubles.kubeapi._authz import AccessRule, Authorizer
 from tests.doubles.kubeapi._core import (
     EVENTS,
@@ -24,7 +22,8 @@ from tests.doubles.kubeapi._core import (
     new_service_account,
 )
 from tests.doubles.kubeapi._crd import CRDS, crd_resources
-from tests.doubles.kubeapi._http import ApiFront, KmockHandler
+from tests.doubles.kubeapi._discovery import KmockHandler, discovery_info
+from tests.doubles.kubeapi._http import ApiFront
 from tests.doubles.kubeapi._objects import JsonObject, ResourceType, from_wire
 from tests.doubles.kubeapi._selectors import Selector
 from tests.doubles.kubeapi._store import Store
@@ -33,20 +32,6 @@ _ALIASES = {
     "leases": "leases.coordination.k8s.io",
     "resourceslices": "resourceslices.resource.k8s.io",
 }
-
-
-def discovery_info(resource: ResourceType, crd: JsonObject | None = None) -> kmock.ResourceInfo:
-    """What discovery says of ``resource`` (names from its CRD, when it has one)."""
-    names = (crd or {}).get("spec", {}).get("names", {})
-    return kmock.ResourceInfo(
-        kind=resource.kind,
-        singular=names.get("singular") or resource.kind.lower(),
-        namespaced=resource.namespaced,
-        verbs=set(resource.verbs),
-        shortnames=set(names.get("shortNames") or ()),
-        categories=set(names.get("categories") or ()),
-        subresources=set(resource.subresources),
-    )
 
 
 class ClusterObjects:

@@ -8,7 +8,8 @@ keeps the storage version, and the other versions differ only in
 ``apiVersion`` (conversion ``None``, the only strategy without a webhook).
 
 Every write of a custom resource is admitted as the real server decodes it:
-unknown fields are pruned, schema defaults are filled in, and the
+unknown fields and nulls where the schema is not ``nullable`` are pruned,
+schema defaults are filled in, and the
 ``openAPIV3Schema`` is checked (``type``, ``required``, ``pattern``,
 ``minLength``/``maxLength``, ``enum``, ``minimum``/``maximum``,
 ``minItems``/``maxItems``, ``nullable``) against the storage version's schema.
@@ -156,6 +157,8 @@ def _admitter(resource: ResourceType, schema: JsonObject) -> Any:
         for key, sub in properties.items():
             if key in _ALWAYS_KEPT:
                 continue
+            if admitted.get(key, "") is None and not sub.get("nullable"):
+                del admitted[key]
             if key not in admitted and "default" in sub:
                 admitted[key] = copy.deepcopy(sub["default"])
             if key in admitted:
@@ -246,6 +249,9 @@ def _check_object(
     additional = schema.get("additionalProperties")
     result: JsonObject = {}
     for key, item in value.items():
+        sub = properties.get(key, additional if isinstance(additional, dict) else None)
+        if item is None and isinstance(sub, dict) and not sub.get("nullable"):
+            continue  # a null that may not be null is pruned (then defaulted), not refused
         if key in properties:
             result[key] = _check(properties[key], item, f"{path}.{key}", causes)
         elif isinstance(additional, dict):

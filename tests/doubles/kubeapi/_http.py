@@ -1,8 +1,8 @@
 """The HTTP face of the double: routing, REST verbs, watch streams, exec, accounting.
 
-kmock's ``KubernetesScaffold`` is the aiohttp handler: it serves discovery
-(``/api``, ``/apis``, ``/version``) and answers every path we do not serve with
-a 404 ``metav1.Status``. Requests for the resources we emulate are answered
+kmock's ``KubernetesScaffold`` is the aiohttp handler (``_discovery.KmockHandler``):
+it serves discovery (``/api``, ``/apis``, ``/version``) and answers every path
+we do not serve with a 404 ``metav1.Status``. Requests for the resources we emulate are answered
 here before kmock sees them, because kmock's reaction lookup walks every past
 request (it keeps them all for assertions), which is quadratic over a
 5,000-pod benchmark, and because its emulator has no resourceVersions.
@@ -16,12 +16,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import attrs
-import kmock
 from aiohttp import web
 
 from tests.doubles.kubeapi._authz import Authorizer
@@ -30,6 +28,7 @@ from tests.doubles.kubeapi._objects import (
     PODS,
     SUBJECT_ACCESS_REVIEWS,
     ApiError,
+    Cause,
     ResourceType,
     from_wire,
     status_body,
@@ -37,7 +36,8 @@ from tests.doubles.kubeapi._objects import (
 )
 from tests.doubles.kubeapi._patch import STRATEGIC_MERGE_PATCH, apply_patch
 from tests.doubles.kubeapi._selectors import Selector
-from tests.doubles.kubeapi._store import Store, Watcher
+from tests.doubles.kubeapi._store import Store
+from tests.doubles.kubeapi._watch import pump
 
 _log = logging.getLogger(__name__)
 
@@ -89,20 +89,6 @@ def _json(body: Any, status: int = 200) -> web.Response:
         status=status,
         content_type="application/json",
     )
-
-
-@attrs.define(kw_only=True)
-class KmockHandler(kmock.KubernetesScaffold):
-    """kmock's Kubernetes scaffold with our emulated resources answered first."""
-
-    front: Callable[[web.BaseRequest], Awaitable[web.StreamResponse | None]]
-
-    async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
-        """Serve from the emulation when it knows the path, else let kmock answer."""
-        response = await self.front(raw_request)
-        if response is not None:
-            return response
-        return await super().__call__(raw_request)
 
 
 class ApiFront:
@@ -222,6 +208,18 @@ class ApiFront:
                 return _json(to_wire(wire, created), 201)
             case "update" if name is not None:
                 body = from_wire(wire, _check_kind(wire, await _body(raw)))
+                if resource.custom and not (body.get("metadata") or {}).get("resourceVersion"):
+                    raise ApiError.invalid(  # custom resources allow no unconditional update
+                        wire,
+                        name,
+                        [
+                            Cause(
+                                "metadata.resourceVersion",
+                                "FieldValueInvalid",
+                                "Invalid value: 0x0: must be specified for an update",
+                            )
+                        ],
+                    )
                 return _json(
                     to_wire(wire, store.replace(resource, namespace, name, body, subresource=sub))
                 )
@@ -283,65 +281,20 @@ class ApiFront:
             await response.write_eof()
             return response
         try:
-            await self._pump(response, watcher, deadline, bookmarks)
+            await pump(
+                response,
+                watcher,
+                deadline=deadline,
+                bookmark_interval=self._bookmark_interval if bookmarks else None,
+                stopping=self._stopping,
+                current_version=lambda: self.store.resource_version,
+            )
             await response.write_eof()
         except ConnectionError:
             pass  # the client hung up
         finally:
             self.store.unwatch(watcher)
         return response
-
-    async def _pump(
-        self,
-        response: web.StreamResponse,
-        watcher: Watcher,
-        deadline: float | None,
-        bookmarks: bool,
-    ) -> None:
-        interval = self._bookmark_interval
-        next_bookmark = time.monotonic() + interval
-        while not self._stopping.is_set():
-            lines: list[bytes] = []
-            dropped = False
-            while not watcher.queue.empty():  # send a backlog (a replay) in one write
-                item = watcher.queue.get_nowait()
-                if item is None:
-                    dropped = True
-                    break
-                lines.append(item)
-            if lines:
-                await response.write(b"".join(lines))
-            if dropped:
-                return
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return
-            if bookmarks and now >= next_bookmark:
-                # The queue is empty, so this watcher has seen every write up to now.
-                await response.write(self._bookmark(watcher.wire))
-                next_bookmark = now + interval
-            wait = min(
-                deadline - now if deadline is not None else interval,
-                next_bookmark - now if bookmarks else interval,
-            )
-            try:
-                item = await asyncio.wait_for(watcher.queue.get(), timeout=max(wait, 0.001))
-            except TimeoutError:
-                continue
-            if item is None:
-                return
-            await response.write(item)
-
-    def _bookmark(self, resource: ResourceType) -> bytes:
-        event = {
-            "type": "BOOKMARK",
-            "object": {
-                "kind": resource.kind,
-                "apiVersion": resource.api_version,
-                "metadata": {"resourceVersion": str(self.store.resource_version)},
-            },
-        }
-        return json.dumps(event, separators=(",", ":")).encode() + b"\n"
 
     async def _exec(
         self, raw: web.BaseRequest, namespace: str | None, name: str

@@ -1,8 +1,10 @@
 """PATCH bodies: JSON merge patch (RFC 7386) and JSON patch (RFC 6902).
 
 Strategic merge patch is applied as a JSON merge patch: lists are replaced, not
-merged by key. That is enough for labels, annotations and status fields, which
-is what gpufleet patches; a test that needs list merging must PUT instead.
+merged by key, except ``metadata.finalizers``, which is merged as the server
+merges it. That is enough for labels, annotations, finalizers and status
+fields, which is what gpufleet patches; a test that needs other list merging
+must PUT instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def apply_patch(content_type: str, current: JsonObject, body: bytes) -> JsonObje
     if media in (MERGE_PATCH, STRATEGIC_MERGE_PATCH):
         if not isinstance(patch, dict):
             raise ApiError.bad_request("a merge patch must be a JSON object")
+        if media == STRATEGIC_MERGE_PATCH:
+            patch = _merge_finalizers(current, patch)
         result = merge_patch(current, patch)
         assert isinstance(result, dict)
         return result
@@ -43,6 +47,27 @@ def apply_patch(content_type: str, current: JsonObject, body: bytes) -> JsonObje
         f"the body of the request was in an unknown format - accepted media types include: "
         f"{JSON_PATCH}, {MERGE_PATCH}, {STRATEGIC_MERGE_PATCH} (got {media!r})",
     )
+
+
+def _merge_finalizers(current: JsonObject, patch: JsonObject) -> JsonObject:
+    """``metadata.finalizers`` has patch strategy "merge": the patch's list adds to the
+    current one, and ``$deleteFromPrimitiveList/finalizers`` removes from it."""
+    meta = patch.get("metadata")
+    if not isinstance(meta, dict):
+        return patch
+    directive = "$deleteFromPrimitiveList/finalizers"
+    if "finalizers" not in meta and directive not in meta:
+        return patch
+    merged = list(current.get("metadata", {}).get("finalizers") or [])
+    added = meta.get("finalizers")
+    if isinstance(added, list):
+        merged += [f for f in added if f not in merged]
+    elif "finalizers" in meta:  # null: the list goes, as with a merge patch
+        merged = []
+    removed = meta.get(directive) or []
+    merged = [f for f in merged if f not in removed]
+    rest = {k: v for k, v in meta.items() if k not in ("finalizers", directive)}
+    return {**patch, "metadata": {**rest, "finalizers": merged or None}}
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

@@ -50,6 +50,20 @@ _METADATA_FIELDS: dict[str, Callable[[JsonObject], str]] = {
 }
 """What every other resource (custom resources, secrets, events …) can be selected by."""
 _FIELDS["secrets"] = {**_METADATA_FIELDS, "type": lambda o: o.get("type", "")}
+_FIELDS["events"] = {
+    **_METADATA_FIELDS,
+    **{
+        f"involvedObject.{key}": (lambda k: lambda o: str(o.get("involvedObject", {}).get(k, "")))(
+            key
+        )
+        for key in ("kind", "namespace", "name", "uid", "apiVersion", "resourceVersion")
+    },
+    "involvedObject.fieldPath": lambda o: o.get("involvedObject", {}).get("fieldPath", ""),
+    "reason": lambda o: o.get("reason", ""),
+    "reportingComponent": lambda o: o.get("reportingComponent", ""),
+    "source": lambda o: o.get("source", {}).get("component", ""),
+    "type": lambda o: o.get("type", ""),
+}
 _FIELDS["namespaces"] = {
     **_METADATA_FIELDS,
     "status.phase": lambda o: o.get("status", {}).get("phase", ""),

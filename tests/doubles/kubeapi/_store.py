@@ -12,17 +12,13 @@ miss or duplicate an event.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import copy
-import itertools
 import json
 import secrets
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tests.doubles.kubeapi import _meta
@@ -35,78 +31,10 @@ from tests.doubles.kubeapi._objects import (
     timestamp,
     to_wire,
 )
+from tests.doubles.kubeapi._pages import Pages
 from tests.doubles.kubeapi._patch import apply_patch
 from tests.doubles.kubeapi._selectors import Selector
-
-_SNAPSHOTS_KEPT = 32
-"""Paginated list snapshots kept for ``continue`` tokens; older tokens answer 410."""
-
-
-@dataclass(slots=True)
-class _Event:
-    """One write, as watchers see it; its JSON is rendered once per version and shared."""
-
-    rv: int
-    resource: str
-    type: str
-    old: JsonObject | None
-    new: JsonObject
-    _json: dict[tuple[int, str], bytes] = field(default_factory=dict)
-
-    def encoded(self, obj: JsonObject, wire: ResourceType) -> bytes:
-        key = (id(obj), wire.version)
-        if key not in self._json:
-            self._json[key] = json.dumps(to_wire(wire, obj), separators=(",", ":")).encode()
-        return self._json[key]
-
-
-def _line(event_type: str, encoded_object: bytes) -> bytes:
-    return b'{"type":"%s","object":%s}\n' % (event_type.encode(), encoded_object)
-
-
-class Watcher:
-    """One open watch: filters events and queues them as ready-to-send JSON lines.
-
-    ``wire`` is the version the watcher asked for: objects are sent as it shows
-    them. A ``None`` in ``queue`` means the store dropped the watch.
-    """
-
-    def __init__(
-        self,
-        resource: ResourceType,
-        namespace: str | None,
-        selector: Selector,
-        wire: ResourceType | None = None,
-    ) -> None:
-        self.resource = resource
-        self.wire = wire if wire is not None else resource
-        self.namespace = namespace
-        self.selector = selector
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-    def _selects(self, obj: JsonObject | None) -> bool:
-        if obj is None:
-            return False
-        if self.namespace is not None and obj["metadata"].get("namespace") != self.namespace:
-            return False
-        return self.selector.matches(obj)
-
-    def offer(self, event: _Event) -> None:
-        """Queue ``event`` as this watcher sees it.
-
-        As on the real server, an object that starts or stops matching the
-        selector is ADDED or DELETED for this watcher, not MODIFIED.
-        """
-        if event.type == "DELETED":
-            if self._selects(event.old):
-                self.queue.put_nowait(_line("DELETED", event.encoded(event.new, self.wire)))
-            return
-        was, now = self._selects(event.old), self._selects(event.new)
-        if now:
-            encoded = event.encoded(event.new, self.wire)
-            self.queue.put_nowait(_line("MODIFIED" if was else "ADDED", encoded))
-        elif was:
-            self.queue.put_nowait(_line("DELETED", event.encoded(event.new, self.wire)))
+from tests.doubles.kubeapi._watch import Event, Watcher, line
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +54,13 @@ class Store:
         """Every stored resource by qualified name, custom resources included."""
         self._objects: dict[str, dict[str, dict[str, JsonObject]]] = {r: {} for r in RESOURCES}
         self._rv = 0
-        self._history: deque[_Event] = deque()
+        self._history: deque[Event] = deque()
         self._history_limit = history_limit
         self._floor = 0
         """Every event after this resourceVersion is still in ``_history``."""
         self._watchers: dict[str, set[Watcher]] = {r: set() for r in RESOURCES}
         self._pods_by_node: dict[str, set[tuple[str, str]]] = {}
-        self._snapshots: OrderedDict[int, tuple[int, list[JsonObject]]] = OrderedDict()
-        self._snapshot_ids = itertools.count(1)
+        self._pages = Pages()
         self.listeners: list[Callable[[ResourceType, str, JsonObject], None]] = []
         """Called after every commit with (resource, event type, object): CRDs serve themselves."""
 
@@ -209,7 +136,7 @@ class Store:
     ) -> JsonObject:
         """A ``<Kind>List`` body, paginated with ``limit``/``continue`` as the server does."""
         if continue_token:
-            snap_rv, items, offset = self._resume(continue_token)
+            snap_rv, items, offset = self._pages.resume(continue_token, self._floor)
         else:
             matching = [
                 o for o in self._candidates(resource, namespace, selector) if selector.matches(o)
@@ -219,7 +146,7 @@ class Store:
         metadata: JsonObject = {"resourceVersion": str(snap_rv)}
         end = offset + limit if limit > 0 else len(items)
         if end < len(items):
-            metadata["continue"] = self._remember(snap_rv, items, end)
+            metadata["continue"] = self._pages.remember(snap_rv, items, end)
             metadata["remainingItemCount"] = len(items) - end
         return {
             "kind": f"{resource.kind}List",
@@ -227,28 +154,6 @@ class Store:
             "metadata": metadata,
             "items": items[offset:end],
         }
-
-    def _remember(self, snap_rv: int, items: list[JsonObject], offset: int) -> str:
-        snap_id = next(self._snapshot_ids)
-        self._snapshots[snap_id] = (snap_rv, items)
-        while len(self._snapshots) > _SNAPSHOTS_KEPT:
-            self._snapshots.popitem(last=False)
-        token = json.dumps({"id": snap_id, "rv": snap_rv, "start": offset}).encode()
-        return base64.urlsafe_b64encode(token).decode()
-
-    def _resume(self, token: str) -> tuple[int, list[JsonObject], int]:
-        try:
-            data = json.loads(base64.urlsafe_b64decode(token.encode()))
-            snap_id, snap_rv, offset = int(data["id"]), int(data["rv"]), int(data["start"])
-        except (ValueError, KeyError, TypeError, binascii.Error):
-            raise ApiError.bad_request(f"invalid continue token {token!r}") from None
-        snapshot = self._snapshots.get(snap_id)
-        if snapshot is None or snap_rv < self._floor:
-            raise ApiError.expired(
-                "The provided continue parameter is too old to display a consistent list "
-                "result. You can start a new list without the continue parameter."
-            )
-        return snapshot[0], snapshot[1], offset
 
     def check_list_version(
         self, resource_version: str, match: str, *, continue_token: str, limit: int
@@ -305,7 +210,7 @@ class Store:
         if not (keep_uid and meta.get("uid")):
             meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = timestamp()
-        _meta.prepare_create(obj)
+        _meta.prepare_create(resource, obj)
         if resource.admit is not None:
             obj = resource.admit(obj)
         return self._commit(resource, "ADDED", None, obj)
@@ -416,7 +321,7 @@ class Store:
             space[meta["name"]] = new
         if resource is PODS:
             self._index_pod(old, None if event_type == "DELETED" else new)
-        event = _Event(self._rv, resource.qualified, event_type, old, new)
+        event = Event(self._rv, resource.qualified, event_type, old, new)
         self._history.append(event)
         while len(self._history) > self._history_limit:
             self._floor = self._history.popleft().rv
@@ -460,14 +365,14 @@ class Store:
             for obj in self._candidates(resource, namespace, selector):
                 if selector.matches(obj):
                     encoded = json.dumps(to_wire(watcher.wire, obj), separators=(",", ":")).encode()
-                    watcher.queue.put_nowait(_line("ADDED", encoded))
+                    watcher.queue.put_nowait(line("ADDED", encoded))
         else:
             since = _parse_rv(resource_version)
             if since > self._rv:
                 raise ApiError.too_large_resource_version(since, self._rv)
             if since < self._floor:
                 raise ApiError.expired(f"too old resource version: {since} ({self._floor + 1})")
-            replay: list[_Event] = []
+            replay: list[Event] = []
             for event in reversed(self._history):
                 if event.rv <= since:
                     break
@@ -504,7 +409,7 @@ class Store:
         self._rv = backup.rv
         self._history.clear()
         self._floor = backup.rv
-        self._snapshots.clear()
+        self._pages.clear()
         self.drop_watches()
 
     def expire_history(self) -> None:

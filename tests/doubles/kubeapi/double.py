@@ -25,9 +25,10 @@ from kubernetes_asyncio.client import Configuration
 
 from gpufleet.gpu.sim import SimFleet
 from tests.doubles.kubeapi._authz import Authorizer
-from tests.doubles.kubeapi._cluster import ClusterObjects, discovery_info
+from tests.doubles.kubeapi._cluster import ClusterObjects
 from tests.doubles.kubeapi._core import CORE_KINDS
 from tests.doubles.kubeapi._crd import CRDS
+from tests.doubles.kubeapi._discovery import KmockHandler, discovery_info
 from tests.doubles.kubeapi._dra import (
     NVIDIA_GPU_DRIVER,
     RESOURCE_SLICE_VERSIONS,
@@ -35,7 +36,7 @@ from tests.doubles.kubeapi._dra import (
     new_resource_slice,
 )
 from tests.doubles.kubeapi._exec import ExecHandler, SmiRenderer, default_handler
-from tests.doubles.kubeapi._http import ApiFront, KmockHandler, RecordedRequest
+from tests.doubles.kubeapi._http import ApiFront, RecordedRequest
 from tests.doubles.kubeapi._objects import (
     LEASES,
     NODES,
