@@ -474,3 +474,59 @@ def operator(
 
     settings = load_settings(OperatorSettings, server_port=server_port)
     asyncio.run(run_operator(settings))
+
+
+@app.command()
+def node(
+    csi_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--csi-endpoint",
+            metavar="unix:///PATH",
+            help="The CSI socket [env CSI_ENDPOINT; unix:///var/lib/kubelet/plugins/csi-gkm/csi.sock].",
+        ),
+    ] = None,
+    kubelet_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--kubelet-dir",
+            help="The kubelet's directory; publish targets must lie under its pods/ "
+            "[env KUBELET_DIR; /var/lib/kubelet].",
+        ),
+    ] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store", help="The node's cache store [env KCACHE_STORE; /var/lib/gpufleet/kcache]."
+        ),
+    ] = None,
+    node_name: Annotated[
+        str | None, typer.Option("--node-name", help="This node's name [env NODE_NAME; required].")
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", help="Port of /metrics, /healthz, /readyz [env METRICS_PORT; 8084]."
+        ),
+    ] = None,
+    nvml: NvmlOpt = False,
+    simulate: SimulateOpt = None,
+) -> None:
+    """Run the node process (a DaemonSet pod): pull caches, report them, serve them over CSI."""
+    import asyncio
+
+    from gpufleet.gpu.select import SourceChoice
+    from gpufleet.kcache.node.run import run_node
+    from gpufleet.kcache.node.settings import NodeSettings
+
+    settings = load_settings(
+        NodeSettings, csi_endpoint=csi_endpoint, kubelet_dir=kubelet_dir, kcache_store=store,
+        node_name=node_name, metrics_port=metrics_port,
+    )  # fmt: skip
+    if nvml or simulate is not None:
+        choice = SourceChoice(simulate=simulate, nvml=nvml)
+    else:
+        preset = settings.kcache_simulate
+        choice = SourceChoice(simulate=preset, nvml=preset is None)
+    choice.validate()
+    asyncio.run(run_node(settings, choice=choice))
