@@ -73,6 +73,20 @@ def test_a_moved_tag_keeps_the_mounted_old_digest_as_outdated_until_unmounted() 
     assert state.digest_state(KEY, D1) is None
 
 
+def test_a_mounted_digest_whose_own_entry_was_collected_is_still_outdated() -> None:
+    # The pod mounts an entry derived for its path; GC took the image's own entry of the old
+    # digest (not mounted), and the agent set that pull back to Pending. The mount is live.
+    state = NodeState()
+    state.set_cache(CacheSpec.from_object(cache(D1)))
+    extracted(state)
+    state.add_use(Use("vol-1", KEY, D1, "/mnt/kernels", POD))
+    state.set_cache(CacheSpec.from_object(cache(D2)))
+
+    state.update(KEY, D1, phase=Phase.PENDING, path=None)
+
+    assert state.phase(KEY, D1) is Phase.OUTDATED
+
+
 def test_an_unmounted_old_digest_is_dropped_at_once() -> None:
     state = NodeState()
     state.set_cache(CacheSpec.from_object(cache(D1)))

@@ -214,13 +214,13 @@ class NodeState:
         state = self.digest_state(key, digest)
         if state is None:
             return None
-        if state.phase is not Phase.EXTRACTED:
-            return state.phase
-        spec = self.caches.get(key)
-        resolved = None if spec is None else spec.resolved_digest
+        # A live mount decides first: the pull's phase is about the image's own entry, which
+        # GC may have collected while a pod still mounts an entry derived for its path.
         if any(use.cache == key and use.digest == digest for use in self.uses.values()):
+            spec = self.caches.get(key)
+            resolved = None if spec is None else spec.resolved_digest
             return Phase.RUNNING if digest == resolved else Phase.OUTDATED
-        return Phase.EXTRACTED
+        return state.phase
 
     def label(self, key: CacheKey) -> str | None:
         """The Node label's value: ``ready``, ``incompatible``, or None (no label)."""
