@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,15 +114,25 @@ def build_triton_cache(
 
 
 def compile_again(
-    cache_dir: Path, *, archs: tuple[int, ...] = ARCHS, kernels: tuple[str, ...] = KERNELS
+    cache_dir: Path,
+    *,
+    archs: tuple[int, ...] = ARCHS,
+    kernels: tuple[str, ...] = KERNELS,
+    wrapper: Sequence[str] = (),
 ) -> CompileReport:
     """Compile the same kernels with ``TRITON_CACHE_DIR=cache_dir`` in a fresh subprocess.
 
     ``compiled`` counts compiles in which Triton's pipeline really ran: the CUDA backend's
     ``add_stages`` is wrapped so that every stage it registers counts its runs, and a compile is
     real when its final stage (``cubin``) ran. A cache hit returns before ``add_stages`` is called.
+
+    `wrapper` prefixes the command (e.g. ``unshare -m ... sh -c 'mount ...; exec "$@"' sh``), so
+    the compile can run where `cache_dir` exists only inside the wrapper, as in a container:
+    the directory is then neither made nor resolved here.
     """
-    return _run(cache_dir, archs, kernels)
+    return _run_specs(
+        cache_dir, archs, tuple(KernelSpec(kernel) for kernel in kernels), wrapper=wrapper
+    )
 
 
 def compile_specs(
@@ -159,16 +170,22 @@ def _run(cache_dir: Path, archs: tuple[int, ...], kernels: tuple[str, ...]) -> C
 
 
 def _run_specs(
-    cache_dir: Path, archs: tuple[int, ...], specs: tuple[KernelSpec, ...]
+    cache_dir: Path,
+    archs: tuple[int, ...],
+    specs: tuple[KernelSpec, ...],
+    *,
+    wrapper: Sequence[str] = (),
 ) -> CompileReport:
     unknown = {spec.kernel for spec in specs} - set(_SIGNATURES)
     if unknown:
         raise ValueError(f"no such test kernels: {sorted(unknown)}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    if not wrapper:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir = cache_dir.resolve()
     # Triton folds some TRITON_* variables into its cache key, and others redirect the cache:
     # none of the caller's may leak in, or a build and a later compile would disagree.
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON_")}
-    env["TRITON_CACHE_DIR"] = str(cache_dir.resolve())
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # set explicitly: silences Triton's warning about it
     request = {
         "kernel_dir": str(_kernel_dir()),
@@ -176,7 +193,7 @@ def _run_specs(
         "specs": [[s.kernel, s.block, s.num_warps] for s in specs],
     }
     done = subprocess.run(
-        [sys.executable, __file__, json.dumps(request)],
+        [*wrapper, sys.executable, __file__, json.dumps(request)],
         env=env,
         capture_output=True,
         text=True,
