@@ -6,5 +6,16 @@
   `oci` talks to registries; `transfer` moves images between them and the store.
 - `tarstream` reads a layer as a stream; `extract` unpacks it safely into the
   content-addressed `store`; `mcv` knows the layouts and manifests of MCV-built images.
-- `keys` loads signing keys; `sign` signs and verifies in cosign's key-based format.
+- `keys` loads signing keys; `sign` signs and verifies in cosign's key-based format (v2, the
+  ``.sig`` tag); `bundle` and `referrers` do the same for cosign v3 (a Sigstore bundle as an
+  OCI 1.1 referrer); `policy` decides which keys a cache must be signed with.
+
+The cluster side (GKM-compatible; docs/kcache-cluster.md):
+
+- `cluster` holds the names and the CSI volume contract every part agrees on; `crds` the
+  API objects' models and the CRDs generated from them.
+- `operator/` resolves and verifies caches and rolls node status up (kopf).
+- `node/` is the one node process: the agent (GPUs, pulls, node objects, Node labels) and
+  the `csi/` plugin sharing one state; `mounts` reads mountinfo and makes read-only binds,
+  `publications` records what is published, and `gc` collects the store.
 """
