@@ -1,9 +1,14 @@
 """Pod start with a kernel cache image vs without: JIT-compiling cold against pulling warm.
 
 The proxy for a pod's start is what its Triton kernels cost before the first
-launch. The kernels are a real row-softmax family: 20 variants (BLOCK 128 to
-2048, num_warps 1 to 8), AOT-compiled for sm_90 by Triton itself in a fresh
-interpreter (tests/kcache_support.py), so no GPU is needed.
+launch. The kernels are real, AOT-compiled for sm_90 by Triton itself in a
+fresh interpreter (tests/kcache_support.py), so no GPU is needed. The cache
+(``--family``) is, by default, a model's mix as autotuning leaves it: the 16
+configs Triton's matmul tutorial autotunes for one fp16 GEMM shape (tl.dot,
+fp32 accumulator; sm_90's wgmma) and 8 row-softmax variants (BLOCK 1024 and
+2048, num_warps 1 to 8), 24 kernels. ``matmul`` is the 16 alone; ``softmax``
+the 20-variant row-softmax family (BLOCK 128 to 2048, num_warps 1 to 8), the
+cheapest kernels Triton compiles, the floor of what a cache saves.
 
 - **cold**: a fresh interpreter JIT-compiles every kernel into an empty
   ``TRITON_CACHE_DIR`` (what a pod without a cache does).
@@ -74,13 +79,26 @@ from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.store import CacheStore
 from gpufleet.kcache.transfer import pull_to_store, push_image
 from tests.kcache_csi_support import POD_UID, VOLUME, publish_request, volume_id
-from tests.kcache_support import SOFTMAX_FAMILY, compile_specs
+from tests.kcache_support import MATMUL_FAMILY, SOFTMAX_FAMILY, KernelSpec, compile_specs
 
 REPOSITORY = "bench/kcache-startup"
 ARCHS = (90,)
 STEPS = ("resolve", "pull", "extract", "publish", "load")
 GOAL = 10.0
 FIXED = "(interpreter, import triton, triton_key)"
+
+MIX_SOFTMAX = tuple(spec for spec in SOFTMAX_FAMILY if spec.block in (1024, 2048))
+FAMILIES: dict[str, tuple[KernelSpec, ...]] = {
+    "mix": MATMUL_FAMILY + MIX_SOFTMAX,
+    "matmul": MATMUL_FAMILY,
+    "softmax": SOFTMAX_FAMILY,
+}
+DESCRIPTIONS = {
+    "mix": f"{len(MATMUL_FAMILY)} fp16 matmul autotune configs + {len(MIX_SOFTMAX)} row-softmax "
+    "variants",
+    "matmul": f"{len(MATMUL_FAMILY)} fp16 matmul autotune configs",
+    "softmax": f"{len(SOFTMAX_FAMILY)} row-softmax variants",
+}
 
 
 class TimedClient(RegistryClient):
@@ -112,9 +130,11 @@ class Round:
     cold: float = 0.0
     cold_fixed: float = 0.0
     """Of `cold`: interpreter start, ``import triton`` and ``triton_key()``; the rest compiles."""
+    compile_s: tuple[float, ...] = ()
+    """Of `cold`: each kernel's compile, in the family's order."""
     steps: dict[str, float] = field(default_factory=dict)
     load_fixed: float = 0.0
-    """Of the load step: the same fixed part; the rest is the 20 cache hits."""
+    """Of the load step: the same fixed part; the rest is the cache hits."""
 
     @property
     def warm(self) -> float:
@@ -130,15 +150,15 @@ class Round:
         return (self.cold - self.cold_fixed) / (self.warm - self.load_fixed)
 
 
-def cold(cache: Path) -> Round:
+def cold(cache: Path, family: tuple[KernelSpec, ...]) -> Round:
     """JIT-compile the whole family into the empty `cache`, in a fresh interpreter."""
     start = time.perf_counter()
-    report = compile_specs(cache, SOFTMAX_FAMILY, archs=ARCHS)
+    report = compile_specs(cache, family, archs=ARCHS)
     elapsed = time.perf_counter() - start
-    expected = len(SOFTMAX_FAMILY) * len(ARCHS)
+    expected = len(family) * len(ARCHS)
     if report.compiled != expected:
         sys.exit(f"bench_kcache_startup: cold compiled {report}, expected {expected} compiles")
-    return Round(cold=elapsed, cold_fixed=elapsed - report.kernels_s)
+    return Round(cold=elapsed, cold_fixed=elapsed - report.kernels_s, compile_s=report.kernel_s)
 
 
 class PulledVolume:
@@ -226,7 +246,9 @@ async def published(
         )
 
 
-async def warm(registry: str, tag: str, scratch: Path) -> tuple[dict[str, float], float, str]:
+async def warm(
+    registry: str, tag: str, scratch: Path, family: tuple[KernelSpec, ...]
+) -> tuple[dict[str, float], float, str]:
     """Resolve, pull, extract, publish and load once, into a fresh store.
 
     The step times, the fixed part of the load step (interpreter, import, ``triton_key``), and
@@ -257,7 +279,7 @@ async def warm(registry: str, tag: str, scratch: Path) -> tuple[dict[str, float]
         async with published(stub, node, pulled.path, mount) as how:
             steps["publish"] = time.perf_counter() - start
             start = time.perf_counter()
-            report = compile_specs(mount, SOFTMAX_FAMILY, archs=ARCHS)
+            report = compile_specs(mount, family, archs=ARCHS)
             steps["load"] = time.perf_counter() - start
     if report.compiled:
         sys.exit(f"bench_kcache_startup: warm still compiled {report.compiled} kernels")
@@ -273,7 +295,15 @@ def main() -> None:
         default="own",
         help="own: a throwaway registry (default); test: reuse .testservers' if it answers",
     )
+    parser.add_argument(
+        "--family",
+        choices=tuple(FAMILIES),
+        default="mix",
+        help="the kernels cached: mix (default): 16 matmul autotune configs + 8 row-softmax; "
+        "matmul: the 16 alone; softmax: 20 row-softmax variants",
+    )
     args = parser.parse_args()
+    family = FAMILIES[args.family]
     if args.rounds < 1:
         sys.exit("bench_kcache_startup: --rounds must be at least 1")
     load_start = os.getloadavg()
@@ -291,24 +321,26 @@ def main() -> None:
             state.mkdir()
             registry = stack.enter_context(own_registry(state))
             where = f"own docker-registry on {registry}"
-        tag = f"softmax-{uuid.uuid4().hex[:8]}"
+        tag = f"{args.family}-{uuid.uuid4().hex[:8]}"
         built = workdir / "built"
-        first = cold(built)
+        first = cold(built, family)
         summary = summarize(built)
         # The image names a mount root, but the pull passes the pod's: that is what it uses.
         image = build_image(built, workdir / "image")
         with RegistryClient(registry) as client:
             push_image(client, Reference(registry, REPOSITORY, tag), image)
         print(
-            f"cache: {summary.entry_count} kernels ({len(SOFTMAX_FAMILY)} row-softmax variants "
+            f"cache ({args.family}): {summary.entry_count} kernels ({DESCRIPTIONS[args.family]}, "
             f"for sm_{ARCHS[0]}), {summary.size_bytes:,} bytes; layer {image.layer_size:,} "
             f"bytes; Triton {', '.join(summary.triton_versions)}"
         )
         print(f"registry: {where}; {os.cpu_count()} CPUs")
         for index in range(args.rounds):
-            current = first if index == 0 else cold(workdir / f"cold-{index}")
+            current = first if index == 0 else cold(workdir / f"cold-{index}", family)
             scratch = workdir / f"warm-{index}"
-            current.steps, current.load_fixed, how = asyncio.run(warm(registry, tag, scratch))
+            current.steps, current.load_fixed, how = asyncio.run(
+                warm(registry, tag, scratch, family)
+            )
             shutil.rmtree(scratch, ignore_errors=True)
             rounds.append(current)
             print(
@@ -332,6 +364,13 @@ def main() -> None:
     print("seconds, median of the rounds")
     print(f"{'cold: JIT compile all':<26} {median(r.cold for r in rounds):7.3f}")
     print(f"{'  of which fixed':<26} {median(r.cold_fixed for r in rounds):7.3f}  {FIXED}")
+    for kernel in sorted({spec.kernel for spec in family}):
+        mine = [i for i, spec in enumerate(family) if spec.kernel == kernel]
+        mean = median(statistics.fmean(r.compile_s[i] for i in mine) for r in rounds)
+        print(f"{'  per ' + kernel:<26} {mean:7.3f}  mean compile of its {len(mine)} kernels")
+    if len({spec.kernel for spec in family}) > 1:
+        mean = median(statistics.fmean(r.compile_s) for r in rounds)
+        print(f"{'  per kernel':<26} {mean:7.3f}  mean compile of all {len(family)}")
     print(f"{'warm: total':<26} {warm_s:7.3f}")
     for step in STEPS:
         value = median(r.steps[step] for r in rounds)

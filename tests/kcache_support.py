@@ -55,6 +55,39 @@ def softmax(out, x, out_stride, x_stride, n_cols, BLOCK: tl.constexpr):
     numerator = tl.exp(values)
     result = numerator / tl.sum(numerator, axis=0)
     tl.store(out + row * out_stride + offsets, result, mask=mask)
+
+
+@triton.jit
+def matmul(
+    a, b, c, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C = A @ B in fp16, blocked, fp32 accumulator: Triton's matmul tutorial kernel."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a + (offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_ptrs = b + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
+    accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a_tile = tl.load(a_ptrs, mask=offs_k[None, :] < K - k * BLOCK_K, other=0.0)
+        b_tile = tl.load(b_ptrs, mask=offs_k[:, None] < K - k * BLOCK_K, other=0.0)
+        accumulator = tl.dot(a_tile, b_tile, accumulator)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c + stride_cm * offs_cm[:, None] + stride_cn * offs_cn[None, :]
+    c_mask = (offs_cm[:, None] < M) & (offs_cn[None, :] < N)
+    tl.store(c_ptrs, accumulator.to(tl.float16), mask=c_mask)
 '''
 
 _SIGNATURES: dict[str, dict[str, str]] = {
@@ -63,21 +96,57 @@ _SIGNATURES: dict[str, dict[str, str]] = {
     "softmax": {
         "out": "*fp32", "x": "*fp32", "out_stride": "i32", "x_stride": "i32", "n_cols": "i32",
     },
+    # As Triton's JIT specializes a launch on row-major fp16 matrices whose sizes are multiples
+    # of 16: the unit strides become constexprs (below), the rest are divisible by 16 (_ATTRS).
+    "matmul": {
+        "a": "*fp16", "b": "*fp16", "c": "*fp16", "M": "i32", "N": "i32", "K": "i32",
+        "stride_am": "i32", "stride_bk": "i32", "stride_cm": "i32",
+    },
 }  # fmt: skip
-_CONSTEXPRS: dict[str, int] = {"BLOCK": 128}
+_TILES: dict[str, tuple[str, ...]] = {
+    "add": ("BLOCK",), "scale": ("BLOCK",), "softmax": ("BLOCK",),
+    "matmul": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"),
+}  # fmt: skip
+"""Each kernel's tile constexprs, in the order of `KernelSpec.tiles`."""
+_FIXED_CONSTEXPRS: dict[str, dict[str, int]] = {
+    "matmul": {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1},
+}
+_DIVISIBLE_BY_16: dict[str, tuple[str, ...]] = {
+    "matmul": ("a", "b", "c", "M", "N", "K", "stride_am", "stride_bk", "stride_cm"),
+}
 _MODULE = "gpufleet_kcache_kernels"
 
 
 @dataclass(frozen=True, slots=True)
 class KernelSpec:
-    """One compile: a kernel of KERNEL_SOURCE, its BLOCK, and num_warps (None: Triton's 4).
+    """One compile: a kernel of KERNEL_SOURCE, its tile constexprs, num_warps and num_stages.
 
-    Each distinct spec is its own cache entry: BLOCK and num_warps are in Triton's key.
+    The 1-D kernels (add, scale, softmax) take one tile, `block` (their BLOCK). The others take
+    theirs in `tiles`, in their order in the kernel (matmul: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M);
+    `block` is then unused. None for num_warps or num_stages is Triton's default (4 and 3). Each
+    distinct spec is its own cache entry: the tiles, num_warps and num_stages are in Triton's key.
     """
 
     kernel: str
     block: int = 128
     num_warps: int | None = None
+    tiles: tuple[int, ...] = ()
+    num_stages: int | None = None
+
+    def constexprs(self) -> dict[str, int]:
+        """The tile constexprs by name; ValueError for an unknown kernel or a wrong tile count."""
+        if self.kernel not in _TILES:
+            raise ValueError(f"no such test kernel: {self.kernel!r}")
+        names = _TILES[self.kernel]
+        values = self.tiles or ((self.block,) if names == ("BLOCK",) else ())
+        if len(values) != len(names):
+            raise ValueError(f"{self.kernel} takes tiles {names}, got {self.tiles}")
+        return dict(zip(names, values, strict=True))
+
+    def options(self) -> dict[str, int]:
+        """The compile options this spec sets (the others are Triton's defaults)."""
+        chosen = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        return {name: value for name, value in chosen.items() if value is not None}
 
 
 SOFTMAX_FAMILY: tuple[KernelSpec, ...] = tuple(
@@ -86,6 +155,22 @@ SOFTMAX_FAMILY: tuple[KernelSpec, ...] = tuple(
     for warps in (1, 2, 4, 8)
 )
 """20 row-softmax variants, as an autotuned softmax leaves in a real cache."""
+
+MATMUL_FAMILY: tuple[KernelSpec, ...] = tuple(
+    KernelSpec("matmul", tiles=(block_m, block_n, block_k, 8), num_warps=warps, num_stages=stages)
+    for block_m, block_n, block_k, stages, warps in (
+        (128, 256, 64, 3, 8), (64, 256, 32, 4, 4), (128, 128, 32, 4, 4), (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 5, 2), (32, 64, 32, 5, 2),
+        (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (256, 64, 128, 4, 4), (64, 256, 128, 4, 4),
+        (128, 128, 128, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 32, 64, 4, 4),
+    )
+)  # fmt: skip
+"""The 16 configs that Triton's matmul tutorial autotunes on CUDA, as (BLOCK_M, BLOCK_N, BLOCK_K,
+GROUP_M) with num_warps and num_stages: what one tuned GEMM shape leaves in a real cache.
+
+The autotuner compiles every config before timing it, so all 16 are cached, also the ones whose
+shared memory exceeds the GPU's and which it then drops at launch.
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +187,8 @@ class CompileReport:
     import_s: float = field(default=0.0, compare=False)
     key_s: float = field(default=0.0, compare=False)
     kernels_s: float = field(default=0.0, compare=False)
+    kernel_s: tuple[float, ...] = field(default=(), compare=False)
+    """The seconds of each compile, arch by arch and spec by spec, in the order asked."""
 
 
 def build_triton_cache(
@@ -179,6 +266,7 @@ def _run_specs(
     unknown = {spec.kernel for spec in specs} - set(_SIGNATURES)
     if unknown:
         raise ValueError(f"no such test kernels: {sorted(unknown)}")
+    compiles = [[s.kernel, s.constexprs(), s.options()] for s in specs]
     if not wrapper:
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache_dir = cache_dir.resolve()
@@ -190,7 +278,7 @@ def _run_specs(
     request = {
         "kernel_dir": str(_kernel_dir()),
         "archs": list(archs),
-        "specs": [[s.kernel, s.block, s.num_warps] for s in specs],
+        "specs": compiles,
     }
     done = subprocess.run(
         [*wrapper, sys.executable, __file__, json.dumps(request)],
@@ -206,10 +294,11 @@ def _run_specs(
     return CompileReport(
         compiled=report["compiled"], cache_hits=report["cache_hits"],
         import_s=report["import_s"], key_s=report["key_s"], kernels_s=report["kernels_s"],
+        kernel_s=tuple(report["kernel_s"]),
     )  # fmt: skip
 
 
-def _compile_in_this_process(request: dict[str, Any]) -> dict[str, float]:
+def _compile_in_this_process(request: dict[str, Any]) -> dict[str, Any]:
     """The subprocess side: compile, counting the stage runs of every real compile."""
     import importlib
     import time
@@ -236,17 +325,23 @@ def _compile_in_this_process(request: dict[str, Any]) -> dict[str, float]:
     CUDABackend.add_stages = counting_add_stages  # type: ignore[method-assign]
     sys.path.insert(0, request["kernel_dir"])
     module = importlib.import_module(_MODULE)
-    calls = 0
+    kernel_s: list[float] = []
     for arch in request["archs"]:
-        for kernel, block, num_warps in request["specs"]:
+        for kernel, constexprs, options in request["specs"]:
+            fn = getattr(module, kernel)
             source = ASTSource(
-                fn=getattr(module, kernel),
+                fn=fn,
                 signature=_SIGNATURES[kernel],
-                constexprs={**_CONSTEXPRS, "BLOCK": block},
+                constexprs={**_FIXED_CONSTEXPRS.get(kernel, {}), **constexprs},
+                attrs={
+                    (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+                    for name in _DIVISIBLE_BY_16.get(kernel, ())
+                },
             )
-            options = {} if num_warps is None else {"num_warps": num_warps}
+            start = time.perf_counter()
             triton.compile(source, target=GPUTarget("cuda", arch, WARP_SIZE), options=options)
-            calls += 1
+            kernel_s.append(time.perf_counter() - start)
+    calls = len(kernel_s)
     compiled = runs.get("cubin", 0)
     if runs.get("ttir", 0) != compiled:
         raise RuntimeError(f"partial pipelines ran: {runs}")
@@ -256,6 +351,7 @@ def _compile_in_this_process(request: dict[str, Any]) -> dict[str, float]:
         "import_s": imported - started,
         "key_s": keyed - imported,
         "kernels_s": time.perf_counter() - keyed,
+        "kernel_s": kernel_s,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -19,9 +20,12 @@ from gpufleet.kcache.model import CacheKind, Target
 from tests.kcache_support import (
     ARCHS,
     KERNELS,
+    MATMUL_FAMILY,
     CompileReport,
+    KernelSpec,
     build_triton_cache,
     compile_again,
+    compile_specs,
     group_dirs,
 )
 
@@ -161,3 +165,34 @@ def test_a_real_cache_nested_in_an_inductor_tree_gives_the_inductor_summary(
     assert summary.kind is CacheKind.INDUCTOR
     assert summary.targets == summarize(reference).targets
     assert summary.kernel_names == tuple(sorted(KERNELS))
+
+
+def test_matmul_configs_compile_to_hopper_tensor_core_kernels_one_entry_each(
+    tmp_path: Path,
+) -> None:
+    tuned = MATMUL_FAMILY[2]  # 128x128x32, 4 warps, 4 stages
+    specs = (tuned, dataclasses.replace(tuned, num_stages=3))
+    cache = tmp_path / "triton"
+
+    first = compile_specs(cache, specs)
+    again = compile_specs(cache, specs)
+
+    assert first == CompileReport(compiled=2, cache_hits=0)
+    assert again == CompileReport(compiled=0, cache_hits=2)
+    assert summarize(cache).kernel_names == ("matmul",)
+    irs = [path.read_text() for path in cache.glob("*/matmul.ttgir")]
+    assert len(irs) == 2
+    assert all("ttng.warp_group_dot" in ir for ir in irs)  # tl.dot as sm_90's wgmma
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [KernelSpec("matmul", tiles=(128, 128, 32)), KernelSpec("softmax", tiles=(128, 64))],
+)
+def test_a_spec_with_the_wrong_tiles_for_its_kernel_is_refused_before_compiling(
+    spec: KernelSpec, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=spec.kernel):
+        compile_specs(tmp_path / "triton", (spec,))
+
+    assert not (tmp_path / "triton").exists()
