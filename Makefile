@@ -10,12 +10,13 @@ RUN_DIR := .run
 
 CORE_STAMP := $(VENV)/.installed-core
 # Integration tests of the extras' client libraries (psycopg, boto3, httpx,
-# cryptography, kubernetes_asyncio), run again at the declared floors.
+# cryptography, kubernetes_asyncio, kopf), run again at the declared floors.
 FLOOR_TESTS := tests/unit --ignore=tests/unit/test_deviceapi_generated.py \
 	tests/integration/test_postgres_exporter.py tests/integration/test_s3_exporter.py \
 	tests/integration/test_http_exporter.py tests/integration/test_kcache_oci.py \
 	tests/integration/test_kube_client.py tests/integration/test_kube_watch.py \
-	tests/integration/test_kube_exec.py tests/integration/test_kube_lease.py
+	tests/integration/test_kube_exec.py tests/integration/test_kube_lease.py \
+	tests/integration/test_kcache_operator.py tests/integration/test_kubeapi_double_crd_kopf.py
 
 .PHONY: help venv run test lint unit bench proto clean
 

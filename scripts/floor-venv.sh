@@ -18,6 +18,6 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 "$venv/bin/python" scripts/floor-requirements.py >"$constraints"
 # The test tools are not floored: they are not what users install.
-"$venv/bin/pip" install --quiet -c "$constraints" -e '.[all]' pytest pytest-asyncio kmock
+"$venv/bin/pip" install --quiet -c "$constraints" -e '.[all]' pytest pytest-asyncio kmock openapi-schema-validator
 "$venv/bin/pip" check
 echo "$want" >"$stamp"
