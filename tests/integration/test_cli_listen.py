@@ -27,6 +27,10 @@ CASES: dict[str, list[str]] = {
                         "--server-port", "{port}"],
     "inventory controller": ["--cluster", "c", "--server-port", "{port}"],
     "inventory check": ["--cluster", "c", "--command", "true", "--server-port", "{port}"],
+    "cache operator": ["--server-port", "{port}"],
+    "cache node": ["--simulate", "dgx-h100", "--node-name", "n1", "--csi-endpoint",
+                   "unix://{sock}", "--kubelet-dir", "{tmp}", "--store", "{tmp}/store",
+                   "--metrics-port", "{port}"],
 }  # fmt: skip
 
 
@@ -75,7 +79,7 @@ def test_a_taken_port_is_one_line_naming_the_address_and_exit_2(
         "contexts: [{name: d, context: {cluster: d, user: d}}]\ncurrent-context: d\n"
     )
     sock = Path("/tmp") / f"gf-listen-{os.getpid()}-{taken_port}.sock"
-    args = [a.format(port=taken_port, sock=sock) for a in CASES[command]]
+    args = [a.format(port=taken_port, sock=sock, tmp=tmp_path) for a in CASES[command]]
     env = dict(os.environ, KUBECONFIG=str(kubeconfig), LOG_LEVEL="error")
     result = subprocess.run(
         [sys.executable, "-m", "gpufleet.cli", *command.split(), *args],
