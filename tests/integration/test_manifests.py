@@ -37,7 +37,11 @@ OVERLAYS_DIR = ROOT / "deploy" / "kustomize" / "overlays"
 CONTROLLER_OVERLAYS = ("stdout", "postgres", "s3", "http", "labels", "check")
 INVENTORY_OVERLAYS = (*CONTROLLER_OVERLAYS, "agent")
 GPU_EXPORTER = "gpu-exporter"
-OVERLAYS = (*INVENTORY_OVERLAYS, GPU_EXPORTER)
+# The device API (server + NVML provider, two containers, a hostPath socket directory):
+# the checks below that hold for every gpufleet workload, and its own tests in
+# test_manifests_device_api.py.
+DEVICE_API = "device-api"
+OVERLAYS = (*INVENTORY_OVERLAYS, GPU_EXPORTER, DEVICE_API)
 # The kernel cache's overlay (CRDs, a privileged CSI DaemonSet): tests of its own in
 # test_manifests_kcache.py.
 KCACHE = "kcache"
@@ -110,6 +114,8 @@ EXPECTED_RBAC = {
     # node likewise: they map DRA-allocated devices to GPU UUIDs.
     GPU_EXPORTER: _rules("ClusterRole", "", "", "pods", "get", "list", "watch")
     | _rules("ClusterRole", "", "resource.k8s.io", "resourceslices", "get", "list", "watch"),
+    # Neither the server nor the provider calls the Kubernetes API.
+    DEVICE_API: set(),
 }
 
 
