@@ -8,8 +8,10 @@ image is set to ``IMAGE:<package version>`` (``IMAGE`` defaults to
 
 The output is canonical, so that it does not depend on the kustomize that rendered it
 (kubectl 1.20's or a newer one): documents sorted by kind (namespaces and CRDs first, the
-order ``kubectl apply -f`` needs), then namespace and name; keys sorted. Files of overlays
-that no longer exist are removed.
+order ``kubectl apply -f`` needs), then namespace and name; keys sorted; each container's
+``env`` sorted by name (kustomize 2, in kubectl 1.20, appends the entries a patch adds,
+kustomize 5 puts them first), which is safe while no value refers to another with
+``$(NAME)``: that is refused. Files of overlays that no longer exist are removed.
 
 Usage: ``render-manifests.py [--out DIR] [--image REPOSITORY]``; ``KUBECTL`` names the
 kubectl binary. Exit 2 on a usage or configuration error, 1 when kubectl fails.
@@ -118,6 +120,25 @@ def repository(image: str) -> str:
     return name[: len(name) - len(last)] + last.split(":", 1)[0]
 
 
+def sort_env(documents: list[dict[str, Any]], feature: str) -> None:
+    """Sort every container's env by name; refuse ``$(NAME)`` references, which need order."""
+    for doc in documents:
+        if doc.get("kind") not in WORKLOAD_KINDS:
+            continue
+        spec = pod_spec(doc)
+        for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+            env = container.get("env")
+            if not env:
+                continue
+            for entry in env:
+                if "$(" in str(entry.get("value", "")):
+                    raise RenderError(
+                        f"overlays/{feature}: {doc['kind']}/{doc['metadata']['name']} env "
+                        f"{entry['name']} refers to another variable; its order would matter"
+                    )
+            container["env"] = sorted(env, key=lambda entry: str(entry["name"]))
+
+
 def set_image(documents: list[dict[str, Any]], image: str) -> int:
     """Point every gpufleet container at ``image``; how many containers were set."""
     count = 0
@@ -150,6 +171,7 @@ def render_feature(kubectl: str, feature: str, image: str, version: str) -> str:
     """The text of ``install-<feature>.yaml``."""
     documents = kustomize(kubectl, OVERLAYS / feature)
     set_image(documents, image)
+    sort_env(documents, feature)
     body = "---\n".join(
         yaml.safe_dump(doc, sort_keys=True, default_flow_style=False, allow_unicode=True, width=100)
         for doc in sorted(documents, key=sort_key)

@@ -75,6 +75,7 @@ def _script(name: str) -> ModuleType:
 
 
 deploy_docs = _script("deploy-docs.py")
+render_manifests = _script("render-manifests.py")
 
 
 def _render(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -153,6 +154,26 @@ def test_rendering_removes_the_file_of_an_overlay_that_is_gone(tmp_path: Path) -
     (tmp_path / "install-removed-feature.yaml").write_text("kind: Namespace\n")
     assert _render(tmp_path).returncode == 0
     assert not (tmp_path / "install-removed-feature.yaml").exists()
+
+
+def test_env_is_sorted_so_every_kustomize_renders_the_same_file() -> None:
+    # kustomize 2 (kubectl 1.20) appends the env entries a patch adds, kustomize 5 puts
+    # them first: sorted by name, both give the committed bytes.
+    (deployment,) = [d for d in installs()["install-postgres.yaml"] if d["kind"] == "Deployment"]
+    names = [entry["name"] for entry in common.pod_spec(deployment)["containers"][0]["env"]]
+    assert names == sorted(names)
+
+
+def test_an_env_value_that_refers_to_another_variable_is_refused() -> None:
+    # Sorting would change what $(NAME) expands to.
+    (deployment,) = copy.deepcopy(
+        [d for d in installs()["install-stdout.yaml"] if d["kind"] == "Deployment"]
+    )
+    common.pod_spec(deployment)["containers"][0]["env"].append(
+        {"name": "A_URL", "value": "http://$(POD_NAME):8080"}
+    )
+    with pytest.raises(render_manifests.RenderError, match="A_URL refers to another variable"):
+        render_manifests.sort_env([deployment], "stdout")
 
 
 @pytest.mark.parametrize("name", install_names())
