@@ -375,7 +375,11 @@ def generate(installs: dict[str, list[Manifest]], reasons: Reasons) -> str:
         )
     lines = [BEGIN, "", "### Permissions per install", ""]
     for table, names in tables.items():
-        lines += [", ".join(f"`dist/{n}`" for n in names) + ":", "", *table, ""]
+        title = ", ".join(f"`dist/{n}`" for n in names)
+        if len(table) == 2:  # the header alone
+            lines += [f"{title}: no role is bound, its ServiceAccount has no API permission.", ""]
+        else:
+            lines += [title + ":", "", *table, ""]
     lines += ["### Pod security per workload", "", *security, "", END]
     return "\n".join(lines)
 
