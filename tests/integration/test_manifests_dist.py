@@ -220,6 +220,21 @@ def test_image_variable_with_a_tag_is_refused_in_one_line(tmp_path: Path) -> Non
     )
 
 
+def test_a_kubectl_that_fails_is_named_in_one_line_and_exit_1(tmp_path: Path) -> None:
+    result = _render(tmp_path, KUBECTL=shutil.which("false") or "/bin/false")
+    assert (result.returncode, len(result.stderr.strip().splitlines())) == (1, 1)
+    assert "kubectl kustomize deploy/kustomize/overlays/" in result.stderr
+
+
+def test_a_missing_kubectl_is_a_configuration_error(tmp_path: Path) -> None:
+    result = _render(tmp_path, KUBECTL=str(tmp_path / "no-kubectl"))
+    assert (result.returncode, "KUBECTL" in result.stderr, list(tmp_path.iterdir())) == (
+        2,
+        True,
+        [],
+    )
+
+
 @pytest.mark.parametrize("name", install_names())
 def test_namespaces_and_crds_come_before_what_needs_them(name: str) -> None:
     # `kubectl apply -f` creates the objects in file order.
