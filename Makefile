@@ -18,7 +18,7 @@ FLOOR_TESTS := tests/unit --ignore=tests/unit/test_deviceapi_generated.py \
 	tests/integration/test_kube_exec.py tests/integration/test_kube_lease.py \
 	tests/integration/test_kcache_operator.py tests/integration/test_kubeapi_double_crd_kopf.py
 
-.PHONY: help venv run test lint unit bench proto clean
+.PHONY: help venv run test lint unit bench proto manifests clean
 
 help:
 	@echo "make run    set up .venv with the core only and run a GPU inventory scan on simulated GPUs"
@@ -28,6 +28,8 @@ help:
 	@echo "make lint   ruff check, ruff format --check, mypy"
 	@echo "make bench  run the benchmarks under bench/"
 	@echo "make proto  regenerate the gRPC code from proto/ with the pinned grpcio-tools"
+	@echo "make manifests  render every overlay into dist/install-<feature>.yaml (IMAGE=repo"
+	@echo "            overrides $(DEFAULT_IMAGE)) and regenerate the tables in docs/deploy.md"
 	@echo "make venv   set up .venv with all extras and the dev tools"
 	@echo "make clean  remove the venvs, the demo's files and the tool caches"
 	@echo "make help   this list"
@@ -89,6 +91,15 @@ bench: $(VENV)/.installed-bench
 
 proto: $(STAMP)
 	scripts/gen-proto.sh
+
+# One `kubectl apply -f dist/install-<feature>.yaml` per overlay, tagged with the
+# package version; a test fails while dist/ or docs/deploy.md is stale.
+DEFAULT_IMAGE := ghcr.io/gpufleet/gpufleet
+IMAGE ?= $(DEFAULT_IMAGE)
+manifests: $(STAMP)
+	scripts/ensure-kubectl.sh
+	IMAGE=$(IMAGE) $(BIN)/python scripts/render-manifests.py --out dist
+	$(BIN)/python scripts/deploy-docs.py
 
 clean:
 	rm -rf $(VENV) .venv-core .venv-floor $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache
