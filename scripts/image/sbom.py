@@ -13,8 +13,9 @@ lists the packages the spec pulls in and nothing else.
 
 The output is reproducible, so the image layer holding it is too: no random
 serial number and no timestamp (``SOURCE_DATE_EPOCH``, when set, is the
-timestamp), keys sorted, and the serial number a UUID derived from the SHA-256
-of everything else. Exit 2 for a bad argument, 1 when pip or cyclonedx-py fail;
+timestamp), keys sorted, the refs cyclonedx-py makes up at random for local
+sources derived from their components, and the serial number a UUID derived
+from the SHA-256 of everything else. Exit 2 for a bad argument, 1 when pip or cyclonedx-py fail;
 one line on stderr either way. See docs/image.md.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -83,9 +85,35 @@ def describe(python: Path) -> dict[str, Any]:
     return document
 
 
+_RANDOM_REF = re.compile(r"BomRef\.[0-9.]+")
+
+
+def _stable_refs(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with cyclonedx-py's random refs replaced by refs derived from the content.
+
+    A component without a purl (installed from a local directory) gets a ref
+    like ``BomRef.7105089611657427.894402278434``, new on every run; the
+    replacement is ``NAME==VERSION#<hash of the component>``.
+    """
+    text = json.dumps(document, sort_keys=True)
+    replacements: dict[str, str] = {}
+    for component in document.get("components", []):
+        ref = component.get("bom-ref", "")
+        if _RANDOM_REF.fullmatch(ref):
+            rest = {key: value for key, value in component.items() if key != "bom-ref"}
+            digest = hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+            name = f"{component.get('name', '')}=={component.get('version', '')}"
+            replacements[ref] = f"{name}#{digest[:16]}"
+    for old, new in replacements.items():
+        # A random ref is unique in the document, so plain replacement hits only its uses.
+        text = text.replace(json.dumps(old), json.dumps(new))
+    stable: dict[str, Any] = json.loads(text)
+    return stable
+
+
 def canonical(document: dict[str, Any]) -> bytes:
-    """``document`` with its content-derived serial number, as the bytes written."""
-    body = {key: value for key, value in document.items() if key != "serialNumber"}
+    """``document`` with stable refs and a content-derived serial number, as the bytes written."""
+    body = {k: v for k, v in _stable_refs(document).items() if k != "serialNumber"}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     body["serialNumber"] = f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, 'sha256:' + digest)}"
     return (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -49,14 +50,17 @@ def make_wheel(directory: Path, name: str, version: str, requires: Sequence[str]
     return path
 
 
-@pytest.fixture
-def wheels(tmp_path: Path) -> Path:
-    directory = tmp_path / "wheels"
+def write_wheels(directory: Path, dep_version: str = "1.0.1") -> Path:
     directory.mkdir()
     make_wheel(directory, "tinyapp", "1.2.3", ["tinydep>=1.0"])
-    make_wheel(directory, "tinydep", "1.0.1")
+    make_wheel(directory, "tinydep", dep_version)
     make_wheel(directory, "unrelated", "9.9")  # in the directory, not required: not in the SBOM
     return directory
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_wheels(tmp_path_factory.mktemp("wheels") / "wheels")
 
 
 def run_sbom(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -74,12 +78,22 @@ def sbom_of(wheels: Path, output: Path, *extra: str, env: dict[str, str] | None 
     return output.read_bytes()
 
 
+@pytest.fixture(scope="module")
+def two_runs(wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    """The SBOM of ``tinyapp`` from the same wheels, made twice (each in a venv of its own)."""
+    out = tmp_path_factory.mktemp("sbom")
+    first = sbom_of(wheels, out / "a.json", "--package", "tinyapp")
+    return first, sbom_of(wheels, out / "b.json", "--package", "tinyapp")
+
+
 def components(document: dict[str, Any]) -> dict[str, str]:
     return {item["name"]: item["version"] for item in document["components"]}
 
 
-def test_the_sbom_lists_what_the_wheels_install_with_versions(wheels: Path, tmp_path: Path) -> None:
-    document = json.loads(sbom_of(wheels, tmp_path / "sbom.json", "--package", "tinyapp"))
+def test_the_sbom_lists_what_the_wheels_install_with_versions(
+    two_runs: tuple[bytes, bytes],
+) -> None:
+    document = json.loads(two_runs[0])
     assert document["bomFormat"] == "CycloneDX"
     assert tuple(map(int, document["specVersion"].split("."))) >= (1, 5)
     assert components(document) == {"tinyapp": "1.2.3", "tinydep": "1.0.1"}
@@ -87,26 +101,26 @@ def test_the_sbom_lists_what_the_wheels_install_with_versions(wheels: Path, tmp_
     assert graph["tinyapp==1.2.3"] == ["tinydep==1.0.1"]
 
 
-def test_two_runs_give_the_same_bytes(wheels: Path, tmp_path: Path) -> None:
-    first = sbom_of(wheels, tmp_path / "a.json", "--package", "tinyapp")
-    second = sbom_of(wheels, tmp_path / "b.json", "--package", "tinyapp")
-    assert first == second
+def test_two_runs_give_the_same_bytes(two_runs: tuple[bytes, bytes]) -> None:
+    assert two_runs[0] == two_runs[1]
 
 
-def test_the_serial_number_follows_the_content(wheels: Path, tmp_path: Path) -> None:
-    before = json.loads(sbom_of(wheels, tmp_path / "a.json", "--package", "tinyapp"))
-    (wheels / "tinydep-1.0.1-py3-none-any.whl").unlink()
-    make_wheel(wheels, "tinydep", "1.0.2")
-    after = json.loads(sbom_of(wheels, tmp_path / "b.json", "--package", "tinyapp"))
+def test_the_serial_number_follows_the_content(
+    two_runs: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    before = json.loads(two_runs[0])
+    newer = write_wheels(tmp_path / "wheels", dep_version="1.0.2")
+    after = json.loads(sbom_of(newer, tmp_path / "b.json", "--package", "tinyapp"))
+    assert components(after)["tinydep"] == "1.0.2"
     assert re.fullmatch(r"urn:uuid:[0-9a-f-]{36}", before["serialNumber"])
     uuid.UUID(before["serialNumber"].removeprefix("urn:uuid:"))
     assert before["serialNumber"] != after["serialNumber"]
 
 
 def test_source_date_epoch_sets_the_timestamp_and_nothing_else_has_one(
-    wheels: Path, tmp_path: Path
+    wheels: Path, two_runs: tuple[bytes, bytes], tmp_path: Path
 ) -> None:
-    plain = json.loads(sbom_of(wheels, tmp_path / "a.json", "--package", "tinyapp"))
+    plain = json.loads(two_runs[0])
     dated = json.loads(
         sbom_of(wheels, tmp_path / "b.json", "--package", "tinyapp",
                 env={"SOURCE_DATE_EPOCH": "1700000000"})
@@ -137,3 +151,34 @@ def test_a_package_the_wheels_do_not_hold_fails_with_exit_1(wheels: Path, tmp_pa
     assert "absent" in done.stderr
     assert "Traceback" not in done.stderr
     assert not output.exists()
+
+
+def _load_script() -> Any:
+    spec = importlib.util.spec_from_file_location("image_sbom", SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_random_bom_refs_of_local_sources_are_replaced_by_ones_from_the_content() -> None:
+    # cyclonedx-py gives a component without a purl (a local directory install) a random ref.
+    def document(ref: str) -> dict[str, Any]:
+        return {
+            "bomFormat": "CycloneDX",
+            "components": [
+                {"bom-ref": "a==1", "name": "a", "version": "1"},
+                {"bom-ref": ref, "name": "local", "version": "0.1"},
+            ],
+            "dependencies": [{"ref": "a==1", "dependsOn": [ref]}, {"ref": ref}],
+        }
+
+    canonical = _load_script().canonical
+    first = canonical(document("BomRef.7105089611657427.8944022784345834"))
+    second = canonical(document("BomRef.40981008680544406.515677188572816"))
+    assert first == second
+    parsed = json.loads(first)
+    ref = parsed["components"][1]["bom-ref"]
+    assert ref.startswith("local==0.1")
+    assert parsed["dependencies"] == [{"ref": "a==1", "dependsOn": [ref]}, {"ref": ref}]
