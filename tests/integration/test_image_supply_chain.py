@@ -213,8 +213,9 @@ def test_sign_key_signs_with_the_given_key(registry: str, sbom: Path, tmp_path: 
         (["--sbom", "{tmp}/absent.json"], {}, "absent.json"),
         ([], {"SIGN_KEY": "{tmp}/absent.key"}, "SIGN_KEY"),
         (["--sbom", "{sbom}", "--build-dir", "{tmp}/b"], {}, None),
+        ([], {"SOURCE_DATE_EPOCH": "yesterday"}, "SOURCE_DATE_EPOCH"),
     ],
-    ids=["missing-sbom", "missing-sign-key", "bad-reference"],
+    ids=["missing-sbom", "missing-sign-key", "bad-reference", "bad-source-date-epoch"],
 )
 def test_bad_input_is_one_line_and_exit_2(
     registry: str,
@@ -247,3 +248,14 @@ def test_an_image_the_registry_lacks_fails_with_exit_1(
     assert "no such image" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "b" / "publish.json").exists()
+
+
+def test_source_date_epoch_dates_the_sbom_artifact(
+    registry: str, sbom: Path, tmp_path: Path
+) -> None:
+    ref, _ = new_image(registry)
+    record = publish(ref, sbom, tmp_path / "build", env={"SOURCE_DATE_EPOCH": "1700000000"})
+    parsed = Reference.parse(ref)
+    with RegistryClient(parsed.registry) as client:
+        manifest = artifact(client, parsed.repository, record["sbom"]["digest"])
+    assert manifest["annotations"] == {"org.opencontainers.image.created": "2023-11-14T22:13:20Z"}
