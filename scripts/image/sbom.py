@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -53,17 +54,23 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+def _isolated_env() -> dict[str, str]:
+    """The environment without PYTHONPATH/PYTHONHOME: what the caller's Python sees is not
+    what the image installs, and cyclonedx-py reads the environment through its interpreter."""
+    return {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME"}}
+
+
 def install(wheels: Path, package: str, venv: Path) -> Path:
     """A venv at ``venv`` with ``package`` installed from ``wheels`` only; its python."""
     subprocess.run(
         [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-        capture_output=True,
+        capture_output=True, env=_isolated_env(),
     )  # fmt: skip
     python = venv / "bin" / "python"
     done = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
          "--disable-pip-version-check", "--no-index", "--find-links", str(wheels), package],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env=_isolated_env(),
     )  # fmt: skip
     if done.returncode != 0:
         raise SbomError(
@@ -77,7 +84,7 @@ def describe(python: Path) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "cyclonedx_py", "environment", "--spec-version", SPEC_VERSION,
          "--output-format", "JSON", "--output-reproducible", "--output-file", "-", str(python)],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env=_isolated_env(),
     )  # fmt: skip
     if done.returncode != 0:
         raise SbomError(f"cyclonedx-py environment {python} failed: {_last_line(done.stderr)}")

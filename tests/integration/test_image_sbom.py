@@ -102,6 +102,19 @@ def test_the_sbom_lists_what_the_wheels_install_with_versions(
     assert graph["tinyapp==1.2.3"] == ["tinydep==1.0.1"]
 
 
+def test_the_callers_pythonpath_does_not_leak_into_the_sbom(wheels: Path, tmp_path: Path) -> None:
+    # A package visible only through the caller's PYTHONPATH is not in the image.
+    leaked = tmp_path / "leaked"
+    (leaked / "intruder-9.9.dist-info").mkdir(parents=True)
+    (leaked / "intruder-9.9.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: intruder\nVersion: 9.9\n"
+    )
+    output = tmp_path / "sbom.json"
+    leak = {"PYTHONPATH": str(leaked)}
+    document = json.loads(sbom_of(wheels, output, "--package", "tinyapp", env=leak))
+    assert components(document) == {"tinyapp": "1.2.3", "tinydep": "1.0.1"}
+
+
 def test_two_runs_give_the_same_bytes(two_runs: tuple[bytes, bytes]) -> None:
     assert two_runs[0] == two_runs[1]
 
