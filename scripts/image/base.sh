@@ -11,10 +11,13 @@
 # 0) is given to mmdebstrap and to the commit, so the same packages give the
 # same root filesystem.
 #
-# Needs root, buildah and mmdebstrap (scripts/image/ensure-tools.sh), and the
-# environment `make image` sets: STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot.
+# Needs root, buildah and mmdebstrap (scripts/image/ensure-tools.sh). STORAGE_DRIVER
+# (default vfs) and BUILDAH_ISOLATION (default chroot) as for build.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs} BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
+# buildah 1.28 does not read STORAGE_DRIVER from the environment: name it on every call.
+buildah() { command buildah --storage-driver "$STORAGE_DRIVER" "$@"; }
 
 base_image=${BASE_IMAGE:-localhost/gpufleet-base:bookworm}
 suite=bookworm

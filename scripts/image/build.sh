@@ -17,6 +17,8 @@
 #                         digest came out the same
 #   SOURCE_DATE_EPOCH     the timestamp of the image and its files (default: the
 #                         time of the checkout's last commit)
+#   STORAGE_DRIVER        buildah's storage driver (vfs: works everywhere as root)
+#   BUILDAH_ISOLATION     how RUN steps are isolated (chroot: needs no runtime)
 #   MAX_IMAGE_MB          the size limit of the runtime image, uncompressed (350)
 #   PYTHON                the Python whose environment gives the pins (.venv/bin/python)
 set -euo pipefail
@@ -24,6 +26,8 @@ cd "$(dirname "$0")/../.."
 start=$SECONDS
 
 export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs} BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
+# buildah 1.28 does not read STORAGE_DRIVER from the environment: name it on every call.
+buildah() { command buildah --storage-driver "$STORAGE_DRIVER" "$@"; }
 py=${PYTHON:-.venv/bin/python}
 out=build/image
 ctx=$out/context
@@ -76,6 +80,7 @@ context() {
 # bud TAG: one build of the Containerfile on $base into TAG.
 bud() {
     quiet "buildah bud" buildah bud --quiet --format oci --layers --no-cache --pull=never \
+        --isolation "$BUILDAH_ISOLATION" \
         --timestamp "$SOURCE_DATE_EPOCH" \
         --build-arg "BASE=$base" --build-arg "VERSION=$version" \
         --build-arg "REVISION=$revision" \

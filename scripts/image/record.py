@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,9 @@ VENV_STEP = "/opt/gpufleet"
 
 def inspect(name: str) -> dict[str, Any]:
     """`buildah inspect` of the image NAME."""
+    driver = os.environ.get("STORAGE_DRIVER", "vfs")
     done = subprocess.run(
-        ["buildah", "inspect", "--type", "image", name],
+        ["buildah", "--storage-driver", driver, "inspect", "--type", "image", name],
         check=True,
         capture_output=True,
         text=True,
@@ -42,6 +44,14 @@ def layers(info: dict[str, Any]) -> list[dict[str, Any]]:
         {"digest": layer["digest"], "size": layer["size"], "created_by": step.strip()}
         for layer, step in zip(manifest["layers"], steps, strict=True)
     ]
+
+
+def venv_layer(mine: list[dict[str, Any]]) -> str | None:
+    """The digest of the layer the venv's COPY made: gpufleet and its dependencies."""
+    for layer in reversed(mine):
+        if VENV_STEP in layer["created_by"] and "COPY" in layer["created_by"]:
+            return str(layer["digest"])
+    return None
 
 
 def main() -> None:
@@ -65,7 +75,6 @@ def main() -> None:
     info = inspect(args.name)
     mine = layers(info)
     size = sum(layer["size"] for layer in mine)
-    venv = [layer for layer in mine if VENV_STEP in layer["created_by"] and "COPY" in layer["created_by"]]
     record: dict[str, Any] = {
         "name": args.name,
         "version": args.version,
@@ -78,7 +87,7 @@ def main() -> None:
         "pushed": args.pushed,
         "pushed_digest": args.pushed_digest,
         "layers": mine,
-        "gpufleet_layer": venv[-1]["digest"] if venv else None,
+        "gpufleet_layer": venv_layer(mine),
         "size": size,
         "max_size": args.max_mb * 1000 * 1000,
         "seconds": {
@@ -92,14 +101,14 @@ def main() -> None:
         again = layers(inspect(args.repro))
         record["reproducibility"] = {
             "checked": True,
-            "second_build": {"gpufleet_layer": next(
-                (layer["digest"] for layer in again
-                 if VENV_STEP in layer["created_by"] and "COPY" in layer["created_by"]),
-                None,
-            )},
+            "second_build": {"gpufleet_layer": venv_layer(again)},
             "layers": [
-                {"created_by": a["created_by"], "first": a["digest"], "second": b["digest"],
-                 "same": a["digest"] == b["digest"]}
+                {
+                    "created_by": a["created_by"],
+                    "first": a["digest"],
+                    "second": b["digest"],
+                    "same": a["digest"] == b["digest"],
+                }
                 for a, b in zip(mine, again, strict=False)
             ],
         }

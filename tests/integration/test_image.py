@@ -28,6 +28,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "build" / "image"
 MAX_BYTES = 350 * 1000 * 1000
+# The storage and isolation `make image` uses (buildah 1.28 ignores STORAGE_DRIVER in the
+# environment, so the driver is named on the command line).
 BUILDAH_ENV = {"STORAGE_DRIVER": "vfs", "BUILDAH_ISOLATION": "chroot"}
 # The README's main job (`make run`), inside the image: three VMs, the third on DGX #1's GPUs.
 MAIN_JOB = """
@@ -56,7 +58,7 @@ def buildah(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if shutil.which("buildah") is None:
         pytest.fail("buildah is not installed: run scripts/image/ensure-tools.sh (make test does)")
     return subprocess.run(
-        ["buildah", *args],
+        ["buildah", "--storage-driver", BUILDAH_ENV["STORAGE_DRIVER"], *args],
         env={**os.environ, **BUILDAH_ENV},
         capture_output=True,
         text=True,
@@ -70,7 +72,9 @@ def container(record: dict[str, Any]) -> Iterator[str]:
     """A working container of the built image (buildah from); removed afterwards."""
     made = buildah("from", "--pull=never", record["name"], check=False)
     if made.returncode != 0:
-        pytest.fail(f"{record['name']} is not in buildah's storage: run `make image`\n{made.stderr}")
+        pytest.fail(
+            f"{record['name']} is not in buildah's storage: run `make image`\n{made.stderr}"
+        )
     name = made.stdout.strip().splitlines()[-1]
     yield name
     buildah("rm", name, check=False)
@@ -78,7 +82,7 @@ def container(record: dict[str, Any]) -> Iterator[str]:
 
 def run_in(container: str, *command: str) -> subprocess.CompletedProcess[str]:
     """`buildah run` COMMAND in the container, as the image's own user."""
-    return buildah("run", container, "--", *command, check=False)
+    return buildah("run", "--isolation", "chroot", container, "--", *command, check=False)
 
 
 def test_version_inside_the_image_is_the_package_version(container: str) -> None:
