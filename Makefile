@@ -106,4 +106,4 @@ proto: $(STAMP)
 	scripts/gen-proto.sh
 
 clean:
-	rm -rf $(VENV) .venv-core .venv-floor $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-core .venv-floor $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache build/image
