@@ -18,7 +18,7 @@ FLOOR_TESTS := tests/unit --ignore=tests/unit/test_deviceapi_generated.py \
 	tests/integration/test_kube_exec.py tests/integration/test_kube_lease.py \
 	tests/integration/test_kcache_operator.py tests/integration/test_kubeapi_double_crd_kopf.py
 
-.PHONY: help venv run test lint unit bench proto manifests clean
+.PHONY: help venv run test lint unit bench proto manifests image clean
 
 help:
 	@echo "make run    set up .venv with the core only and run a GPU inventory scan on simulated GPUs"
@@ -27,6 +27,8 @@ help:
 	@echo "make unit   the unit tests only (no servers)"
 	@echo "make lint   ruff check, ruff format --check, mypy"
 	@echo "make bench  run the benchmarks under bench/"
+	@echo "make image  build the container image localhost/gpufleet:VERSION with buildah (and"
+	@echo "            build/image/gpufleet-VERSION.oci.tar); PUSH=host:port/repo also pushes it"
 	@echo "make proto  regenerate the gRPC code from proto/ with the pinned grpcio-tools"
 	@echo "make manifests  render every overlay into dist/install-<feature>.yaml (IMAGE=repo"
 	@echo "            overrides $(DEFAULT_IMAGE)) and regenerate the tables in docs/deploy.md"
@@ -73,9 +75,13 @@ unit: $(STAMP)
 
 test: lint
 	scripts/ensure-kubectl.sh
+	scripts/image/ensure-tools.sh
 	PYTHON=$(PYTHON) scripts/core-venv.sh .venv-core
 	PYTHON=$(PYTHON) scripts/floor-venv.sh .venv-floor
 	scripts/test-servers.sh start
+	$(MAKE) --no-print-directory image REPRO_CHECK=1 \
+		PUSH=$$(sed -n 's/^REGISTRY=//p' .testservers/env)/gpufleet \
+		|| { scripts/test-servers.sh stop; exit 1; }
 	$(BIN)/pytest -q; rc=$$?; \
 	echo "== the same client tests at the declared floors (.venv-floor)"; \
 	.venv-floor/bin/pytest -q -p no:cacheprovider $(FLOOR_TESTS); floor=$$?; \
@@ -88,6 +94,15 @@ $(VENV)/.installed-bench: $(STAMP) pyproject.toml
 
 bench: $(VENV)/.installed-bench
 	@set -e; for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+# The container image (docs/image.md): a local Debian base from mmdebstrap, the wheels
+# resolved outside, buildah without a daemon. PUSH=host:port/repo also pushes it there;
+# REPRO_CHECK=1 builds twice and records whether the layers came out the same.
+PUSH ?=
+REPRO_CHECK ?=
+image: $(STAMP)
+	scripts/image/ensure-tools.sh
+	PYTHON=$(BIN)/python PUSH=$(PUSH) REPRO_CHECK=$(REPRO_CHECK) scripts/image/build.sh
 
 proto: $(STAMP)
 	scripts/gen-proto.sh
@@ -102,4 +117,4 @@ manifests: $(STAMP)
 	$(BIN)/python scripts/deploy-docs.py
 
 clean:
-	rm -rf $(VENV) .venv-core .venv-floor $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-core .venv-floor $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache build/image
