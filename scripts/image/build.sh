@@ -135,7 +135,8 @@ echo "image: what takes the space (MB)"
 du -sm "$mnt"/opt/gpufleet "$mnt"/usr/lib "$mnt"/usr/share "$mnt"/usr/bin "$mnt"/var 2>/dev/null |
     sed "s|$mnt||" | sort -rn | sed 's/^/  /'
 echo "image: largest in /opt/gpufleet/lib/python3*/site-packages (MB)"
-du -sm "$mnt"/opt/gpufleet/lib/python3*/site-packages/* | sort -rn | head -12 |
+# awk, not head: head stops reading, sort then dies of SIGPIPE, and pipefail fails the build.
+du -sm "$mnt"/opt/gpufleet/lib/python3*/site-packages/* | sort -rn | awk 'NR <= 12' |
     sed "s|$mnt/opt/gpufleet/lib/python3[^/]*/site-packages/||" | sed 's/^/  /'
 buildah umount "$ctr" >/dev/null
 buildah rm "$ctr" >/dev/null
