@@ -18,12 +18,20 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gpufleet.core.errors import ListenError
 
-__all__ = ["add_grpc_port", "ensure_socket_directory", "format_address", "listen_error"]
+__all__ = [
+    "add_grpc_port",
+    "ensure_socket_directory",
+    "format_address",
+    "listen_error",
+    "prepare_socket",
+    "umask",
+]
 
 
 def format_address(host: str, port: int) -> str:
@@ -63,6 +71,49 @@ def ensure_socket_directory(path: Path, *, setting: str) -> None:
         # mkdir(exist_ok=True) accepts a dangling symlink or a file named like the
         # directory on some systems; bind would fail later with a vaguer reason.
         raise ListenError(f"cannot listen on {path} ({setting}): {path.parent} is not a directory")
+
+
+def _socket_in_use(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(os.fspath(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def prepare_socket(
+    path: Path, *, setting: str, named: str, owner: str, error: Callable[[str], Exception]
+) -> None:
+    """Create the socket's directory and remove a stale socket left by a dead ``owner``.
+
+    A file there that is not a socket, or a socket something still answers on, is left
+    alone and raised as ``error(f"{named} exists and is not a socket")`` or
+    ``error(f"{named} is in use by a running {owner}")``.
+    """
+    ensure_socket_directory(path, setting=setting)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise error(f"{named} exists and is not a socket")
+    if _socket_in_use(path):
+        raise error(f"{named} is in use by a running {owner}")
+    path.unlink()
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """Bind under this umask: a socket must never exist with wider permissions, even briefly."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def _probe_unix(path: str) -> None:

@@ -14,9 +14,7 @@ import contextlib
 import gc
 import logging
 import os
-import socket
-import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from gpufleet.core.errors import ConfigError
 from gpufleet.core.http import HealthServer
-from gpufleet.core.listen import add_grpc_port, ensure_socket_directory
+from gpufleet.core.listen import add_grpc_port, prepare_socket, umask
 from gpufleet.core.signals import stop_on_signals
 from gpufleet.deviceapi.config import MAX_MESSAGE_BYTES, MAX_RESPONSE_BYTES, DeviceApiSettings
 from gpufleet.deviceapi.metrics import DeviceApiMetrics
@@ -54,42 +52,6 @@ class ServerInfo:
     registry: CollectorRegistry = field(repr=False)
 
 
-def _socket_in_use(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(0.5)
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-def _prepare_socket(path: Path) -> None:
-    """Create the socket's directory and remove a stale socket left by a dead server."""
-    ensure_socket_directory(path, setting=_SOCKET_SETTING)
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"DEVICE_API_SOCKET={path} exists and is not a socket")
-    if _socket_in_use(path):
-        raise ConfigError(f"DEVICE_API_SOCKET={path} is in use by a running server")
-    path.unlink()
-
-
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    # The socket must never exist with wider permissions, not even until chmod.
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 def _server_options(settings: DeviceApiSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -103,8 +65,11 @@ def _server_options(settings: DeviceApiSettings) -> list[tuple[str, int]]:
 def _bind(server: grpc.aio.Server, settings: DeviceApiSettings) -> tuple[Path | None, int | None]:
     socket_path = settings.device_api_socket
     if socket_path is not None:
-        _prepare_socket(socket_path)
-        with _umask(0o117):
+        prepare_socket(
+            socket_path, setting=_SOCKET_SETTING, named=f"DEVICE_API_SOCKET={socket_path}",
+            owner="server", error=ConfigError,
+        )  # fmt: skip
+        with umask(0o117):
             add_grpc_port(server.add_insecure_port, f"unix:{socket_path}", setting=_SOCKET_SETTING)
         os.chmod(socket_path, SOCKET_MODE)
     tcp_port: int | None = None

@@ -22,15 +22,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
-import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc.aio
 
 from gpufleet.core.errors import ConfigError
-from gpufleet.core.listen import add_grpc_port, ensure_socket_directory
+from gpufleet.core.listen import add_grpc_port, prepare_socket, umask
 from gpufleet.kcache.csi.identity import IdentityServicer
 from gpufleet.kcache.csi.node import NodeServicer
 from gpufleet.kcache.csi.v1 import csi_pb2_grpc
@@ -76,40 +74,6 @@ def parse_endpoint(endpoint: str) -> Path:
     return Path(path)
 
 
-def _socket_in_use(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(0.5)
-        probe.connect(os.fspath(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-def _prepare_socket(path: Path) -> None:
-    ensure_socket_directory(path, setting=_SETTING)
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise CsiEndpointError(f"{_SETTING}: {path} exists and is not a socket")
-    if _socket_in_use(path):
-        raise CsiEndpointError(f"{_SETTING}: {path} is in use by a running plugin")
-    path.unlink()
-
-
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 class CsiServer:
     """Serves `IdentityServicer` and `node` on the unix socket of `endpoint`.
 
@@ -149,8 +113,11 @@ class CsiServer:
         csi_pb2_grpc.add_IdentityServicer_to_server(self._identity, server)  # type: ignore[no-untyped-call]
         csi_pb2_grpc.add_NodeServicer_to_server(self._node, server)  # type: ignore[no-untyped-call]
         path = self.socket_path
-        _prepare_socket(path)
-        with _umask(0o177):
+        prepare_socket(
+            path, setting=_SETTING, named=f"{_SETTING}: {path}", owner="plugin",
+            error=CsiEndpointError,
+        )  # fmt: skip
+        with umask(0o177):
             add_grpc_port(server.add_insecure_port, f"unix:{path}", setting=_SETTING)
         os.chmod(path, SOCKET_MODE)
         await server.start()
