@@ -80,7 +80,7 @@ test: lint
 	PYTHON=$(PYTHON) scripts/floor-venv.sh .venv-floor
 	scripts/test-servers.sh start
 	$(MAKE) --no-print-directory image REPRO_CHECK=1 \
-		PUSH=$$(sed -n 's/^REGISTRY=//p' .testservers/env)/gpufleet \
+		PUSH=$$(sed -n 's/^GPUFLEET_TEST_REGISTRY=//p' .testservers/env)/gpufleet \
 		|| { scripts/test-servers.sh stop; exit 1; }
 	$(BIN)/pytest -q; rc=$$?; \
 	echo "== the same client tests at the declared floors (.venv-floor)"; \

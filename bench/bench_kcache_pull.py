@@ -322,8 +322,8 @@ def read_registry(env: Path) -> str | None:
     if not env.is_file():
         return None
     for line in env.read_text().splitlines():
-        if line.startswith("REGISTRY="):
-            registry = line.removeprefix("REGISTRY=").strip()
+        if line.startswith("GPUFLEET_TEST_REGISTRY="):
+            registry = line.removeprefix("GPUFLEET_TEST_REGISTRY=").strip()
             return registry if answers(registry) else None
     return None
 

@@ -94,9 +94,12 @@ def read_env(path: Path) -> dict[str, str]:
 def reachable(env: dict[str, str]) -> bool:
     try:
         with psycopg.connect(
-            host=env["PG_HOST"], port=env["PG_PORT"], user=env["PG_USER"], dbname=env["PG_DB"],
+            host=env["GPUFLEET_TEST_PG_HOST"],
+            port=env["GPUFLEET_TEST_PG_PORT"],
+            user=env["GPUFLEET_TEST_PG_USER"],
+            dbname=env["GPUFLEET_TEST_PG_DB"],
             connect_timeout=3,
-        ):  # fmt: skip
+        ):
             return True
     except (KeyError, psycopg.Error):
         return False
@@ -121,11 +124,14 @@ def postgres_server() -> Iterator[dict[str, str]]:
 
 def settings(env: dict[str, str], suffix: str) -> PostgresSettings:
     return PostgresSettings(
-        postgres_host=env["PG_HOST"], postgres_port=int(env["PG_PORT"]),
-        postgres_db=env["PG_DB"], postgres_user=env["PG_USER"], postgres_sslmode="disable",
+        postgres_host=env["GPUFLEET_TEST_PG_HOST"],
+        postgres_port=int(env["GPUFLEET_TEST_PG_PORT"]),
+        postgres_db=env["GPUFLEET_TEST_PG_DB"],
+        postgres_user=env["GPUFLEET_TEST_PG_USER"],
+        postgres_sslmode="disable",
         postgres_table=f"bench_readings_{suffix}",
         postgres_placements_table=f"bench_placements_{suffix}",
-    )  # fmt: skip
+    )
 
 
 async def gpufleet_rate(config: PostgresSettings, readings: list[Reading]) -> float:

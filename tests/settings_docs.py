@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import importlib
 import inspect
+import pkgutil
 import re
 import sys
 from collections.abc import Iterator
@@ -35,9 +36,18 @@ from pydantic import AliasChoices, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+import gpufleet
 from gpufleet.core.config import Duration, GpufleetSettings
 
-__all__ = ["ROOT", "Section", "documents", "render_model", "render_text", "sections"]
+__all__ = [
+    "ROOT",
+    "Section",
+    "documents",
+    "render_model",
+    "render_text",
+    "sections",
+    "settings_models",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +87,20 @@ def load_model(dotted: str) -> type[GpufleetSettings]:
     if not (isinstance(model, type) and issubclass(model, GpufleetSettings)):
         raise ValueError(f"{dotted} is not a GpufleetSettings model")
     return model
+
+
+def settings_models() -> Iterator[type[GpufleetSettings]]:
+    """Every settings model of the package; each module is imported, so none is missed."""
+    for module in pkgutil.walk_packages(gpufleet.__path__, "gpufleet."):
+        importlib.import_module(module.name)
+    pending: list[type[GpufleetSettings]] = [GpufleetSettings]
+    seen: set[type[GpufleetSettings]] = set()
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            if sub not in seen and sub.__module__.startswith("gpufleet."):
+                seen.add(sub)
+                pending.append(sub)
+                yield sub
 
 
 def variable_names(model: type[GpufleetSettings], name: str, field: FieldInfo) -> list[str]:

@@ -6,7 +6,7 @@
 # every directory above its data, which a checkout under /root or /work need
 # not allow. STATE_DIR/postgres/tmpdir remembers where it is, so `stop` finds it.
 # Settings go into postgresql.conf, so the tests can stop the server and bring
-# it back on the same port with a plain `pg_ctl -D PG_DATA -l PG_LOG -w start`.
+# it back on the same port with a plain `pg_ctl -D GPUFLEET_TEST_PG_DATA -l GPUFLEET_TEST_PG_LOG -w start`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../servers-lib.sh
@@ -75,15 +75,15 @@ EOF
     wait_port "$port" 30
     as_postgres "$bin/createdb" -h 127.0.0.1 -p "$port" -U postgres gpufleet_test
     # A restart replaces this server's facts rather than adding a second set.
-    [ -f "$state/env" ] && sed -i '/^PG_[A-Z]*=/d' "$state/env"
+    [ -f "$state/env" ] && sed -i '/^GPUFLEET_TEST_PG_[A-Z]*=/d' "$state/env"
     cat >>"$state/env" <<EOF
-PG_HOST=127.0.0.1
-PG_PORT=$port
-PG_USER=postgres
-PG_DB=gpufleet_test
-PG_DATA=$tmp/data
-PG_BIN=$bin
-PG_LOG=$tmp/server.log
+GPUFLEET_TEST_PG_HOST=127.0.0.1
+GPUFLEET_TEST_PG_PORT=$port
+GPUFLEET_TEST_PG_USER=postgres
+GPUFLEET_TEST_PG_DB=gpufleet_test
+GPUFLEET_TEST_PG_DATA=$tmp/data
+GPUFLEET_TEST_PG_BIN=$bin
+GPUFLEET_TEST_PG_LOG=$tmp/server.log
 EOF
     echo "test-servers: postgres $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
 }

@@ -8,12 +8,14 @@
 # Deletes are enabled, blob GETs are served directly (no redirects) and the
 # blob-descriptor cache is off, so a byte flipped in storage reaches the client
 # (the tampering tests need that). It appends to STATE_DIR/env:
-#   REGISTRY=127.0.0.1:PORT           the anonymous registry
-#   REGISTRY_DATA=DIR                 its storage root (docker/registry/v2/... below it)
-#   REGISTRY_AUTH=127.0.0.1:PORT      the htpasswd registry
-#   REGISTRY_AUTH_USER, REGISTRY_AUTH_PASSWORD
-#   REGISTRY_AUTH_DATA=DIR            its storage root
-#   REGISTRY_BIN=/usr/bin/docker-registry, for tests that run a registry of their own
+#   GPUFLEET_TEST_REGISTRY=127.0.0.1:PORT        the anonymous registry
+#   GPUFLEET_TEST_REGISTRY_DATA=DIR              its storage root (docker/registry/v2/... below it)
+#   GPUFLEET_TEST_REGISTRY_AUTH=127.0.0.1:PORT   the htpasswd registry
+#   GPUFLEET_TEST_REGISTRY_AUTH_USER, GPUFLEET_TEST_REGISTRY_AUTH_PASSWORD
+#   GPUFLEET_TEST_REGISTRY_AUTH_DATA=DIR         its storage root
+#   GPUFLEET_TEST_REGISTRY_BIN=/usr/bin/docker-registry, for tests that run a registry of their own
+# The prefix keeps these facts apart from distribution's own REGISTRY_*
+# configuration overrides (REGISTRY_AUTH=... would be read as its auth section).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../servers-lib.sh
@@ -36,7 +38,7 @@ stop_one() {
 }
 
 unpublish() {
-    if [ -f "$state/env" ]; then sed -i '/^REGISTRY[A-Z_]*=/d' "$state/env"; fi
+    if [ -f "$state/env" ]; then sed -i '/^GPUFLEET_TEST_REGISTRY[A-Z_]*=/d' "$state/env"; fi
 }
 
 stop() {
@@ -51,13 +53,13 @@ publish() {
     touch "$state/env"
     unpublish
     cat >>"$state/env" <<EOF
-REGISTRY=127.0.0.1:$(cat "$mine/anon/port")
-REGISTRY_DATA=$mine/anon/data
-REGISTRY_AUTH=127.0.0.1:$(cat "$mine/auth/port")
-REGISTRY_AUTH_USER=$(cat "$mine/auth/user")
-REGISTRY_AUTH_PASSWORD=$(cat "$mine/auth/password")
-REGISTRY_AUTH_DATA=$mine/auth/data
-REGISTRY_BIN=$bin
+GPUFLEET_TEST_REGISTRY=127.0.0.1:$(cat "$mine/anon/port")
+GPUFLEET_TEST_REGISTRY_DATA=$mine/anon/data
+GPUFLEET_TEST_REGISTRY_AUTH=127.0.0.1:$(cat "$mine/auth/port")
+GPUFLEET_TEST_REGISTRY_AUTH_USER=$(cat "$mine/auth/user")
+GPUFLEET_TEST_REGISTRY_AUTH_PASSWORD=$(cat "$mine/auth/password")
+GPUFLEET_TEST_REGISTRY_AUTH_DATA=$mine/auth/data
+GPUFLEET_TEST_REGISTRY_BIN=$bin
 EOF
 }
 
@@ -106,8 +108,8 @@ start_one() {
     port=$(free_port)
     echo "$port" >"$dir/port"
     write_config "$1" "$port" "${2:-}"
-    # A clean environment: distribution reads REGISTRY_* variables as config
-    # overrides, and our own published facts (REGISTRY_AUTH=...) would collide.
+    # A clean environment: distribution reads any REGISTRY_* variable in its
+    # environment as a config override, whoever set it.
     nohup env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$bin" serve "$dir/config.yml" \
         >"$dir/server.log" 2>&1 </dev/null &
     pid=$!
@@ -128,7 +130,7 @@ start() {
     done
     if [ "$ok" = 1 ]; then
         publish
-        echo "test-servers: registries already on $(grep -E '^REGISTRY(_AUTH)?=' "$state/env" | cut -d= -f2 | xargs)"
+        echo "test-servers: registries already on $(grep -E '^GPUFLEET_TEST_REGISTRY(_AUTH)?=' "$state/env" | cut -d= -f2 | xargs)"
         return 0
     fi
     stop

@@ -5,7 +5,7 @@
 # cluster), so the tests talk to `moto_server` from the venv (moto[server] is a
 # dev dependency). It keeps buckets in memory: a restart starts empty.
 # Its pid, port and log live in STATE_DIR/s3/; it appends
-# S3_ENDPOINT=http://127.0.0.1:PORT to STATE_DIR/env.
+# GPUFLEET_TEST_S3_ENDPOINT=http://127.0.0.1:PORT to STATE_DIR/env.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../servers-lib.sh
@@ -23,14 +23,14 @@ stop() {
     if pid=$(running_pid); then terminate "$pid"; fi
     rm -f "$mine/pid" "$mine/port"
     # A stopped server's endpoint must not linger for the tests to find.
-    if [ -f "$state/env" ]; then sed -i '/^S3_ENDPOINT=/d' "$state/env"; fi
+    if [ -f "$state/env" ]; then sed -i '/^GPUFLEET_TEST_S3_ENDPOINT=/d' "$state/env"; fi
 }
 
 publish() {
     # A restart replaces this server's facts rather than adding a second set.
     touch "$state/env"
-    sed -i '/^S3_ENDPOINT=/d' "$state/env"
-    echo "S3_ENDPOINT=http://127.0.0.1:$1" >>"$state/env"
+    sed -i '/^GPUFLEET_TEST_S3_ENDPOINT=/d' "$state/env"
+    echo "GPUFLEET_TEST_S3_ENDPOINT=http://127.0.0.1:$1" >>"$state/env"
 }
 
 start() {

@@ -19,7 +19,7 @@ FEEDER = Path(__file__).with_name("feeder.py")
 
 
 def pg_ctl(servers: dict[str, str], action: str) -> None:
-    pg_bin, data = require(servers, "PG_BIN", "PG_DATA")
+    pg_bin, data = require(servers, "GPUFLEET_TEST_PG_BIN", "GPUFLEET_TEST_PG_DATA")
     extra = "-m fast" if action == "stop" else "-w"
     subprocess.run(
         ["su", "postgres", "-c", f"{pg_bin}/pg_ctl -D {data} {action} {extra} -l {data}/log"],
@@ -29,7 +29,13 @@ def pg_ctl(servers: dict[str, str], action: str) -> None:
 
 @pytest.fixture
 def env(test_servers: dict[str, str], tmp_path: Path) -> Iterator[dict[str, str]]:
-    host, port, user, db = require(test_servers, "PG_HOST", "PG_PORT", "PG_USER", "PG_DB")
+    host, port, user, db = require(
+        test_servers,
+        "GPUFLEET_TEST_PG_HOST",
+        "GPUFLEET_TEST_PG_PORT",
+        "GPUFLEET_TEST_PG_USER",
+        "GPUFLEET_TEST_PG_DB",
+    )
     table = f"outage_{os.getpid()}"
     yield {
         **os.environ,
@@ -41,14 +47,9 @@ def env(test_servers: dict[str, str], tmp_path: Path) -> Iterator[dict[str, str]
         "DELIVERY_TIMEOUT": "60s",
     }  # fmt: skip
     # Whatever happens in the test, the shared server is left running.
+    pg_bin, data = test_servers["GPUFLEET_TEST_PG_BIN"], test_servers["GPUFLEET_TEST_PG_DATA"]
     if subprocess.run(
-        [
-            "su",
-            "postgres",
-            "-c",
-            f"{test_servers['PG_BIN']}/pg_ctl -D {test_servers['PG_DATA']} status",
-        ],
-        capture_output=True,
+        ["su", "postgres", "-c", f"{pg_bin}/pg_ctl -D {data} status"], capture_output=True
     ).returncode:
         pg_ctl(test_servers, "start")  # fmt: skip
 

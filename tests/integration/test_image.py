@@ -171,7 +171,7 @@ def test_the_pushed_manifest_has_the_oci_labels(
 ) -> None:
     from gpufleet.kcache.oci import RegistryClient
 
-    (registry,) = require(test_servers, "REGISTRY")
+    (registry,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     assert record["pushed"] == f"{registry}/gpufleet:{gpufleet.__version__}", (
         "the image was not pushed to this test registry: run `make image PUSH=$REGISTRY/gpufleet`"
     )

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def registry(test_servers: dict[str, str]) -> str:
-    (address,) = require(test_servers, "REGISTRY")
+    (address,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     return address
 
 

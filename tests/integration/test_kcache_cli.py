@@ -70,7 +70,7 @@ def cache_copy(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def registry(test_servers: dict[str, str]) -> str:
-    (address,) = require(test_servers, "REGISTRY")
+    (address,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     return address
 
 
@@ -215,7 +215,7 @@ def test_a_second_extract_of_the_same_digest_does_nothing(
 def test_a_flipped_byte_in_the_registry_fails_the_pull(
     compiled: Path, tmp_path: Path, registry: str, test_servers: dict[str, str]
 ) -> None:
-    (data_root,) = require(test_servers, "REGISTRY_DATA")
+    (data_root,) = require(test_servers, "GPUFLEET_TEST_REGISTRY_DATA")
     ref = new_ref(registry)
     build(compiled, ref)
     parsed = Reference.parse(ref)
@@ -304,7 +304,10 @@ def test_push_and_pull_need_credentials_on_an_htpasswd_registry(
     compiled: Path, tmp_path: Path, test_servers: dict[str, str]
 ) -> None:
     address, user, password = require(
-        test_servers, "REGISTRY_AUTH", "REGISTRY_AUTH_USER", "REGISTRY_AUTH_PASSWORD"
+        test_servers,
+        "GPUFLEET_TEST_REGISTRY_AUTH",
+        "GPUFLEET_TEST_REGISTRY_AUTH_USER",
+        "GPUFLEET_TEST_REGISTRY_AUTH_PASSWORD",
     )
     ref = f"{address}/kcache-cli/private:v1"
     anonymous = cache_cli("build", str(compiled), "-t", ref, check=False)
@@ -438,7 +441,10 @@ def test_debug_logs_of_an_authenticated_push_and_pull_name_no_credential_token_o
     compiled: Path, tmp_path: Path, test_servers: dict[str, str]
 ) -> None:
     address, user, password = require(
-        test_servers, "REGISTRY_AUTH", "REGISTRY_AUTH_USER", "REGISTRY_AUTH_PASSWORD"
+        test_servers,
+        "GPUFLEET_TEST_REGISTRY_AUTH",
+        "GPUFLEET_TEST_REGISTRY_AUTH_USER",
+        "GPUFLEET_TEST_REGISTRY_AUTH_PASSWORD",
     )
     ref = f"{address}/kcache-cli/logged-{uuid.uuid4().hex[:8]}:v1"
     env = {"REGISTRY_USERNAME": user, "REGISTRY_PASSWORD": password, "LOG_LEVEL": "debug"}

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def image(test_servers: dict[str, str]) -> tuple[str, str]:
-    (registry,) = require(test_servers, "REGISTRY")
+    (registry,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     ref = f"{registry}/kcache-cli-sign/img-{uuid.uuid4().hex[:8]}:v1"
     with RegistryClient(registry) as client:
         digest = push_image(client, Reference.parse(ref), uuid.uuid4().bytes)

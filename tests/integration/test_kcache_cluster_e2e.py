@@ -102,7 +102,7 @@ def push(triton: Path, registry: str) -> str:
 @pytest.fixture
 def pushed(triton: Path, test_servers: dict[str, str]) -> str:
     """The cache pushed to a repository of this test's own."""
-    (registry,) = require(test_servers, "REGISTRY")
+    (registry,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     return push(triton, registry)
 
 

@@ -59,7 +59,7 @@ def build_dir(built: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def registry(test_servers: dict[str, str]) -> str:
-    (address,) = require(test_servers, "REGISTRY")
+    (address,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     return address
 
 

@@ -66,7 +66,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory, test_servers: dict[str, str]) -> str:
     """``<repo>@<digest>`` of a real Triton cache for sm_90, pushed once for the module."""
-    (registry,) = require(test_servers, "REGISTRY")
+    (registry,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     base = tmp_path_factory.mktemp("node-agent")
     build_triton_cache(base / "triton", archs=(90,))
     return push_cache(base / "triton", registry, base / "image")
@@ -321,7 +321,7 @@ async def test_after_a_restart_a_mounted_cache_is_never_collected(
 @pytest.fixture(scope="module")
 def moved(tmp_path_factory: pytest.TempPathFactory, test_servers: dict[str, str]) -> str:
     """Another image (one kernel only): where the cache's tag moves to."""
-    (registry,) = require(test_servers, "REGISTRY")
+    (registry,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     base = tmp_path_factory.mktemp("node-agent-moved")
     build_triton_cache(base / "triton", archs=(90,), kernels=("add",))
     return push_cache(base / "triton", registry, base / "image")

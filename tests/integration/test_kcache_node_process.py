@@ -66,7 +66,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory, test_servers: dict[str, str]) -> str:
     """``<repo>@<digest>`` of a real Triton cache for sm_90, pushed once for the module."""
-    (registry,) = require(test_servers, "REGISTRY")
+    (registry,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     base = tmp_path_factory.mktemp("node-process")
     build_triton_cache(base / "triton", archs=(90,))
     return push_cache(base / "triton", registry, base / "image")
@@ -320,7 +320,7 @@ def test_a_missing_node_name_is_one_line_naming_it_and_exit_2(place: Place) -> N
 async def test_sigkill_mid_pull_and_while_mounted_serves_nothing_half_and_collects_nothing_mounted(
     api: KubeApiDouble, image: str, place: Place, tmp_path: Path, test_servers: dict[str, str]
 ) -> None:
-    (registry,) = require(test_servers, "REGISTRY")
+    (registry,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     reference = Reference.parse(image)
     digest = reference.digest or ""
     with RegistryClient(registry) as client:

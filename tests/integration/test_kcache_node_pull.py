@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory, test_servers: dict[str, str]) -> str:
     """A real Triton cache of two kernels for arch 90 only, pushed once for the module."""
-    (registry,) = require(test_servers, "REGISTRY")
+    (registry,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     base = tmp_path_factory.mktemp("node-pull")
     build_triton_cache(base / "triton", archs=(90,))
     return push_cache(base / "triton", registry, base / "image")
@@ -89,7 +89,7 @@ def test_a_pulled_cache_is_served_after_a_restart_while_the_registry_is_down(
 def test_an_mcv_image_is_pulled_for_the_default_root_and_derived_for_a_pods_path(
     tmp_path: Path, test_servers: dict[str, str]
 ) -> None:
-    (registry,) = require(test_servers, "REGISTRY")
+    (registry,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     build_dir = tmp_path / "build-machine" / "root" / ".triton" / "cache"
     build_triton_cache(build_dir, archs=(90,))
     reference = Reference(registry, f"kcache-node/mcv-{uuid.uuid4().hex[:10]}", "v1")

@@ -62,14 +62,14 @@ LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 @pytest.fixture
 def registry(test_servers: dict[str, str]) -> str:
     """host:port of the anonymous registry."""
-    (address,) = require(test_servers, "REGISTRY")
+    (address,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     return address
 
 
 @pytest.fixture
 def registry_data(test_servers: dict[str, str]) -> Path:
     """The anonymous registry's storage root."""
-    (data,) = require(test_servers, "REGISTRY_DATA")
+    (data,) = require(test_servers, "GPUFLEET_TEST_REGISTRY_DATA")
     return Path(data)
 
 
@@ -77,7 +77,10 @@ def registry_data(test_servers: dict[str, str]) -> Path:
 def auth_registry(test_servers: dict[str, str]) -> tuple[str, str, str]:
     """host:port, user and password of the htpasswd registry."""
     address, user, password = require(
-        test_servers, "REGISTRY_AUTH", "REGISTRY_AUTH_USER", "REGISTRY_AUTH_PASSWORD"
+        test_servers,
+        "GPUFLEET_TEST_REGISTRY_AUTH",
+        "GPUFLEET_TEST_REGISTRY_AUTH_USER",
+        "GPUFLEET_TEST_REGISTRY_AUTH_PASSWORD",
     )
     return address, user, password
 
@@ -628,7 +631,7 @@ async def token_registry(
     test_servers: dict[str, str], tmp_path: Path
 ) -> AsyncIterator[TokenRegistry]:
     """A real docker-registry demanding Bearer tokens from a TokenService on loopback."""
-    (binary,) = require(test_servers, "REGISTRY_BIN")
+    (binary,) = require(test_servers, "GPUFLEET_TEST_REGISTRY_BIN")
     service = TokenService(users={"alice": "wonderland"})
     app = web.Application()
     app.router.add_get("/token", service.handle)

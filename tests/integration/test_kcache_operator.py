@@ -78,7 +78,7 @@ async def kube(api: KubeApiDouble) -> AsyncIterator[Kube]:
 
 @pytest.fixture
 def registry(test_servers: dict[str, str], tmp_path: Path) -> Iterator[RegistryClient]:
-    (address,) = require(test_servers, "REGISTRY")
+    (address,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     os.environ.setdefault("DOCKER_CONFIG", str(tmp_path))
     with RegistryClient(address, docker_config=tmp_path) as client:
         yield client

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def registry(test_servers: dict[str, str]) -> str:
-    (address,) = require(test_servers, "REGISTRY")
+    (address,) = require(test_servers, "GPUFLEET_TEST_REGISTRY")
     return address
 
 
@@ -309,7 +309,10 @@ def test_both_formats_work_against_the_registry_that_wants_credentials(
     tmp_path: Path,
 ) -> None:
     address, user, password = require(
-        test_servers, "REGISTRY_AUTH", "REGISTRY_AUTH_USER", "REGISTRY_AUTH_PASSWORD"
+        test_servers,
+        "GPUFLEET_TEST_REGISTRY_AUTH",
+        "GPUFLEET_TEST_REGISTRY_AUTH_USER",
+        "GPUFLEET_TEST_REGISTRY_AUTH_PASSWORD",
     )
     ref = Reference.parse(f"{address}/kcache-policy/auth-{uuid.uuid4().hex[:8]}:v1")
     with RegistryClient(

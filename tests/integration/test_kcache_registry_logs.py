@@ -86,7 +86,10 @@ def test_a_basic_auth_push_and_pull_logs_no_credential_or_query(
     test_servers: dict[str, str], debug_logs: io.StringIO, tmp_path: Path
 ) -> None:
     address, user, password = require(
-        test_servers, "REGISTRY_AUTH", "REGISTRY_AUTH_USER", "REGISTRY_AUTH_PASSWORD"
+        test_servers,
+        "GPUFLEET_TEST_REGISTRY_AUTH",
+        "GPUFLEET_TEST_REGISTRY_AUTH_USER",
+        "GPUFLEET_TEST_REGISTRY_AUTH_PASSWORD",
     )
     push_and_pull(address, user, password, tmp_path, f"kcache-logs/{tmp_path.name[-12:]}")
     basic = base64.b64encode(f"{user}:{password}".encode()).decode()

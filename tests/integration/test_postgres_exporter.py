@@ -2,7 +2,8 @@
 
 Each test writes its own tables (or its own database), so tests never see each
 other's rows. The outage tests stop and restart the shared server as the
-``postgres`` user, which is why the server facts include PG_BIN and PG_DATA.
+``postgres`` user, which is why the server facts include GPUFLEET_TEST_PG_BIN and
+GPUFLEET_TEST_PG_DATA.
 """
 
 from __future__ import annotations
@@ -56,7 +57,14 @@ class Server:
 @pytest.fixture(scope="module")
 def server(test_servers: dict[str, str]) -> Server:
     host, port, user, db, data, bin_, log = require(
-        test_servers, "PG_HOST", "PG_PORT", "PG_USER", "PG_DB", "PG_DATA", "PG_BIN", "PG_LOG"
+        test_servers,
+        "GPUFLEET_TEST_PG_HOST",
+        "GPUFLEET_TEST_PG_PORT",
+        "GPUFLEET_TEST_PG_USER",
+        "GPUFLEET_TEST_PG_DB",
+        "GPUFLEET_TEST_PG_DATA",
+        "GPUFLEET_TEST_PG_BIN",
+        "GPUFLEET_TEST_PG_LOG",
     )
     return Server(host, int(port), user, db, data, bin_, log)
 

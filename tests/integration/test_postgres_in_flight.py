@@ -70,7 +70,14 @@ def split_settings(server: Server, tables: tuple[str, str], **overrides: Any) ->
 @pytest.fixture(scope="module")
 def server(test_servers: dict[str, str]) -> Server:
     host, port, user, db, data, bin_, log = require(
-        test_servers, "PG_HOST", "PG_PORT", "PG_USER", "PG_DB", "PG_DATA", "PG_BIN", "PG_LOG"
+        test_servers,
+        "GPUFLEET_TEST_PG_HOST",
+        "GPUFLEET_TEST_PG_PORT",
+        "GPUFLEET_TEST_PG_USER",
+        "GPUFLEET_TEST_PG_DB",
+        "GPUFLEET_TEST_PG_DATA",
+        "GPUFLEET_TEST_PG_BIN",
+        "GPUFLEET_TEST_PG_LOG",
     )
     return Server(host, int(port), user, db, data, bin_, log)
 

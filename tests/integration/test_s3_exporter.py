@@ -46,7 +46,7 @@ BATCH = [reading(index=i) for i in range(4)]
 @pytest.fixture
 def endpoint(test_servers: dict[str, str], aws_env: None) -> str:
     """The URL of the moto server."""
-    (url,) = require(test_servers, "S3_ENDPOINT")
+    (url,) = require(test_servers, "GPUFLEET_TEST_S3_ENDPOINT")
     return url
 
 

@@ -9,8 +9,6 @@ CLI itself (every leaf command of `gpufleet`).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,26 +16,12 @@ from typing import Any
 
 import typer
 
-import gpufleet
 from gpufleet.cli import app
 from gpufleet.core.config import GpufleetSettings
-from tests.settings_docs import variable_names
+from tests.settings_docs import settings_models, variable_names
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 _TYPER_BUILTINS = {"--install-completion", "--show-completion", "--help"}
-
-
-def _settings_models() -> Iterator[type[GpufleetSettings]]:
-    for module in pkgutil.walk_packages(gpufleet.__path__, "gpufleet."):
-        importlib.import_module(module.name)
-    pending: list[type[GpufleetSettings]] = [GpufleetSettings]
-    seen: set[type[GpufleetSettings]] = set()
-    while pending:
-        for sub in pending.pop().__subclasses__():
-            if sub not in seen and sub.__module__.startswith("gpufleet."):
-                seen.add(sub)
-                pending.append(sub)
-                yield sub
 
 
 def _variables(model: type[GpufleetSettings]) -> Iterator[tuple[str, list[str]]]:
@@ -48,7 +32,7 @@ def _variables(model: type[GpufleetSettings]) -> Iterator[tuple[str, list[str]]]
 
 def test_every_environment_variable_is_in_the_readme() -> None:
     readme = README.read_text()
-    models = list(_settings_models())
+    models = list(settings_models())
     assert len(models) >= 10  # the walk does find the feature models
     missing = [
         f"{model.__module__}.{model.__name__}.{field}: {' or '.join(names)}"
