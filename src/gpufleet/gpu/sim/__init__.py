@@ -54,6 +54,8 @@ Modules, each importing only those above it:
 
 * ``fleet``: the ``SimFleet`` records (data only: no behaviour of the simulator);
 * ``presets``: the realistic machines of ``PRESETS``, built from those records;
+* ``handles``: device handles and event sets as opaque ctypes pointers;
+* ``events``: the event sets behind ``nvmlEventSet*``, their registrations and queues;
 * ``library``: ``SimulatedNvml``, pynvml's surface over a fleet, and its injection API;
 * ``fleetfile``: reading a fleet file (a preset with overrides, or a full description).
 """
