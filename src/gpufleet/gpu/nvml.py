@@ -20,6 +20,9 @@ How NVML answers become the model:
   name (``hopper``).
 - ECC totals in samples are the volatile counters (since the driver loaded),
   like nvidia-smi's "Volatile" section.
+
+``xid_events`` registers the GPUs; waiting on the event set is
+``nvml_events.NvmlXidEventStream``'s job.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ from gpufleet.gpu.model import (
     GpuProcess,
     GpuSample,
     MigDevice,
-    XidEvent,
 )
+from gpufleet.gpu.nvml_events import NvmlXidEventStream, handle_address
 from gpufleet.gpu.source import GpuError, GpuLostError
 
 _log = logging.getLogger(__name__)
@@ -238,7 +241,7 @@ class NvmlSource:
                     extra={"gpu_index": index, "nvml_error": str(exc)},
                 )
                 continue
-            uuids[_address(handle)] = uuid
+            uuids[handle_address(handle)] = uuid
         return NvmlXidEventStream(nvml, event_set, uuids, self._clock)
 
     # --- device identity -------------------------------------------------------
@@ -458,62 +461,6 @@ class NvmlSource:
     def _text_or_none(self, value: Any) -> str | None:
         text = None if value is None else self._text(value)
         return text or None
-
-
-class NvmlXidEventStream:
-    """XID events from one NVML event set (an ``XidEventStream``)."""
-
-    def __init__(
-        self, nvml: NvmlModule, event_set: Any, uuids: dict[int, str], clock: Clock
-    ) -> None:
-        """Wrap ``event_set``; ``uuids`` maps each registered handle's address to its UUID."""
-        self._nvml = nvml
-        self._event_set = event_set
-        self._uuids = uuids
-        self._clock = clock
-        self._closed = False
-
-    @property
-    def registered_uuids(self) -> tuple[str, ...]:
-        """The GPUs whose XID events this stream receives."""
-        return tuple(self._uuids.values())
-
-    def wait(self, timeout_s: float) -> XidEvent | None:
-        """Block until the next XID event, or return ``None`` after ``timeout_s``."""
-        nvml = self._nvml
-        try:
-            data = nvml.nvmlEventSetWait(self._event_set, max(0, round(timeout_s * 1000)))
-        except nvml.NVMLError as exc:
-            if exc.value == nvml.NVML_ERROR_TIMEOUT:
-                return None
-            raise GpuError(f"nvmlEventSetWait: {exc}") from exc
-        return XidEvent(
-            gpu_uuid=self._uuid_of(data.device), xid=int(data.eventData), timestamp=self._clock()
-        )
-
-    def close(self) -> None:
-        """Free the event set; idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._nvml.nvmlEventSetFree(self._event_set)
-        except self._nvml.NVMLError as exc:
-            _log.warning("nvmlEventSetFree failed", extra={"nvml_error": str(exc)})
-
-    def _uuid_of(self, device: Any) -> str:
-        # The UUID read at registration still names a GPU that has since fallen
-        # off the bus (XID 79), when asking NVML again would fail.
-        known = self._uuids.get(_address(device))
-        if known is not None:
-            return known
-        uuid = self._nvml.nvmlDeviceGetUUID(device)
-        return uuid.decode() if isinstance(uuid, bytes) else str(uuid)
-
-
-def _address(handle: Any) -> int:
-    """The pointer value of an NVML handle: stable for the life of the library."""
-    return ctypes.cast(handle, ctypes.c_void_p).value or 0
 
 
 def _init_failure(nvml: NvmlModule, exc: Any) -> str:

@@ -49,25 +49,25 @@ GPU fields are those of ``SimGpu`` (identity, telemetry such as
 types and unknown NVML function names raise ``FleetFileError`` naming the file
 and the field, e.g. ``fleet.yaml: gpus.2.temperature_celsius: Input should be a
 valid integer``.
+
+Modules, each importing only those above it:
+
+* ``fleet``: the ``SimFleet`` records (data only: no behaviour of the simulator);
+* ``presets``: the realistic machines of ``PRESETS``, built from those records;
+* ``handles``: device handles and event sets as opaque ctypes pointers;
+* ``events``: the event sets behind ``nvmlEventSet*``, their registrations and queues;
+* ``library``: ``SimulatedNvml``, pynvml's surface over a fleet, and its injection API;
+* ``fleetfile``: reading a fleet file (a preset with overrides, or a full description).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gpufleet.gpu.sim.fleet import (
-    FleetFileError,
-    SimError,
-    SimFleet,
-    SimGpu,
-    SimMigInstance,
-    SimProcess,
-    UnknownPresetError,
-    fleet_from_dict,
-    load_fleet,
-)
+from gpufleet.gpu.sim.fleet import SimError, SimFleet, SimGpu, SimMigInstance, SimProcess
+from gpufleet.gpu.sim.fleetfile import FleetFileError, fleet_from_dict, load_fleet
 from gpufleet.gpu.sim.library import SimulatedNvml
-from gpufleet.gpu.sim.presets import PRESETS, preset
+from gpufleet.gpu.sim.presets import PRESETS, UnknownPresetError, preset
 
 __all__ = [
     "PRESETS",

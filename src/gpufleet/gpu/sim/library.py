@@ -3,10 +3,9 @@
 Every function has pynvml's name, signature and return shape, and failures are
 pynvml's own ``NVMLError_*`` classes, so ``NvmlSource`` runs unchanged on top of
 it. Where pynvml returns a ctypes struct, so does the simulator (the same
-struct class). Device handles and event sets are real ``c_nvmlDevice_t`` /
-``c_nvmlEventSet_t`` pointers holding an opaque token that is never
-dereferenced, so code that would only work with Python-object handles (hashing
-them, comparing them with ``==``) fails here as it would on real NVML.
+struct class). Handles are real ctypes pointers that are never dereferenced
+(``handles.py``), and the event sets behind ``nvmlEventSet*`` are kept by
+``events.py``.
 """
 
 from __future__ import annotations
@@ -15,19 +14,16 @@ import ctypes
 import inspect
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pynvml
 
+from gpufleet.gpu.sim.events import SUPPORTED_EVENTS, EventSets
 from gpufleet.gpu.sim.fleet import SimError, SimFleet, SimGpu, SimProcess
+from gpufleet.gpu.sim.handles import device_handle, device_of
 
-_HANDLE_BASE = 0x5100_0000
-_GPU_STRIDE = 0x100
-"""Slot 0 of a GPU's stride is its own handle, slot ``k`` its MIG device ``k - 1``."""
-_EVENT_SET_BASE = 0x5E00_0000
 _UINT_NOT_AVAILABLE = 0xFFFF_FFFF
 
 _ARCHITECTURES = {
@@ -58,14 +54,6 @@ _MIG_HANDLE_CALLS = frozenset(
     }
 )
 
-_SUPPORTED_EVENTS = (
-    pynvml.nvmlEventTypeXidCriticalError
-    | pynvml.nvmlEventTypeSingleBitEccError
-    | pynvml.nvmlEventTypeDoubleBitEccError
-    | pynvml.nvmlEventTypePState
-    | pynvml.nvmlEventTypeClock
-)
-
 
 def _error(code: int) -> Exception:
     # NVMLError.__new__ maps the code to its subclass (NVMLError_NotSupported...).
@@ -80,33 +68,6 @@ class _Device:
     index: int
     gpu: SimGpu
     mig: int | None
-
-
-@dataclass(slots=True)
-class _PendingEvent:
-    gpu_index: int
-    event_type: int
-    data: int
-    gpu_instance_id: int
-    compute_instance_id: int
-
-
-@dataclass(slots=True)
-class _EventSet:
-    registrations: dict[int, int] = field(default_factory=dict)
-    """GPU index -> registered event type mask."""
-    queue: deque[_PendingEvent] = field(default_factory=deque)
-    freed: bool = False
-
-
-def _device_handle(index: int, mig: int | None = None) -> Any:
-    slot = 0 if mig is None else mig + 1
-    token = ctypes.c_void_p(_HANDLE_BASE + index * _GPU_STRIDE + slot)
-    return ctypes.cast(token, pynvml.c_nvmlDevice_t)
-
-
-def _address(pointer: Any) -> int:
-    return ctypes.cast(pointer, ctypes.c_void_p).value or 0
 
 
 class SimulatedNvml:
@@ -130,10 +91,9 @@ class SimulatedNvml:
         check_function_names(name for gpu in fleet.gpus for name in gpu.errors)
         self.fleet = fleet
         self._clock_us = clock_us or (lambda: time.time_ns() // 1000)
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._init_count = 0
-        self._event_sets: dict[int, _EventSet] = {}
-        self._next_event_set = 1
+        self._events = EventSets()
 
     # --- injection API -------------------------------------------------------
 
@@ -157,15 +117,7 @@ class SimulatedNvml:
         else:
             instance = gpu.mig_instances[mig_index]
             gi, ci = instance.gpu_instance_id, instance.compute_instance_id
-        xid_type = pynvml.nvmlEventTypeXidCriticalError
-        delivered = 0
-        with self._lock:
-            for event_set in self._event_sets.values():
-                if event_set.registrations.get(index, 0) & xid_type:
-                    event_set.queue.append(_PendingEvent(index, xid_type, xid, gi, ci))
-                    delivered += 1
-            self._lock.notify_all()
-        return delivered
+        return self._events.deliver(index, pynvml.nvmlEventTypeXidCriticalError, xid, gi, ci)
 
     def add_process(
         self,
@@ -219,11 +171,10 @@ class SimulatedNvml:
         self._check_init()
         if not isinstance(handle, pynvml.c_nvmlDevice_t):
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        index, slot = divmod(_address(handle) - _HANDLE_BASE, _GPU_STRIDE)
+        index, mig = device_of(handle)
         if not 0 <= index < len(self.fleet.gpus):
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         gpu = self.fleet.gpus[index]
-        mig = None if slot == 0 else slot - 1
         if mig is not None and not (gpu.mig_enabled and mig < len(gpu.mig_instances)):
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         if gpu.lost:
@@ -233,15 +184,6 @@ class SimulatedNvml:
         if call in gpu.unsupported or (mig is not None and call not in _MIG_HANDLE_CALLS):
             raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return _Device(index, gpu, mig)
-
-    def _event_set(self, event_set: object) -> _EventSet:
-        self._check_init()
-        if not isinstance(event_set, pynvml.c_nvmlEventSet_t):
-            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        found = self._event_sets.get(_address(event_set))
-        if found is None:
-            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        return found
 
     @staticmethod
     def _value(value: Any) -> Any:
@@ -293,7 +235,7 @@ class SimulatedNvml:
         self._check_init()
         if not 0 <= index < len(self.fleet.gpus):
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        return _device_handle(index)
+        return device_handle(index)
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> Any:
         """A handle for a GPU or MIG device UUID."""
@@ -306,7 +248,7 @@ class SimulatedNvml:
             if gpu.lost:
                 raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
             mig = mig_uuids.index(wanted) if wanted in mig_uuids else None
-            return _device_handle(index, mig)
+            return device_handle(index, mig)
         raise _error(pynvml.NVML_ERROR_NOT_FOUND)
 
     def nvmlDeviceGetHandleByPciBusId(self, pciBusId: str | bytes) -> Any:
@@ -319,7 +261,7 @@ class SimulatedNvml:
             ):
                 if gpu.lost:
                     raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
-                return _device_handle(index)
+                return device_handle(index)
         raise _error(pynvml.NVML_ERROR_NOT_FOUND)
 
     # --- identity -------------------------------------------------------------
@@ -447,7 +389,7 @@ class SimulatedNvml:
         device = self._device("nvmlDeviceGetDeviceHandleFromMigDeviceHandle", migDevice)
         if device.mig is None:
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        return _device_handle(device.index)
+        return device_handle(device.index)
 
     def nvmlDeviceGetMaxMigDeviceCount(self, device: Any) -> int:
         """How many MIG device slots the GPU has."""
@@ -468,7 +410,7 @@ class SimulatedNvml:
             raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
         if not gpu.mig_enabled or index >= len(gpu.mig_instances):
             raise _error(pynvml.NVML_ERROR_NOT_FOUND)
-        return _device_handle(resolved.index, index)
+        return device_handle(resolved.index, index)
 
     def nvmlDeviceGetGpuInstanceId(self, device: Any) -> int:
         """The GPU instance id of a MIG device."""
@@ -630,25 +572,19 @@ class SimulatedNvml:
     def nvmlEventSetCreate(self) -> Any:
         """A new, empty event set."""
         self._check_init()
-        with self._lock:
-            token = _EVENT_SET_BASE + self._next_event_set
-            self._next_event_set += 1
-            self._event_sets[token] = _EventSet()
-        return ctypes.cast(ctypes.c_void_p(token), pynvml.c_nvmlEventSet_t)
+        return self._events.create()
 
     def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int:
         """The event type mask the GPU can deliver."""
         self._device("nvmlDeviceGetSupportedEventTypes", handle)
-        return int(_SUPPORTED_EVENTS)
+        return int(SUPPORTED_EVENTS)
 
     def nvmlDeviceRegisterEvents(self, handle: Any, eventTypes: int, eventSet: Any) -> None:
         """Deliver events of ``eventTypes`` from this GPU to ``eventSet``."""
         device = self._device("nvmlDeviceRegisterEvents", handle)
-        if eventTypes & ~_SUPPORTED_EVENTS:
+        if eventTypes & ~SUPPORTED_EVENTS:
             raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
-        with self._lock:
-            registrations = self._event_set(eventSet).registrations
-            registrations[device.index] = registrations.get(device.index, 0) | eventTypes
+        self._events.register(eventSet, device.index, eventTypes)
 
     def nvmlEventSetWait(self, eventSet: Any, timeoutms: int) -> Any:
         """The next event as a ``c_nvmlEventData_t``; raises ``NVMLError_Timeout``."""
@@ -656,29 +592,13 @@ class SimulatedNvml:
 
     def nvmlEventSetWait_v2(self, eventSet: Any, timeoutms: int) -> Any:
         """Same as ``nvmlEventSetWait``."""
-        with self._lock:
-            event_set = self._event_set(eventSet)
-            self._lock.wait_for(lambda: event_set.queue or event_set.freed, timeoutms / 1000)
-            if event_set.freed:
-                raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-            if not event_set.queue:
-                raise _error(pynvml.NVML_ERROR_TIMEOUT)
-            pending = event_set.queue.popleft()
-        data = pynvml.c_nvmlEventData_t()
-        data.device = _device_handle(pending.gpu_index)
-        data.eventType = pending.event_type
-        data.eventData = pending.data
-        data.gpuInstanceId = pending.gpu_instance_id
-        data.computeInstanceId = pending.compute_instance_id
-        return data
+        self._check_init()
+        return self._events.wait(eventSet, timeoutms / 1000)
 
     def nvmlEventSetFree(self, eventSet: Any) -> None:
         """Release an event set; a thread waiting on it is woken with InvalidArgument."""
-        with self._lock:
-            event_set = self._event_set(eventSet)
-            event_set.freed = True
-            del self._event_sets[_address(eventSet)]
-            self._lock.notify_all()
+        self._check_init()
+        self._events.free(eventSet)
 
 
 _REEXPORTED_PREFIXES = ("NVML_", "NVMLError", "nvmlEventType", "c_nvml", "nvmlPlatformInfo_v")

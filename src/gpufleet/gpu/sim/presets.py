@@ -11,15 +11,14 @@ import random
 import uuid as uuid_lib
 from dataclasses import dataclass
 
-from gpufleet.gpu.sim.fleet import (
-    Architecture,
-    SimFleet,
-    SimGpu,
-    SimMigInstance,
-    UnknownPresetError,
-)
+from gpufleet.core.errors import ConfigError
+from gpufleet.gpu.sim.fleet import Architecture, SimError, SimFleet, SimGpu, SimMigInstance
 
 _MIB = 1024 * 1024
+
+
+class UnknownPresetError(SimError, ConfigError):
+    """No preset has the requested name: a usage error, so the command exits 2."""
 
 
 @dataclass(frozen=True, slots=True)
