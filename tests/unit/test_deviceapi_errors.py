@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from gpufleet.deviceapi import errors
-from gpufleet.deviceapi.store import WatcherClosedError
+from gpufleet.deviceapi.watcher import WatcherClosedError
 
 
 def test_every_error_class_keeps_its_code_and_reason() -> None:
