@@ -37,6 +37,12 @@ It prints, against the issue's targets: List latency for 1,024 GPUs (p99 <=
 open loop), watch events delivered per second (>= 50k/s) with the server's
 stream messages per second and events per message, and the server's RSS.
 
+This file runs the phases, searches for the highest rate and prints the
+targets; its parts, each for one job, are ``_device_api_watchers.py`` (the
+watcher processes), ``_device_api_writer.py`` (the writer's two modes),
+``_device_api_phase.py`` (one phase measured) and ``_device_api_server.py``
+(the server process, its counters, CPU time and RSS).
+
 Usage: python bench/bench_device_api.py [--quick] [--gpus 1024] [--watchers 100] [--procs N]
 """
 
@@ -44,32 +50,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
-import socket as socketlib
-import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from _device_api_phase import Phase, pct
+from _device_api_server import (
+    cpu_seconds,
+    free_port,
+    machine_busy_seconds,
+    rss_mib,
+    server_counts,
+    start_server,
+)
+from _device_api_watchers import Watchers
+from _device_api_writer import Writer
 from gpufleet.deviceapi.client import DeviceApiClient
-from gpufleet.deviceapi.errors import DeviceApiError
-from gpufleet.deviceapi.informer import GpuInformer
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2
-
-HERE = Path(__file__).resolve()
 
 LIST_TARGET_MS = 20.0
 LATENCY_TARGET_MS = 10.0
 LATENCY_TARGET_RATE = 1000.0
 EVENTS_TARGET = 50_000.0
-SUSTAINED = 0.95  # fraction of the offered write and event rates that counts as keeping up
 
 
 def make_gpu(i: int) -> gpu_pb2.Gpu:
@@ -83,418 +88,6 @@ def make_gpu(i: int) -> gpu_pb2.Gpu:
     gpu.spec.index = i % 8
     gpu.spec.node = f"node-{i // 8:03d}"
     return gpu
-
-
-def set_health(gpu: gpu_pb2.Gpu, healthy: bool, seq: int) -> gpu_pb2.Gpu:
-    """`gpu` (with its resourceVersion) carrying a new Healthy condition; never a no-op."""
-    out = gpu_pb2.Gpu()
-    out.CopyFrom(gpu)
-    del out.status.conditions[:]
-    out.status.conditions.add(
-        type="Healthy",
-        status="True" if healthy else "False",
-        reason="Ok" if healthy else "XidCritical",
-        message=f"bench write {seq}",
-    )
-    out.status.recommended_action = "None" if healthy else "ResetGpu"
-    return out
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-# -- watcher process --------------------------------------------------------------
-
-
-async def watcher_main(socket: str, count: int) -> None:
-    """Run `count` informers; on 'stop RV' from stdin, wait for RV and dump arrivals."""
-    arrivals: dict[int, list[float]] = {}  # rv -> [watchers seen, last arrival]
-    clients = [DeviceApiClient(socket) for _ in range(count)]
-    informers = [GpuInformer(c) for c in clients]
-
-    def on_update(old: gpu_pb2.Gpu, new: gpu_pb2.Gpu) -> None:
-        now = time.monotonic()
-        rv = int(new.metadata.resource_version)
-        seen = arrivals.get(rv)
-        if seen is None:
-            arrivals[rv] = [1, now]
-        else:
-            seen[0] += 1
-            seen[1] = now
-
-    for informer in informers:
-        informer.on_update(on_update)
-    tasks = [asyncio.create_task(i.run()) for i in informers]
-    for informer in informers:
-        await informer.wait_synced()
-    print("ready", flush=True)
-    # Relists and evictions so far (the first list is not a relist).
-    reported = {"relists": count, "evictions": 0, "expirations": 0}
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while True:
-        line = (await reader.readline()).decode().split()
-        if not line:
-            break
-        if line[0] == "stop":
-            target = line[1]
-            deadline = time.monotonic() + 60
-            # Polls the informers' own state; they have no "reached RV" signal.
-            while any(i.resource_version != target for i in informers):
-                if time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.005)
-            behind = sum(i.resource_version != target for i in informers)
-            now = {
-                "relists": sum(i.relists for i in informers),
-                "evictions": sum(i.evictions for i in informers),
-                "expirations": sum(i.expirations for i in informers),
-            }
-            body: dict[str, object] = {key: now[key] - reported[key] for key in now}
-            reported = now
-            body.update(arrivals=arrivals, behind=behind)
-            print(json.dumps(body), flush=True)
-            arrivals = {}
-    for informer in informers:
-        informer.stop()
-    await asyncio.gather(*tasks)
-    for client in clients:
-        await client.close()
-
-
-# -- the benchmark ------------------------------------------------------------------
-
-
-@dataclass
-class Collected:
-    """What the watchers saw of one phase."""
-
-    arrivals: dict[int, list[float]]  # rv -> [watchers that saw it, when the last one did]
-    relists: int = 0
-    evictions: int = 0
-    expirations: int = 0
-    behind: int = 0  # informers that never reached the phase's last version
-
-
-class Watchers:
-    """The watcher processes."""
-
-    def __init__(self, socket: str, watchers: int, procs: int) -> None:
-        shares = [watchers // procs + (1 if p < watchers % procs else 0) for p in range(procs)]
-        self.total = watchers
-        self.procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(HERE),
-                    "--role",
-                    "watchers",
-                    "--socket",
-                    socket,
-                    "--watchers",
-                    str(share),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for share in shares
-            if share
-        ]
-
-    def wait_ready(self) -> None:
-        for proc in self.procs:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if line.strip() != "ready":
-                raise RuntimeError(f"watcher process failed to start: {line!r}")
-
-    def collect(self, final_rv: int) -> Collected:
-        """Wait until every informer is at `final_rv`; what they saw since the last collect."""
-        for proc in self.procs:
-            assert proc.stdin is not None
-            proc.stdin.write(f"stop {final_rv}\n")
-            proc.stdin.flush()
-        out = Collected(arrivals={})
-        for proc in self.procs:
-            assert proc.stdout is not None
-            body = json.loads(proc.stdout.readline())
-            out.relists += body["relists"]
-            out.evictions += body["evictions"]
-            out.expirations += body["expirations"]
-            out.behind += body["behind"]
-            for rv_text, (seen, last) in body["arrivals"].items():
-                entry = out.arrivals.setdefault(int(rv_text), [0, 0.0])
-                entry[0] += seen
-                entry[1] = max(entry[1], last)
-        return out
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.stdin is not None:
-                proc.stdin.close()
-        for proc in self.procs:
-            proc.wait(timeout=30)
-
-
-@dataclass
-class Writes:
-    """One write phase as the writer saw it."""
-
-    sent: dict[int, float] = field(default_factory=dict)  # rv -> when its latency starts
-    start: float = 0.0  # the first send (closed loop) or scheduled time (open loop)
-    end: float = 0.0  # the last reply
-    errors: int = 0
-    error_kinds: dict[str, int] = field(default_factory=dict)  # reason -> count
-    cap_hits: int = 0  # open loop: updates that found the in-flight cap full
-    peak: int = 0  # open loop: most updates in flight at once
-
-    def fail(self, error: DeviceApiError) -> None:
-        self.errors += 1
-        key = f"{error.reason}: {str(error)[:80]}"
-        self.error_kinds[key] = self.error_kinds.get(key, 0) + 1
-
-
-class Writer:
-    """The one writer: a client and the last version it got of every GPU."""
-
-    def __init__(self, client: DeviceApiClient, gpus: list[gpu_pb2.Gpu]) -> None:
-        self.client = client
-        self.gpus = gpus
-        self.seq = 0
-
-    def _next(self, i: int) -> gpu_pb2.Gpu:
-        self.seq += 1
-        return set_health(self.gpus[i], healthy=self.seq % 2 == 0, seq=self.seq)
-
-    async def closed_loop(self, seconds: float) -> Writes:
-        """Round-robin updates for `seconds`, each sent when the previous reply is back."""
-        out = Writes(start=time.monotonic())
-        stop = out.start + seconds
-        k = 0
-        while time.monotonic() < stop:
-            i = k % len(self.gpus)
-            k += 1
-            update = self._next(i)
-            t = time.monotonic()
-            try:
-                self.gpus[i] = await self.client.update_status(update)
-            except DeviceApiError as error:
-                out.fail(error)
-                continue
-            out.sent[int(self.gpus[i].metadata.resource_version)] = t
-        out.end = time.monotonic()
-        return out
-
-    async def open_loop(self, rate: float, count: int, max_inflight: int) -> Writes:
-        """`count` updates, update k scheduled at start + k/rate, not waiting for replies."""
-        if max_inflight >= len(self.gpus):
-            raise ValueError("--max-inflight must be below the number of GPUs")
-        idle = deque(range(len(self.gpus)))  # GPUs with no update in flight
-        out = Writes()
-        inflight = 0
-        room = asyncio.Event()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(i: int, update: gpu_pb2.Gpu, due: float) -> None:
-            nonlocal inflight
-            try:
-                reply = await self.client.update_status(update)
-            except DeviceApiError as error:
-                out.fail(error)
-            else:
-                self.gpus[i] = reply
-                out.sent[int(reply.metadata.resource_version)] = due
-            finally:
-                out.end = max(out.end, time.monotonic())
-                idle.append(i)
-                inflight -= 1
-                room.set()
-
-        out.start = time.monotonic() + 0.01
-        k = 0
-        while k < count:
-            due = out.start + k / rate
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-                continue
-            if inflight >= max_inflight:
-                out.cap_hits += 1
-                while inflight >= max_inflight:
-                    room.clear()
-                    await room.wait()
-                continue  # re-check the clock; `due` stays where it was
-            i = idle.popleft()
-            inflight += 1
-            out.peak = max(out.peak, inflight)
-            task = asyncio.create_task(one(i, self._next(i), due))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            k += 1
-        while tasks:
-            await asyncio.gather(*tasks)
-        return out
-
-
-@dataclass
-class Phase:
-    """One write phase, measured."""
-
-    label: str
-    offered: float | None  # updates/s asked for (open loop)
-    writes: Writes
-    seen: Collected
-    watchers: int
-    server: tuple[float, float, float]  # server events, messages, evictions in the phase
-    cpu: dict[str, float]  # CPU seconds used in the phase: server, watchers, writer, others
-    latencies: list[float] = field(init=False)  # ms, update -> the last watcher
-    delivered: int = field(init=False)  # events the watchers received
-    span: float = field(init=False)  # first send (or scheduled time) -> last arrival
-
-    def __post_init__(self) -> None:
-        sent, arrivals = self.writes.sent, self.seen.arrivals
-        self.latencies = [
-            (arrivals[rv][1] - t) * 1e3
-            for rv, t in sent.items()
-            if rv in arrivals and arrivals[rv][0] >= self.watchers
-        ]
-        self.delivered = sum(int(arrivals[rv][0]) for rv in sent if rv in arrivals)
-        drained = max((arrivals[rv][1] for rv in sent if rv in arrivals), default=0.0)
-        self.span = max(drained, self.writes.end) - self.writes.start
-
-    @property
-    def write_rate(self) -> float:
-        return len(self.writes.sent) / max(self.writes.end - self.writes.start, 1e-9)
-
-    @property
-    def delivered_rate(self) -> float:
-        return self.delivered / self.span if self.span > 0 else 0.0
-
-    @property
-    def clean(self) -> bool:
-        """No eviction, relist, write error, or write missing at any watcher."""
-        seen = self.seen
-        return (
-            self.server[2] == 0
-            and seen.relists == seen.evictions == seen.expirations == seen.behind == 0
-            and self.writes.errors == 0
-            and len(self.latencies) == len(self.writes.sent) > 0
-        )
-
-    @property
-    def sustained(self) -> bool:
-        if self.offered is None:
-            return self.clean
-        return (
-            self.clean
-            and self.writes.cap_hits == 0
-            and self.write_rate >= SUSTAINED * self.offered
-            and self.delivered_rate >= SUSTAINED * self.offered * self.watchers
-        )
-
-    def print(self) -> None:
-        w, s = self.writes, self.seen
-        head = f"{self.label}: wrote {len(w.sent):,} at {self.write_rate:,.0f}/s"
-        if self.offered is not None:
-            head += f" (offered {self.offered:,.0f}/s; peak {w.peak} in flight, "
-            head += f"cap hit {w.cap_hits} times)"
-        print(head)
-        events, messages, evicted = self.server
-        line = f"  delivered {self.delivered_rate:,.0f} events/s over {self.span:.2f} s"
-        if self.span > 0:
-            line += f"; server sent {events / self.span:,.0f} events/s in "
-            line += f"{messages / self.span:,.0f} messages/s"
-        if messages:
-            line += f" ({events / messages:.1f} events/message)"
-        print(line)
-        wall = max(self.span, 1e-9)
-        busy = ", ".join(f"{k} {v / wall:.0%}" for k, v in self.cpu.items())
-        print(f"  CPU (100% = one core): {busy}")
-        if self.latencies:
-            lat = self.latencies
-            kind = "scheduled time" if self.offered is not None else "send"
-            print(f"  update ({kind}) -> all {self.watchers} watchers: "
-                  f"p50 {statistics.median(lat):.1f} ms, p99 {pct(lat, 0.99):.1f} ms, "
-                  f"max {max(lat):.1f} ms")  # fmt: skip
-        print(f"  {len(self.latencies):,}/{len(w.sent):,} writes reached every watcher; "
-              f"{w.errors} write errors; {evicted:.0f} evictions (server), "
-              f"{s.evictions} evictions, {s.relists} relists, {s.expirations} expirations, "
-              f"{s.behind} informers behind (watchers)")  # fmt: skip
-        for kind, n in w.error_kinds.items():
-            print(f"  write error x{n}: {kind}")
-        if self.offered is not None:
-            print(f"  {'sustained' if self.sustained else 'NOT sustained'}", flush=True)
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_busy_seconds() -> float:
-    """CPU time every process on the machine has used so far (all CPUs, from /proc/stat)."""
-    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS  # less idle and iowait
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def free_port() -> int:
-    with socketlib.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def server_counts(metrics_port: int) -> tuple[float, float, float]:
-    """The server's watch events, watch messages and evicted watchers so far, from /metrics."""
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    events = messages = evicted = 0.0
-    for line in text.splitlines():
-        if line.startswith("gpufleet_deviceapi_watch_events_total{"):
-            events += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("gpufleet_deviceapi_watch_messages_total "):
-            messages += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("gpufleet_deviceapi_watchers_evicted_total "):
-            evicted += float(line.rsplit(" ", 1)[1])
-    return events, messages, evicted
-
-
-def start_server(
-    socket: Path, watch_queue: int, metrics_port: int, watch_linger: float = 0.0
-) -> subprocess.Popen[bytes]:
-    """``gpufleet device-api serve`` on `socket`; returns once the socket exists."""
-    env = dict(os.environ, LOG_LEVEL="warning", WATCH_QUEUE=str(watch_queue),
-               WATCH_LINGER=f"{watch_linger * 1000:g}ms")  # fmt: skip
-    gpufleet = Path(sys.executable).with_name("gpufleet")
-    server = subprocess.Popen(
-        [str(gpufleet), "device-api", "serve", "--socket", str(socket),
-         "--metrics-port", str(metrics_port)],
-        env=env,
-    )  # fmt: skip
-    for _ in range(500):
-        if socket.exists():
-            return server
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited with {server.returncode}")
-        time.sleep(0.02)
-    server.terminate()
-    raise RuntimeError("server did not start")
 
 
 def verdict(met: bool) -> str:
@@ -622,8 +215,6 @@ async def bench(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--role", default="bench", choices=["bench", "watchers"])
-    parser.add_argument("--socket", default="")
     parser.add_argument("--quick", action="store_true", help="a smoke run: short phases")
     parser.add_argument("--gpus", type=int, default=1024)
     parser.add_argument("--watchers", type=int, default=100)
@@ -643,9 +234,6 @@ def main() -> None:
     parser.add_argument("--watch-linger", type=float, default=0.0,
                         help="the server's WATCH_LINGER, in milliseconds")  # fmt: skip
     args = parser.parse_args()
-    if args.role == "watchers":
-        asyncio.run(watcher_main(args.socket, args.watchers))
-        return
     if args.quick:  # shorter phases, unless given explicitly
         quick = {"lists": 10, "seconds": 1.0, "closed_seconds": 1.0, "steps": 1, "refine": 0}
         for name, value in quick.items():

@@ -9,6 +9,7 @@ XIDs and lost GPUs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -25,11 +26,13 @@ from gpufleet.deviceapi.provider import GpuProvider
 from gpufleet.deviceapi.provider_cli import CLIENT_OPTIONS
 from gpufleet.deviceapi.server import serve
 from gpufleet.deviceapi.v1alpha1.gpu_pb2 import Condition, Gpu
+from gpufleet.deviceapi.xid_events import XID_POLL_S
 from gpufleet.gpu import sim
 from gpufleet.gpu.model import DeviceList, GpuProcess, GpuSample, XidEvent
 from gpufleet.gpu.nvml import NvmlSource
 from gpufleet.gpu.sim import SimulatedNvml
 from gpufleet.gpu.source import GpuError, GpuSource, XidEventStream
+from tests import polling
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +96,7 @@ class Running:
 
     async def inject_xid(self, index: int, xid: int) -> None:
         # The event set must exist before the event, as on a real driver.
-        await eventually(lambda: _true(self.provider.xid_stream_ready))
+        await polling.eventually(lambda: self.provider.xid_stream_ready, DEADLINE)
         assert self.nvml.inject_xid(index, xid) == 1
 
     async def stop(self) -> None:
@@ -109,24 +112,34 @@ class Running:
         await self.client.close()
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = DEADLINE) -> None:
-    """Poll ``check`` until it is true; server errors while polling count as "not yet"."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    last_error: Exception | None = None
-    while True:
-        try:
-            if await check():
-                return
-        except Exception as exc:
-            last_error = exc
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {within}s (last error: {last_error})")
-        await asyncio.sleep(0.05)
+    """Poll ``check`` until it is true; server errors while polling count as "not yet".
+
+    ``check`` is async (it asks the server), so a task polls it and
+    ``tests.polling.eventually`` guards the task against a hang; the last
+    error seen while polling is added to the failure.
+    """
+    errors: list[Exception] = []
+
+    async def poll() -> None:
+        while True:
+            try:
+                if await check():
+                    return
+            except Exception as exc:
+                errors[:] = [exc]
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(poll())
+    try:
+        await polling.eventually(task.done, within)
+    except pytest.fail.Exception as failed:
+        failed.add_note(f"last error while polling: {errors[-1] if errors else None}")
+        raise
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def healthy(gpu: Gpu) -> Condition:
@@ -138,6 +151,7 @@ async def start_provider(
     socket_path: Path,
     nvml: SimulatedNvml | None = None,
     wrap: Callable[[NvmlSource], GpuSource] | None = None,
+    health_interval: float = INTERVAL,
 ) -> Running:
     nvml = nvml or sim.open("dgx-h100")
     provider_client = DeviceApiClient(socket_path, options=CLIENT_OPTIONS)
@@ -146,7 +160,7 @@ async def start_provider(
         provider_client,
         source if wrap is None else wrap(source),
         node="node-a",
-        health_interval=INTERVAL,
+        health_interval=health_interval,
         backoff=Backoff(initial=0.05, cap=0.3, jitter=0.0),
     )
     stop = asyncio.Event()
@@ -154,7 +168,7 @@ async def start_provider(
     running = Running(
         nvml, provider, provider_client, source, DeviceApiClient(socket_path), stop, task
     )
-    await eventually(lambda: _true(provider.ready))
+    await polling.eventually(lambda: provider.ready, DEADLINE)
     return running
 
 
@@ -206,14 +220,14 @@ async def test_a_provider_logs_one_line_when_it_re_registers_after_a_server_rest
         def lost() -> bool:
             return any("device API unavailable" in r.getMessage() for r in caplog.records)
 
-        await eventually(lambda: _true(lost()))
+        await polling.eventually(lost, DEADLINE)
         server = await start_server(socket_path, state_file=state)
 
         def back() -> list[logging.LogRecord]:
             wanted = "re-registered with the device API"
             return [r for r in caplog.records if r.getMessage() == wanted]
 
-        await eventually(lambda: _true(bool(back())))
+        await polling.eventually(lambda: bool(back()), DEADLINE)
         # Later rounds say nothing more: one line per outage, not one per round.
         await asyncio.sleep(INTERVAL * 3)
         (record,) = back()
@@ -380,11 +394,72 @@ async def test_provider_keeps_conditions_of_other_providers(provided: Running) -
     assert types == {CONDITION_HEALTHY: "XidCritical", "ThermalOk": "Cool"}
 
 
-async def test_provider_stops_promptly(provided: Running) -> None:
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    await provided.stop()
-    assert loop.time() - began < 3.0
+class _RecordingStream:
+    """An XID event set that logs each wait (with its bound) and its close."""
+
+    def __init__(self, inner: XidEventStream, log: list[str]) -> None:
+        self.inner = inner
+        self.log = log
+
+    def wait(self, timeout_s: float) -> XidEvent | None:
+        self.log.append(f"wait {timeout_s}")
+        return self.inner.wait(timeout_s)
+
+    def close(self) -> None:
+        self.log.append("close")
+        self.inner.close()
+
+
+class _RecordingSource:
+    """A GpuSource that logs, in order, every sample and its XID event sets' waits and closes."""
+
+    def __init__(self, inner: NvmlSource, log: list[str]) -> None:
+        self.inner = inner
+        self.log = log
+
+    def devices(self) -> DeviceList:
+        return self.inner.devices()
+
+    def sample(self, uuid: str) -> GpuSample:
+        self.log.append(f"sample {uuid}")
+        return self.inner.sample(uuid)
+
+    def processes(self, uuid: str) -> tuple[GpuProcess, ...]:
+        return self.inner.processes(uuid)
+
+    def xid_events(self) -> XidEventStream:
+        return _RecordingStream(self.inner.xid_events(), self.log)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+async def test_provider_stops_promptly(server: Server, socket_path: Path) -> None:
+    """Stop wakes the provider out of its interval and ends the XID thread before it returns.
+
+    The health interval is an hour, so a stop that waited for it would hang
+    (``Running.stop``'s hang guard fails). The XID thread waits in bounded
+    polls and looks for stop between them, so by the time stop returns it has
+    closed its event set and done nothing since; a thread still blocked would
+    have been abandoned by the provider's join, and its close would come later.
+    """
+    log: list[str] = []
+    running = await start_provider(
+        socket_path,
+        wrap=lambda source: _RecordingSource(source, log),
+        health_interval=3600.0,
+    )
+    try:
+        await polling.eventually(lambda: running.provider.xid_stream_ready, DEADLINE)
+        log.append("stop")
+        await running.stop()
+        after = log[log.index("stop") + 1 :]
+        assert not [entry for entry in after if entry.startswith("sample")]  # no round began
+        assert after[-1:] == ["close"]  # the XID thread closed its event set, then nothing
+        assert after.count("close") == 1
+        assert {entry for entry in log if entry.startswith("wait")} == {f"wait {XID_POLL_S}"}
+    finally:
+        await running.close()
 
 
 class _BrokenStream:
@@ -436,7 +511,9 @@ async def test_broken_event_set_is_recreated_without_marking_gpus_unhealthy(
 
     running = await start_provider(socket_path, wrap=wrap)
     try:
-        await eventually(lambda: _true(flaky[0].created >= 2 and running.provider.xid_stream_ready))
+        await polling.eventually(
+            lambda: flaky[0].created >= 2 and running.provider.xid_stream_ready, DEADLINE
+        )
         listing = await running.client.list()
         assert {healthy(gpu).status for gpu in listing.items} == {"True"}
         await running.inject_xid(1, 79)

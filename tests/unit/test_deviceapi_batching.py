@@ -12,8 +12,10 @@ from gpufleet.core.errors import ConfigError
 from gpufleet.deviceapi.client import split_batch
 from gpufleet.deviceapi.config import DeviceApiSettings
 from gpufleet.deviceapi.errors import WatcherEvictedError
-from gpufleet.deviceapi.store import GpuStore, WatcherClosedError, watch_item
+from gpufleet.deviceapi.events import watch_item
+from gpufleet.deviceapi.store import GpuStore
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2 as pb
+from gpufleet.deviceapi.watcher import WatcherClosedError
 
 
 def _store() -> GpuStore:

@@ -19,8 +19,9 @@ from gpufleet.deviceapi.errors import (
     WatcherEvictedError,
 )
 from gpufleet.deviceapi.persistence import StateFileError
-from gpufleet.deviceapi.store import GpuStore, Watcher, WatcherClosedError
+from gpufleet.deviceapi.store import GpuStore
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2 as pb
+from gpufleet.deviceapi.watcher import Watcher, WatcherClosedError
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 ADDED, MODIFIED, DELETED = pb.WatchEvent.ADDED, pb.WatchEvent.MODIFIED, pb.WatchEvent.DELETED

@@ -3,13 +3,25 @@
 Each maps to one gRPC status code, so the server turns a store error into a
 status and the client turns the status back into the same class: a caller
 catches ``ConflictError`` on either side of the socket.
+
+Every error class has the same shape (a docstring, a status ``code`` and a
+``reason``), so the shape is written once: ``DeviceApiError.__init_subclass__``
+takes ``code`` and ``reason`` as class keywords and records each class that
+names a reason in ``ERRORS_BY_REASON``. A subclass that names neither (such as
+the store's ``WatcherClosedError``) inherits both and is not recorded: its
+parent's reason already stands for it on the wire.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from gpufleet.core.errors import GpufleetError
+
+ERRORS_BY_REASON: dict[str, type[DeviceApiError]] = {}
+"""The server sends ``reason`` in the trailing metadata key ``gpufleet-reason``."""
 
 
 class DeviceApiError(GpufleetError):
@@ -18,74 +30,55 @@ class DeviceApiError(GpufleetError):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
     reason: str = "Unknown"
 
+    def __init_subclass__(
+        cls,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Give the subclass its ``code`` and ``reason``; one with a reason is looked up by it."""
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+        if reason is not None:
+            if reason in ERRORS_BY_REASON:
+                raise TypeError(f"{cls.__name__}: reason {reason!r} is taken")
+            cls.reason = reason
+            ERRORS_BY_REASON[reason] = cls
 
-class NotFoundError(DeviceApiError):
+
+class NotFoundError(DeviceApiError, code=grpc.StatusCode.NOT_FOUND, reason="NotFound"):
     """No GPU by that name."""
 
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "NotFound"
 
-
-class AlreadyExistsError(DeviceApiError):
+class AlreadyExistsError(
+    DeviceApiError, code=grpc.StatusCode.ALREADY_EXISTS, reason="AlreadyExists"
+):
     """Create of a name that exists."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "AlreadyExists"
 
-
-class ConflictError(DeviceApiError):
+class ConflictError(DeviceApiError, code=grpc.StatusCode.ABORTED, reason="Conflict"):
     """A write carried a stale resourceVersion (or failed a precondition)."""
 
-    code = grpc.StatusCode.ABORTED
-    reason = "Conflict"
 
-
-class InvalidError(DeviceApiError):
+class InvalidError(DeviceApiError, code=grpc.StatusCode.INVALID_ARGUMENT, reason="Invalid"):
     """A malformed request: bad name, selector, resourceVersion or field."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "Invalid"
 
-
-class ExpiredError(DeviceApiError):
+class ExpiredError(DeviceApiError, code=grpc.StatusCode.OUT_OF_RANGE, reason="Expired"):
     """A watch asked to resume from a resourceVersion older than the history window."""
 
-    code = grpc.StatusCode.OUT_OF_RANGE
-    reason = "Expired"
 
-
-class CapacityError(DeviceApiError):
+class CapacityError(DeviceApiError, code=grpc.StatusCode.RESOURCE_EXHAUSTED, reason="Capacity"):
     """MAX_GPUS reached, or too many watchers or streams."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "Capacity"
 
-
-class WatcherEvictedError(DeviceApiError):
+class WatcherEvictedError(
+    DeviceApiError, code=grpc.StatusCode.RESOURCE_EXHAUSTED, reason="Evicted"
+):
     """A watcher fell behind its bounded queue and was closed; relist or resume."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "Evicted"
 
-
-class UnavailableError(DeviceApiError):
+class UnavailableError(DeviceApiError, code=grpc.StatusCode.UNAVAILABLE, reason="Unavailable"):
     """The server cannot be reached (client side)."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = "Unavailable"
-
-
-ERRORS_BY_REASON: dict[str, type[DeviceApiError]] = {
-    cls.reason: cls
-    for cls in (
-        NotFoundError,
-        AlreadyExistsError,
-        ConflictError,
-        InvalidError,
-        ExpiredError,
-        CapacityError,
-        WatcherEvictedError,
-        UnavailableError,
-    )
-}
-"""The server sends ``reason`` in the trailing metadata key ``gpufleet-reason``."""

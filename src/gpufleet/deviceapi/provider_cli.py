@@ -22,7 +22,8 @@ from gpufleet.core.config import CommonSettings, Duration, load_settings
 from gpufleet.core.errors import ConfigError
 from gpufleet.core.http import HealthServer
 from gpufleet.core.signals import stop_on_signals
-from gpufleet.deviceapi.provider import GpuApi, GpuProvider
+from gpufleet.deviceapi.provider import GpuProvider
+from gpufleet.deviceapi.registration import GpuApi
 from gpufleet.gpu.select import SourceChoice, open_source
 from gpufleet.gpu.source import GpuSource
 from gpufleet.gpu.xid import DEFAULT_CATALOGUE, XidCatalogue, XidOverride, parse_overrides

@@ -41,9 +41,11 @@ from gpufleet.deviceapi.errors import (
     InvalidError,
     UnavailableError,
 )
+from gpufleet.deviceapi.events import WatchItem, watch_item
 from gpufleet.deviceapi.metrics import DeviceApiMetrics
-from gpufleet.deviceapi.store import GpuStore, Watcher, WatchItem, watch_item
+from gpufleet.deviceapi.store import GpuStore
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2
+from gpufleet.deviceapi.watcher import Watcher
 
 __all__ = ["BATCH_MAX_BYTES", "BATCH_MAX_EVENTS", "SERVICE_NAME", "GpuService"]
 

@@ -5,21 +5,19 @@ Kubernetes semantics, see ``docs/device-api-store.md``. Everything but
 (validate, persist, commit, fan out to every watcher) is atomic with respect to
 watchers: a watcher sees either none or all of a write, and always in RV order.
 
-Events are shared: one ``WatchEvent`` per write is handed to every watcher that
-wants it (and kept in the history window), together with its wire encoding,
-made once when the event is recorded, so the server sends the same bytes to
-every watcher without serializing per watcher. Consumers must treat events as
-read-only; they never alias the stored objects, so a careless consumer can only
-spoil its own and its peers' events, never the store.
+Events are shared: one per write, encoded once (``events``), handed to every
+watcher that wants it and kept in the history window. They never alias the
+stored objects, so a careless consumer can only spoil its own and its peers'
+events, never the store.
 
 What a request may contain is checked by ``validation`` before any of this runs;
-this module holds the state: objects, the counter, the history and the watchers.
+this module holds the state: objects, the counter, the history and the fan-out
+to the watchers, whose consumer side (queue, batches, bookmarks, eviction) is
+``watcher``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from bisect import bisect_right
 from collections import deque
@@ -27,7 +25,6 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
-from typing import NamedTuple
 
 from gpufleet.deviceapi.errors import (
     AlreadyExistsError,
@@ -36,10 +33,10 @@ from gpufleet.deviceapi.errors import (
     ExpiredError,
     NotFoundError,
     UnavailableError,
-    WatcherEvictedError,
 )
+from gpufleet.deviceapi.events import ADDED, DELETED, MODIFIED, RecordedWrite, WatchItem, watch_item
 from gpufleet.deviceapi.persistence import StateFile
-from gpufleet.deviceapi.selector import Selector, parse
+from gpufleet.deviceapi.selector import parse
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2 as pb
 from gpufleet.deviceapi.validation import (
     check_name,
@@ -48,11 +45,7 @@ from gpufleet.deviceapi.validation import (
     validate_meta_and_spec,
     validate_status,
 )
-
-ADDED = pb.WatchEvent.ADDED
-MODIFIED = pb.WatchEvent.MODIFIED
-DELETED = pb.WatchEvent.DELETED
-BOOKMARK = pb.WatchEvent.BOOKMARK
+from gpufleet.deviceapi.watcher import Watcher
 
 MAX_OBJECT_BYTES = 256 * 1024
 """The default cap on one GPU's encoding (``MAX_OBJECT_BYTES``)."""
@@ -60,48 +53,6 @@ MAX_STORE_BYTES = 48 * 1024 * 1024
 """The default cap on every GPU's encoding together (``MAX_STORE_BYTES``): a List fits 64 MiB."""
 HISTORY_BYTES = 64 * 1024 * 1024
 """The default cap on what the history window keeps (``WATCH_HISTORY_BYTES``)."""
-
-
-class WatchItem(NamedTuple):
-    """A queued event, shared by every watcher that receives it (read-only).
-
-    ``wire`` is the event's encoding; ``head`` is what precedes it as one entry
-    of ``WatchEventBatch.events`` (field 1, length-delimited), so a batch's wire
-    form is the concatenation of ``head + wire`` of its events. ``at`` is when
-    the write was recorded (``time.monotonic``), which bounds a sender's linger.
-    """
-
-    rv: int
-    event: pb.WatchEvent
-    wire: bytes
-    head: bytes
-    at: float = 0.0
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_BATCH_EVENTS_TAG = b"\x0a"  # WatchEventBatch.events: field 1, wire type 2
-
-
-def watch_item(rv: int, event: pb.WatchEvent, at: float = 0.0) -> WatchItem:
-    """``event`` at ``rv``, encoded (once: the item is shared from then on).
-
-    ``at`` is when the write was recorded; 0 (long ago) for items never worth a
-    linger (replays, the initial ADDED burst, bookmarks).
-    """
-    wire = event.SerializeToString()
-    return WatchItem(rv, event, wire, _BATCH_EVENTS_TAG + _varint(len(wire)), at)
-
-
-class WatcherClosedError(UnavailableError):
-    """``get`` on a watcher closed by its consumer or by ``GpuStore.close`` (shutdown)."""
 
 
 def _utc_now() -> datetime:
@@ -121,270 +72,6 @@ def _size(gpu: pb.Gpu) -> int:
 
 def _rv_of(gpu: pb.Gpu) -> int:
     return int(gpu.metadata.resource_version)
-
-
-class _Record:
-    """One write in the history window, with its per-selector variants built lazily."""
-
-    __slots__ = (
-        "_added",
-        "_deleted",
-        "_labels",
-        "_prev_labels",
-        "at",
-        "cost",
-        "item",
-        "prev",
-        "rv",
-    )
-
-    def __init__(
-        self, rv: int, event: pb.WatchEvent, prev: pb.Gpu | None, prev_size: int = 0
-    ) -> None:
-        self.rv = rv
-        self.at = time.monotonic()
-        self.item: WatchItem = watch_item(rv, event, self.at)
-        self.prev = prev  # the object before a MODIFIED write (never mutated: copy-on-write)
-        # What the window is charged for keeping this record: twice the encoded size
-        # of each object it holds (the event's and the previous one), once for the
-        # message and once for its encoding or the filtered variant built from it.
-        self.cost = 2 * (len(self.item.wire) + prev_size)
-        self._labels: dict[str, str] | None = None
-        self._prev_labels: dict[str, str] | None = None
-        self._added: WatchItem | None = None
-        self._deleted: WatchItem | None = None
-
-    def filtered(self, selector: Selector) -> WatchItem | None:
-        """What a watcher with ``selector`` receives for this write, if anything.
-
-        As in Kubernetes: a MODIFIED object that starts matching arrives as ADDED,
-        one that stops matching as DELETED (its last matching state, at this RV).
-        """
-        event = self.item[1]
-        if self._labels is None:
-            self._labels = dict(event.object.metadata.labels)
-        now = selector.matches(self._labels)
-        if event.type != MODIFIED or self.prev is None:
-            return self.item if now else None
-        if self._prev_labels is None:
-            self._prev_labels = dict(self.prev.metadata.labels)
-        before = selector.matches(self._prev_labels)
-        if now and before:
-            return self.item
-        if now:
-            if self._added is None:
-                added = pb.WatchEvent(type=ADDED)
-                added.object.CopyFrom(event.object)
-                self._added = watch_item(self.rv, added, self.at)
-            return self._added
-        if before:
-            if self._deleted is None:
-                deleted = pb.WatchEvent(type=DELETED)
-                deleted.object.CopyFrom(self.prev)
-                deleted.object.metadata.resource_version = str(self.rv)
-                self._deleted = watch_item(self.rv, deleted, self.at)
-            return self._deleted
-        return None
-
-
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
-
-
-class Watcher:
-    """One watch: a bounded queue the store fills; closed (evicted) when it overflows.
-
-    Events returned by ``get`` and items returned by ``take`` are shared with
-    other watchers: do not mutate them.
-    """
-
-    def __init__(
-        self,
-        store: GpuStore,
-        selector: Selector | None,
-        backlog: list[WatchItem],
-        limit: int,
-        start_rv: int,
-        *,
-        initial: bool = False,
-    ) -> None:
-        self._store = store
-        self._selector = selector
-        # The replay/initial burst is allowed on top of the bound: only live events
-        # that pile up beyond `limit` mean the consumer is too slow.
-        self._queue: deque[WatchItem] = deque(backlog)
-        self._backlog = len(backlog)
-        self._limit = limit
-        self._waiter: asyncio.Future[bool] | None = None
-        # The store wakes the waiter once the queue holds this many items (a
-        # lingering sender waits for a full batch, everyone else for one item).
-        self._wake_len = 1
-        self._last_rv = start_rv
-        self._start_rv = start_rv
-        # A watch from "" starts with the current state as ADDED, each at its own
-        # object's RV: until the last of those is taken, no RV is a resume point.
-        self._initial = initial and bool(backlog)
-        self.closed = False
-        self.evicted = False
-        self._evicted_why = ""
-
-    # The server polls with a timeout to send bookmarks; a parameter is cheaper than
-    # wrapping every call in asyncio.timeout (a task-level cancel scope per event).
-    async def get(self, timeout: float | None = None) -> pb.WatchEvent | None:  # noqa: ASYNC109
-        """The next event; None after ``timeout`` seconds without one.
-
-        Raises ``WatcherEvictedError`` once evicted (nothing more is delivered),
-        ``WatcherClosedError`` once closed.
-        """
-        queue = self._queue
-        if not queue and not await self._wait(timeout):
-            return None
-        item = queue.popleft()
-        self._last_rv = item[0]
-        if self._backlog:
-            self._backlog -= 1
-            self._passed_backlog()
-        return item[1]
-
-    async def take(
-        self,
-        max_events: int,
-        max_bytes: int,
-        timeout: float | None = None,  # noqa: ASYNC109
-        linger: float = 0.0,
-    ) -> list[WatchItem]:
-        """Every queued item up to a cap, in order; [] after ``timeout`` seconds without one.
-
-        At most ``max_events`` items whose batch entries (``head + wire``) add up
-        to at most ``max_bytes``, except that the first item is always taken, so
-        a single larger event goes alone. Raises like ``get``.
-
-        With ``linger`` > 0, once an item is queued this waits until ``linger``
-        seconds after that item was *recorded* by the store, or until
-        ``max_events`` items are queued, whichever comes first, so that events
-        written close together leave in one batch. An item recorded longer ago
-        than that (a replay, or a sender running late) is taken at once.
-        """
-        queue = self._queue
-        if not queue and not await self._wait(timeout):
-            return []
-        if linger > 0 and len(queue) < max_events:
-            delay = queue[0][4] + linger - time.monotonic()
-            if delay > 0:
-                await self._linger(delay, max_events)
-        first = queue.popleft()
-        taken = [first]
-        size = len(first[3]) + len(first[2])
-        while queue and len(taken) < max_events:
-            head, wire = queue[0][3], queue[0][2]
-            size += len(head) + len(wire)
-            if size > max_bytes:
-                break
-            taken.append(queue.popleft())
-        self._last_rv = taken[-1][0]
-        if self._backlog:
-            self._backlog = max(0, self._backlog - len(taken))
-            self._passed_backlog()
-        return taken
-
-    def _passed_backlog(self) -> None:
-        """Once the initial state is all taken, the position is the watch's start RV."""
-        if self._initial and not self._backlog:
-            self._initial = False
-            # The initial ADDED events carry their objects' RVs, all at or below the
-            # start; resuming from the last of them would replay deletes from before it.
-            self._last_rv = max(self._last_rv, self._start_rv)
-
-    async def _wait(self, timeout: float | None) -> bool:  # noqa: ASYNC109
-        """Wait until an item is queued: True then, False after ``timeout`` seconds."""
-        queue = self._queue
-        while not queue:
-            if self.evicted:
-                raise WatcherEvictedError(self._evicted_why)
-            if self.closed:
-                raise WatcherClosedError("the watch was closed")
-            if timeout is not None and timeout <= 0:
-                return False
-            loop = asyncio.get_running_loop()
-            waiter: asyncio.Future[bool] = loop.create_future()
-            self._waiter = waiter
-            handle = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
-            try:
-                woken = await waiter
-            finally:
-                self._waiter = None
-                if handle is not None:
-                    handle.cancel()
-            if not woken and not queue:
-                return False
-        return True
-
-    async def _linger(self, delay: float, count: int) -> None:
-        """Wait ``delay`` seconds, or until ``count`` items are queued; raises like ``get``."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
-        self._waiter = waiter
-        self._wake_len = count
-        handle = loop.call_later(delay, _expire, waiter)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            self._wake_len = 1
-            handle.cancel()
-        if self.evicted:
-            raise WatcherEvictedError(self._evicted_why)
-        if self.closed:
-            raise WatcherClosedError("the watch was closed")
-
-    def bookmark(self) -> pb.WatchEvent:
-        """A BOOKMARK at this watcher's position: resuming from it misses nothing.
-
-        Caught up (empty queue), that is the store's current RV, because every
-        write fans out synchronously; otherwise the RV of the last event returned
-        (the watch's start RV once the initial state is all taken). While a watch
-        from ``""`` still has initial ADDED events queued there is no such RV, as
-        in Kubernetes (no bookmark before the initial events end): that raises
-        ``RuntimeError``. The server asks only when the queue is empty.
-        """
-        if self._initial and self._queue:
-            raise RuntimeError(
-                "no bookmark while the initial state is still queued: no resourceVersion"
-                " resumes from the middle of it"
-            )
-        rv = self._last_rv if self._queue else self._store.resource_version
-        event = pb.WatchEvent(type=BOOKMARK)
-        event.object.metadata.resource_version = str(rv)
-        return event
-
-    @property
-    def pending(self) -> int:
-        """Events queued and not yet taken."""
-        return len(self._queue)
-
-    def close(self) -> None:
-        """Stop the watch; pending events are dropped (idempotent)."""
-        if self.closed:
-            return
-        self._shut()
-        self._store._forget(self)
-
-    def _shut(self) -> None:
-        self.closed = True
-        self._queue.clear()
-        self._backlog = 0
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(True)
-
-    def _evict(self) -> None:
-        self._evicted_why = (
-            f"the watcher fell behind: more than {self._limit} events queued; resume from the"
-            f" last resourceVersion received ({self._last_rv}) or relist"
-        )
-        self.evicted = True
-        self._shut()
 
 
 class GpuStore:
@@ -426,7 +113,7 @@ class GpuStore:
         self._max_conditions = max_conditions
         self._clock = clock
         self._objects: dict[str, pb.Gpu] = {}
-        self._history: deque[_Record] = deque()
+        self._history: deque[RecordedWrite] = deque()
         self._watchers: list[Watcher] = []
         # ADDED items of the current objects for watches from "": built (and
         # encoded) once per object version, however many watchers start from "".
@@ -471,7 +158,7 @@ class GpuStore:
     def history_bytes(self) -> int:
         """What the history window keeps, as charged per record (at most ``history_bytes``).
 
-        Twice the encoded size of each object a record holds: see ``_Record``.
+        Twice the encoded size of each object a record holds: see ``RecordedWrite``.
         """
         return self._history_bytes
 
@@ -591,7 +278,7 @@ class GpuStore:
         self._added_items.pop(name, None)
         event = pb.WatchEvent(type=DELETED)
         event.object.CopyFrom(deleted)
-        self._publish(_Record(rv, event, None))
+        self._publish(RecordedWrite(rv, event, None))
         return deleted
 
     # -- watch -----------------------------------------------------------------
@@ -630,7 +317,15 @@ class GpuStore:
                 item = record.item if selector is None else record.filtered(selector)
                 if item is not None:
                     backlog.append(item)
-        watcher = Watcher(self, selector, backlog, self._watch_queue, since, initial=initial)
+        watcher = Watcher(
+            selector,
+            backlog,
+            self._watch_queue,
+            since,
+            position=lambda: self._rv,
+            on_close=self._forget,
+            initial=initial,
+        )
         self._watchers.append(watcher)
         return watcher
 
@@ -640,7 +335,7 @@ class GpuStore:
             return
         self._closed = True
         for watcher in self._watchers:
-            watcher._shut()
+            watcher.shut()
         self._watchers.clear()
         if self._state is not None:
             self._state.close()
@@ -727,10 +422,10 @@ class GpuStore:
         self._objects[name] = new
         event = pb.WatchEvent(type=kind)
         event.object.CopyFrom(new)
-        self._publish(_Record(rv, event, prev, prev_size))
+        self._publish(RecordedWrite(rv, event, prev, prev_size))
         return _copy(new)
 
-    def _publish(self, record: _Record) -> None:
+    def _publish(self, record: RecordedWrite) -> None:
         """Append to the history window and fan out; never waits on a watcher."""
         history = self._history
         history.append(record)
@@ -748,7 +443,7 @@ class GpuStore:
         # Watchers usually share a few selectors: decide once per selector text.
         decided: dict[str, WatchItem | None] = {}
         for watcher in self._watchers:
-            selector = watcher._selector
+            selector = watcher.selector
             if selector is None:
                 got = item
             else:
@@ -760,16 +455,10 @@ class GpuStore:
                 if maybe is None:
                     continue
                 got = maybe
-            queue = watcher._queue
-            if len(queue) - watcher._backlog >= watcher._limit:
+            if not watcher.offer(got):
                 evicted.append(watcher)
-                continue
-            queue.append(got)
-            waiter = watcher._waiter
-            if waiter is not None and len(queue) >= watcher._wake_len and not waiter.done():
-                waiter.set_result(True)
         for watcher in evicted:
-            watcher._evict()
+            watcher.evict()
             self._forget(watcher)
             self.evicted_total += 1
 
