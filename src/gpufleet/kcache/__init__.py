@@ -12,8 +12,9 @@
 
 The cluster side (GKM-compatible; docs/kcache-cluster.md):
 
-- `cluster` holds the names and the CSI volume contract every part agrees on; `crds` the
-  API objects' models and the CRDs generated from them.
+- `cluster` holds the names and the CSI volume contract every part agrees on; `objects`
+  the API objects' models (parsing, conditions, status patches); `crds` the CRDs
+  generated from them.
 - `operator/` resolves and verifies caches and rolls node status up (kopf).
 - `node/` is the one node process: the agent (GPUs, pulls, node objects, Node labels) and
   the `csi/` plugin sharing one state; `mounts` reads mountinfo and makes read-only binds,

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from gpufleet.kcache.cluster import CacheKey, node_label_key
-from gpufleet.kcache.crds import (
+from gpufleet.kcache.objects import (
     CacheCounts,
     CacheObject,
     CacheStatus,

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from gpufleet.kcache.cluster import CacheKey, node_object_name
-from gpufleet.kcache.crds import (
+from gpufleet.kcache.errors import KcacheError
+from gpufleet.kcache.objects import (
     CacheObject,
     CacheStatus,
     Condition,
@@ -29,7 +30,6 @@ from gpufleet.kcache.crds import (
     status_dict,
     status_patch,
 )
-from gpufleet.kcache.errors import KcacheError
 
 DIGEST = "sha256:" + "a" * 64
 OTHER = "sha256:" + "b" * 64
