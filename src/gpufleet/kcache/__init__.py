@@ -1,6 +1,7 @@
 """Kernel cache images: JIT kernel caches (Triton, vLLM, Inductor) packed as OCI images.
 
-- `format` reads and validates cache directories; `compat` matches caches to GPUs.
+- `format` reads and validates cache directories; `groups` names Triton's kernel groups and
+  rewrites their ``__grp__`` child paths; `compat` matches caches to GPUs.
 - `image` builds reproducible images; `labels` writes and reads their config labels.
 - `reference` parses image references; `credentials` reads docker's config.json;
   `oci` talks to registries; `transfer` moves images between them and the store.
