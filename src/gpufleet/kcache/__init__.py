@@ -9,7 +9,8 @@
   content-addressed `store`; `mcv` knows the layouts and manifests of MCV-built images.
 - `keys` loads signing keys; `sign` signs and verifies in cosign's key-based format (v2, the
   ``.sig`` tag); `bundle` and `referrers` do the same for cosign v3 (a Sigstore bundle as an
-  OCI 1.1 referrer); `policy` decides which keys a cache must be signed with.
+  OCI 1.1 referrer); `trust` is what checking either takes (the digest to check, capped
+  reads, which trusted key signed); `policy` decides which keys a cache must be signed with.
 
 The cluster side (GKM-compatible; docs/kcache-cluster.md):
 
