@@ -1,4 +1,4 @@
-"""The gkm.io API object models: parsing what the API server sends, building status patches."""
+"""The gkm.io API object models (parsing what the API server sends) and their status patches."""
 
 from __future__ import annotations
 
@@ -22,14 +22,13 @@ from gpufleet.kcache.objects import (
     NodeStatus,
     PodRef,
     make_condition,
-    merge_patch,
     new_node_object,
     rfc3339,
     rollup_state,
     set_condition,
     status_dict,
-    status_patch,
 )
+from gpufleet.kcache.patches import merge_patch, status_patch
 
 DIGEST = "sha256:" + "a" * 64
 OTHER = "sha256:" + "b" * 64

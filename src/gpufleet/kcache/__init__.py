@@ -15,8 +15,8 @@
 The cluster side (GKM-compatible; docs/kcache-cluster.md):
 
 - `cluster` holds the names and the CSI volume contract every part agrees on; `objects`
-  the API objects' models (parsing, conditions, status patches); `crds` the CRDs
-  generated from them.
+  the API objects' models (parsing, conditions); `patches` the merge patches that write
+  them; `crds` the CRDs generated from them.
 - `operator/` resolves and verifies caches and rolls node status up (kopf).
 - `node/` is the one node process: the agent (GPUs, pulls, node objects, Node labels) and
   the `csi/` plugin sharing one state; `mounts` reads mountinfo and makes read-only binds,

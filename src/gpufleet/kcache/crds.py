@@ -31,7 +31,8 @@ from gpufleet.kcache.cluster import (
     VERSION,
     Resource,
 )
-from gpufleet.kcache.objects import CacheSpec, CacheStatus, NodeStatus, plain_json
+from gpufleet.kcache.objects import CacheSpec, CacheStatus, NodeStatus
+from gpufleet.kcache.patches import plain_json
 
 __all__ = [
     "CACHE_RESOURCES",

@@ -1,12 +1,12 @@
-"""The ``gkm.io/v1alpha1`` API objects as pydantic models: parsing, conditions, status patches.
+"""The ``gkm.io/v1alpha1`` API objects as pydantic models: parsing, conditions, serialization.
 
 The operator and the node process parse what the API server sends with
 `CacheObject.from_api` / `NodeObject.from_api` (unknown fields are ignored, so a newer
 GKM field never breaks them), keep conditions with `make_condition` / `set_condition`,
-and build status patches with `status_patch` (a JSON merge patch, ``{}`` when nothing
-changed). The field constraints here are also the CRDs' schema: `kcache.crds` generates
-the ``CustomResourceDefinition`` objects from these models, so the API server itself
-refuses a bad image reference.
+and write a status as the API stores it with `status_dict` (`kcache.patches` turns two
+such dicts into the merge patch between them). The field constraints here are also the
+CRDs' schema: `kcache.crds` generates the ``CustomResourceDefinition`` objects from
+these models, so the API server itself refuses a bad image reference.
 
 Field names are GKM's (camelCase on the wire, snake_case in Python). See
 docs/kcache-cluster.md, "API objects".
@@ -59,14 +59,11 @@ __all__ = [
     "ObjectMeta",
     "PodRef",
     "make_condition",
-    "merge_patch",
     "new_node_object",
-    "plain_json",
     "rfc3339",
     "rollup_state",
     "set_condition",
     "status_dict",
-    "status_patch",
 ]
 
 
@@ -557,56 +554,9 @@ def new_node_object(cache: CacheKey, node_name: str) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": resource.kind, "metadata": metadata, "spec": {}}
 
 
-# --- Status patches
+# --- Serialization
 
 
 def status_dict(status: CacheStatus | NodeStatus) -> dict[str, Any]:
     """`status` as the API stores it: camelCase, unset (None) fields left out."""
     return status.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON merge patch (RFC 7386) that turns `old` into `new`; ``{}`` when equal.
-
-    Keys gone from `new` become ``null`` (a merge patch only removes what it names, so a
-    digest or node label dropped from a map must be named); lists are replaced whole.
-    """
-    patch: dict[str, Any] = {}
-    for key in old.keys() - new.keys():
-        patch[key] = None
-    for key, value in new.items():
-        before = old.get(key, _MISSING)
-        if before == value:
-            continue
-        if isinstance(value, Mapping) and isinstance(before, Mapping):
-            patch[key] = merge_patch(before, value)
-        else:
-            patch[key] = plain_json(value)
-    return patch
-
-
-_MISSING = object()
-
-
-def plain_json(value: Any) -> Any:
-    """`value` with every mapping made a dict and every tuple a list, recursively.
-
-    What ``json`` and ``yaml.safe_dump`` write as-is, and a fresh copy: a patch or a
-    schema built from it shares no container with the model it came from.
-    """
-    if isinstance(value, Mapping):
-        return {key: plain_json(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain_json(item) for item in value]
-    return value
-
-
-def status_patch(
-    status: CacheStatus | NodeStatus, old: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """The merge patch ``{"status": ...}`` from the stored status `old` to `status`.
-
-    ``{}`` when nothing changed: the caller then makes no API call at all.
-    """
-    diff = merge_patch(old or {}, status_dict(status))
-    return {"status": diff} if diff else {}

@@ -23,12 +23,12 @@ from gpufleet.kcache.objects import (
     Condition,
     NodeObject,
     make_condition,
-    merge_patch,
     rfc3339,
     set_condition,
     status_dict,
 )
 from gpufleet.kcache.operator.rollup import Verdict, roll_up
+from gpufleet.kcache.patches import merge_patch
 
 __all__ = ["Resolution", "status_patch", "wanted_status"]
 
