@@ -49,7 +49,8 @@ from pathlib import Path
 
 from gpufleet.kcache import image as image_module
 from gpufleet.kcache import labels as labels_module
-from gpufleet.kcache.format import GROUP_PREFIX, group_dir_name, summarize
+from gpufleet.kcache.format import summarize
+from gpufleet.kcache.groups import GROUP_PREFIX, group_dir_name
 from gpufleet.kcache.image import DEFAULT_MOUNT_ROOT, BuiltImage, build_image
 from gpufleet.kcache.labels import labels_of, summary_from_labels
 from gpufleet.kcache.oci import RegistryClient

@@ -49,7 +49,8 @@ from gpufleet.kcache.keys import SigningKeyError, load_private_key, password_fro
 from gpufleet.kcache.oci import OCI_MANIFEST, RegistryClient, sha256_digest
 from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.referrers import Referrer, add_to_tag_index, referrers_tag
-from gpufleet.kcache.sign import resolve_digest, sign_image
+from gpufleet.kcache.sign import sign_image
+from gpufleet.kcache.trust import resolve_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BUILD = ROOT / "build" / "image"

@@ -26,7 +26,6 @@ from gpufleet.kcache.cluster import (
     node_label_key,
     node_object_name,
 )
-from gpufleet.kcache.crds import new_node_object
 from gpufleet.kcache.errors import (
     CacheIncompatibleError,
     CacheNotReadyError,
@@ -34,6 +33,7 @@ from gpufleet.kcache.errors import (
 )
 from gpufleet.kcache.node.run import NodeParts, node_agent
 from gpufleet.kcache.node.settings import NodeSettings
+from gpufleet.kcache.objects import new_node_object
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.publications import Publication
 from gpufleet.kube.client import Kube

@@ -35,7 +35,8 @@ from gpufleet.kcache.cluster import (
     CacheKey,
     node_object_name,
 )
-from gpufleet.kcache.crds import RESOURCES, crd, new_node_object
+from gpufleet.kcache.crds import RESOURCES, crd
+from gpufleet.kcache.objects import new_node_object
 from gpufleet.kcache.oci import RegistryClient, sha256_digest
 from gpufleet.kcache.operator.run import OperatorRuntime, run_operator
 from gpufleet.kcache.operator.settings import OperatorSettings

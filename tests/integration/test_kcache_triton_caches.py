@@ -8,14 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.kcache.format import (
-    cache_files,
-    detect,
-    mounted_child_paths,
-    scan,
-    stored_child_paths,
-    summarize,
-)
+from gpufleet.kcache.format import cache_files, detect, scan, summarize
+from gpufleet.kcache.groups import mounted_child_paths, stored_child_paths
 from gpufleet.kcache.model import CacheKind, Target
 from tests.kcache_support import (
     ARCHS,

@@ -23,10 +23,11 @@ from jsonschema import ValidationError, validators
 from openapi_schema_validator import OAS30Validator
 
 from gpufleet.kcache.cluster import CacheKey
-from gpufleet.kcache.crds import (
+from gpufleet.kcache.crds import RESOURCES, crd, render_crds
+from gpufleet.kcache.errors import KcacheError
+from gpufleet.kcache.objects import (
     IMAGE_MAX_LENGTH,
     IMAGE_PATTERN,
-    RESOURCES,
     CacheCounts,
     CacheObject,
     CacheStatus,
@@ -36,13 +37,10 @@ from gpufleet.kcache.crds import (
     IncompatibleGpu,
     NodeStatus,
     PodRef,
-    crd,
     make_condition,
     new_node_object,
-    render_crds,
     status_dict,
 )
-from gpufleet.kcache.errors import KcacheError
 from gpufleet.kcache.reference import Reference
 
 ROOT = Path(__file__).resolve().parents[2]

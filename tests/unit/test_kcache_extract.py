@@ -26,7 +26,7 @@ from gpufleet.kcache.errors import (
     UnsafeArchiveError,
 )
 from gpufleet.kcache.extract import DEFAULT_MAX_ENTRIES, Extracted, extract_layer
-from gpufleet.kcache.format import group_dir_name
+from gpufleet.kcache.groups import group_dir_name
 from gpufleet.kcache.image import BuiltImage, build_image
 
 MOUNT = "/mnt/kernels"

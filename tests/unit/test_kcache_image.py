@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.kcache.errors import CacheFormatError
-from gpufleet.kcache.format import group_dir_name
+from gpufleet.kcache.groups import group_dir_name
 from gpufleet.kcache.image import (
     CONFIG_MEDIA_TYPE,
     DEFAULT_MOUNT_ROOT,

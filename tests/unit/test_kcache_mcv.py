@@ -16,7 +16,7 @@ import pytest
 
 from gpufleet.kcache.errors import CacheFormatError, UnsafeArchiveError
 from gpufleet.kcache.extract import Extracted, extract_layer
-from gpufleet.kcache.format import group_dir_name
+from gpufleet.kcache.groups import group_dir_name
 from gpufleet.kcache.labels import summary_from_labels
 from gpufleet.kcache.model import CacheKind, Target
 from tests.kcache_mcv import Member, member, tar_gzip

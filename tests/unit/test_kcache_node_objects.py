@@ -11,11 +11,12 @@ from gpufleet.core.errors import ConfigError
 from gpufleet.gpu import sim
 from gpufleet.gpu.nvml import NvmlSource
 from gpufleet.kcache.cluster import CacheKey, PodInfo
-from gpufleet.kcache.crds import NodeStatus, merge_patch
 from gpufleet.kcache.node.gpus import read_gpus
 from gpufleet.kcache.node.nodeobject import _with_times, _without_times, node_status
 from gpufleet.kcache.node.settings import NodeSettings, parse_bytes
 from gpufleet.kcache.node.state import CacheSpec, NodeState, Phase, Use
+from gpufleet.kcache.objects import NodeStatus
+from gpufleet.kcache.patches import merge_patch
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 
 from gpufleet.kcache.cluster import CacheKey, node_label_key
-from gpufleet.kcache.crds import CacheObject, NodeObject, status_dict
 from gpufleet.kcache.errors import (
     SignatureError,
     SignedDigestMismatchError,
     UnsignedError,
     UntrustedSignatureError,
 )
+from gpufleet.kcache.objects import CacheObject, NodeObject, status_dict
 from gpufleet.kcache.operator.controller import merge_listing
 from gpufleet.kcache.operator.resolve import refusal_reason
 from gpufleet.kcache.operator.rollup import Verdict, roll_up

@@ -20,6 +20,7 @@ import pytest
 
 from gpufleet.kcache.errors import KcacheError
 from gpufleet.kcache.store import CacheStore, StoredCache
+from tests.polling import wait_until
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32
@@ -317,11 +318,9 @@ def start_installer(
     process = subprocess.Popen(
         [sys.executable, "-c", _INSTALLER, str(store.root), digest, str(control), ROOT]
     )
-    deadline = time.monotonic() + 60  # a hang guard, not a timing
-    while not (control / "filling").exists():
-        assert process.poll() is None, "the installer died before it filled"
-        assert time.monotonic() < deadline, "the installer never started its fill"
-        time.sleep(0.01)
+    filling = control / "filling"
+    wait_until(lambda: filling.exists() or process.poll() is not None, 60, "the installer's fill")
+    assert filling.exists(), "the installer died before it filled"
     return process, Path((control / "filling").read_text())
 
 

@@ -29,12 +29,10 @@ import base64
 import binascii
 import datetime
 import hashlib
-import io
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -51,10 +49,15 @@ from gpufleet.kcache.keys import is_p256, not_p256_error
 from gpufleet.kcache.oci import OCI_MANIFEST, RegistryClient, sha256_digest
 from gpufleet.kcache.reference import Reference, is_digest
 from gpufleet.kcache.referrers import Referrer, add_to_tag_index, list_referrers
-from gpufleet.kcache.sign import key_names, resolve_digest, summarize_failures
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
+from gpufleet.kcache.trust import (
+    ECDSA_SHA256,
+    BoundedSink,
+    json_object,
+    key_names,
+    resolve_digest,
+    signer,
+    summarize_failures,
+)
 
 __all__ = [
     "BUNDLE_MEDIA_TYPE",
@@ -93,7 +96,6 @@ MAX_BUNDLE_BYTES = 1 << 20
 MAX_BUNDLE_REFERRERS = 64
 """Bundle referrers checked at most (each costs a manifest and a blob pull); more are refused."""
 
-_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _ECDSA_PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()))
 _CONTENT_ANNOTATION = "dev.sigstore.bundle.content"
 _PREDICATE_ANNOTATION = "dev.sigstore.bundle.predicateType"
@@ -137,7 +139,7 @@ def make_bundle(key: ec.EllipticCurvePrivateKey, image_digest: str) -> bytes:
     if not is_p256(key):
         raise not_p256_error(key, "signing key")
     body = statement(image_digest)
-    signature = key.sign(pae(IN_TOTO_PAYLOAD_TYPE, body), _ECDSA_SHA256)
+    signature = key.sign(pae(IN_TOTO_PAYLOAD_TYPE, body), ECDSA_SHA256)
     document = {
         "mediaType": BUNDLE_MEDIA_TYPE,
         "verificationMaterial": {"publicKey": {"hint": key_hint(key.public_key())}},
@@ -186,7 +188,7 @@ def verify_bundle(
     SignatureError when the bundle is malformed or no key verifies it;
     SignedDigestMismatchError when a key did but for another digest.
     """
-    document = _json_object(bundle, "the bundle")
+    document = json_object(bundle, "the bundle")
     media_type = document.get("mediaType")
     if media_type not in _BUNDLE_MEDIA_TYPES:
         raise SignatureError(f"not a Sigstore bundle v0.2/v0.3 ({str(media_type)[:80]!r})")
@@ -336,7 +338,7 @@ def _pull_bundle(client: RegistryClient, repository: str, referrer: Referrer) ->
         raise SignatureError("listed, but the registry has no such manifest") from None
     except DigestMismatchError as exc:
         raise SignatureError(f"the referrer manifest does not match its digest: {exc}") from None
-    document = _json_object(manifest, "the referrer manifest")
+    document = json_object(manifest, "the referrer manifest")
     if document.get("artifactType") != BUNDLE_MEDIA_TYPE:
         raise SignatureError(f"artifactType is {str(document.get('artifactType'))[:80]!r}")
     layers = document.get("layers")
@@ -350,7 +352,7 @@ def _pull_bundle(client: RegistryClient, repository: str, referrer: Referrer) ->
         raise SignatureError(f"malformed layer digest {str(digest)[:80]!r}")
     if not isinstance(size, int) or not 0 <= size <= MAX_BUNDLE_BYTES:
         raise SignatureError(f"bundle size {size!r} is not between 0 and {MAX_BUNDLE_BYTES}")
-    sink = _BoundedSink()
+    sink = BoundedSink(MAX_BUNDLE_BYTES, "bundle blob")
     try:
         client.pull_blob(repository, digest, sink, size=size)
     except DigestMismatchError as exc:
@@ -358,27 +360,6 @@ def _pull_bundle(client: RegistryClient, repository: str, referrer: Referrer) ->
     except NotFoundError:
         raise SignatureError("the bundle blob is missing from the registry") from None
     return sink.getvalue()
-
-
-class _BoundedSink(io.BytesIO):
-    """Collects a bundle blob, refusing to grow past MAX_BUNDLE_BYTES (whatever `size` said)."""
-
-    def write(self, buffer: ReadableBuffer, /) -> int:
-        if self.tell() + memoryview(buffer).nbytes > MAX_BUNDLE_BYTES:
-            raise SignatureError(f"bundle blob is larger than {MAX_BUNDLE_BYTES} bytes")
-        return super().write(buffer)
-
-
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        document = json.loads(data)
-    except RecursionError:
-        raise SignatureError(f"{what} is nested too deeply") from None
-    except ValueError:
-        raise SignatureError(f"{what} is not JSON") from None
-    if not isinstance(document, dict):
-        raise SignatureError(f"{what} is not a JSON object")
-    return document
 
 
 def _b64(value: object, what: str) -> bytes:
@@ -390,23 +371,6 @@ def _b64(value: object, what: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise SignatureError(f"{what} is not base64") from None
-
-
-def _verify_der(
-    keys: Mapping[str, ec.EllipticCurvePublicKey],
-    signature: bytes,
-    data: bytes,
-    algorithm: ec.ECDSA,
-) -> str:
-    for name, public_key in keys.items():
-        if not is_p256(public_key):
-            raise not_p256_error(public_key, f"trusted key {name!r}")
-        try:
-            public_key.verify(signature, data, algorithm)
-        except InvalidSignature:
-            continue
-        return name
-    raise SignatureError(f"the signature does not verify with any of the keys {key_names(keys)}")
 
 
 def _verify_envelope(
@@ -426,8 +390,8 @@ def _verify_envelope(
     if len(body) > MAX_BUNDLE_BYTES:
         raise SignatureError("the DSSE payload is too large")
     signature = _b64(signed.get("sig"), "the DSSE signature")
-    name = _verify_der(keys, signature, pae(IN_TOTO_PAYLOAD_TYPE, body), _ECDSA_SHA256)
-    document = _json_object(body, "the signed statement")
+    name = signer(keys, signature, pae(IN_TOTO_PAYLOAD_TYPE, body), ECDSA_SHA256)
+    document = json_object(body, "the signed statement")
     kind, predicate, subjects = (
         document.get("_type"),
         document.get("predicateType"),
@@ -470,7 +434,7 @@ def _verify_message(
     if len(raw) != 32:
         raise SignatureError("the message digest is not 32 bytes")
     signature = _b64(message.get("signature"), "the message signature")
-    name = _verify_der(keys, signature, raw, _ECDSA_PREHASHED)
+    name = signer(keys, signature, raw, _ECDSA_PREHASHED)
     signed = "sha256:" + raw.hex()
     if signed != image_digest:
         raise SignedDigestMismatchError(

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from gpufleet.kcache import format as cache_format
 from gpufleet.kcache.errors import (
     CacheFormatError,
     DigestMismatchError,
     KcacheError,
     UnsafeArchiveError,
 )
+from gpufleet.kcache.groups import mounted_child_paths
 from gpufleet.kcache.image import MANIFEST_PATH, check_mount_root, is_group_file
 from gpufleet.kcache.mcv import Family, check_kernel_list, family_of, is_kernel_list
 from gpufleet.kcache.tarstream import CHUNK_SIZE, Inflater, TarHeader, TarStream
@@ -280,7 +280,7 @@ class _Extraction:
                 data = tar.read_all()
                 sha.update(data)
                 try:
-                    mounted = cache_format.mounted_child_paths(
+                    mounted = mounted_child_paths(
                         data, group="/".join(rel[:-1]), mount_root=self.mount_root
                     )
                 except CacheFormatError as exc:

@@ -4,11 +4,11 @@ One walker follows the layout of each kind (see ``docs/kcache-format.md``). It y
 files to pack, the ``__grp__`` files whose child paths must be rewritten, and the kernels found in
 every Triton cache nested inside, from which the summary is drawn. Anything outside the known layout
 is refused unless ``allow_unknown``; symbolic links, devices, FIFOs and sockets are always refused.
+What a ``__grp__`` file holds, and how its child paths are rewritten, is `kcache.groups`' job.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -18,22 +18,18 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from gpufleet.kcache.errors import CacheFormatError
+from gpufleet.kcache.groups import GROUP_PREFIX, child_paths, group_dir_name
 from gpufleet.kcache.model import CacheKind, CacheSummary, Target
 
 __all__ = [
-    "GROUP_PREFIX",
     "TRITON_FILE_KINDS",
     "CacheScan",
     "cache_files",
     "detect",
-    "group_dir_name",
-    "mounted_child_paths",
     "scan",
-    "stored_child_paths",
     "summarize",
 ]
 
-GROUP_PREFIX = "__grp__"
 TRITON_FILE_KINDS = frozenset(
     {"json", "source", "ttir", "ttgir", "glir", "llir", "ptx", "cubin", "amdgcn", "hsaco"}
 )
@@ -188,7 +184,7 @@ class _Walker:
         if grps != [grp]:
             raise CacheFormatError(f"{rel}: needs exactly {grp} beside {meta}, found {grps}")
         kernel = _kernel(self.read_json(rel / meta), rel / meta, group=rel.name, stem=stem)
-        children = _child_paths(self.read_json(rel / grp), where=str(rel / grp), group=rel.name)
+        children = child_paths(self.read_json(rel / grp), where=str(rel / grp), group=rel.name)
         if meta not in children:
             raise CacheFormatError(f"{rel / grp}: does not list the kernel metadata {meta}")
         for child in children:
@@ -369,89 +365,6 @@ def _target_order(target: Target) -> tuple[str, int, str, int]:
     # Target's own ordering would compare an int arch with a str arch and fail.
     arch = target.arch
     return (target.backend, arch if isinstance(arch, int) else -1, str(arch), target.warp_size)
-
-
-def _plain_name(key: object, where: str) -> str:
-    if not isinstance(key, str) or key in ("", ".", "..") or any(c in key for c in "/\\\0"):
-        raise CacheFormatError(f"{where}: child {key!r} is not a plain file name")
-    return key
-
-
-def _child_paths(data: Any, *, where: str, group: str) -> dict[str, str]:
-    """The child map of a parsed ``__grp__`` file, each child checked to live in ``group``."""
-    if not isinstance(data, dict) or set(data) != {"child_paths"}:
-        raise CacheFormatError(f"{where}: must be a JSON object holding only 'child_paths'")
-    children = data["child_paths"]
-    if not isinstance(children, dict) or not children:
-        raise CacheFormatError(f"{where}: 'child_paths' must be a non-empty object")
-    checked: dict[str, str] = {}
-    for key, value in children.items():
-        name = _plain_name(key, where)
-        path = PurePosixPath(value) if isinstance(value, str) and "\0" not in value else None
-        if path is None or path.name != name or path.parent.name != group:
-            raise CacheFormatError(
-                f"{where}: child {name!r} points outside its group {group}: {value!r}"
-            )
-        checked[name] = value
-    return checked
-
-
-def _group_path(group: str) -> PurePosixPath:
-    parts = group.split("/")
-    if group.startswith("/") or any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
-        raise CacheFormatError(f"group {group!r}: must be a relative path inside the cache")
-    return PurePosixPath(group)
-
-
-def _rewrite(data: bytes, group: str, prefix: str, where: str | None) -> bytes:
-    path = _group_path(group)
-    where = where or f"{group}/{GROUP_PREFIX}*.json"
-    try:
-        parsed = json.loads(data)
-    except ValueError as exc:
-        raise CacheFormatError(f"{where}: is not valid JSON: {exc}") from exc
-    children = _child_paths(parsed, where=where, group=path.name)
-    rewritten = {name: f"{prefix}{path}/{name}" for name in sorted(children)}
-    # Sorted keys and compact separators: the same input always gives the same bytes.
-    doc = json.dumps({"child_paths": rewritten}, sort_keys=True, separators=(",", ":"))
-    return doc.encode("ascii")
-
-
-def group_dir_name(hash_hex: str) -> str:
-    """The directory Triton files a kernel under: ``base32(bytes.fromhex(hash))`` without padding.
-
-    This mirrors ``triton/runtime/cache.py::_base32`` (Triton 3.x): the digest's bytes are encoded,
-    not its hex text, and the ``=`` padding is stripped, giving 52 characters.
-    """
-    if not _HASH.fullmatch(hash_hex):
-        raise CacheFormatError(f"hash {hash_hex!r}: is not a lowercase sha256 hex digest")
-    return base64.b32encode(bytes.fromhex(hash_hex)).decode("ascii").rstrip("=")
-
-
-def stored_child_paths(data: bytes, *, group: str, where: str | None = None) -> bytes:
-    """A ``__grp__`` file's bytes with each child path made ``<group>/<file>``.
-
-    ``group`` is the group directory relative to the cache root (``<name>`` for a plain Triton
-    cache, ``torch_compile_cache/…/triton_cache/<name>`` when nested). ``where`` names the file in
-    error messages. Children that are not plain file names, or that point into another group, are
-    refused with `CacheFormatError`.
-    """
-    return _rewrite(data, group, "", where)
-
-
-def mounted_child_paths(
-    data: bytes, *, group: str, mount_root: str, where: str | None = None
-) -> bytes:
-    """A ``__grp__`` file's bytes with each child path made ``<mount_root>/<group>/<file>``.
-
-    ``mount_root`` is the absolute path at which pods see the cache root. Checks as in
-    `stored_child_paths`.
-    """
-    parts = mount_root.split("/")
-    if not mount_root.startswith("/") or any(p in (".", "..") or "\0" in p for p in parts):
-        raise CacheFormatError(f"mount root {mount_root!r}: must be an absolute, normalized path")
-    prefix = "/".join(p for p in parts if p)
-    return _rewrite(data, group, f"/{prefix}/" if prefix else "/", where)
 
 
 def detect(root: Path) -> CacheKind:

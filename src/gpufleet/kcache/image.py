@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from gpufleet.kcache import format as cache_format
 from gpufleet.kcache.errors import CacheFormatError
+from gpufleet.kcache.groups import GROUP_PREFIX, stored_child_paths
 from gpufleet.kcache.labels import (
     CACHE_SIZE_LABEL,
     CACHE_TYPE_LABEL,
@@ -104,7 +105,7 @@ class BuiltImage:
 
 def is_group_file(name: str) -> bool:
     """Whether a file name is a Triton group file (``__grp__<kernel>.json``)."""
-    return name.startswith(cache_format.GROUP_PREFIX) and name.endswith(".json")
+    return name.startswith(GROUP_PREFIX) and name.endswith(".json")
 
 
 def check_mount_root(mount_root: str) -> str:
@@ -295,7 +296,7 @@ def _add_file(tar: tarfile.TarFile, name: str, root: Path, rel: PurePosixPath) -
             group = str(rel.parent)
             if group == ".":
                 raise CacheFormatError(f"{source}: a group file outside any group directory")
-            data = cache_format.stored_child_paths(handle.read(), group=group, where=str(rel))
+            data = stored_child_paths(handle.read(), group=group, where=str(rel))
             tar.addfile(_tar_entry(name, tarfile.REGTYPE, len(data)), io.BytesIO(data))
             return len(data), hashlib.sha256(data).hexdigest()
         size = os.fstat(handle.fileno()).st_size

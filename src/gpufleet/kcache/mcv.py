@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from gpufleet.kcache.errors import CacheFormatError
-from gpufleet.kcache.format import group_dir_name
+from gpufleet.kcache.groups import group_dir_name
 
 __all__ = [
     "FAMILIES",

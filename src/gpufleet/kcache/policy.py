@@ -37,7 +37,8 @@ from gpufleet.kcache.errors import (
 from gpufleet.kcache.keys import SigningKeyError, parse_public_key
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.reference import Reference
-from gpufleet.kcache.sign import key_names, resolve_digest, verify_image_keys
+from gpufleet.kcache.sign import verify_image_keys
+from gpufleet.kcache.trust import key_names, resolve_digest
 
 __all__ = [
     "COSIGN_V2",

@@ -6,8 +6,9 @@ small OCI image tagged ``sha256-<hex>.sig`` in the image's own repository, the
 base64 DER signature in the layer's ``dev.cosignproject.cosign/signature``
 annotation. ``cosign verify --key`` reads what `sign_image` writes, and
 `verify_image` reads what ``cosign sign --key`` writes (see docs/kcache-sign.md).
-Loading and checking keys is `kcache.keys`' job; its public names are
-re-exported here. cosign 3's format, a Sigstore bundle attached as an OCI 1.1
+Loading and checking keys is `kcache.keys`' job; what checking either format
+takes (the digest to check, bounded reads, which trusted key signed) is
+`kcache.trust`'s. cosign 3's format, a Sigstore bundle attached as an OCI 1.1
 referrer, is `kcache.bundle`'s; `kcache.policy` checks either.
 """
 
@@ -16,15 +17,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gpufleet.kcache.errors import (
@@ -37,22 +36,20 @@ from gpufleet.kcache.errors import (
     UnsignedError,
     UntrustedSignatureError,
 )
-from gpufleet.kcache.keys import (
-    COSIGN_PASSWORD_ENV,
-    SigningKeyError,
-    is_p256,
-    load_private_key,
-    load_public_key,
-    not_p256_error,
-    password_from_env,
-)
+from gpufleet.kcache.keys import is_p256, not_p256_error
 from gpufleet.kcache.reference import Reference
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
+from gpufleet.kcache.trust import (
+    ECDSA_SHA256,
+    BoundedSink,
+    ImageReference,
+    json_object,
+    key_names,
+    resolve_digest,
+    signer,
+    summarize_failures,
+)
 
 __all__ = [
-    "COSIGN_PASSWORD_ENV",
     "MAX_PAYLOAD_BYTES",
     "MAX_SIGNATURE_LAYERS",
     "OCI_CONFIG_MEDIA_TYPE",
@@ -60,23 +57,15 @@ __all__ = [
     "SIGNATURE_ANNOTATION",
     "SIGNATURE_TYPE",
     "SIMPLE_SIGNING_MEDIA_TYPE",
-    "ImageReference",
     "SignatureRegistry",
     "SignedClaims",
-    "SigningKeyError",
-    "key_names",
-    "load_private_key",
-    "load_public_key",
     "parse_payload",
-    "password_from_env",
     "payload",
-    "resolve_digest",
     "sign_image",
     "sign_payload",
     "signature_config",
     "signature_manifest",
     "signature_tag",
-    "summarize_failures",
     "verify_image",
     "verify_image_keys",
     "verify_payload",
@@ -100,20 +89,6 @@ _MANIFEST_MEDIA_TYPES = (
     OCI_MANIFEST_MEDIA_TYPE,
     "application/vnd.docker.distribution.manifest.v2+json",
 )
-_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
-
-
-class ImageReference(Protocol):
-    """The parts of an image reference signing needs (`kcache.reference.Reference` has them)."""
-
-    @property
-    def registry(self) -> str: ...
-    @property
-    def repository(self) -> str: ...
-    @property
-    def tag(self) -> str | None: ...
-    @property
-    def digest(self) -> str | None: ...
 
 
 class SignatureRegistry(Protocol):
@@ -185,7 +160,7 @@ def sign_payload(key: ec.EllipticCurvePrivateKey, data: bytes) -> str:
     """ECDSA P-256 / SHA-256 signature of ``data``: base64 of the ASN.1 DER encoding."""
     if not is_p256(key):
         raise not_p256_error(key, "signing key")
-    return base64.b64encode(key.sign(data, _ECDSA_SHA256)).decode("ascii")
+    return base64.b64encode(key.sign(data, ECDSA_SHA256)).decode("ascii")
 
 
 def verify_payload(public_key: ec.EllipticCurvePublicKey, data: bytes, signature_b64: str) -> None:
@@ -194,7 +169,7 @@ def verify_payload(public_key: ec.EllipticCurvePublicKey, data: bytes, signature
         raise not_p256_error(public_key, "public key")
     der = _decode_signature(signature_b64)
     try:
-        public_key.verify(der, data, _ECDSA_SHA256)
+        public_key.verify(der, data, ECDSA_SHA256)
     except InvalidSignature:
         raise SignatureError("the signature does not verify with this key") from None
 
@@ -342,17 +317,6 @@ def verify_image_keys(
     )
 
 
-def summarize_failures(failures: Sequence[str], shown: int = 5) -> str:
-    """The first ``shown`` failures joined, and how many more there were."""
-    more = f"; and {len(failures) - shown} more" if len(failures) > shown else ""
-    return "; ".join(failures[:shown]) + more
-
-
-def key_names(keys: Mapping[str, object]) -> str:
-    """The names of ``keys`` for a message: ``'a', 'b'`` (the key material never)."""
-    return ", ".join(repr(name) for name in sorted(keys))
-
-
 def _tried(keys: Mapping[str, object]) -> str:
     return "" if set(keys) == {_THIS_KEY} else f" (trusted keys tried: {key_names(keys)})"
 
@@ -367,16 +331,7 @@ def verify_with_keys(
     if set(keys) == {_THIS_KEY}:
         verify_payload(keys[_THIS_KEY], data, signature_b64)
         return _THIS_KEY
-    der = _decode_signature(signature_b64)
-    for name, public_key in keys.items():
-        if not is_p256(public_key):
-            raise not_p256_error(public_key, f"trusted key {name!r}")
-        try:
-            public_key.verify(der, data, _ECDSA_SHA256)
-        except InvalidSignature:
-            continue
-        return name
-    raise SignatureError(f"the signature does not verify with any of the keys {key_names(keys)}")
+    return signer(keys, _decode_signature(signature_b64), data)
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -420,14 +375,7 @@ def _manifest(layers: Sequence[Mapping[str, Any]], config: bytes) -> bytes:
 
 
 def _parse_layers(manifest: bytes, where: str) -> list[dict[str, Any]]:
-    try:
-        document = json.loads(manifest)
-    except RecursionError:
-        raise SignatureError(f"{where}: the signature manifest is nested too deeply") from None
-    except ValueError:
-        raise SignatureError(f"{where}: the signature manifest is not JSON") from None
-    if not isinstance(document, dict):
-        raise SignatureError(f"{where}: the signature manifest is not a JSON object")
+    document = json_object(manifest, f"{where}: the signature manifest")
     media_type = document.get("mediaType", OCI_MANIFEST_MEDIA_TYPE)
     layers = document.get("layers")
     if media_type not in _MANIFEST_MEDIA_TYPES or not isinstance(layers, list):
@@ -511,17 +459,8 @@ def _identity(text: str) -> tuple[str, str] | None:
     return parsed.registry, parsed.repository
 
 
-class _BoundedSink(io.BytesIO):
-    """Collects a payload blob, refusing to grow past MAX_PAYLOAD_BYTES."""
-
-    def write(self, buffer: ReadableBuffer, /) -> int:
-        if self.tell() + memoryview(buffer).nbytes > MAX_PAYLOAD_BYTES:
-            raise SignatureError(f"payload blob is larger than {MAX_PAYLOAD_BYTES} bytes")
-        return super().write(buffer)
-
-
 def _pull_payload(client: SignatureRegistry, repository: str, digest: str) -> bytes:
-    sink = _BoundedSink()
+    sink = BoundedSink(MAX_PAYLOAD_BYTES, "payload blob")
     try:
         client.pull_blob(repository, digest, sink)
     except DigestMismatchError as exc:
@@ -534,16 +473,3 @@ def _pull_payload(client: SignatureRegistry, repository: str, digest: str) -> by
     if _sha256(body) != digest:
         raise SignatureError(f"payload blob does not match its digest {digest}")
     return body
-
-
-def resolve_digest(client: SignatureRegistry, reference: ImageReference) -> str:
-    """The manifest digest ``reference`` resolves to; a digest reference must match it."""
-    target = reference.digest or reference.tag
-    if target is None:
-        raise KcacheError(f"{reference}: names neither a tag nor a digest")
-    digest = client.resolve(reference.repository, target)
-    if digest is None:
-        raise NotFoundError(f"{reference}: no such image")
-    if reference.digest is not None and digest != reference.digest:
-        raise DigestMismatchError(f"{reference}: the registry answered digest {digest}")
-    return digest

@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpufleet.kcache import format as cache_format
 from gpufleet.kcache.errors import CacheFormatError, KcacheError
+from gpufleet.kcache.groups import mounted_child_paths, stored_child_paths
 from gpufleet.kcache.image import check_mount_root, is_group_file
 
 __all__ = ["CacheStore", "CacheUsage", "StoredCache", "mount_key"]
@@ -273,7 +273,7 @@ class CacheStore:
 
         No network: every file of the `from_root` entry is copied, and every
         ``__grp__`` file is rewritten so that its child paths name `to_root`
-        (`format.stored_child_paths`, then `format.mounted_child_paths`), which
+        (`groups.stored_child_paths`, then `groups.mounted_child_paths`), which
         is what extracting the image for `to_root` would have written. It goes
         through `install`, so the new entry is whole or absent, concurrent
         derives copy once, and a kill mid-copy leaves only a swept leftover.
@@ -513,8 +513,8 @@ def _group_for_root(path: Path, group: Path, mount_root: str) -> bytes:
         raise KcacheError(f"{path}: a group file outside a group, or over 16 MiB")
     where, rel = str(path), group.as_posix()
     try:
-        stored = cache_format.stored_child_paths(path.read_bytes(), group=rel, where=where)
-        return cache_format.mounted_child_paths(stored, group=rel, mount_root=mount_root)
+        stored = stored_child_paths(path.read_bytes(), group=rel, where=where)
+        return mounted_child_paths(stored, group=rel, mount_root=mount_root)
     except CacheFormatError as exc:
         raise KcacheError(f"cannot derive the cache for {mount_root!r}: {exc}") from exc
 

@@ -27,10 +27,11 @@ from gpufleet.kcache.cluster import (
     node_label_key,
     node_object_name,
 )
-from gpufleet.kcache.crds import merge_patch, new_node_object
 from gpufleet.kcache.node.gpus import NodeGpus
 from gpufleet.kcache.node.kubeapi import NodeApi
 from gpufleet.kcache.node.state import NodeState, Phase
+from gpufleet.kcache.objects import new_node_object
+from gpufleet.kcache.patches import merge_patch
 from gpufleet.kube.client import api_status
 
 __all__ = ["LABEL_PREFIX", "NodeLabels", "NodeObjects", "node_status"]

@@ -21,7 +21,7 @@ from typing import Any
 
 from gpufleet.kcache.cluster import CLUSTER_CACHE, NAMESPACED_CACHE, CacheKey, PodInfo
 from gpufleet.kcache.compat import GpuVerdict
-from gpufleet.kcache.crds import DigestState as Phase
+from gpufleet.kcache.objects import DigestState as Phase
 
 __all__ = [
     "RESERVATION_SECONDS",

@@ -27,7 +27,7 @@ from gpufleet.kcache.cluster import (
     CacheKey,
     Resource,
 )
-from gpufleet.kcache.crds import rfc3339
+from gpufleet.kcache.objects import rfc3339
 from gpufleet.kube.client import Kube, api_status, call_json
 
 __all__ = ["MERGE_PATCH", "CacheApi", "JsonObject"]

@@ -37,7 +37,7 @@ from gpufleet.kcache.cluster import (
     NAMESPACED_CACHE_FINALIZER,
     CacheKey,
 )
-from gpufleet.kcache.crds import CacheObject, InvalidObjectError, NodeObject
+from gpufleet.kcache.objects import CacheObject, InvalidObjectError, NodeObject
 from gpufleet.kcache.operator.api import CacheApi, JsonObject
 from gpufleet.kcache.operator.resolve import Resolver
 from gpufleet.kcache.operator.status import Resolution, status_patch, wanted_status

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 from gpufleet.core.errors import GpufleetError
 from gpufleet.kcache.cluster import CacheKey
-from gpufleet.kcache.crds import CacheObject
 from gpufleet.kcache.errors import (
     InvalidReferenceError,
     KcacheError,
@@ -29,6 +28,7 @@ from gpufleet.kcache.errors import (
     UnsignedError,
     UntrustedSignatureError,
 )
+from gpufleet.kcache.objects import CacheObject
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.operator.rollup import Verdict
 from gpufleet.kcache.operator.status import Resolution

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from gpufleet.kcache.crds import ROLLUP_ORDER, DigestState, NodeObject
+from gpufleet.kcache.objects import ROLLUP_ORDER, DigestState, NodeObject
 
 __all__ = ["READY_STATES", "NodeView", "Rollup", "Verdict", "node_view", "roll_up"]
 

@@ -16,19 +16,19 @@ from datetime import datetime
 from typing import Any
 
 from gpufleet.kcache.cluster import CacheKey, node_label_key
-from gpufleet.kcache.crds import (
+from gpufleet.kcache.objects import (
     CacheCounts,
     CacheObject,
     CacheStatus,
     Condition,
     NodeObject,
     make_condition,
-    merge_patch,
     rfc3339,
     set_condition,
     status_dict,
 )
 from gpufleet.kcache.operator.rollup import Verdict, roll_up
+from gpufleet.kcache.patches import merge_patch
 
 __all__ = ["Resolution", "status_patch", "wanted_status"]
 

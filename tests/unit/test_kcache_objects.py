@@ -1,4 +1,4 @@
-"""The gkm.io API object models: parsing what the API server sends, building status patches."""
+"""The gkm.io API object models (parsing what the API server sends) and their status patches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from gpufleet.kcache.cluster import CacheKey, node_object_name
-from gpufleet.kcache.crds import (
+from gpufleet.kcache.errors import KcacheError
+from gpufleet.kcache.objects import (
     CacheObject,
     CacheStatus,
     Condition,
@@ -21,15 +22,13 @@ from gpufleet.kcache.crds import (
     NodeStatus,
     PodRef,
     make_condition,
-    merge_patch,
     new_node_object,
     rfc3339,
     rollup_state,
     set_condition,
     status_dict,
-    status_patch,
 )
-from gpufleet.kcache.errors import KcacheError
+from gpufleet.kcache.patches import merge_patch, status_patch
 
 DIGEST = "sha256:" + "a" * 64
 OTHER = "sha256:" + "b" * 64
