@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -21,6 +22,19 @@ async def eventually(condition: Callable[[], bool], limit: float = 5.0) -> None:
         if loop.time() > deadline:
             pytest.fail("condition not reached")
         await asyncio.sleep(0.01)
+
+
+def wait_until(condition: Callable[[], bool], limit: float, what: str) -> None:
+    """Poll until `condition()` holds, from sync code (threads, subprocesses).
+
+    Fails after `limit` seconds as a hang guard, not a timing: pick a limit
+    far beyond what the awaited thing ever takes, and say in `what` what it is.
+    """
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} never happened within {limit} s")
+        time.sleep(0.01)
 
 
 async def next_snapshot(collector: _Collector, limit: float = 10.0) -> Any:
