@@ -22,6 +22,7 @@ from tests.kcache_csi_support import (
     FakeVolumeSource,
     Place,
     Plugin,
+    kubelet_place,
     publish_request,
     running_plugin,
     volume_context,
@@ -38,11 +39,8 @@ HANG_GUARD = 30.0
 
 @pytest.fixture
 def place() -> Iterator[Place]:
-    where = Place()
-    try:
+    with kubelet_place(entry=True) as where:
         yield where
-    finally:
-        where.close()
 
 
 @pytest.fixture
