@@ -1,9 +1,10 @@
 """The operator's reconciler: per cache, resolve when due, roll node objects up, write on change.
 
 kopf delivers the watch events (`handlers.py`); this class keeps the latest objects (which
-copy wins is `versions.py`'s) and runs one worker task per cache. An event only marks its cache dirty: the worker waits a short
-coalescing window, then reconciles once, so a burst of node-object changes costs at most
-one status write, and a reconcile whose result equals the stored status writes nothing.
+copy wins is `versions.py`'s) and runs one worker task per cache. An event only marks its
+cache dirty: the worker waits a short coalescing window, then reconciles once, so a burst of
+node-object changes costs at most one status write, and a reconcile whose result equals the
+stored status writes nothing.
 
 What a reconcile does, in order:
 
