@@ -1,9 +1,12 @@
-"""The CSI plugin under test: a real server on a real unix socket, a kubelet-shaped directory.
+"""The kubelet's side of the CSI plugin, for every test that calls it over its socket.
 
-`Plugin` starts `CsiServer` with a `NodeServicer` over `FakeVolumeSource` (what the node state
-would answer: a prepared store directory, or a `VolumeError`), real mounts and a real
-`PublicationLog`, and gives the generated client stubs. `publish_request` builds exactly what
-the kubelet sends for an inline ephemeral volume of a CSIDriver with ``podInfoOnMount: true``.
+`Place` is a kubelet-shaped directory with a store and the socket (one node's, or one per
+node); `publish_request` builds exactly what the kubelet sends for an inline ephemeral volume
+of a CSIDriver with ``podInfoOnMount: true`` (`volume_context`, `volume_id`), and
+`pod_publish_request` builds it from a Pod object; `node_client` is the Node client the
+kubelet holds. The plugin tests also get `Plugin`: `CsiServer` with a `NodeServicer` over
+`FakeVolumeSource` (what the node state would answer: a prepared store directory, or a
+`VolumeError`), real mounts and a real `PublicationLog`, with the generated client stubs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,18 +73,37 @@ class FakeVolumeSource:
 
 
 class Place:
-    """A short temp directory with a kubelet dir, a store and the socket; unmounted on close."""
+    """A short /tmp directory with a kubelet dir, a store and the socket; unmounted on close.
 
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(dir="/tmp", prefix="kc-csi-"))
+    With `entry`, the store holds one ready entry (`entry`, handed out by `volume`) for a
+    plugin over `FakeVolumeSource`; a real node process fills its store itself. A test of
+    several nodes takes a store and an endpoint per node (`store_of`, `endpoint_of`).
+    """
+
+    def __init__(self, prefix: str = "kc-csi-", *, entry: bool = False) -> None:
+        self.root = Path(tempfile.mkdtemp(dir="/tmp", prefix=prefix))
         self.kubelet = self.root / "kubelet"
         self.store = self.root / "store"
         self.socket = self.root / "csi.sock"
         self.kubelet.mkdir()
         self.entry = self.store / "caches" / "sha256" / ("ab" * 32) / "entry"
-        self.entry.mkdir(parents=True)
-        (self.entry / "triton").mkdir()
-        (self.entry / "triton" / "add.cubin").write_bytes(b"cubin")
+        if entry:
+            self.entry.mkdir(parents=True)
+            (self.entry / "triton").mkdir()
+            (self.entry / "triton" / "add.cubin").write_bytes(b"cubin")
+
+    @property
+    def endpoint(self) -> str:
+        """The CSI endpoint of `socket`, as ``CSI_ENDPOINT`` names it."""
+        return f"unix://{self.socket}"
+
+    def store_of(self, node: str) -> Path:
+        """The store of `node`, where several nodes share the place."""
+        return self.root / f"store-{node}"
+
+    def endpoint_of(self, node: str) -> str:
+        """The CSI endpoint of `node`, where several nodes share the place."""
+        return f"unix://{self.root}/{node}.sock"
 
     def volume(self, path: Path | None = None) -> PreparedVolume:
         """The store entry as `prepare` hands it out."""
@@ -105,6 +127,16 @@ class Place:
         shutil.rmtree(self.root)
 
 
+@contextlib.contextmanager
+def kubelet_place(prefix: str = "kc-csi-", *, entry: bool = False) -> Iterator[Place]:
+    """A `Place` for the block, closed (unmounted, removed) after it, whatever happened."""
+    place = Place(prefix, entry=entry)
+    try:
+        yield place
+    finally:
+        place.close()
+
+
 def mount_tmpfs(where: Path) -> None:
     """Mount a small tmpfs at `where`: a mount the plugin did not make."""
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "other", where], check=True)
@@ -113,7 +145,9 @@ def mount_tmpfs(where: Path) -> None:
 def volume_context(
     *,
     pod_uid: str = POD_UID,
+    pod_name: str = POD_NAME,
     namespace: str = NAMESPACE,
+    service_account: str = "default",
     attributes: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """What the kubelet sends: the pod's volumeAttributes plus the pod info and ephemeral."""
@@ -124,10 +158,10 @@ def volume_context(
     )
     return {
         **given,
-        "csi.storage.k8s.io/pod.name": POD_NAME,
+        "csi.storage.k8s.io/pod.name": pod_name,
         "csi.storage.k8s.io/pod.namespace": namespace,
         "csi.storage.k8s.io/pod.uid": pod_uid,
-        "csi.storage.k8s.io/serviceAccount.name": "default",
+        "csi.storage.k8s.io/serviceAccount.name": service_account,
         "csi.storage.k8s.io/ephemeral": "true",
     }
 
@@ -156,6 +190,45 @@ def publish_request(
     )
 
 
+def pod_publish_request(
+    pod: Mapping[str, Any], target: Path, volume: str, *, namespace: str | None = None
+) -> csi_pb2.NodePublishVolumeRequest:
+    """What the kubelet sends for `pod`'s inline volume `volume`: its attributes, the pod info.
+
+    `namespace` stands in for the pod's own in the pod info (a kubelet that lies).
+    """
+    metadata = pod["metadata"]
+    (csi,) = (v["csi"] for v in pod["spec"]["volumes"] if v["name"] == volume)
+    return publish_request(
+        target,
+        volume=volume_id(metadata["uid"], volume),
+        context=volume_context(
+            pod_uid=metadata["uid"],
+            pod_name=metadata["name"],
+            namespace=namespace or metadata["namespace"],
+            service_account=pod["spec"].get("serviceAccountName", "default"),
+            attributes=csi["volumeAttributes"],
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def node_client(endpoint: str) -> AsyncIterator[csi_pb2_grpc.NodeStub]:
+    """The kubelet's ``csi.v1.Node`` client of the plugin at `endpoint`, for the block."""
+    async with csi_channel(endpoint) as channel:
+        yield csi_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
+
+
+@contextlib.asynccontextmanager
+async def csi_channel(endpoint: str) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the plugin at `endpoint`, closed after the block."""
+    channel = grpc.aio.insecure_channel(endpoint)
+    try:
+        yield channel
+    finally:
+        await channel.close()
+
+
 @dataclass
 class Plugin:
     """A running plugin and clients of it."""
@@ -180,20 +253,19 @@ async def running_plugin(
     node = NodeServicer(
         source, kubelet_dir=place.kubelet, node_id="node-1", publications=log, **collaborators
     )
-    server = CsiServer(f"unix://{place.socket}", node=node, ready=lambda: ready[0])
+    server = CsiServer(place.endpoint, node=node, ready=lambda: ready[0])
     await server.start()
-    channel = grpc.aio.insecure_channel(f"unix://{place.socket}")
     try:
-        yield Plugin(
-            place=place,
-            source=source,
-            log=log,
-            server=server,
-            channel=channel,
-            node=csi_pb2_grpc.NodeStub(channel),  # type: ignore[no-untyped-call]
-            identity=csi_pb2_grpc.IdentityStub(channel),  # type: ignore[no-untyped-call]
-            ready=ready,
-        )
+        async with csi_channel(place.endpoint) as channel:
+            yield Plugin(
+                place=place,
+                source=source,
+                log=log,
+                server=server,
+                channel=channel,
+                node=csi_pb2_grpc.NodeStub(channel),  # type: ignore[no-untyped-call]
+                identity=csi_pb2_grpc.IdentityStub(channel),  # type: ignore[no-untyped-call]
+                ready=ready,
+            )
     finally:
-        await channel.close()
         await server.stop(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ from gpufleet.kcache.cluster import (
     node_object_name,
 )
 from gpufleet.kcache.crds import RESOURCES, crd
+from gpufleet.kcache.csi.v1 import csi_pb2
 from gpufleet.kcache.image import build_image
 from gpufleet.kcache.node.gpus import NodeGpus, read_gpus
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.transfer import push_image
 from tests.doubles.kubeapi import KubeApiDouble
+from tests.kcache_csi_support import publish_request, volume_context, volume_id
 
 IMAGE_ROOT = "/cache"
 """The mount root the test images are built for (the issue's example)."""
@@ -133,6 +136,22 @@ def add_pod(api: KubeApiDouble, *mounts_: tuple[str, str]) -> str:
         "spec": {"nodeName": NODE, "containers": containers, "volumes": [volume]},
     })  # fmt: skip
     return str(stored["metadata"]["uid"])
+
+
+def pod_request(
+    target: Path,
+    uid: str,
+    *,
+    cache: Mapping[str, str] | None = None,
+    service_account: str = "default",
+) -> csi_pb2.NodePublishVolumeRequest:
+    """What the kubelet sends for the volume of the `add_pod` pod `uid` (`cache`: attributes)."""
+    attributes = cache or {"csi.gkm.io/GKMCache": KEY.name, "csi.gkm.io/namespace": NAMESPACE}
+    context = volume_context(
+        pod_uid=uid, pod_name="app", namespace=NAMESPACE, service_account=service_account,
+        attributes=attributes,
+    )  # fmt: skip
+    return publish_request(target, volume=volume_id(uid), context=context)
 
 
 class StallingProxy:

@@ -16,12 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -46,11 +44,12 @@ from gpufleet.kcache.cluster import (
     node_object_name,
 )
 from gpufleet.kcache.crds import crd
-from gpufleet.kcache.csi.v1 import csi_pb2, csi_pb2_grpc
+from gpufleet.kcache.csi.v1 import csi_pb2
 from gpufleet.kcache.mounts import mounted_at, read_mountinfo
 from gpufleet.kcache.store import CacheStore
 from tests.conftest import require
 from tests.doubles.kubeapi import KubeApiDouble
+from tests.kcache_csi_support import Place, kubelet_place, node_client, pod_publish_request
 from tests.kcache_support import build_triton_cache, compile_again
 from tests.polling import eventually
 
@@ -106,40 +105,10 @@ def pushed(triton: Path, test_servers: dict[str, str]) -> str:
     return push(triton, registry)
 
 
-@dataclass
-class Place:
-    """A short /tmp directory: the kubelet's directory, the stores and the CSI sockets."""
-
-    root: Path
-
-    @property
-    def kubelet(self) -> Path:
-        return self.root / "kubelet"
-
-    def store(self, node: str) -> Path:
-        return self.root / f"store-{node}"
-
-    def endpoint(self, node: str) -> str:
-        return f"unix://{self.root}/{node}.sock"
-
-    def target(self, uid: str, volume: str) -> Path:
-        """The kubelet's target for the pod's volume, with the parent the kubelet makes."""
-        parent = self.kubelet / "pods" / uid / "volumes" / "kubernetes.io~csi" / volume
-        parent.mkdir(parents=True, exist_ok=True)
-        return parent / "mount"
-
-
 @pytest.fixture
 def place() -> Iterator[Place]:
-    root = Path(tempfile.mkdtemp(dir="/tmp", prefix="kce-"))
-    (root / "kubelet").mkdir()
-    try:
-        yield Place(root)
-    finally:
-        for entry in reversed(read_mountinfo()):
-            if root in entry.mount_point.parents:
-                subprocess.run(["umount", "-l", os.fspath(entry.mount_point)], check=False)
-        subprocess.run(["rm", "-rf", os.fspath(root)], check=False)
+    with kubelet_place("kce-") as where:
+        yield where
 
 
 @contextlib.asynccontextmanager
@@ -203,8 +172,8 @@ async def cluster(place: Place) -> AsyncIterator[Cluster]:
             for node, preset in PRESETS.items():
                 args = [
                     *GPUFLEET, "node", "--simulate", preset, "--node-name", node,
-                    "--csi-endpoint", place.endpoint(node), "--kubelet-dir", str(place.kubelet),
-                    "--store", str(place.store(node)), "--metrics-port", "0",
+                    "--csi-endpoint", place.endpoint_of(node), "--kubelet-dir", str(place.kubelet),
+                    "--store", str(place.store_of(node)), "--metrics-port", "0",
                 ]  # fmt: skip
                 await stack.enter_async_context(started(args, base, place.root / f"{node}.log"))
             cluster = Cluster(api, place, logs)
@@ -259,53 +228,17 @@ def node_state(api: KubeApiDouble, key: CacheKey, node: str, digest: str) -> dic
     return {}
 
 
-def publish_request(
-    key: CacheKey, pod: dict[str, Any], target: Path, volume: str, *, namespace: str | None = None
-) -> csi_pb2.NodePublishVolumeRequest:
-    """Exactly what the kubelet sends for the pod's inline volume (podInfoOnMount)."""
-    uid = pod["metadata"]["uid"]
-    attributes = dict(pod["spec"]["volumes"][0]["csi"]["volumeAttributes"])
-    return csi_pb2.NodePublishVolumeRequest(
-        volume_id="csi-" + hashlib.sha256(f"{uid}{volume}".encode()).hexdigest(),
-        target_path=os.fspath(target),
-        volume_capability=csi_pb2.VolumeCapability(
-            mount=csi_pb2.VolumeCapability.MountVolume(),
-            access_mode=csi_pb2.VolumeCapability.AccessMode(
-                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-            ),
-        ),
-        volume_context={
-            **attributes,
-            "csi.storage.k8s.io/pod.name": pod["metadata"]["name"],
-            "csi.storage.k8s.io/pod.namespace": namespace or pod["metadata"]["namespace"],
-            "csi.storage.k8s.io/pod.uid": uid,
-            "csi.storage.k8s.io/serviceAccount.name": "default",
-            "csi.storage.k8s.io/ephemeral": "true",
-        },
-    )
-
-
-@contextlib.asynccontextmanager
-async def node_client(place: Place, node: str) -> AsyncIterator[Any]:
-    channel = grpc.aio.insecure_channel(place.endpoint(node))
-    try:
-        yield csi_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
-    finally:
-        await channel.close()
-
-
 async def publish_when_ready(stub: Any, request: csi_pb2.NodePublishVolumeRequest) -> None:
     """Publish as the kubelet does: UNAVAILABLE means "still pulling", so ask again."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while True:
-        try:
-            await stub.NodePublishVolume(request, timeout=30)
-            return
-        except grpc.aio.AioRpcError as error:
-            if error.code() is not grpc.StatusCode.UNAVAILABLE or loop.time() > deadline:
-                raise
-        await asyncio.sleep(0.2)
+    async with asyncio.timeout(WAIT):  # a hang guard: a pull that never ends
+        while True:
+            try:
+                await stub.NodePublishVolume(request, timeout=30)
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() is not grpc.StatusCode.UNAVAILABLE:
+                    raise
+            await asyncio.sleep(0.2)
 
 
 def in_pod_mount_namespace(target: Path) -> list[str]:
@@ -350,8 +283,8 @@ async def test_the_example_makes_the_pod_skip_jit_and_deleting_it_cleans_up(
     # The kubelet publishes the pod's volume on the H100 node.
     volume = pod["spec"]["volumes"][0]["name"]
     target = place.target(pod["metadata"]["uid"], volume)
-    request = publish_request(key, pod, target, volume)
-    async with node_client(place, H100) as stub:
+    request = pod_publish_request(pod, target, volume)
+    async with node_client(place.endpoint_of(H100)) as stub:
         await publish_when_ready(stub, request)
         mount = mounted_at(target, read_mountinfo())
         assert mount is not None
@@ -385,10 +318,10 @@ async def test_the_example_makes_the_pod_skip_jit_and_deleting_it_cleans_up(
     # On the A100 node the same volume is refused with the GPU mismatch.
     a100_target = place.target(str(uuid.uuid4()), volume)
     a100_pod = {**pod, "metadata": {**pod["metadata"], "uid": a100_target.parents[3].name}}
-    async with node_client(place, A100) as stub:
+    async with node_client(place.endpoint_of(A100)) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as incompatible:
             await stub.NodePublishVolume(
-                publish_request(key, a100_pod, a100_target, volume), timeout=30
+                pod_publish_request(a100_pod, a100_target, volume), timeout=30
             )
     assert incompatible.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert "cuda arch 80" in (incompatible.value.details() or "")
@@ -396,7 +329,7 @@ async def test_the_example_makes_the_pod_skip_jit_and_deleting_it_cleans_up(
     # Deleting the cache removes the store entries, then the finalizer lets it go.
     api.delete_object(CACHES, key.namespace, key.name)
     await eventually(lambda: cache_object(api, key) is None, limit=WAIT)
-    assert CacheStore(place.store(H100)).caches() == []
+    assert CacheStore(place.store_of(H100)).caches() == []
     assert not any(
         o["metadata"]["name"] == node_object_name(key, n)
         for o in api.objects(NODE_OBJECTS, key.namespace)
@@ -416,9 +349,9 @@ async def test_a_pod_of_another_namespace_cannot_mount_the_cache(
     intruder = api.add_object({**pod, "metadata": {"name": "intruder", "namespace": "team-b"}})
     volume = intruder["spec"]["volumes"][0]["name"]
     target = place.target(intruder["metadata"]["uid"], volume)
-    async with node_client(place, H100) as stub:
+    async with node_client(place.endpoint_of(H100)) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await stub.NodePublishVolume(publish_request(key, intruder, target, volume), timeout=30)
+            await stub.NodePublishVolume(pod_publish_request(intruder, target, volume), timeout=30)
     assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert mounted_at(target, read_mountinfo()) is None
     assert CSI_DRIVER in str(intruder["spec"]["volumes"][0]["csi"]["driver"])
@@ -481,7 +414,7 @@ async def test_only_an_image_signed_with_a_trusted_key_reaches_a_node(
     refused = cache_object(api, key) or {}
     assert "resolvedDigest" not in refused.get("status", {})
     assert node_state(api, key, H100, digest) == {}
-    assert CacheStore(place.store(H100)).caches() == []
+    assert CacheStore(place.store_of(H100)).caches() == []
 
     sign(pushed, write_private_key(tmp_path / "trusted.pem", trusted), signature_format)
     await eventually(
@@ -491,4 +424,4 @@ async def test_only_an_image_signed_with_a_trusted_key_reaches_a_node(
     verified = cache_object(api, key)
     assert condition(verified, "Verified")["status"] == "True"
     assert (verified or {})["status"]["resolvedDigest"] == digest
-    assert [c.digest for c in CacheStore(place.store(H100)).caches()] == [digest]
+    assert [c.digest for c in CacheStore(place.store_of(H100)).caches()] == [digest]

@@ -41,6 +41,7 @@ from tests.kcache_csi_support import (
     FakeVolumeSource,
     Place,
     Plugin,
+    kubelet_place,
     mount_tmpfs,
     publish_request,
     running_plugin,
@@ -58,11 +59,8 @@ SECRET = "s3cr3t-token-value"
 
 @pytest.fixture
 def place() -> Iterator[Place]:
-    where = Place()
-    try:
+    with kubelet_place(entry=True) as where:
         yield where
-    finally:
-        where.close()
 
 
 @pytest.fixture

@@ -16,12 +16,14 @@ import pytest
 from gpufleet import __version__
 from gpufleet.kcache.cluster import PreparedVolume, VolumeRequest
 from gpufleet.kcache.csi import CsiEndpointError, CsiServer, NodeServicer
-from gpufleet.kcache.csi.v1 import csi_pb2, csi_pb2_grpc
+from gpufleet.kcache.csi.v1 import csi_pb2
 from gpufleet.kcache.publications import PUBLICATIONS, PublicationLog
 from tests.kcache_csi_support import (
     FakeVolumeSource,
     Place,
     Plugin,
+    kubelet_place,
+    node_client,
     publish_request,
     running_plugin,
     volume_context,
@@ -38,11 +40,8 @@ HANG_GUARD = 30.0
 
 @pytest.fixture
 def place() -> Iterator[Place]:
-    where = Place()
-    try:
+    with kubelet_place(entry=True) as where:
         yield where
-    finally:
-        where.close()
 
 
 @pytest.fixture
@@ -247,29 +246,25 @@ async def test_calls_beyond_the_concurrency_bound_are_resource_exhausted(place: 
         node_id="node-1",
         publications=PublicationLog(place.store / PUBLICATIONS),
     )
-    server = CsiServer(
-        f"unix://{place.socket}", node=node, ready=lambda: True, max_concurrent_rpcs=2
-    )
+    server = CsiServer(place.endpoint, node=node, ready=lambda: True, max_concurrent_rpcs=2)
     await server.start()
-    channel = grpc.aio.insecure_channel(f"unix://{place.socket}")
-    stub = csi_pb2_grpc.NodeStub(channel)
     try:
-        held = [
-            asyncio.ensure_future(
-                stub.NodePublishVolume(
-                    publish_request(place.target(volume=name), volume=volume_id(volume=name))
+        async with node_client(place.endpoint) as stub:
+            held = [
+                asyncio.ensure_future(
+                    stub.NodePublishVolume(
+                        publish_request(place.target(volume=name), volume=volume_id(volume=name))
+                    )
                 )
-            )
-            for name in ("one", "two")
-        ]
-        for _ in held:
-            await asyncio.wait_for(source.entered.acquire(), HANG_GUARD)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.NodePublishVolume(publish_request(place.target()))
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        source.release.set()
-        await asyncio.wait_for(asyncio.gather(*held), HANG_GUARD)
-        assert len(source.publish_calls) == 2
+                for name in ("one", "two")
+            ]
+            for _ in held:
+                await asyncio.wait_for(source.entered.acquire(), HANG_GUARD)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.NodePublishVolume(publish_request(place.target()))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            source.release.set()
+            await asyncio.wait_for(asyncio.gather(*held), HANG_GUARD)
+            assert len(source.publish_calls) == 2
     finally:
-        await channel.close()
         await server.stop(0)

@@ -15,9 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from gpufleet.core.retry import Backoff
 from gpufleet.gpu import sim
 from gpufleet.gpu.nvml import NvmlSource
 from gpufleet.kcache.cluster import API_VERSION, CacheKey
-from gpufleet.kcache.csi.v1 import csi_pb2, csi_pb2_grpc
+from gpufleet.kcache.csi.v1 import csi_pb2
 from gpufleet.kcache.mounts import mounted_at, read_mountinfo
 from gpufleet.kcache.node.run import NodeProcess, node_process
 from gpufleet.kcache.node.settings import NodeSettings
@@ -53,10 +51,12 @@ from tests.integration.kcache_node_support import (
     add_pod,
     node_label,
     node_object,
+    pod_request,
     push_cache,
     serve_crds,
     state_of,
 )
+from tests.kcache_csi_support import Place, kubelet_place, node_client, volume_id
 from tests.kcache_support import build_triton_cache
 from tests.polling import eventually
 
@@ -79,76 +79,10 @@ async def api() -> AsyncIterator[KubeApiDouble]:
         yield double
 
 
-@dataclass
-class Place:
-    """A short /tmp directory: the kubelet's directory, the store and the CSI socket."""
-
-    root: Path
-
-    @property
-    def kubelet(self) -> Path:
-        return self.root / "kubelet"
-
-    @property
-    def store(self) -> Path:
-        return self.root / "store"
-
-    @property
-    def endpoint(self) -> str:
-        return f"unix://{self.root}/csi.sock"
-
-    def target(self, uid: str, volume: str = "kernels") -> Path:
-        """The kubelet's target of the pod's volume; its parent made as the kubelet does."""
-        parent = self.kubelet / "pods" / uid / "volumes" / "kubernetes.io~csi" / volume
-        parent.mkdir(parents=True, exist_ok=True)
-        return parent / "mount"
-
-
 @pytest.fixture
 def place() -> Iterator[Place]:
-    root = Path(tempfile.mkdtemp(dir="/tmp", prefix="kcn-"))
-    (root / "kubelet").mkdir()
-    try:
-        yield Place(root)
-    finally:
-        for entry in reversed(read_mountinfo()):
-            if root in entry.mount_point.parents:
-                subprocess.run(["umount", "-l", os.fspath(entry.mount_point)], check=False)
-        subprocess.run(["rm", "-rf", os.fspath(root)], check=False)
-
-
-def publish_request(
-    target: Path, uid: str, *, cache: dict[str, str] | None = None, service_account: str = "default"
-) -> csi_pb2.NodePublishVolumeRequest:
-    """What the kubelet sends for the pod's inline ``csi.gkm.io`` volume."""
-    attributes = cache or {"csi.gkm.io/GKMCache": KEY.name, "csi.gkm.io/namespace": NAMESPACE}
-    return csi_pb2.NodePublishVolumeRequest(
-        volume_id=f"csi-{uid}",
-        target_path=os.fspath(target),
-        volume_capability=csi_pb2.VolumeCapability(
-            mount=csi_pb2.VolumeCapability.MountVolume(),
-            access_mode=csi_pb2.VolumeCapability.AccessMode(
-                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-            ),
-        ),
-        volume_context={
-            **attributes,
-            "csi.storage.k8s.io/pod.name": "app",
-            "csi.storage.k8s.io/pod.namespace": NAMESPACE,
-            "csi.storage.k8s.io/pod.uid": uid,
-            "csi.storage.k8s.io/serviceAccount.name": service_account,
-            "csi.storage.k8s.io/ephemeral": "true",
-        },
-    )
-
-
-@contextlib.asynccontextmanager
-async def csi_client(place: Place) -> AsyncIterator[Any]:
-    channel = grpc.aio.insecure_channel(place.endpoint)
-    try:
-        yield csi_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
-    finally:
-        await channel.close()
+    with kubelet_place("kcn-") as where:
+        yield where
 
 
 async def publish_code(node: Any, request: csi_pb2.NodePublishVolumeRequest) -> grpc.StatusCode:
@@ -190,13 +124,13 @@ async def test_a_pod_gets_the_cache_read_only_at_its_target_over_the_socket(
     mount_path = "/kernels"
     add_cache(api, image)
     uid = add_pod(api, ("app", mount_path))
-    async with in_process(kube, place) as process, csi_client(place) as node:
+    async with in_process(kube, place) as process, node_client(place.endpoint) as node:
         await eventually(lambda: node_label(api) == "ready", 60)
         status, _ = await http_get(process.health.port, "/readyz")
         assert status == 200
         target = place.target(uid)
 
-        await node.NodePublishVolume(publish_request(target, uid), timeout=30)
+        await node.NodePublishVolume(pod_request(target, uid), timeout=30)
 
         entry = mounted_at(target, read_mountinfo())
         assert entry is not None
@@ -213,7 +147,7 @@ async def test_a_pod_gets_the_cache_read_only_at_its_target_over_the_socket(
         assert 'gpufleet_kcache_node_caches{state="Running"} 1.0' in metrics
 
         await node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(volume_id=f"csi-{uid}", target_path=str(target)),
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id(uid), target_path=str(target)),
             timeout=30,
         )
         await eventually(lambda: state_of(api, image) == "Extracted")
@@ -235,12 +169,10 @@ async def test_a_restricted_cluster_cache_is_mounted_only_by_an_allowed_service_
     })  # fmt: skip
     uid = add_pod(api, ("app", IMAGE_ROOT))
     attributes = {"csi.gkm.io/ClusterGKMCache": name}
-    async with in_process(kube, place), csi_client(place) as node:
+    async with in_process(kube, place), node_client(place.endpoint) as node:
         key = CacheKey("ClusterGKMCache", None, name)
         await eventually(lambda: node_label(api, key) == "ready", 60)
-        request = publish_request(
-            place.target(uid), uid, cache=attributes, service_account="runner"
-        )
+        request = pod_request(place.target(uid), uid, cache=attributes, service_account="runner")
 
         assert await publish_code(node, request) == grpc.StatusCode.PERMISSION_DENIED
         api.allow("system:serviceaccount:team-a:runner", "use", "gkm.io", "clustergkmcaches", name)
@@ -257,13 +189,13 @@ async def test_an_unknown_cache_is_not_found_and_another_namespaces_is_permissio
     uid = add_pod(api, ("app", IMAGE_ROOT))
     missing = {"csi.gkm.io/GKMCache": "nope", "csi.gkm.io/namespace": NAMESPACE}
     foreign = {"csi.gkm.io/GKMCache": KEY.name, "csi.gkm.io/namespace": "team-b"}
-    async with in_process(kube, place) as process, csi_client(place) as node:
+    async with in_process(kube, place) as process, node_client(place.endpoint) as node:
         await eventually(lambda: process.parts.agent.synced)
         target = place.target(uid)
-        assert await publish_code(node, publish_request(target, uid, cache=missing)) == (
+        assert await publish_code(node, pod_request(target, uid, cache=missing)) == (
             grpc.StatusCode.NOT_FOUND
         )
-        assert await publish_code(node, publish_request(target, uid, cache=foreign)) == (
+        assert await publish_code(node, pod_request(target, uid, cache=foreign)) == (
             grpc.StatusCode.PERMISSION_DENIED
         )
 
@@ -333,7 +265,7 @@ async def test_sigkill_mid_pull_and_while_mounted_serves_nothing_half_and_collec
         proxy.stall()
         add_cache(api, f"{proxy.address}/{reference.repository}@{digest}")
         uid = add_pod(api, ("app", IMAGE_ROOT))
-        request = publish_request(place.target(uid), uid)
+        request = pod_request(place.target(uid), uid)
 
         stopped = node_command(api, place, kubeconfig)
         try:
@@ -358,7 +290,7 @@ async def test_sigkill_mid_pull_and_while_mounted_serves_nothing_half_and_collec
         try:
             await asyncio.wait_for(proxy.stalling.wait(), 60)
             assert len(list((place.store / "tmp").iterdir())) == 1  # the leftover was swept
-            async with csi_client(place) as node:
+            async with node_client(place.endpoint) as node:
                 await until_serving(node)
                 assert await publish_code(node, request) == grpc.StatusCode.UNAVAILABLE
                 proxy.lift()
@@ -373,13 +305,13 @@ async def test_sigkill_mid_pull_and_while_mounted_serves_nothing_half_and_collec
 
         third = node_command(api, place, kubeconfig)
         try:
-            async with csi_client(place) as node:
+            async with node_client(place.endpoint) as node:
                 await until_serving(node)
                 assert store.installed(digest, IMAGE_ROOT) is not None
                 assert mounted_at(place.target(uid), read_mountinfo()) is not None
                 await node.NodeUnpublishVolume(
                     csi_pb2.NodeUnpublishVolumeRequest(
-                        volume_id=f"csi-{uid}", target_path=str(place.target(uid))
+                        volume_id=volume_id(uid), target_path=str(place.target(uid))
                     ),
                     timeout=30,
                 )

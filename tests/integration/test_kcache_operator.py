@@ -245,14 +245,15 @@ def status_writes(api: KubeApiDouble) -> int:
 
 async def settled(api: KubeApiDouble, quiet: float = 0.6) -> None:
     """Wait until no write reaches the double for `quiet` seconds (bounded by LIMIT)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + LIMIT
-    while loop.time() < deadline:
-        before = api.count(verb="patch") + api.count(verb="delete")
-        await asyncio.sleep(quiet)
-        if api.count(verb="patch") + api.count(verb="delete") == before:
-            return
-    pytest.fail("the operator kept writing")
+    try:
+        async with asyncio.timeout(LIMIT):  # a hang guard: a write every window never ends
+            while True:
+                before = api.count(verb="patch") + api.count(verb="delete")
+                await asyncio.sleep(quiet)
+                if api.count(verb="patch") + api.count(verb="delete") == before:
+                    return
+    except TimeoutError:
+        pytest.fail("the operator kept writing")
 
 
 KEY = CacheKey("GKMCache", NS, "vector-add")

@@ -15,10 +15,10 @@ from gpufleet.kcache.errors import (
     UntrustedSignatureError,
 )
 from gpufleet.kcache.objects import CacheObject, NodeObject, status_dict
-from gpufleet.kcache.operator.controller import merge_listing
 from gpufleet.kcache.operator.resolve import refusal_reason
 from gpufleet.kcache.operator.rollup import Verdict, roll_up
 from gpufleet.kcache.operator.status import Resolution, status_patch, wanted_status
+from gpufleet.kcache.operator.versions import merge_listing
 
 OLD = "sha256:" + "a" * 64
 NEW = "sha256:" + "b" * 64

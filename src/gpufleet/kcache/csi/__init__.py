@@ -17,13 +17,15 @@ The node process (``gpufleet cache node``) builds one and runs it beside its age
     await server.stop()
 
 `NodeServicer` takes the mount functions (`gpufleet.kcache.mounts`) as keyword collaborators
-too, for tests. What each RPC checks and answers is in `gpufleet.kcache.csi.node`; the target
-path rules in `gpufleet.kcache.csi.targets`; the volume context in
-`gpufleet.kcache.csi.attributes`. See docs/kcache-cluster.md, "CSI plugin".
+too, for tests. What each RPC checks and answers is in `gpufleet.kcache.csi.node`; the code
+and log line of a refusal in `gpufleet.kcache.csi.refusals`; the target path rules in
+`gpufleet.kcache.csi.targets`; the volume context in `gpufleet.kcache.csi.attributes`. See
+docs/kcache-cluster.md, "CSI plugin".
 """
 
 from gpufleet.kcache.csi.identity import IdentityServicer
-from gpufleet.kcache.csi.node import NodeServicer, status_code
+from gpufleet.kcache.csi.node import NodeServicer
+from gpufleet.kcache.csi.refusals import status_code
 from gpufleet.kcache.csi.server import CsiEndpointError, CsiServer, parse_endpoint
 
 __all__ = [

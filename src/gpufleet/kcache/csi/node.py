@@ -15,7 +15,8 @@
    FAILED_PRECONDITION;
 7. `VolumeSource.prepare` (the node state): its `VolumeError` subclasses map to UNAVAILABLE
    (still pulling; the kubelet retries), FAILED_PRECONDITION (no GPU of the node fits, the
-   message says why), NOT_FOUND, PERMISSION_DENIED and INVALID_ARGUMENT.
+   message says why), NOT_FOUND, PERMISSION_DENIED and INVALID_ARGUMENT (`refusals` holds
+   the table, and answers every refusal with its code and one log line).
 
 Then it makes the target directory (remembering whether it did), writes the publication record
 durably, bind-mounts the store entry there **read-only, whatever ``readonly`` says** (a cache
@@ -41,7 +42,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import grpc
 import grpc.aio
@@ -49,13 +49,10 @@ import grpc.aio
 from gpufleet.kcache import mounts
 from gpufleet.kcache.cluster import PreparedVolume, VolumeRequest, VolumeSource
 from gpufleet.kcache.csi.attributes import check_volume_id, read_volume_context
+from gpufleet.kcache.csi.refusals import abort, refuse, status_code
 from gpufleet.kcache.csi.targets import TargetChecker
 from gpufleet.kcache.csi.v1 import csi_pb2, csi_pb2_grpc
 from gpufleet.kcache.errors import (
-    CacheAccessDeniedError,
-    CacheIncompatibleError,
-    CacheNotFoundError,
-    CacheNotReadyError,
     InvalidVolumeError,
     KcacheError,
     VolumeError,
@@ -63,40 +60,12 @@ from gpufleet.kcache.errors import (
 from gpufleet.kcache.mounts import MountEntry, mounted_at, mounted_from
 from gpufleet.kcache.publications import Publication, PublicationLog
 
-__all__ = ["NodeServicer", "status_code"]
+__all__ = ["NodeServicer"]
 
 _log = logging.getLogger(__name__)
 
-_CODES: tuple[tuple[type[VolumeError], grpc.StatusCode], ...] = (
-    (CacheNotReadyError, grpc.StatusCode.UNAVAILABLE),
-    (CacheIncompatibleError, grpc.StatusCode.FAILED_PRECONDITION),
-    (CacheNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (CacheAccessDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (InvalidVolumeError, grpc.StatusCode.INVALID_ARGUMENT),
-)
 _TARGET_MODE = 0o750
 _MAX_UNMOUNTS = 8  # mounts stacked at one target by repeated crashes; more is not ours
-
-
-def status_code(error: VolumeError) -> grpc.StatusCode:
-    """The gRPC code a `VolumeError` is answered with (INTERNAL for an unknown subclass)."""
-    for kind, code in _CODES:
-        if isinstance(error, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-class _Refusal(Exception):
-    """A request answered with `code` and `message` (raised, then turned into an abort)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _refuse(code: grpc.StatusCode, message: str, *, cause: BaseException | None = None) -> NoReturn:
-    raise _Refusal(code, message) from cause
 
 
 class _Locks:
@@ -177,7 +146,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             ):
                 await self._publish(volume)
         except Exception as exc:
-            await _abort(context, "volume publish refused", request.volume_id, exc)
+            await abort(context, _log, "volume publish refused", request.volume_id, exc)
         return csi_pb2.NodePublishVolumeResponse()
 
     async def NodeUnpublishVolume(
@@ -189,7 +158,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             async with self._locks.hold(f"volume:{volume_id}", f"target:{target}"):
                 await self._unpublish(volume_id, target)
         except Exception as exc:
-            await _abort(context, "volume unpublish refused", request.volume_id, exc)
+            await abort(context, _log, "volume unpublish refused", request.volume_id, exc)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     # -- publish ------------------------------------------------------------------------------
@@ -210,10 +179,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             attributes = read_volume_context(request.volume_context)
             target = self._targets.check(request.target_path, pod_uid=attributes.pod.uid)
         except InvalidVolumeError as exc:
-            _refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         pod = attributes.pod
         if attributes.namespace_attribute not in (None, pod.namespace):
-            _refuse(
+            refuse(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"pod {pod.namespace}/{pod.name} may not mount a GKMCache of namespace"
                 f" {attributes.namespace_attribute}: a pod mounts GKMCaches of its own namespace"
@@ -232,12 +201,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         entries, existing, records = await asyncio.to_thread(self._state, request.volume_id)
         if existing is not None and mounted_from(existing.target_path, existing.source, entries):
             if existing.target_path != target:
-                _refuse(
+                refuse(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"volume {request.volume_id} is already published at {existing.target_path}",
                 )
             if existing.cache != request.cache or existing.pod != request.pod:
-                _refuse(
+                refuse(
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"volume {request.volume_id} is published at {target} for {existing.cache}"
                     f" and pod {existing.pod.namespace}/{existing.pod.name}, not as asked",
@@ -250,7 +219,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 and other.volume_id != request.volume_id
                 and mounted_from(other.target_path, other.source, entries)
             ):
-                _refuse(
+                refuse(
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"{target} already holds volume {other.volume_id}",
                 )
@@ -263,7 +232,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 await self._tell_published(request, prepared)
                 _log.info("volume already published", extra=_context(request, prepared.digest))
                 return
-            _refuse(grpc.StatusCode.ALREADY_EXISTS, f"something else is mounted at {target}")
+            refuse(grpc.StatusCode.ALREADY_EXISTS, f"something else is mounted at {target}")
         created = await asyncio.to_thread(_make_target, target)
         if not created and existing is not None and existing.target_path == target:
             created = existing.created_target  # made by an attempt that crashed after mkdir
@@ -272,7 +241,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             await asyncio.to_thread(self._mount, prepared.path, target)
         except KcacheError as exc:
             await asyncio.to_thread(self._forget, request.volume_id, target, created)
-            _refuse(grpc.StatusCode.INTERNAL, f"cannot mount the cache at {target}: {exc}")
+            refuse(grpc.StatusCode.INTERNAL, f"cannot mount the cache at {target}: {exc}")
         await self._tell_published(request, prepared)
         _log.info("volume published", extra=_context(request, prepared.digest))
 
@@ -282,17 +251,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         try:
             return self._mountinfo(), self._log.get(volume_id), self._log.all()
         except KcacheError as exc:
-            _refuse(grpc.StatusCode.INTERNAL, str(exc))
+            refuse(grpc.StatusCode.INTERNAL, str(exc))
 
     async def _prepare(self, request: VolumeRequest) -> PreparedVolume:
         try:
             prepared = await self._source.prepare(request)
         except VolumeError as exc:
-            _refuse(status_code(exc), str(exc))
+            refuse(status_code(exc), str(exc))
         except Exception as exc:
-            _refuse(grpc.StatusCode.INTERNAL, f"preparing {request.cache} failed: {exc}", cause=exc)
+            refuse(grpc.StatusCode.INTERNAL, f"preparing {request.cache} failed: {exc}", cause=exc)
         if not prepared.path.is_absolute() or not prepared.path.is_dir():
-            _refuse(grpc.StatusCode.INTERNAL, f"store entry {prepared.path} is not a directory")
+            refuse(grpc.StatusCode.INTERNAL, f"store entry {prepared.path} is not a directory")
         return prepared
 
     async def _record(
@@ -314,7 +283,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         except KcacheError as exc:
             if created_target:
                 await asyncio.to_thread(_remove_target, request.target_path)
-            _refuse(grpc.StatusCode.INTERNAL, str(exc))
+            refuse(grpc.StatusCode.INTERNAL, str(exc))
 
     def _mount(self, source: Path, target: Path) -> None:
         """Bind read-only, then make sure mountinfo agrees; undo it if not."""
@@ -350,7 +319,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             target = self._targets.check(request.target_path, require_parent=False)
             return request.volume_id, target.path
         except InvalidVolumeError as exc:
-            _refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def _unpublish(self, volume_id: str, target: Path) -> None:
         entries, record, _ = await asyncio.to_thread(self._state, volume_id)
@@ -365,12 +334,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         try:
             await asyncio.to_thread(self._unmount_all, target, record.source)
         except KcacheError as exc:
-            _refuse(grpc.StatusCode.INTERNAL, str(exc))
+            refuse(grpc.StatusCode.INTERNAL, str(exc))
         removed = record.created_target and await asyncio.to_thread(_remove_target, target)
         try:
             await asyncio.to_thread(self._log.remove, volume_id)
         except KcacheError as exc:
-            _refuse(grpc.StatusCode.INTERNAL, str(exc))
+            refuse(grpc.StatusCode.INTERNAL, str(exc))
         try:
             await self._source.unpublished(volume_id)
         except Exception:
@@ -396,35 +365,6 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         raise KcacheError(f"{target} is still mounted after {_MAX_UNMOUNTS} unmounts")
 
 
-async def _abort(
-    context: grpc.aio.ServicerContext, what: str, volume_id: str, error: Exception
-) -> None:
-    """Log one line for `error` and answer with its code (INTERNAL for a failure of ours).
-
-    ``context.abort`` raises, so the RPC ends here.
-    """
-    if isinstance(error, _Refusal):
-        refusal, cause = error, error.__cause__
-    else:
-        refusal = _Refusal(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
-        cause = error
-    if refusal.code == grpc.StatusCode.INTERNAL:
-        level = logging.ERROR
-    elif refusal.code == grpc.StatusCode.UNAVAILABLE:
-        level = logging.INFO  # still pulling: how every volume starts; the kubelet retries
-    else:
-        level = logging.WARNING
-    _log.log(
-        level,
-        what,
-        exc_info=cause
-        if isinstance(cause, Exception) and not isinstance(cause, KcacheError)
-        else None,
-        extra={"volume_id": volume_id[:256], "code": refusal.code.name, "reason": refusal.message},
-    )
-    await context.abort(refusal.code, refusal.message)
-
-
 def _context(request: VolumeRequest, digest: str | None) -> dict[str, object]:
     return {
         "volume_id": request.volume_id,
@@ -443,7 +383,7 @@ def _make_target(target: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
-        _refuse(grpc.StatusCode.INTERNAL, f"cannot create {target}: {exc.strerror}")
+        refuse(grpc.StatusCode.INTERNAL, f"cannot create {target}: {exc.strerror}")
     return True
 
 

@@ -5,6 +5,7 @@
 - `state`: per cache and digest the pull's phase, and the published volumes;
 - `volumes`: `NodeVolumes`, the `cluster.VolumeSource` the CSI Node service calls;
 - `agent`: informers on the caches, pulls with backoff, deletion, GC;
+- `threads`: the pull's blocking work in a daemon thread a SIGTERM need not wait for;
 - `nodeobject`: the per-node status objects and the Node's labels, written on change only;
 - `run`: one asyncio process wiring them with the CSI server and the health server.
 

@@ -22,9 +22,8 @@ import asyncio
 import contextlib
 import logging
 import random
-import threading
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from gpufleet.core.retry import Backoff
 from gpufleet.kcache.cluster import CLUSTER_CACHE, NAMESPACED_CACHE, CacheKey, node_label_key
@@ -32,6 +31,7 @@ from gpufleet.kcache.node.gpus import NodeGpus
 from gpufleet.kcache.node.nodeobject import NodeLabels, NodeObjects, node_status
 from gpufleet.kcache.node.pull import Puller, PullOutcome
 from gpufleet.kcache.node.state import CacheSpec, NodeState, Phase, cache_key_of
+from gpufleet.kcache.node.threads import in_daemon_thread
 from gpufleet.kcache.store import CacheStore, StoredCache
 
 __all__ = ["Agent", "Collect", "InformerFactory"]
@@ -39,46 +39,12 @@ __all__ = ["Agent", "Collect", "InformerFactory"]
 log = logging.getLogger(__name__)
 
 
-T = TypeVar("T")
-
 MAX_MESSAGE = 2048
 """The most characters of a condition message (the CRD allows 32 KiB; a reason is short)."""
 
 
 def _bounded(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"
-
-
-async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a daemon thread of its own, awaited without blocking the loop.
-
-    Not `asyncio.to_thread`: the default executor's threads are joined when the loop shuts
-    down, so a pull in flight (up to `KCACHE_DEADLINE`) would hold up a SIGTERM. A pull may
-    be abandoned at any point: the store never counts an entry whose marker is missing.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def work() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # handed to the awaiting task, which re-raises it
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(settle, None, exc)
-            return
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, result, None)
-
-    threading.Thread(target=work, name=getattr(fn, "__qualname__", "pull"), daemon=True).start()
-    return await future
 
 
 class Collect(Protocol):

@@ -1,9 +1,10 @@
 """The operator's reconciler: per cache, resolve when due, roll node objects up, write on change.
 
-kopf delivers the watch events (`handlers.py`); this class keeps the latest objects and runs
-one worker task per cache. An event only marks its cache dirty: the worker waits a short
-coalescing window, then reconciles once, so a burst of node-object changes costs at most
-one status write, and a reconcile whose result equals the stored status writes nothing.
+kopf delivers the watch events (`handlers.py`); this class keeps the latest objects (which
+copy wins is `versions.py`'s) and runs one worker task per cache. An event only marks its
+cache dirty: the worker waits a short coalescing window, then reconciles once, so a burst of
+node-object changes costs at most one status write, and a reconcile whose result equals the
+stored status writes nothing.
 
 What a reconcile does, in order:
 
@@ -41,8 +42,9 @@ from gpufleet.kcache.objects import CacheObject, InvalidObjectError, NodeObject
 from gpufleet.kcache.operator.api import CacheApi, JsonObject
 from gpufleet.kcache.operator.resolve import Resolver
 from gpufleet.kcache.operator.status import Resolution, status_patch, wanted_status
+from gpufleet.kcache.operator.versions import merge_listing, newer
 
-__all__ = ["CacheController", "ControllerStats", "finalizer_of", "merge_listing"]
+__all__ = ["CacheController", "ControllerStats", "finalizer_of"]
 
 log = logging.getLogger(__name__)
 
@@ -52,53 +54,6 @@ def finalizer_of(key: CacheKey) -> str:
     if key.kind == NAMESPACED_CACHE.kind:
         return NAMESPACED_CACHE_FINALIZER
     return CLUSTER_CACHE_FINALIZER
-
-
-def _version(obj: Mapping[str, Any]) -> int | None:
-    text = (obj.get("metadata") or {}).get("resourceVersion")
-    return int(text) if isinstance(text, str) and text.isdigit() else None
-
-
-def _newer(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
-    """Whether `new` may replace `old`: not an older version of it (a late watch event).
-
-    resourceVersions are opaque, but every server gpufleet meets (etcd, the test double)
-    hands out increasing integers; anything else is taken as newer.
-    """
-    if old is None:
-        return True
-    new_version, old_version = _version(new), _version(old)
-    if new_version is None or old_version is None:
-        return True
-    return new_version >= old_version
-
-
-def merge_listing(
-    known: Mapping[str, JsonObject],
-    items: list[JsonObject],
-    version: str | None,
-    gone: Mapping[str, JsonObject],
-) -> dict[str, JsonObject]:
-    """The node objects of a cache after a fresh list at `version`, by name.
-
-    The list replaces what the watch delivered, except that an object the watch saw at a
-    version after the list's (changed or created while the list was served) stays as the
-    watch has it, and one the watch saw deleted since (`gone`) is not revived.
-    """
-    merged: dict[str, JsonObject] = {}
-    for obj in items:
-        name = (obj.get("metadata") or {}).get("name")
-        if not isinstance(name, str):
-            continue
-        if name in gone and _newer(gone[name], obj):
-            continue
-        old = known.get(name)
-        merged[name] = obj if old is None or _newer(obj, old) else dict(old)
-    at = {"metadata": {"resourceVersion": version}}
-    for name, obj in known.items():
-        if name not in merged and name not in gone and version is not None and not _newer(at, obj):
-            merged[name] = dict(obj)
-    return merged
 
 
 def _cache_key(obj: Mapping[str, Any]) -> CacheKey | None:
@@ -186,7 +141,7 @@ class CacheController:
             return
         if kind == "DELETED":
             self._caches.pop(key, None)
-        elif _newer(obj, self._caches.get(key)):
+        elif newer(obj, self._caches.get(key)):
             self._caches[key] = dict(obj)
         else:
             return
@@ -210,7 +165,7 @@ class CacheController:
                 self._gone.setdefault(key, {})[name] = dict(obj)
             if objects.pop(name, None) is None:
                 return
-        elif _newer(obj, objects.get(name)):
+        elif newer(obj, objects.get(name)):
             objects[name] = dict(obj)
         else:
             return
@@ -317,7 +272,7 @@ class CacheController:
         current = self._caches.get(key)
         if current is None:
             return obj
-        if _newer(obj, current):
+        if newer(obj, current):
             self._caches[key] = current = obj
         return current
 
