@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from gpufleet.kcache.auth import check_plain_http
 from gpufleet.kcache.credentials import Credentials, docker_credentials
 from gpufleet.kcache.errors import (
     AuthError,
@@ -39,14 +40,8 @@ from gpufleet.kcache.errors import (
     NotFoundError,
     RegistryError,
 )
-from gpufleet.kcache.oci import (
-    OCI_MANIFEST,
-    Descriptor,
-    RegistryClient,
-    check_plain_http,
-    loggable_url,
-    sha256_digest,
-)
+from gpufleet.kcache.oci import OCI_MANIFEST, Descriptor, RegistryClient, sha256_digest
+from gpufleet.kcache.redact import loggable_url
 from gpufleet.kcache.reference import Reference
 from tests.conftest import require
 
