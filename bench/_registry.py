@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def answers(registry: str) -> bool:
+    """Whether a registry answers ``GET /v2/`` with 200 on plain HTTP."""
     try:
         with urllib.request.urlopen(f"http://{registry}/v2/", timeout=2) as response:
             return int(response.status) == 200

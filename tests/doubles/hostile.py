@@ -86,12 +86,15 @@ class HostileServer:
 
     @property
     def address(self) -> str:
+        """``127.0.0.1:<port>``, as a registry name."""
         return f"127.0.0.1:{self.port}"
 
     def url(self, path: str, scheme: str | None = None) -> str:
+        """The URL of `path` on this server (https when it has TLS, unless `scheme` says)."""
         return f"{scheme or ('https' if self.tls else 'http')}://{self.address}{path}"
 
     def close(self) -> None:
+        """Stop accepting and wait for the accept loop to end."""
         self._stop.set()
         self._listener.close()
         self._thread.join(5)

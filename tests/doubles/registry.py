@@ -43,6 +43,7 @@ class RecordingTransport(httpx.HTTPTransport):
         self.urls: list[httpx.URL] = []
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Keep the URL, then send the request as httpx would."""
         self.urls.append(request.url)
         return super().handle_request(request)
 
@@ -63,6 +64,7 @@ class TokenService:
         self._cert = self.certificate()
 
     def certificate(self) -> x509.Certificate:
+        """A self-signed CA certificate for `key`, valid for a day."""
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gpufleet test token service")])
         now = datetime.datetime.now(datetime.UTC)
         return (
@@ -78,6 +80,7 @@ class TokenService:
         )
 
     def token(self, scopes: list[str], user: str | None) -> str:
+        """A signed JWT granting `scopes` (only their pull for anyone but a known user)."""
         access = []
         for scope in scopes:
             kind, _, rest = scope.partition(":")
@@ -101,6 +104,7 @@ class TokenService:
         return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
     async def handle(self, request: web.Request) -> web.Response:
+        """Answer ``GET /token``: 401 for a wrong password, else a token, recorded in `seen`."""
         scopes = request.query.getall("scope", [])
         user = None
         header = request.headers.get("Authorization", "")

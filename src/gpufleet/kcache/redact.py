@@ -42,6 +42,7 @@ class _ScrubSecrets(logging.Filter):
     """Rewrite a library's record without URL queries or Authorization values."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Strip the record's message; keep the record."""
         message = record.getMessage()
         record.msg = _AUTH_VALUE.sub(r"\1 <redacted>", _QUERY.sub("", message))
         record.args = None
