@@ -41,12 +41,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from _registry import find_test_registry, own_registry
 from gpufleet.kcache import image as image_module
 from gpufleet.kcache import labels as labels_module
 from gpufleet.kcache.format import summarize
@@ -60,7 +59,6 @@ from gpufleet.kcache.transfer import pull_to_store, push_image
 
 GENERATOR_VERSION = 2
 REPOSITORY = "bench/kcache"
-ROOT = Path(__file__).resolve().parent.parent
 REGISTRY_BIN = "/usr/bin/docker-registry"
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 CHUNK = 4096
@@ -261,7 +259,7 @@ def prepare(workdir: Path, shape: Shape) -> tuple[Path, BuiltImage]:
     return cache, image_from_dir(layout)
 
 
-# -- tools and the registry ------------------------------------------------------------------
+# -- tools -----------------------------------------------------------------------------------------
 
 
 def ensure_tool(binary: str, package: str) -> str:
@@ -285,53 +283,6 @@ def ensure_tool(binary: str, package: str) -> str:
     if not found:
         sys.exit(f"bench_kcache_pull: {package} is installed but {binary} is still not found")
     return found
-
-
-def answers(registry: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{registry}/v2/", timeout=2) as response:
-            return int(response.status) == 200
-    except (OSError, urllib.error.URLError):
-        return False
-
-
-@contextlib.contextmanager
-def own_registry(state: Path) -> Iterator[str]:
-    """A throwaway docker-registry, started as the tests start theirs, storage under `state`.
-
-    `scripts/servers/registry.sh` (which installs Debian's docker-registry if
-    need be) runs its registries with their state in `state`; the anonymous one
-    is measured.
-    """
-    script = ROOT / "scripts" / "servers" / "registry.sh"
-    env = state / "env"
-    env.touch()
-    subprocess.run(
-        ["bash", str(script), "start", str(state)], check=True, stdout=subprocess.DEVNULL
-    )
-    try:
-        registry = read_registry(env)
-        if registry is None:
-            sys.exit(f"bench_kcache_pull: {script} started no registry (see {state})")
-        yield registry
-    finally:
-        subprocess.run(["bash", str(script), "stop", str(state)], check=False)
-
-
-def read_registry(env: Path) -> str | None:
-    """The anonymous registry named in a test-servers env file, if it answers."""
-    if not env.is_file():
-        return None
-    for line in env.read_text().splitlines():
-        if line.startswith("GPUFLEET_TEST_REGISTRY="):
-            registry = line.removeprefix("GPUFLEET_TEST_REGISTRY=").strip()
-            return registry if answers(registry) else None
-    return None
-
-
-def find_test_registry() -> str | None:
-    """The test servers' anonymous registry, if `.testservers/env` names one that answers."""
-    return read_registry(ROOT / ".testservers" / "env")
 
 
 def tool_version(argv: list[str]) -> str:

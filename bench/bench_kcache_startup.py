@@ -38,10 +38,10 @@ fixed cost is timed inside each compiling process (tests/kcache_support.py
 reports it) and shown, with the ratio without it: what the cache saves,
 beside what the pod's start costs in all.
 
-The registry is a throwaway Debian ``docker-registry`` started as
-bench_kcache_pull.py starts its own, or with ``--registry test`` the test
-servers' one. Each round runs cold then warm; the first round's cold cache is
-the one the image is built from.
+The registry is a throwaway Debian ``docker-registry`` (``_registry.own_registry``,
+as for bench_kcache_pull.py), or with ``--registry test`` the test servers' one.
+Each round runs cold then warm; the first round's cold cache is the one the
+image is built from.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ import grpc.aio
 # tests/kcache_support.py compiles the kernels, as the kcache tests compile theirs.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_kcache_pull import find_test_registry, own_registry
+from _registry import find_test_registry, own_registry
 from gpufleet.kcache.cluster import PreparedVolume, VolumeRequest
 from gpufleet.kcache.csi import CsiServer, NodeServicer
 from gpufleet.kcache.csi.v1 import csi_pb2, csi_pb2_grpc

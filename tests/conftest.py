@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import shutil
+import ssl
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from gpufleet.kube.client import Kube, KubeSettings, connect
+from tests.doubles.hostile import Handler, HostileServer
 from tests.doubles.kubeapi import KubeApiDouble
 from tests.doubles.podresources import FakeKubelet
+from tests.doubles.registry import TokenRegistry, running_token_registry
 
 STATE = Path(__file__).resolve().parent.parent / ".testservers"
 
@@ -80,3 +83,28 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+async def token_registry(
+    test_servers: dict[str, str], tmp_path: Path
+) -> AsyncIterator[TokenRegistry]:
+    """A real docker-registry demanding Bearer tokens from a TokenService on loopback."""
+    (binary,) = require(test_servers, "GPUFLEET_TEST_REGISTRY_BIN")
+    async with running_token_registry(binary, tmp_path) as registry:
+        yield registry
+
+
+@pytest.fixture
+def hostile_servers() -> Iterator[Callable[..., HostileServer]]:
+    """Start hostile servers; all are closed at the end of the test."""
+    started: list[HostileServer] = []
+
+    def start(handler: Handler, tls: ssl.SSLContext | None = None) -> HostileServer:
+        server = HostileServer(handler, tls)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()

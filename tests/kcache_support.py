@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpufleet.kcache.groups import group_dir_name
+
 KERNELS: tuple[str, ...] = ("add", "scale")
 ARCHS: tuple[int, ...] = (80, 90)
 WARP_SIZE = 32
@@ -236,6 +238,50 @@ def compile_specs(
 def group_dirs(cache_dir: Path) -> set[str]:
     """The names of the group directories directly under a Triton cache directory."""
     return {p.name for p in cache_dir.iterdir() if p.is_dir()}
+
+
+# -- hand-made caches: the shape of Triton's, no compiler needed ----------------------------
+
+
+# The stages a hand-made kernel group has files for, in the order they are written.
+STAGES = ("source", "ttir", "ttgir", "llir", "ptx", "cubin")
+
+
+def write_group(
+    cache: Path,
+    kernel: str,
+    arch: int,
+    *,
+    compiled_at: Path | None = None,
+    order: tuple[str, ...] = STAGES,
+) -> Path:
+    """A Triton kernel group whose __grp__ file holds absolute paths of `compiled_at`."""
+    digest = hashlib.sha256(f"{kernel}/{arch}".encode()).hexdigest()
+    group = cache / group_dir_name(digest)
+    group.mkdir(parents=True)
+    where = (compiled_at or cache) / group.name
+    meta = {
+        "hash": digest,
+        "name": kernel,
+        "num_warps": 4,
+        "target": {"backend": "cuda", "arch": arch, "warp_size": 32},
+        "triton_version": "3.9.0",
+    }
+    children = {f"{kernel}.json": f"{where}/{kernel}.json"}
+    for ext in order:
+        (group / f"{kernel}.{ext}").write_bytes(f"{kernel}.{ext} for sm_{arch}\n".encode() * 40)
+        children[f"{kernel}.{ext}"] = f"{where}/{kernel}.{ext}"
+    (group / f"{kernel}.json").write_text(json.dumps(meta))
+    (group / f"__grp__{kernel}.json").write_text(json.dumps({"child_paths": children}))
+    return group
+
+
+def write_cache(root: Path, *, order: tuple[str, ...] = STAGES) -> Path:
+    """A small hand-made Triton cache in `root`: add for sm_80 and sm_90, scale for sm_90."""
+    write_group(root, "add", 80, order=order)
+    write_group(root, "add", 90, order=order)
+    write_group(root, "scale", 90, order=order)
+    return root
 
 
 def _kernel_dir() -> Path:

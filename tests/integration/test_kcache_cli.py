@@ -29,7 +29,7 @@ from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.store import CacheStore
 from gpufleet.kcache.transfer import push_image
 from tests.conftest import require
-from tests.integration.test_kcache_oci import RecordingTransport
+from tests.doubles.registry import RecordingTransport
 from tests.kcache_support import build_triton_cache, compile_again, group_dirs
 
 pytestmark = pytest.mark.integration

@@ -36,18 +36,9 @@ from gpufleet.kcache.oci import MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST, Reg
 from gpufleet.kcache.policy import TrustPolicy, Verified, verify_by_policy
 from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.referrers import MAX_REFERRERS, referrers_tag
-from tests.integration.test_kcache_registry_hostile import (
-    HUGE,
-    SOCKET_SLACK,
-    HostileServer,
-    Reply,
-    Seen,
-    in_thread,
-    servers,
-)
+from tests.doubles.hostile import HUGE, SOCKET_SLACK, HostileServer, Reply, Seen, in_thread
 
 pytestmark = pytest.mark.integration
-__all__ = ["servers"]  # the fixture, imported for the tests below
 
 REPOSITORY = "caches/llama"
 
@@ -154,9 +145,9 @@ def key() -> ec.EllipticCurvePrivateKey:
 
 
 @pytest.fixture
-def registry(servers: Callable[..., HostileServer]) -> tuple[ReferrersRegistry, str]:
+def registry(hostile_servers: Callable[..., HostileServer]) -> tuple[ReferrersRegistry, str]:
     state = ReferrersRegistry()
-    return state, servers(state).address
+    return state, hostile_servers(state).address
 
 
 @pytest.fixture
@@ -174,12 +165,12 @@ def _policy(key: ec.EllipticCurvePrivateKey) -> TrustPolicy:
 
 
 def test_signing_uses_the_referrers_api_and_writes_no_tag_schema_index(
-    servers: Callable[..., HostileServer],
+    hostile_servers: Callable[..., HostileServer],
     key: ec.EllipticCurvePrivateKey,
     no_docker_config: Path,
 ) -> None:
     state = ReferrersRegistry()
-    server = servers(state)
+    server = hostile_servers(state)
     digest = state.push_image()
     ref = Reference.parse(f"{server.address}/{REPOSITORY}:v1")
     with RegistryClient(server.address, docker_config=no_docker_config) as client:
@@ -219,7 +210,7 @@ def _signed(
 
 
 def test_an_endless_referrers_index_is_read_no_further_than_the_manifest_cap(
-    servers: Callable[..., HostileServer],
+    hostile_servers: Callable[..., HostileServer],
     key: ec.EllipticCurvePrivateKey,
     no_docker_config: Path,
 ) -> None:
@@ -229,7 +220,7 @@ def test_an_endless_referrers_index_is_read_no_further_than_the_manifest_cap(
         return Reply(200, {"Content-Type": OCI_INDEX}, (head, *filler))
 
     state = ReferrersRegistry(referrers=endless)
-    server = servers(state)
+    server = hostile_servers(state)
     state.push_image()
     ref = Reference.parse(f"{server.address}/{REPOSITORY}:v1")
     with RegistryClient(server.address, docker_config=no_docker_config) as client:
@@ -240,7 +231,7 @@ def test_an_endless_referrers_index_is_read_no_further_than_the_manifest_cap(
 
 
 def test_a_referrers_index_longer_than_the_cap_is_refused_unwalked(
-    servers: Callable[..., HostileServer],
+    hostile_servers: Callable[..., HostileServer],
     key: ec.EllipticCurvePrivateKey,
     no_docker_config: Path,
 ) -> None:
@@ -248,7 +239,7 @@ def test_a_referrers_index_longer_than_the_cap_is_refused_unwalked(
              "artifactType": BUNDLE_MEDIA_TYPE}  # fmt: skip
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry] * (MAX_REFERRERS + 1)}
     state = ReferrersRegistry(referrers=lambda _: Reply(200, {}, json.dumps(index).encode()))
-    server = servers(state)
+    server = hostile_servers(state)
     state.push_image()
     ref = Reference.parse(f"{server.address}/{REPOSITORY}:v1")
     with (
@@ -260,12 +251,12 @@ def test_a_referrers_index_longer_than_the_cap_is_refused_unwalked(
 
 
 def test_an_endless_bundle_blob_is_cut_off_at_its_descriptors_size(
-    servers: Callable[..., HostileServer],
+    hostile_servers: Callable[..., HostileServer],
     key: ec.EllipticCurvePrivateKey,
     no_docker_config: Path,
 ) -> None:
     state = ReferrersRegistry()
-    server = servers(state)
+    server = hostile_servers(state)
     ref = _signed(state, server.address, key, no_docker_config)
     state.blob = lambda _, name: Reply(200, {}, (b"{" * (256 * 1024) for _ in range(1024)))
     bundles = [s for s in state.blobs if b"dsseEnvelope" in state.blobs[s]]
@@ -279,12 +270,12 @@ def test_an_endless_bundle_blob_is_cut_off_at_its_descriptors_size(
 
 
 def test_a_bundle_layer_claiming_a_gigabyte_is_refused_before_any_blob_is_pulled(
-    servers: Callable[..., HostileServer],
+    hostile_servers: Callable[..., HostileServer],
     key: ec.EllipticCurvePrivateKey,
     no_docker_config: Path,
 ) -> None:
     state = ReferrersRegistry()
-    server = servers(state)
+    server = hostile_servers(state)
     state.push_image()
     image = state.tags["v1"]
     bundle_digest = "sha256:" + "cd" * 32
@@ -308,13 +299,13 @@ def test_a_bundle_layer_claiming_a_gigabyte_is_refused_before_any_blob_is_pulled
 
 @pytest.mark.parametrize("status", [400, 404, 405])
 def test_a_registry_refusing_the_referrers_endpoint_gets_the_tag_schema(
-    servers: Callable[..., HostileServer],
+    hostile_servers: Callable[..., HostileServer],
     key: ec.EllipticCurvePrivateKey,
     no_docker_config: Path,
     status: int,
 ) -> None:
     state = ReferrersRegistry(referrers=lambda _: Reply(status, {}, b"unsupported"))
-    server = servers(state)
+    server = hostile_servers(state)
     digest = state.push_image()
     ref = Reference.parse(f"{server.address}/{REPOSITORY}:v1")
     with RegistryClient(server.address, docker_config=no_docker_config) as client:
@@ -324,12 +315,12 @@ def test_a_registry_refusing_the_referrers_endpoint_gets_the_tag_schema(
 
 
 def test_a_referrers_api_failing_otherwise_is_a_registry_error_not_unsigned(
-    servers: Callable[..., HostileServer],
+    hostile_servers: Callable[..., HostileServer],
     key: ec.EllipticCurvePrivateKey,
     no_docker_config: Path,
 ) -> None:
     state = ReferrersRegistry(referrers=lambda _: Reply(503, {}, b"down"))
-    server = servers(state)
+    server = hostile_servers(state)
     state.push_image()
     ref = Reference.parse(f"{server.address}/{REPOSITORY}:v1")
     with (

@@ -14,13 +14,11 @@ import base64
 import datetime
 import ipaddress
 import os
-import socket
 import ssl
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -31,174 +29,23 @@ from cryptography.x509.oid import NameOID
 
 from gpufleet.kcache.errors import AuthError, KcacheError, RegistryError
 from gpufleet.kcache.oci import RegistryClient, sha256_digest
+from tests.doubles.hostile import (
+    HANG_GUARD_S,
+    HUGE,
+    SOCKET_SLACK,
+    Handler,
+    HostileServer,
+    Reply,
+    Seen,
+    in_thread,
+)
 
 pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "alice", "s3cret-wonderland"
 BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 TOKEN = "tok-0123456789abcdef"
-HANG_GUARD_S = 60.0
 MAX_ERROR_BODY = 64 * 1024  # the cap on error, 401 and token bodies
-
-
-# -- a hostile HTTP/1.1 server -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Seen:
-    """One request as the server received it."""
-
-    method: str
-    target: str  # path with query
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
-
-
-class Reply:
-    """How a handler answers: a status, headers and a body given whole or as chunks."""
-
-    def __init__(
-        self,
-        status: int,
-        headers: dict[str, str] | None = None,
-        body: bytes | Iterable[bytes] = b"",
-    ) -> None:
-        self.status = status
-        self.headers = headers or {}
-        self.body = body
-
-
-Handler = Callable[[Seen], Reply]
-
-
-@dataclass
-class HostileServer:
-    """An HTTP/1.1 server in a thread on 127.0.0.1; `handler` answers each request.
-
-    Bodies given as an iterable go out chunked, one chunk at a time; `sent`
-    counts the body bytes the socket accepted, so a client that stops reading
-    shows up as a count far below what the handler offered.
-    """
-
-    handler: Handler
-    tls: ssl.SSLContext | None = None
-    seen: list[Seen] = field(default_factory=list)
-    sent: int = 0
-
-    def __post_init__(self) -> None:
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
-        self._listener.settimeout(0.05)  # so the accept loop sees `close` soon
-        self.port = int(self._listener.getsockname()[1])
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def url(self, path: str, scheme: str | None = None) -> str:
-        return f"{scheme or ('https' if self.tls else 'http')}://{self.address}{path}"
-
-    def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
-        self._thread.join(5)
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(None)
-            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
-
-    def _connection(self, conn: socket.socket) -> None:
-        try:
-            if self.tls is not None:
-                conn = self.tls.wrap_socket(conn, server_side=True)
-            stream = conn.makefile("rb")
-            while not self._stop.is_set():
-                seen = _read_request(stream)
-                if seen is None:
-                    return
-                self.seen.append(seen)
-                if not self._answer(conn, seen, self.handler(seen)):
-                    return
-        except (OSError, ssl.SSLError):
-            return
-        finally:
-            conn.close()
-
-    def _answer(self, conn: socket.socket, seen: Seen, reply: Reply) -> bool:
-        head = [f"HTTP/1.1 {reply.status} X"]
-        head += [f"{name}: {value}" for name, value in reply.headers.items()]
-        whole = isinstance(reply.body, bytes)
-        if whole:
-            assert isinstance(reply.body, bytes)
-            head.append(f"Content-Length: {len(reply.body)}")
-        else:
-            head.append("Transfer-Encoding: chunked")
-        conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
-        if seen.method == "HEAD":
-            return True
-        try:
-            if isinstance(reply.body, bytes):
-                conn.sendall(reply.body)
-                self.sent += len(reply.body)
-                return True
-            for chunk in reply.body:
-                conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                self.sent += len(chunk)
-            conn.sendall(b"0\r\n\r\n")
-        except OSError:
-            return False  # the client hung up: what it read is what `sent` says, or less
-        return True
-
-
-def _read_request(stream: object) -> Seen | None:
-    readline = stream.readline  # type: ignore[attr-defined]
-    read = stream.read  # type: ignore[attr-defined]
-    line = readline()
-    if not line:
-        return None
-    method, target, _ = line.decode("latin-1").split(" ", 2)
-    headers: dict[str, str] = {}
-    while (header := readline()) not in (b"\r\n", b"\n", b""):
-        name, _, value = header.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    body = b""
-    if "content-length" in headers:
-        body = read(int(headers["content-length"]))
-    elif headers.get("transfer-encoding") == "chunked":
-        parts = []
-        while size := int(readline().split(b";")[0], 16):
-            parts.append(read(size))
-            readline()
-        readline()
-        body = b"".join(parts)
-    return Seen(method, target, headers, body)
-
-
-@pytest.fixture
-def servers() -> Iterator[Callable[..., HostileServer]]:
-    """Start hostile servers; all are closed at the end of the test."""
-    started: list[HostileServer] = []
-
-    def start(handler: Handler, tls: ssl.SSLContext | None = None) -> HostileServer:
-        server = HostileServer(handler, tls)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.close()
 
 
 @pytest.fixture
@@ -212,25 +59,6 @@ def client_for(server: HostileServer, config: Path, **kwargs: object) -> Registr
     return RegistryClient(
         server.address, username=USER, password=PASSWORD, docker_config=config, **kwargs
     )  # type: ignore[arg-type]
-
-
-def in_thread(work: Callable[[], object]) -> BaseException | None:
-    """Run `work` under a hang guard; the exception it raised, or None."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            work()
-        except BaseException as exc:  # handed back to the test
-            outcome.append(exc)
-        else:
-            outcome.append(None)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(HANG_GUARD_S)
-    assert outcome, f"the client was still busy after the {HANG_GUARD_S} s hang guard"
-    return outcome[0]
 
 
 def authorized(seen: Iterable[Seen]) -> list[str]:
@@ -291,10 +119,10 @@ def collector() -> Handler:
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["put", "patch"])
 def test_an_upload_location_on_another_origin_gets_no_basic_credentials(
-    servers: Callable[..., HostileServer], no_docker_config: Path, chunked: bool
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path, chunked: bool
 ) -> None:
-    steal = servers(collector())
-    registry = servers(basic_registry(lambda _: steal.url("/steal?_state=abc")))
+    steal = hostile_servers(collector())
+    registry = hostile_servers(basic_registry(lambda _: steal.url("/steal?_state=abc")))
     with client_for(registry, no_docker_config) as client:
         in_thread(lambda: client.push_blob("a/b", b"layer bytes", chunked=chunked))
     assert steal.seen, "the upload never reached the Location the registry named"
@@ -304,10 +132,10 @@ def test_an_upload_location_on_another_origin_gets_no_basic_credentials(
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["put", "patch"])
 def test_an_upload_location_on_another_origin_gets_no_bearer_token(
-    servers: Callable[..., HostileServer], no_docker_config: Path, chunked: bool
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path, chunked: bool
 ) -> None:
-    steal = servers(collector())
-    registry: HostileServer = servers(
+    steal = hostile_servers(collector())
+    registry: HostileServer = hostile_servers(
         bearer_registry(lambda: registry.url("/token"), lambda _: steal.url("/steal?_state=abc"))
     )
     with client_for(registry, no_docker_config) as client:
@@ -318,11 +146,11 @@ def test_an_upload_location_on_another_origin_gets_no_bearer_token(
 
 
 def test_a_location_on_the_same_host_but_another_port_is_another_origin(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
-    steal = servers(collector())
+    steal = hostile_servers(collector())
     # A relative-looking path is joined to the registry; a full URL names its own origin.
-    registry = servers(basic_registry(lambda _: f"//{steal.address}/steal?_state=abc"))
+    registry = hostile_servers(basic_registry(lambda _: f"//{steal.address}/steal?_state=abc"))
     with client_for(registry, no_docker_config) as client:
         in_thread(lambda: client.push_blob("a/b", b"layer bytes"))
     assert steal.seen
@@ -364,7 +192,7 @@ def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
 
 @pytest.mark.parametrize("other_host", [False, True], ids=["same-host", "other-host"])
 def test_an_https_registry_sending_the_upload_to_plain_http_is_refused(
-    servers: Callable[..., HostileServer],
+    hostile_servers: Callable[..., HostileServer],
     no_docker_config: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -372,8 +200,8 @@ def test_an_https_registry_sending_the_upload_to_plain_http_is_refused(
 ) -> None:
     tls, cert = _self_signed(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx trusts our test CA through it
-    steal = servers(collector())
-    registry: HostileServer = servers(
+    steal = hostile_servers(collector())
+    registry: HostileServer = hostile_servers(
         basic_registry(
             lambda _: (steal if other_host else registry).url("/steal?_state=abc", scheme="http")
         ),
@@ -391,15 +219,15 @@ def test_an_https_registry_sending_the_upload_to_plain_http_is_refused(
 
 
 def test_a_storage_host_challenge_after_a_blob_redirect_gets_no_credentials(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
-    realm = servers(lambda seen: Reply(200, {}, b'{"token": "stolen"}'))
+    realm = hostile_servers(lambda seen: Reply(200, {}, b'{"token": "stolen"}'))
 
     def storage_handler(seen: Seen) -> Reply:
         challenge = f'Bearer realm="{realm.url("/token")}",service="storage"'
         return Reply(401, {"WWW-Authenticate": challenge})
 
-    storage = servers(storage_handler)
+    storage = hostile_servers(storage_handler)
     digest = sha256_digest(b"blob")
 
     def registry_handler(seen: Seen) -> Reply:
@@ -407,7 +235,7 @@ def test_a_storage_host_challenge_after_a_blob_redirect_gets_no_credentials(
             return Reply(401, {"WWW-Authenticate": 'Basic realm="hostile"'})
         return Reply(307, {"Location": storage.url("/blob?X-Amz-Signature=sig")})
 
-    registry = servers(registry_handler)
+    registry = hostile_servers(registry_handler)
     with client_for(registry, no_docker_config) as client:
         error = in_thread(lambda: b"".join(client.iter_blob("a/b", digest)))
     assert isinstance(error, RegistryError)
@@ -421,9 +249,9 @@ def test_a_storage_host_challenge_after_a_blob_redirect_gets_no_credentials(
 
 
 def test_a_plain_http_registry_cannot_send_the_password_to_a_plain_http_realm_off_loopback(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
-    registry = servers(
+    registry = hostile_servers(
         lambda seen: Reply(
             401, {"WWW-Authenticate": 'Bearer realm="http://collector.invalid/token",service="x"'}
         )
@@ -437,10 +265,10 @@ def test_a_plain_http_registry_cannot_send_the_password_to_a_plain_http_realm_of
 
 
 def test_a_plain_http_realm_on_loopback_still_gets_the_credentials(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
     digest = sha256_digest(b"{}")
-    registry: HostileServer = servers(
+    registry: HostileServer = hostile_servers(
         bearer_registry(lambda: registry.url("/token"), lambda _: "/unused")
     )
     with client_for(registry, no_docker_config) as client:
@@ -453,10 +281,12 @@ def test_a_plain_http_realm_on_loopback_still_gets_the_credentials(
 
 
 def test_a_manifest_get_follows_no_redirect(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
-    elsewhere = servers(lambda seen: Reply(200, {"Content-Type": "application/json"}, b"{}"))
-    registry = servers(lambda seen: Reply(307, {"Location": elsewhere.url("/manifest")}))
+    elsewhere = hostile_servers(
+        lambda seen: Reply(200, {"Content-Type": "application/json"}, b"{}")
+    )
+    registry = hostile_servers(lambda seen: Reply(307, {"Location": elsewhere.url("/manifest")}))
     with RegistryClient(registry.address, docker_config=no_docker_config) as client:
         error = in_thread(lambda: client.get_manifest("a/b", "v1"))
     assert isinstance(error, RegistryError)
@@ -465,15 +295,15 @@ def test_a_manifest_get_follows_no_redirect(
 
 
 def test_an_https_blob_redirect_to_plain_http_is_refused(
-    servers: Callable[..., HostileServer],
+    hostile_servers: Callable[..., HostileServer],
     no_docker_config: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tls, cert = _self_signed(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    storage = servers(lambda seen: Reply(200, {}, b"blob"))
-    registry = servers(
+    storage = hostile_servers(lambda seen: Reply(200, {}, b"blob"))
+    registry = hostile_servers(
         lambda seen: Reply(307, {"Location": storage.url("/blob?X-Amz-Signature=s")}), tls
     )
     with RegistryClient(registry.address, plain_http=False, docker_config=no_docker_config) as c:
@@ -484,9 +314,9 @@ def test_an_https_blob_redirect_to_plain_http_is_refused(
 
 
 def test_blob_redirects_are_followed_a_bounded_number_of_times(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
-    loop: HostileServer = servers(lambda seen: Reply(307, {"Location": loop.url("/again")}))
+    loop: HostileServer = hostile_servers(lambda seen: Reply(307, {"Location": loop.url("/again")}))
     with RegistryClient(loop.address, docker_config=no_docker_config) as client:
         error = in_thread(lambda: b"".join(client.iter_blob("a/b", sha256_digest(b"x"))))
     assert isinstance(error, RegistryError)
@@ -497,10 +327,10 @@ def test_blob_redirects_are_followed_a_bounded_number_of_times(
 
 
 def test_requests_record_no_query_of_uploads_or_presigned_redirects(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
     data = b"presigned"
-    storage = servers(lambda seen: Reply(200, {}, data))
+    storage = hostile_servers(lambda seen: Reply(200, {}, data))
 
     def registry_handler(seen: Seen) -> Reply:
         if seen.method == "HEAD":
@@ -512,7 +342,7 @@ def test_requests_record_no_query_of_uploads_or_presigned_redirects(
         query = "X-Amz-Credential=AKIAEXAMPLE&X-Amz-Security-Token=TOKEN&X-Amz-Signature=SIG"
         return Reply(307, {"Location": storage.url(f"/bucket/blob?{query}")})
 
-    registry = servers(registry_handler)
+    registry = hostile_servers(registry_handler)
     with RegistryClient(registry.address, docker_config=no_docker_config) as client:
         client.push_blob("a/b", data)
         assert b"".join(client.iter_blob("a/b", sha256_digest(data))) == data
@@ -531,9 +361,6 @@ def test_requests_record_no_query_of_uploads_or_presigned_redirects(
 
 # -- item 6: error, 401 and token bodies are read up to 64 KiB ------------------------------
 
-HUGE = 256 * 1024 * 1024  # what the hostile server offers; the client must stop long before
-SOCKET_SLACK = 48 * 1024 * 1024  # loopback socket buffers the server may fill before blocking
-
 
 def endless(total: int = HUGE, chunk: int = 256 * 1024) -> Iterator[bytes]:
     block = b'{"errors": [' + b" " * (chunk - 12)
@@ -542,14 +369,14 @@ def endless(total: int = HUGE, chunk: int = 256 * 1024) -> Iterator[bytes]:
 
 
 def test_an_endless_error_body_is_read_no_further_than_the_cap(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
     def handle(seen: Seen) -> Reply:
         if seen.method == "HEAD":
             return Reply(404)
         return Reply(500, {"Content-Type": "application/json"}, endless())
 
-    registry = servers(handle)
+    registry = hostile_servers(handle)
     with RegistryClient(registry.address, docker_config=no_docker_config) as client:
         error = in_thread(lambda: client.push_blob("a/b", b"x"))
     assert isinstance(error, RegistryError)
@@ -559,9 +386,11 @@ def test_an_endless_error_body_is_read_no_further_than_the_cap(
 
 
 def test_an_endless_error_body_on_a_streamed_get_is_read_no_further_than_the_cap(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
-    registry = servers(lambda seen: Reply(500, {"Content-Type": "application/json"}, endless()))
+    registry = hostile_servers(
+        lambda seen: Reply(500, {"Content-Type": "application/json"}, endless())
+    )
     with RegistryClient(registry.address, docker_config=no_docker_config) as client:
         error = in_thread(lambda: client.get_manifest("a/b", "v1"))
     assert isinstance(error, RegistryError)
@@ -569,9 +398,11 @@ def test_an_endless_error_body_on_a_streamed_get_is_read_no_further_than_the_cap
 
 
 def test_an_endless_401_body_is_read_no_further_than_the_cap(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
-    registry = servers(lambda seen: Reply(401, {"WWW-Authenticate": 'Basic realm="x"'}, endless()))
+    registry = hostile_servers(
+        lambda seen: Reply(401, {"WWW-Authenticate": 'Basic realm="x"'}, endless())
+    )
     with client_for(registry, no_docker_config) as client:
         error = in_thread(lambda: client.get_manifest("a/b", "v1"))
     assert isinstance(error, AuthError)
@@ -579,14 +410,14 @@ def test_an_endless_401_body_is_read_no_further_than_the_cap(
 
 
 def test_an_endless_token_body_is_read_no_further_than_the_cap(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
     def handle(seen: Seen) -> Reply:
         if seen.target.startswith("/token"):
             return Reply(200, {"Content-Type": "application/json"}, endless())
         return Reply(401, {"WWW-Authenticate": f'Bearer realm="{registry.url("/token")}"'})
 
-    registry: HostileServer = servers(handle)
+    registry: HostileServer = hostile_servers(handle)
     with client_for(registry, no_docker_config) as client:
         error = in_thread(lambda: client.resolve("a/b", "v1"))
     assert isinstance(error, AuthError)
@@ -606,9 +437,9 @@ def trickle(total: int = 4096) -> Iterator[bytes]:
 
 
 def test_a_registry_trickling_a_blob_is_cut_off_at_the_deadline(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
-    registry = servers(lambda seen: Reply(200, {}, trickle()))
+    registry = hostile_servers(lambda seen: Reply(200, {}, trickle()))
     with RegistryClient(
         registry.address, docker_config=no_docker_config, timeout=30.0, deadline=0.5
     ) as client:
@@ -619,9 +450,9 @@ def test_a_registry_trickling_a_blob_is_cut_off_at_the_deadline(
 
 
 def test_a_registry_trickling_an_error_body_is_cut_off_at_the_deadline(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
-    registry = servers(
+    registry = hostile_servers(
         lambda seen: Reply(404) if seen.method == "HEAD" else Reply(500, {}, trickle())
     )
     with RegistryClient(
@@ -634,9 +465,9 @@ def test_a_registry_trickling_an_error_body_is_cut_off_at_the_deadline(
 
 
 def test_no_request_starts_once_the_deadline_has_passed(
-    servers: Callable[..., HostileServer], no_docker_config: Path
+    hostile_servers: Callable[..., HostileServer], no_docker_config: Path
 ) -> None:
-    registry = servers(lambda seen: Reply(200, {}, trickle(200)))
+    registry = hostile_servers(lambda seen: Reply(200, {}, trickle(200)))
     with RegistryClient(
         registry.address, docker_config=no_docker_config, timeout=30.0, deadline=0.2
     ) as client:
@@ -663,9 +494,9 @@ def _cache_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
 
 
 def test_cache_extract_gives_up_at_its_deadline_flag_with_one_line(
-    servers: Callable[..., HostileServer], tmp_path: Path
+    hostile_servers: Callable[..., HostileServer], tmp_path: Path
 ) -> None:
-    registry = servers(lambda seen: Reply(200, {}, trickle()))
+    registry = hostile_servers(lambda seen: Reply(200, {}, trickle()))
     done = _cache_cli(
         "extract", f"{registry.address}/a/b:v1", "--store", str(tmp_path / "store"),
         "--deadline", "0.5", env={},

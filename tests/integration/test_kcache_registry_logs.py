@@ -24,12 +24,10 @@ from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.store import CacheStore
 from gpufleet.kcache.transfer import pull_to_store, push_image
 from tests.conftest import require
-from tests.integration.test_kcache_oci import TokenRegistry, token_registry
-from tests.unit.test_kcache_image import write_cache
+from tests.doubles.registry import TokenRegistry
+from tests.kcache_support import write_cache
 
 pytestmark = pytest.mark.integration
-
-__all__ = ["token_registry"]  # the fixture, imported for the bearer case
 
 LIBRARY_LOGGERS = ("httpx", "httpcore", "httpcore.connection", "httpcore.http11")
 # A query string in a URL: `?` then a name=value pair. docker-registry's _state is one.

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from gpufleet.kcache.errors import CacheFormatError
-from gpufleet.kcache.groups import group_dir_name
 from gpufleet.kcache.image import (
     CONFIG_MEDIA_TYPE,
     DEFAULT_MOUNT_ROOT,
@@ -25,44 +24,7 @@ from gpufleet.kcache.image import (
 )
 from gpufleet.kcache.labels import labels_of, summary_from_labels
 from gpufleet.kcache.model import CacheKind, CacheSummary, Target
-
-STAGES = ("source", "ttir", "ttgir", "llir", "ptx", "cubin")
-
-
-def write_group(
-    cache: Path,
-    kernel: str,
-    arch: int,
-    *,
-    compiled_at: Path | None = None,
-    order: tuple[str, ...] = STAGES,
-) -> Path:
-    """A Triton kernel group whose __grp__ file holds absolute paths of `compiled_at`."""
-    digest = hashlib.sha256(f"{kernel}/{arch}".encode()).hexdigest()
-    group = cache / group_dir_name(digest)
-    group.mkdir(parents=True)
-    where = (compiled_at or cache) / group.name
-    meta = {
-        "hash": digest,
-        "name": kernel,
-        "num_warps": 4,
-        "target": {"backend": "cuda", "arch": arch, "warp_size": 32},
-        "triton_version": "3.9.0",
-    }
-    children = {f"{kernel}.json": f"{where}/{kernel}.json"}
-    for ext in order:
-        (group / f"{kernel}.{ext}").write_bytes(f"{kernel}.{ext} for sm_{arch}\n".encode() * 40)
-        children[f"{kernel}.{ext}"] = f"{where}/{kernel}.{ext}"
-    (group / f"{kernel}.json").write_text(json.dumps(meta))
-    (group / f"__grp__{kernel}.json").write_text(json.dumps({"child_paths": children}))
-    return group
-
-
-def write_cache(root: Path, *, order: tuple[str, ...] = STAGES) -> Path:
-    write_group(root, "add", 80, order=order)
-    write_group(root, "add", 90, order=order)
-    write_group(root, "scale", 90, order=order)
-    return root
+from tests.kcache_support import STAGES, write_cache, write_group
 
 
 @pytest.fixture

@@ -4,7 +4,10 @@
   rewrites their ``__grp__`` child paths; `compat` matches caches to GPUs.
 - `image` builds reproducible images; `labels` writes and reads their config labels.
 - `reference` parses image references; `credentials` reads docker's config.json;
-  `oci` talks to registries; `transfer` moves images between them and the store.
+  `oci` reads and writes blobs and manifests in registries, over a `session` (origin,
+  redirects, deadline) that answers challenges through `auth`, reads answers within bounds
+  (`responses`) and keeps secrets out of logs (`redact`); `transfer` moves images between
+  registries and the store.
 - `tarstream` reads a layer as a stream; `extract` unpacks it safely into the
   content-addressed `store`; `mcv` knows the layouts and manifests of MCV-built images.
 - `keys` loads signing keys; `sign` signs and verifies in cosign's key-based format (v2, the

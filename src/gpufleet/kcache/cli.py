@@ -136,7 +136,8 @@ def _client(
     dirs: bool = False,
     deadline: float | None = None,
 ) -> Iterator[tuple[RegistryClient, Reference]]:
-    from gpufleet.kcache.oci import RegistryClient, check_plain_http
+    from gpufleet.kcache.auth import check_plain_http
+    from gpufleet.kcache.oci import RegistryClient
 
     ref = _reference(reference, takes=takes, dirs=dirs)
     if plain_http:

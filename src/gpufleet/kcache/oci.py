@@ -1,26 +1,20 @@
-"""A small OCI distribution client: blobs and manifests, verified against their digests.
+"""The registry client: blobs and manifests over the OCI distribution API, verified by digest.
 
-Synchronous, on httpx. It speaks the parts of the distribution API that kernel
-cache images need: HEAD before upload, cross-repository mount, monolithic and
-chunked uploads, manifests by tag or digest, and the anonymous, Basic and
-Bearer-token auth flows. Every byte read from a registry is hashed while it
-streams and checked against the digest that named it; see docs/kcache-oci.md.
-Image references live in `kcache.reference` and docker ``config.json``
-credentials in `kcache.credentials`; both are re-exported here.
+Synchronous, on httpx. `RegistryClient` speaks the parts of the distribution
+API that kernel cache images need: HEAD before upload, cross-repository mount,
+monolithic and chunked uploads, manifests by tag or digest, referrers. Every
+byte read from a registry is hashed while it streams and checked against the
+digest that named it; see docs/kcache-oci.md. The HTTP under it (origin,
+redirects, deadline, one answered challenge) is `kcache.session`'s, the auth
+flow `kcache.auth`'s; image references live in `kcache.reference` and docker
+``config.json`` credentials in `kcache.credentials`.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import ipaddress
 import json
-import logging
-import re
-import time
-import zlib
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -28,48 +22,29 @@ from typing import BinaryIO, Self, TypeAlias
 
 import httpx
 
+from gpufleet.kcache.auth import RegistryAuth, is_loopback, pull_scopes, push_scopes
 from gpufleet.kcache.credentials import Credentials, docker_credentials
 from gpufleet.kcache.errors import (
-    AuthError,
     DigestMismatchError,
     KcacheError,
     NotFoundError,
     RegistryError,
 )
-from gpufleet.kcache.reference import (
-    DOCKER_HUB,
-    Reference,
-    check_digest,
-    check_repository,
-    check_tag,
-    is_digest,
-)
+from gpufleet.kcache.reference import check_digest, check_repository, check_tag, is_digest
+from gpufleet.kcache.session import DEFAULT_DEADLINE, Content, RegistrySession
 
 __all__ = [
-    "DEFAULT_DEADLINE",
-    "DOCKER_HUB",
     "DOCKER_MANIFEST",
     "MANIFEST_TYPES",
-    "MAX_ERROR_BODY",
     "MAX_MANIFEST_BYTES",
-    "MAX_REDIRECTS",
     "OCI_INDEX",
     "OCI_MANIFEST",
     "OCTET_STREAM",
-    "REQUEST_LOG_SIZE",
-    "Content",
-    "Credentials",
     "Descriptor",
-    "Reference",
+    "ProgressCallback",
     "RegistryClient",
-    "check_plain_http",
-    "docker_credentials",
-    "is_loopback",
-    "loggable_url",
     "sha256_digest",
 ]
-
-_log = logging.getLogger(__name__)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -78,58 +53,7 @@ OCTET_STREAM = "application/octet-stream"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST)
 # Manifests are read whole; real ones are kilobytes, so a bigger one is an attack.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-# Error, 401 and token bodies: read this much at most, whatever the peer sends.
-MAX_ERROR_BODY = 64 * 1024
-# Blob GETs may be redirected to storage, a few hops at most; nothing else is redirected.
-MAX_REDIRECTS = 10
-# The whole life of a client (one pull or push), whatever the per-read timeout lets through.
-DEFAULT_DEADLINE = 30 * 60.0
 _READ_SIZE = 1024 * 1024
-REQUEST_LOG_SIZE = 10_000
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-_CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]*))')
-
-
-def loggable_url(url: httpx.URL | str) -> str:
-    """`url` without its query, fragment or user info: what a log line may show of it.
-
-    An upload's query holds its ``_state`` token, a presigned storage URL its
-    signature; neither may reach a log.
-    """
-    parsed = httpx.URL(url)
-    return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}{parsed.path}"
-
-
-# httpx logs whole request URLs (at info) and httpcore response headers such as an upload
-# Location (at debug). core.logging holds both at warning; should anyone lower them, a
-# filter on their loggers still strips every query and auth header value from the line.
-_QUERY = re.compile(r"\?[^\s'\"<>]*")
-_AUTH_VALUE = re.compile(r"(?i)\b(basic|bearer)\s+[A-Za-z0-9._~+/=-]+")
-_LIBRARY_LOGGERS = (
-    "httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2", "httpcore.proxy",
-    "httpcore.socks",
-)  # fmt: skip
-
-
-class _ScrubSecrets(logging.Filter):
-    """Rewrite a library's record without URL queries or Authorization values."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        record.msg = _AUTH_VALUE.sub(r"\1 <redacted>", _QUERY.sub("", message))
-        record.args = None
-        return True
-
-
-def _scrub_library_logs() -> None:
-    for name in _LIBRARY_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _ScrubSecrets) for f in logger.filters):
-            logger.addFilter(_ScrubSecrets())
-
-
-_scrub_library_logs()
 
 
 def sha256_digest(data: bytes) -> str:
@@ -146,134 +70,15 @@ class Descriptor:
     size: int
 
 
-def _host(registry: str) -> str:
-    if registry.startswith("["):
-        return registry[1 : registry.index("]")]
-    return registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
-
-
-def is_loopback(registry: str) -> bool:
-    """Whether ``registry`` (host[:port]) names this machine: localhost, 127.0.0.0/8 or ::1."""
-    host = _host(registry)
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_plain_http(registry: str, forced: bool) -> None:
-    """Refuse plain HTTP to a registry off this machine unless the user forced it."""
-    if not forced and not is_loopback(registry):
-        raise KcacheError(
-            f"refusing plain HTTP to {registry}: it is not a loopback address, so credentials "
-            "and images would cross the network unencrypted and unauthenticated; "
-            "use --force-plain-http if you really mean it"
-        )
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int]:
-    """Scheme, host and port: what must match before credentials go to a URL."""
-    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme, 0)
-
-
-def _decoded(raw: bytes, encoding: str, limit: int) -> bytes:
-    """`raw` decoded per its ``Content-Encoding``, never to more than `limit` bytes."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return raw[:limit]
-    if encoding not in ("gzip", "deflate"):
-        return b""
-    try:
-        # 32 + 15: a gzip or a zlib header, whichever it is; max_length bounds a bomb.
-        return zlib.decompressobj(47).decompress(raw, limit)
-    except zlib.error:
-        return b""
-
-
-def _small_body(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
-    """At most `limit` bytes of `response`'s body; the response is closed after.
-
-    A body still on the wire is read raw, so a compressed one cannot expand past
-    `limit` either; what does not arrive in one piece is simply cut off.
-    """
-    try:
-        return response.content[:limit]
-    except httpx.ResponseNotRead:
-        pass
-    raw = bytearray()
-    try:
-        for chunk in response.iter_raw():
-            raw += chunk
-            if len(raw) >= limit:
-                break
-    except httpx.HTTPError:
-        pass  # what arrived is all the detail there is
-    finally:
-        response.close()
-    return _decoded(bytes(raw[:limit]), response.headers.get("Content-Encoding", ""), limit)
-
-
-def _error_detail(response: httpx.Response) -> str:
-    """The registry's ``errors[0]`` code and message, or the HTTP status."""
-    detail = f"HTTP {response.status_code}"
-    if response.is_redirect:
-        return f"{detail}, a redirect, which is not followed here"
-    try:
-        errors = json.loads(_small_body(response)).get("errors")
-        first = errors[0]
-        return f"{detail} {first.get('code', '?')}: {first.get('message', '')}".rstrip(": ")
-    except (ValueError, AttributeError, LookupError, TypeError, RecursionError):
-        return detail
-
-
-def _merge_scopes(scopes: Iterable[str]) -> list[str]:
-    """``type:name:actions`` scopes with one entry per resource and its actions united."""
-    merged: dict[str, list[str]] = {}
-    for scope in scopes:
-        resource, _, actions = scope.rpartition(":")
-        known = merged.setdefault(resource, [])
-        known += [action for action in actions.split(",") if action and action not in known]
-    return [f"{resource}:{','.join(actions)}" for resource, actions in merged.items()]
-
-
-def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = header.strip().partition(" ")
-    params = {m[1].lower(): m[2] or m[3] for m in _CHALLENGE_PARAM.finditer(rest)}
-    return scheme.lower(), params
-
-
 ProgressCallback: TypeAlias = Callable[[int], None]
 """Told the bytes of a blob sent so far (again from 0 when a body is sent again)."""
-Content: TypeAlias = bytes | Callable[[], Iterable[bytes]] | None
-
-
-class _DeadlineStream(httpx.SyncByteStream):
-    """A response body that calls `check` after every read from the socket.
-
-    httpx's timeout is per read, so a peer that trickles a byte at a time never
-    trips it; `check` raises once the client's overall deadline has passed.
-    """
-
-    def __init__(self, inner: httpx.SyncByteStream, check: Callable[[], object]) -> None:
-        self._inner = inner
-        self._check = check
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._inner:
-            self._check()
-            yield chunk
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 class RegistryClient:
     """One registry, over one HTTP connection pool; use as a context manager or ``close()``.
 
     ``plain_http``: None picks HTTP for loopback hosts and HTTPS otherwise; True
-    forces HTTP (check it first with `check_plain_http`); False forces HTTPS.
+    forces HTTP (check it first with `kcache.auth.check_plain_http`); False forces HTTPS.
     Credentials: ``username``/``password``, else docker ``config.json``, else none;
     they go only to the registry's own scheme, host and port.
     ``timeout`` bounds each connect and read; ``deadline`` (seconds, None for
@@ -301,59 +106,33 @@ class RegistryClient:
         if deadline is not None and not deadline > 0:
             raise KcacheError(f"the deadline must be a positive number of seconds, not {deadline}")
         self.deadline = deadline
-        self._deadline_at = None if deadline is None else time.monotonic() + deadline
-        self._timeout = timeout
         self.registry = registry
         self.chunk_size = chunk_size
         scheme = (
             "http" if (is_loopback(registry) if plain_http is None else plain_http) else "https"
         )
-        self._base = f"{scheme}://{registry}"
-        self._origin = _origin(httpx.URL(self._base))
-        self._credentials: Credentials | str | None
+        credentials: Credentials | str | None
         if username is not None and password is not None:
-            self._credentials = Credentials(username, password, "the given username/password")
+            credentials = Credentials(username, password, "the given username/password")
         else:
-            self._credentials = docker_credentials(registry, docker_config)
-        # Bounded: a long-lived client (the node agent) must not grow without end.
-        self._requests: deque[tuple[str, str]] = deque(maxlen=REQUEST_LOG_SIZE)
-        self._tokens: dict[tuple[str, ...], str] = {}
-        self._basic = False  # set once the registry asked for Basic: then send it up front
-        self._http = httpx.Client(
-            transport=transport,
-            timeout=timeout,
-            event_hooks={"request": [self._record], "response": [self._log_response]},
-            headers={"User-Agent": "gpufleet-kcache"},
-        )
-
-    def _record(self, request: httpx.Request) -> None:
-        # The path only: a query may hold an upload's _state or a presigned signature.
-        self._requests.append((request.method, request.url.raw_path.split(b"?")[0].decode()))
-
-    @staticmethod
-    def _log_response(response: httpx.Response) -> None:
-        # One line a request, at debug only; the query never: it holds upload state tokens.
-        request = response.request
-        _log.debug(
-            "registry request",
-            extra={
-                "method": request.method,
-                "url": loggable_url(request.url),
-                "status": response.status_code,
-            },
-        )
+            credentials = docker_credentials(registry, docker_config)
+        self._session = RegistrySession(
+            registry, f"{scheme}://{registry}", RegistryAuth(registry, credentials),
+            timeout=timeout, deadline=deadline, transport=transport,
+        )  # fmt: skip
 
     @property
     def requests(self) -> list[tuple[str, str]]:
         """(method, path without its query) of each HTTP request sent, oldest first.
 
-        Token requests and redirect hops included; the last `REQUEST_LOG_SIZE` are kept.
+        Token requests and redirect hops included; the last
+        `kcache.session.REQUEST_LOG_SIZE` are kept.
         """
-        return list(self._requests)
+        return self._session.requests
 
     def close(self) -> None:
         """Close the connection pool."""
-        self._http.close()
+        self._session.close()
 
     def __enter__(self) -> Self:
         return self
@@ -363,258 +142,22 @@ class RegistryClient:
     ) -> None:
         self.close()
 
-    # -- auth -------------------------------------------------------------------------------
-
-    def _auth_headers(self, scopes: tuple[str, ...]) -> dict[str, str]:
-        token = self._tokens.get(scopes)
-        if token is not None:
-            return {"Authorization": f"Bearer {token}"}
-        if self._basic and isinstance(self._credentials, Credentials):
-            return {"Authorization": self._basic_header(self._credentials)}
-        return {}
-
-    @staticmethod
-    def _basic_header(credentials: Credentials) -> str:
-        pair = f"{credentials.username}:{credentials.password}".encode()
-        return "Basic " + base64.b64encode(pair).decode()
-
-    def _missing_credentials(self, what: str) -> AuthError:
-        if isinstance(self._credentials, str):
-            return AuthError(
-                f"registry {self.registry} requires credentials for {what}: {self._credentials}"
-            )
-        return AuthError(
-            f"registry {self.registry} requires credentials for {what} and none were given "
-            "(pass a username and password, or log in so docker config.json has them)"
-        )
-
-    def _refused(self, what: str, response: httpx.Response) -> AuthError:
-        who = (
-            f"user {self._credentials.username!r} from {self._credentials.source}"
-            if isinstance(self._credentials, Credentials)
-            else "anonymous access"
-        )
-        return AuthError(
-            f"registry {self.registry} refused {who} for {what} ({_error_detail(response)})"
-        )
-
-    def _answer(self, challenge: str, scopes: tuple[str, ...], what: str) -> None:
-        """Learn how to authenticate from a 401's ``WWW-Authenticate``; raise if we cannot."""
-        scheme, params = _parse_challenge(challenge)
-        if scheme == "basic":
-            if not isinstance(self._credentials, Credentials):
-                raise self._missing_credentials(what)
-            self._basic = True
-        elif scheme == "bearer" and params.get("realm"):
-            self._tokens[scopes] = self._fetch_token(params, scopes, what)
-        else:
-            raise AuthError(f"registry {self.registry} sent an unusable challenge {challenge!r}")
-
-    def _fetch_token(self, params: dict[str, str], scopes: tuple[str, ...], what: str) -> str:
-        # Our scopes, not only the challenge's: a mount needs pull on the source as well.
-        wanted = _merge_scopes([*scopes, *params.get("scope", "").split()])
-        query: dict[str, str | list[str]] = {"scope": wanted}
-        if params.get("service"):
-            query["service"] = params["service"]
-        realm = httpx.URL(params["realm"])
-        service = loggable_url(realm)
-        auth = None
-        if isinstance(self._credentials, Credentials):
-            # The realm comes from the registry; never let it pull our password into clear
-            # text. Plain HTTP is for this machine only (a port-forward), whatever the registry.
-            if realm.scheme != "https" and not is_loopback(realm.host):
-                raise AuthError(
-                    f"registry {self.registry} sends us to token service {service} over plain "
-                    "HTTP off this machine; refusing to send credentials there"
-                )
-            auth = httpx.BasicAuth(self._credentials.username, self._credentials.password)
-        request = self._http.build_request(
-            "GET", realm, params=query, timeout=self._request_timeout(what)
-        )
-        if auth is not None:
-            request = next(auth.auth_flow(request))
-        try:
-            response = self._open(request, what)
-        except httpx.HTTPError as exc:
-            raise AuthError(f"token service {service} for {self.registry}: {exc}") from exc
-        response = self._read_small(response)
-        body = response.content
-        if response.status_code in (401, 403):
-            if auth is None:
-                raise self._missing_credentials(what)
-            raise self._refused(what, response)
-        if response.status_code != 200:
-            raise AuthError(
-                f"token service {service} for {self.registry} answered HTTP {response.status_code}"
-            )
-        try:
-            document = json.loads(body)
-            token = document.get("token") or document.get("access_token")
-        except (ValueError, AttributeError, RecursionError):
-            token = None
-        if not isinstance(token, str) or not token:
-            raise AuthError(f"token service {service} for {self.registry} sent no token")
-        return token
-
-    # -- transport --------------------------------------------------------------------------
-
-    def _url(self, path: str) -> str:
-        return f"{self._base}/v2/{path}"
-
-    def _ours(self, url: httpx.URL) -> bool:
-        """Whether `url` is on the registry's own origin: only there do credentials go."""
-        return _origin(url) == self._origin
-
-    def _check_deadline(self, what: str) -> float:
-        """The seconds left before the deadline; `RegistryError` once it has passed."""
-        if self._deadline_at is None:
-            return self._timeout
-        left = self._deadline_at - time.monotonic()
-        if left <= 0:
-            raise RegistryError(
-                f"{what} at {self.registry}: not done within the {self.deadline:g} s deadline "
-                "(raise it with --deadline or KCACHE_DEADLINE)"
-            )
-        return left
-
-    def _request_timeout(self, what: str) -> httpx.Timeout:
-        return httpx.Timeout(min(self._timeout, self._check_deadline(what)))
-
-    def _open(self, request: httpx.Request, what: str) -> httpx.Response:
-        """Send `request`, streamed, follow nothing; its body checks the deadline as it reads."""
-        response = self._http.send(request, stream=True, follow_redirects=False)
-        assert isinstance(response.stream, httpx.SyncByteStream)
-        response.stream = _DeadlineStream(response.stream, lambda: self._check_deadline(what))
-        return response
-
-    def _refuse_downgrade(self, source: httpx.URL, target: httpx.URL, what: str) -> None:
-        if target.scheme not in _DEFAULT_PORTS or (
-            source.scheme == "https" and target.scheme != "https"
-        ):
-            raise RegistryError(
-                f"registry {self.registry} sent {what} from {source.scheme} to "
-                f"{loggable_url(target)}; refusing plain HTTP (or another scheme) after HTTPS"
-            )
-
-    def _exchange(
-        self,
-        method: str,
-        url: httpx.URL,
-        *,
-        scopes: tuple[str, ...],
-        what: str,
-        headers: dict[str, str] | None,
-        content: Content,
-        follow: bool,
-    ) -> httpx.Response:
-        """One request, and with `follow` its redirects; credentials only to our origin."""
-        for _ in range(MAX_REDIRECTS + 1):
-            body = content() if callable(content) else content
-            auth = self._auth_headers(scopes) if self._ours(url) else {}
-            request = self._http.build_request(
-                method, url, headers={**(headers or {}), **auth}, content=body,
-                timeout=self._request_timeout(what),
-            )  # fmt: skip
-            try:
-                response = self._open(request, what)
-            except httpx.HTTPError as exc:
-                raise RegistryError(f"{method} {what} at {self.registry}: {exc}") from exc
-            if not (follow and response.is_redirect):
-                return response
-            response.close()
-            target = response.url.join(response.headers["Location"])
-            self._refuse_downgrade(response.url, target, what)
-            url = target
-        raise RegistryError(
-            f"registry {self.registry} redirected {what} more than {MAX_REDIRECTS} times"
-        )
-
-    def _send(
-        self,
-        method: str,
-        url: str | httpx.URL,
-        *,
-        scopes: tuple[str, ...],
-        what: str,
-        headers: dict[str, str] | None = None,
-        content: Content = None,
-        stream: bool = False,
-        follow: bool = False,
-    ) -> httpx.Response:
-        """Send one request, answering at most one auth challenge; ``what`` names it in errors.
-
-        ``content`` is bytes or a factory of byte chunks, so a body can be sent
-        again after a challenge without holding a file in memory. Without
-        ``stream`` the answer's body is read, up to `MAX_ERROR_BODY` (answers
-        that are not streamed carry nothing but an error). ``follow``: follow
-        redirects (blob GETs, which registries send to storage); never from
-        HTTPS to HTTP, at most `MAX_REDIRECTS`.
-        """
-        for attempt in (1, 2):
-            response = self._exchange(
-                method, httpx.URL(url), scopes=scopes, what=what, headers=headers,
-                content=content, follow=follow,
-            )  # fmt: skip
-            # A 401 from another origin (storage, after a redirect) is a plain failure:
-            # answering it would send our credentials to a realm the registry never named.
-            if response.status_code != 401 or not self._ours(response.url):
-                return response if stream else self._read_small(response)
-            response = self._read_small(response)
-            challenge = response.headers.get("WWW-Authenticate")
-            if attempt == 2 or not challenge:
-                # Still 401 after answering the challenge: what we sent was not enough.
-                if isinstance(self._credentials, Credentials):
-                    raise self._refused(what, response)
-                raise self._missing_credentials(what)
-            self._answer(challenge, scopes, what)
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _read_small(response: httpx.Response) -> httpx.Response:
-        """`response` with at most `MAX_ERROR_BODY` of its body read, and closed."""
-        body = _small_body(response)
-        headers = [
-            (name, value)
-            for name, value in response.headers.multi_items()
-            if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
-        ]
-        return httpx.Response(
-            response.status_code, headers=headers, content=body, request=response.request
-        )
-
-    def _fail(self, response: httpx.Response, what: str) -> RegistryError:
-        detail = _error_detail(response)
-        response.close()
-        if response.status_code == 404:
-            return NotFoundError(f"{what} not found in {self.registry} ({detail})")
-        if response.status_code == 403:
-            return AuthError(f"registry {self.registry} denied {what} ({detail})")
-        return RegistryError(f"registry {self.registry} failed {what}: {detail}")
-
-    @staticmethod
-    def _pull(repository: str) -> tuple[str, ...]:
-        return (f"repository:{repository}:pull",)
-
-    @staticmethod
-    def _push(repository: str) -> tuple[str, ...]:
-        return (f"repository:{repository}:pull,push",)
-
     # -- blobs ------------------------------------------------------------------------------
 
     def blob_exists(self, repository: str, digest: str) -> bool:
         """Whether ``repository`` has blob ``digest`` (a HEAD request)."""
-        return self._blob_exists(repository, digest, self._pull(check_repository(repository)))
+        return self._blob_exists(repository, digest, pull_scopes(check_repository(repository)))
 
     def _blob_exists(self, repository: str, digest: str, scopes: tuple[str, ...]) -> bool:
         what = f"blob {check_digest(digest)} in {repository}"
-        url = self._url(f"{repository}/blobs/{digest}")
-        response = self._send("HEAD", url, scopes=scopes, what=what)
+        url = self._session.url(f"{repository}/blobs/{digest}")
+        response = self._session.send("HEAD", url, scopes=scopes, what=what)
         response.close()
         if response.status_code == 200:
             return True
         if response.status_code == 404:
             return False
-        raise self._fail(response, what)
+        raise self._session.fail(response, what)
 
     def push_blob(
         self,
@@ -653,16 +196,16 @@ class RegistryClient:
         check_digest(digest)
         descriptor = Descriptor(media_type, digest, size)
         what = f"upload of blob {digest} to {repository}"
-        scopes = self._push(repository)
+        scopes = push_scopes(repository)
         if self._blob_exists(repository, digest, scopes):
             tell(size)
             return descriptor
         params: dict[str, str] = {}
         if mount_from is not None and mount_from != repository:
-            scopes += self._pull(check_repository(mount_from))
+            scopes += pull_scopes(check_repository(mount_from))
             params = {"mount": digest, "from": mount_from}
-        response = self._send(
-            "POST", httpx.URL(self._url(f"{repository}/blobs/uploads/"), params=params),
+        response = self._session.send(
+            "POST", httpx.URL(self._session.url(f"{repository}/blobs/uploads/"), params=params),
             scopes=scopes, what=what,
         )  # fmt: skip
         response.close()
@@ -672,7 +215,7 @@ class RegistryClient:
             return descriptor
         # 202 also answers a mount the registry would not do: it opened an upload instead.
         if response.status_code != 202:
-            raise self._fail(response, what)
+            raise self._session.fail(response, what)
         location = self._location(response, what)
         if chunked or (chunked is None and size > self.chunk_size):
             location = self._upload_chunks(location, data, size, scopes, what, tell)
@@ -686,12 +229,12 @@ class RegistryClient:
             )
             headers = {"Content-Type": OCTET_STREAM, "Content-Length": str(size)}
         put_url = location.copy_merge_params({"digest": digest})
-        response = self._send(
+        response = self._session.send(
             "PUT", put_url, scopes=scopes, what=what, headers=headers, content=final
         )
         response.close()
         if response.status_code != 201:
-            raise self._fail(response, what)
+            raise self._session.fail(response, what)
         self._check_stored(response, digest, what)
         tell(size)
         return descriptor
@@ -715,12 +258,12 @@ class RegistryClient:
                 "Content-Length": str(end - offset),
                 "Content-Range": f"{offset}-{end - 1}",
             }
-            response = self._send(
+            response = self._session.send(
                 "PATCH", location, scopes=scopes, what=what, headers=headers, content=chunk
             )
             response.close()
             if response.status_code != 202:
-                raise self._fail(response, what)
+                raise self._session.fail(response, what)
             location = self._location(response, what)
             offset = end
             tell(offset)
@@ -733,7 +276,7 @@ class RegistryClient:
         # Another origin gets the upload but no credentials (see _send); HTTP after HTTPS,
         # nothing at all.
         target = response.url.join(location)
-        self._refuse_downgrade(response.url, target, f"the upload session for {what}")
+        self._session.refuse_downgrade(response.url, target, f"the upload session for {what}")
         return target
 
     def _check_stored(self, response: httpx.Response, digest: str, what: str) -> None:
@@ -758,16 +301,16 @@ class RegistryClient:
         what = f"blob {check_digest(digest)} in {check_repository(repository)}"
         if size is not None and size < 0:
             raise RegistryError(f"{what}: a negative size {size} in its descriptor")
-        url = self._url(f"{repository}/blobs/{digest}")
+        url = self._session.url(f"{repository}/blobs/{digest}")
         # Identity: the digest names the raw bytes, and a compressed body is a decompression bomb.
-        response = self._send(
-            "GET", url, scopes=self._pull(repository), what=what,
+        response = self._session.send(
+            "GET", url, scopes=pull_scopes(repository), what=what,
             headers={"Accept-Encoding": "identity"}, stream=True, follow=True,
         )  # fmt: skip
         received = 0
         try:
             if response.status_code != 200:
-                raise self._fail(response, what)
+                raise self._session.fail(response, what)
             encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
             if encoding not in ("", "identity"):
                 raise RegistryError(
@@ -843,14 +386,14 @@ class RegistryClient:
         what = f"manifest {reference} in {check_repository(repository)}"
         if reference.startswith("sha256:") and reference != digest:
             raise DigestMismatchError(f"{what}: the manifest's content hashes to {digest}")
-        response = self._send(
-            "PUT", self._url(f"{repository}/manifests/{self._reference(reference)}"),
-            scopes=self._push(repository), what=what,
+        response = self._session.send(
+            "PUT", self._session.url(f"{repository}/manifests/{self._reference(reference)}"),
+            scopes=push_scopes(repository), what=what,
             headers={"Content-Type": media_type}, content=manifest,
         )  # fmt: skip
         response.close()
         if response.status_code != 201:
-            raise self._fail(response, what)
+            raise self._session.fail(response, what)
         self._check_stored(response, digest, what)
         return digest
 
@@ -863,9 +406,9 @@ class RegistryClient:
         ``Docker-Content-Digest`` when it sends one. Else `DigestMismatchError`.
         """
         what = f"manifest {reference} in {check_repository(repository)}"
-        response = self._send(
-            "GET", self._url(f"{repository}/manifests/{self._reference(reference)}"),
-            scopes=self._pull(repository), what=what,
+        response = self._session.send(
+            "GET", self._session.url(f"{repository}/manifests/{self._reference(reference)}"),
+            scopes=pull_scopes(repository), what=what,
             headers={"Accept": ", ".join(accept)}, stream=True,
         )  # fmt: skip
         data = self._read_manifest(response, what)
@@ -886,7 +429,7 @@ class RegistryClient:
         """The body of a 200 answer, at most `MAX_MANIFEST_BYTES`; else the error it is."""
         try:
             if response.status_code != 200:
-                raise self._fail(response, what)
+                raise self._session.fail(response, what)
             body = bytearray()
             for chunk in response.iter_bytes(_READ_SIZE):
                 body += chunk
@@ -913,9 +456,9 @@ class RegistryClient:
         """
         what = f"referrers of {check_digest(digest)} in {check_repository(repository)}"
         params = {} if artifact_type is None else {"artifactType": artifact_type}
-        response = self._send(
-            "GET", httpx.URL(self._url(f"{repository}/referrers/{digest}"), params=params),
-            scopes=self._pull(repository), what=what, headers={"Accept": OCI_INDEX}, stream=True,
+        response = self._session.send(
+            "GET", httpx.URL(self._session.url(f"{repository}/referrers/{digest}"), params=params),
+            scopes=pull_scopes(repository), what=what, headers={"Accept": OCI_INDEX}, stream=True,
         )  # fmt: skip
         if response.status_code in (400, 404, 405):
             response.close()
@@ -925,15 +468,16 @@ class RegistryClient:
     def resolve(self, repository: str, reference: str) -> str | None:
         """The digest ``reference`` (a tag or digest) points at; None when absent."""
         what = f"manifest {reference} in {check_repository(repository)}"
-        response = self._send(
-            "HEAD", self._url(f"{repository}/manifests/{self._reference(reference)}"),
-            scopes=self._pull(repository), what=what, headers={"Accept": ", ".join(MANIFEST_TYPES)},
+        response = self._session.send(
+            "HEAD", self._session.url(f"{repository}/manifests/{self._reference(reference)}"),
+            scopes=pull_scopes(repository), what=what,
+            headers={"Accept": ", ".join(MANIFEST_TYPES)},
         )  # fmt: skip
         response.close()
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise self._fail(response, what)
+            raise self._session.fail(response, what)
         digest: str | None = response.headers.get("Docker-Content-Digest")
         if digest is None or not is_digest(digest):
             # Not every registry names the digest on HEAD: hash the manifest itself.
@@ -946,13 +490,13 @@ class RegistryClient:
     def delete_manifest(self, repository: str, digest: str) -> None:
         """Delete the manifest ``digest`` (and so every tag pointing at it)."""
         what = f"manifest {check_digest(digest)} in {check_repository(repository)}"
-        response = self._send(
-            "DELETE", self._url(f"{repository}/manifests/{digest}"),
-            scopes=(f"repository:{repository}:delete", *self._push(repository)), what=what,
+        response = self._session.send(
+            "DELETE", self._session.url(f"{repository}/manifests/{digest}"),
+            scopes=(f"repository:{repository}:delete", *push_scopes(repository)), what=what,
         )  # fmt: skip
         response.close()
         if response.status_code not in (200, 202):
-            raise self._fail(response, what)
+            raise self._session.fail(response, what)
 
     @staticmethod
     def _reference(reference: str) -> str:
