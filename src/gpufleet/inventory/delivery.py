@@ -6,6 +6,7 @@ outage, a crash or a SIGKILL. A sender seals them into batches (``BATCH_SIZE``
 readings, or whatever arrived within ``FLUSH_INTERVAL``) and writes the oldest
 batch first, retrying with capped, jittered backoff while the exporter fails.
 Later batches wait behind a failing one, so replay keeps the order.
+(Local sinks are not spooled: ``direct.py``. ``Delivery`` is the face both show.)
 
 A batch the sink refuses for good (``PermanentExporterError``: an HTTP 4xx)
 goes to the dead-letter file with its reason instead of blocking the line;
@@ -63,6 +64,46 @@ class Refusal:
 
     readings: int
     reason: str
+
+
+class Delivery(Protocol):
+    """Where a scan hands its readings: a spooled ``DeliveryPipeline`` or a ``DirectDelivery``."""
+
+    refused: list[Refusal]
+    """Batches dead-lettered, oldest first."""
+    config_error: ExporterError | None
+    """The configuration error that stopped delivery, if any."""
+    interrupted: bool
+    """``True`` once ``interrupt()`` was called."""
+
+    @property
+    def name(self) -> str:
+        """The exporter type."""
+        ...
+
+    async def submit(self, readings: Sequence[Reading]) -> None:
+        """Accept readings: on disk (spooled) or written (direct) once this returns."""
+        ...
+
+    async def drain(self, within: float) -> bool:
+        """Deliver what is held back within ``within`` seconds; ``True`` if nothing is left."""
+        ...
+
+    def stop(self) -> None:
+        """Ask the background delivery (if any) to finish."""
+        ...
+
+    def interrupt(self) -> None:
+        """Stop at once; whatever is not delivered stays where it is."""
+        ...
+
+    def stats(self) -> SpoolStats:
+        """What is waiting to be delivered."""
+        ...
+
+    async def close(self) -> None:
+        """Close the exporter (and the spool, if any)."""
+        ...
 
 
 class _Writer(Protocol):
@@ -589,74 +630,3 @@ def _error_type(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     return "other"
-
-
-class DirectDelivery:
-    """A local exporter (stdout, SQLite) behind the pipeline's submit/drain face.
-
-    A local sink fails at once and for a local reason (a closed pipe, a full
-    disk), so spooling its readings would only hide the failure: ``submit``
-    writes straight through and raises ``ExporterError``.
-
-    Built with ``opening()``, the exporter is opened on the first ``submit``,
-    in a worker thread: an SQLite file that cannot be opened, or waits on
-    another process's lock, then fails (or waits) for this exporter alone,
-    while the others already have their readings.
-    """
-
-    def __init__(
-        self,
-        exporter: Exporter | None = None,
-        *,
-        name: str = "",
-        open_exporter: Callable[[], Exporter] | None = None,
-    ) -> None:
-        if exporter is None and (open_exporter is None or not name):
-            raise ValueError("DirectDelivery needs an exporter, or a name and open_exporter")
-        self._exporter = exporter
-        self._open = open_exporter
-        self._name = exporter.name if exporter is not None else name
-        self.refused: list[Refusal] = []
-        self.config_error: ExporterError | None = None
-        self.interrupted = False
-
-    @classmethod
-    def opening(cls, name: str, open_exporter: Callable[[], Exporter]) -> DirectDelivery:
-        """A delivery to the exporter ``name`` that ``open_exporter()`` builds when first needed."""
-        return cls(name=name, open_exporter=open_exporter)
-
-    @property
-    def name(self) -> str:
-        """The exporter type."""
-        return self._name
-
-    async def submit(self, readings: Sequence[Reading]) -> None:
-        """Write the readings now (opening the exporter first if need be)."""
-        if self._exporter is None:
-            assert self._open is not None
-            self._exporter = await asyncio.to_thread(self._open)
-        await self._exporter.write(readings)
-
-    async def drain(self, within: float) -> bool:
-        """Nothing is ever held back."""
-        return True
-
-    def stop(self) -> None:
-        """Nothing runs in the background."""
-
-    def interrupt(self) -> None:
-        """Nothing runs in the background."""
-        self.interrupted = True
-
-    def stats(self) -> SpoolStats:
-        """Always empty: nothing waits."""
-        return SpoolStats(0, 0, 0, 0, 0)
-
-    async def close(self) -> None:
-        """Close the exporter if it was opened."""
-        if self._exporter is not None:
-            await self._exporter.close()
-
-
-Delivery = DeliveryPipeline | DirectDelivery
-"""Where a scan hands its readings: a spooled pipeline or a direct local write."""
