@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
-from gpufleet.inventory.delivery import Refusal
 from gpufleet.inventory.errors import ExporterError
 from gpufleet.inventory.exporters.base import Exporter
+from gpufleet.inventory.outcomes import Refusal
 from gpufleet.inventory.reading import Reading
 from gpufleet.inventory.spool import SpoolStats
 
