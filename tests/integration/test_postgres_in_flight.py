@@ -27,7 +27,8 @@ from gpufleet.core.retry import Backoff
 from gpufleet.inventory.delivery import DeliveryConfig, DeliveryPipeline
 from gpufleet.inventory.errors import EarlierWriteFailed, ExporterError, PermanentExporterError
 from gpufleet.inventory.exporters.postgres import PostgresExporter, PostgresSettings
-from gpufleet.inventory.exporters.postgres.exporter import WriteTurn, split_batch
+from gpufleet.inventory.exporters.postgres.exporter import split_batch
+from gpufleet.inventory.exporters.postgres.ordering import WriteTurn
 from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading
 from gpufleet.inventory.spool import Spool

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.gpu.model import DeviceList, FaultKind, GpuDevice, GpuFault
-from gpufleet.inventory.delivery import DirectDelivery
+from gpufleet.inventory.direct import DirectDelivery
 from gpufleet.inventory.errors import ExporterError
 from gpufleet.inventory.exporters.sqlite import SqliteExporter, connect
 from gpufleet.inventory.exporters.stdout import StdoutExporter

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from gpufleet.inventory.errors import EarlierWriteFailed, PermanentExporterError
-from gpufleet.inventory.exporters.postgres.exporter import PostgresExporter, WriteLine, WriteTurn
+from gpufleet.inventory.exporters.postgres.exporter import PostgresExporter
+from gpufleet.inventory.exporters.postgres.ordering import WriteLine, WriteTurn
 from gpufleet.inventory.exporters.postgres.settings import PostgresSettings
 from gpufleet.inventory.reading import Reading
 

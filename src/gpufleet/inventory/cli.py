@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from gpufleet.core.config import load_settings
+from gpufleet.core.config import GpufleetSettings, load_settings
 from gpufleet.core.console import Column, fitted_table, stdout_console
 from gpufleet.core.errors import ConfigError
 from gpufleet.gpu.cli import FleetOpt, NvmlOpt, SeedOpt, SimulateOpt, SmiXmlOpt
 from gpufleet.gpu.select import SourceChoice, open_source
-from gpufleet.inventory.config import HistorySettings, ScanSettings
+from gpufleet.inventory.config import HistorySettings, PodWatchSettings, ScanSettings
 from gpufleet.inventory.delivery import Delivery
 from gpufleet.inventory.errors import ExporterError, HistoryError, InventoryError
 from gpufleet.inventory.history import History, Placement, PlacementStore
@@ -28,6 +29,12 @@ from gpufleet.inventory.wiring import (
     open_delivery,
     run_export_test,
 )
+
+if TYPE_CHECKING:
+    from gpufleet.inventory.service import ProcessorFactory
+
+S = TypeVar("S", bound=GpufleetSettings)
+W = TypeVar("W", bound=PodWatchSettings)
 
 app = typer.Typer(help="GPU inventory: which physical GPU sat in which node and machine, when.")
 
@@ -57,6 +64,38 @@ DbOpt = Annotated[
 ]
 
 
+# The settings field of each shared flag whose parameter is named otherwise.
+_FIELD_OF_FLAG = {
+    "exporter": "exporter_type",
+    "db": "sqlite_path",
+    "cluster": "cluster_name",
+    "node": "node_name",
+}
+
+
+def _settings(model: type[S], **flags: object) -> S:
+    """``model`` from the environment, with the flags given on top.
+
+    Every command hands its flags here by parameter name; the shared ones
+    (``--exporter``, ``--db``, ``--cluster``, ``--node``) are renamed to their
+    settings field, and an empty ``--exporter`` list counts as not given.
+    """
+    overrides = {_FIELD_OF_FLAG.get(name, name): value for name, value in flags.items()}
+    if "exporter_type" in overrides:
+        overrides["exporter_type"] = overrides["exporter_type"] or None
+    return load_settings(model, **overrides)
+
+
+def _watch_pods(
+    model: type[W], processor: Callable[[W], ProcessorFactory], **flags: object
+) -> None:
+    """Run a pod watch (controller or check) with ``processor`` until stopped."""
+    from gpufleet.inventory.service import run_pod_watch
+
+    settings = _settings(model, **flags)
+    asyncio.run(run_pod_watch(settings, processor(settings)))
+
+
 @app.command()
 def scan(
     simulate: SimulateOpt = None,
@@ -77,13 +116,8 @@ def scan(
     ] = None,
 ) -> None:
     """Read this machine's GPUs once and emit one reading per GPU."""
-    settings = load_settings(
-        ScanSettings,
-        exporter_type=exporter or None,
-        sqlite_path=db,
-        cluster_name=cluster,
-        node_name=node,
-        machine_id=machine_id,
+    settings = _settings(
+        ScanSettings, exporter=exporter, db=db, cluster=cluster, node=node, machine_id=machine_id
     )
     choice = SourceChoice(simulate, fleet, nvml, smi_xml, seed)
     result, interruption = asyncio.run(_scan(settings, choice))
@@ -167,10 +201,7 @@ def export_test(
     spool, no retry), so the exact failure is what you see. The reading has
     source `gpufleet-export-test` and gpu `GPUFLEET-EXPORT-TEST`, easy to delete.
     """
-    settings = load_settings(
-        ScanSettings, exporter_type=exporter or None, sqlite_path=db, cluster_name=cluster,
-        node_name=node,
-    )  # fmt: skip
+    settings = _settings(ScanSettings, exporter=exporter, db=db, cluster=cluster, node=node)
     results = asyncio.run(run_export_test(settings, settings.node_name))
     for kind, error in results:
         if error is None:
@@ -221,14 +252,13 @@ def controller(
 ) -> None:
     """Watch the device-plugin pods and read each node's GPUs through them (gpuid mode)."""
     from gpufleet.inventory.config import ControllerSettings
-    from gpufleet.inventory.service import controller_processor, run_pod_watch
+    from gpufleet.inventory.service import controller_processor
 
-    settings = load_settings(
-        ControllerSettings, cluster_name=cluster, exporter_type=exporter or None,
+    _watch_pods(
+        ControllerSettings, controller_processor, cluster=cluster, exporter=exporter,
         namespace=namespace, label_selector=label_selector, container=container,
         workers=workers, server_port=server_port,
     )  # fmt: skip
-    asyncio.run(run_pod_watch(settings, controller_processor(settings)))
 
 
 @app.command()
@@ -252,14 +282,13 @@ def check(
 ) -> None:
     """Run COMMAND in each matching ready pod and log the result (gpuid's pod monitor)."""
     from gpufleet.inventory.config import CheckSettings
-    from gpufleet.inventory.service import check_processor, run_pod_watch
+    from gpufleet.inventory.service import check_processor
 
-    settings = load_settings(
-        CheckSettings, command=command, force_restart=force_restart, cluster_name=cluster,
-        namespace=namespace, label_selector=label_selector, container=container,
-        workers=workers, server_port=server_port,
+    _watch_pods(
+        CheckSettings, check_processor, command=command, force_restart=force_restart,
+        cluster=cluster, namespace=namespace, label_selector=label_selector,
+        container=container, workers=workers, server_port=server_port,
     )  # fmt: skip
-    asyncio.run(run_pod_watch(settings, check_processor(settings)))
 
 
 @app.command()
@@ -287,9 +316,9 @@ def agent(
     from gpufleet.inventory.config import AgentSettings
     from gpufleet.inventory.service import run_agent
 
-    settings = load_settings(
-        AgentSettings, node_name=node, simulate=simulate, scan_interval=scan_interval,
-        cluster_name=cluster, exporter_type=exporter or None, server_port=server_port,
+    settings = _settings(
+        AgentSettings, node=node, simulate=simulate, scan_interval=scan_interval,
+        cluster=cluster, exporter=exporter, server_port=server_port,
     )  # fmt: skip
     asyncio.run(run_agent(settings))
 
@@ -344,7 +373,7 @@ def history(
 
         store = PostgresHistory(load_settings(PostgresSettings))
     else:
-        store = History(load_settings(HistorySettings, sqlite_path=db).sqlite_path)
+        store = History(_settings(HistorySettings, db=db).sqlite_path)
     try:
         if gpu is not None:
             rows, title = store.gpu(gpu), f"GPU {gpu}"

@@ -6,6 +6,9 @@ outage, a crash or a SIGKILL. A sender seals them into batches (``BATCH_SIZE``
 readings, or whatever arrived within ``FLUSH_INTERVAL``) and writes the oldest
 batch first, retrying with capped, jittered backoff while the exporter fails.
 Later batches wait behind a failing one, so replay keeps the order.
+(Local sinks are not spooled: ``direct.py``. ``Delivery`` is the face both show.
+What each finished write means for the spool, the metrics and the log is
+``outcomes.py``'s.)
 
 A batch the sink refuses for good (``PermanentExporterError``: an HTTP 4xx)
 goes to the dead-letter file with its reason instead of blocking the line;
@@ -48,6 +51,7 @@ from gpufleet.core.retry import Backoff
 from gpufleet.inventory.errors import ExporterError, PermanentExporterError
 from gpufleet.inventory.exporters.base import Exporter
 from gpufleet.inventory.metrics import ExportMetrics
+from gpufleet.inventory.outcomes import OutcomeRecorder, Refusal
 from gpufleet.inventory.reading import Reading
 from gpufleet.inventory.spool import Spool, SpooledBatch, SpoolFullError, SpoolStats
 
@@ -57,12 +61,44 @@ log = logging.getLogger(__name__)
 _Outcome = Literal["delivered", "dead_lettered", "failed", "misconfigured", "interrupted"]
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A batch the exporter refused for good, now in the dead-letter file."""
+class Delivery(Protocol):
+    """Where a scan hands its readings: a spooled ``DeliveryPipeline`` or a ``DirectDelivery``."""
 
-    readings: int
-    reason: str
+    refused: list[Refusal]
+    """Batches dead-lettered, oldest first."""
+    config_error: ExporterError | None
+    """The configuration error that stopped delivery, if any."""
+    interrupted: bool
+    """``True`` once ``interrupt()`` was called."""
+
+    @property
+    def name(self) -> str:
+        """The exporter type."""
+        ...
+
+    async def submit(self, readings: Sequence[Reading]) -> None:
+        """Accept readings: on disk (spooled) or written (direct) once this returns."""
+        ...
+
+    async def drain(self, within: float) -> bool:
+        """Deliver what is held back within ``within`` seconds; ``True`` if nothing is left."""
+        ...
+
+    def stop(self) -> None:
+        """Ask the background delivery (if any) to finish."""
+        ...
+
+    def interrupt(self) -> None:
+        """Stop at once; whatever is not delivered stays where it is."""
+        ...
+
+    def stats(self) -> SpoolStats:
+        """What is waiting to be delivered."""
+        ...
+
+    async def close(self) -> None:
+        """Close the exporter (and the spool, if any)."""
+        ...
 
 
 class _Writer(Protocol):
@@ -116,15 +152,16 @@ class DeliveryPipeline:
         self._rand = rand
         # The age limit outlives the process, so it is measured in Unix time.
         self._wall = wall
-        self._last_error = ""
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._pending = spool.pending_count()
         # Readings left pending by an earlier process are due at once.
         self._first_pending_at: float | None = float("-inf") if self._pending else None
-        self._failing = False
         self._window: deque[_Sending] = deque()
-        self.refused: list[Refusal] = []
+        self._outcomes = OutcomeRecorder(
+            exporter.name, spool, cluster=cluster, metrics=metrics, clock=clock, wall=wall
+        )
+        self.refused: list[Refusal] = self._outcomes.refused
         """Batches dead-lettered by this pipeline, oldest first."""
         self.config_error: ExporterError | None = None
         """The configuration error that stopped delivery to this exporter, if any."""
@@ -137,7 +174,7 @@ class DeliveryPipeline:
         self._max_in_flight = max(1, in_flight)
         self._new_line: Callable[[], _Writer] | None = line if in_flight > 1 else None
         self._writer: _Writer = exporter
-        self._refresh_gauges(spool.stats())
+        self._outcomes.refresh_gauges(spool.stats())
 
     @property
     def name(self) -> str:
@@ -228,7 +265,7 @@ class DeliveryPipeline:
                 if not window:
                     if out_of_time:
                         return False
-                    self._refresh_gauges(await asyncio.to_thread(self.spool.stats))
+                    self._outcomes.refresh_gauges(await asyncio.to_thread(self.spool.stats))
                     if draining or stopping:
                         return True
                     await self._wait_for_work()
@@ -354,7 +391,6 @@ class DeliveryPipeline:
     async def _settle(self, sending: _Sending) -> _Outcome:
         """Wait for one batch's write, then ack, dead-letter or keep it."""
         batch, started = sending.batch, sending.started
-        labels = (self.name, self.cluster)
         # wait() rather than await: a write cancelled by interrupt() must not
         # look like this task being cancelled.
         try:
@@ -368,96 +404,20 @@ class DeliveryPipeline:
         try:
             sending.task.result()
         except PermanentExporterError as exc:
-            self.metrics.duration.labels(*labels).observe(self._clock() - started)
-            self.metrics.failure.labels(*labels, exc.error_type).inc()
-            await self._dead_letter(batch, str(exc), "dead_letter", exc.refused)
+            await self._outcomes.refused_for_good(batch, started, exc)
             return "dead_lettered"
         except ExporterError as exc:
             if not exc.is_config:
-                return await self._failed(batch, started, exc)
-            self.metrics.duration.labels(*labels).observe(self._clock() - started)
-            self.metrics.failure.labels(*labels, exc.error_type).inc()
-            await asyncio.to_thread(self.spool.failed, batch, str(exc))
+                await self._outcomes.failed(batch, started, exc)
+                return "failed"
+            await self._outcomes.misconfigured(batch, started, exc)
             self.config_error = exc
-            self.metrics.health.labels(self.name).set(0)
-            log.error(
-                "exporter misconfigured: not retried; delivery to it stops until the settings "
-                "are fixed and the process restarts, and its readings stay in the spool",
-                extra={
-                    "exporter": self.name,
-                    "spool": str(self.spool_path),
-                    "error_type": exc.error_type,
-                    "error": str(exc),
-                },
-            )
             return "misconfigured"
         except Exception as exc:
-            return await self._failed(batch, started, exc)
-        self.metrics.duration.labels(*labels).observe(self._clock() - started)
-        self.metrics.success.labels(*labels).inc()
-        await asyncio.to_thread(self.spool.ack, batch)
-        self.metrics.delivered.labels(self.name).inc(len(batch.readings))
-        self.metrics.queue.labels(self.name).dec(len(batch.readings))
-        if self._failing:
-            self._failing = False
-            log.info("exporter recovered", extra={"exporter": self.name, "batch": batch.hash})
+            await self._outcomes.failed(batch, started, exc)
+            return "failed"
+        await self._outcomes.delivered(batch, started)
         return "delivered"
-
-    async def _failed(self, batch: SpooledBatch, started: float, exc: Exception) -> _Outcome:
-        """A write that may succeed later: count it, keep the batch, log one line."""
-        labels = (self.name, self.cluster)
-        error_type = _error_type(exc)
-        self.metrics.duration.labels(*labels).observe(self._clock() - started)
-        self.metrics.failure.labels(*labels, error_type).inc()
-        self._last_error = str(exc) or error_type
-        await asyncio.to_thread(self.spool.failed, batch, self._last_error, self._wall())
-        self.metrics.spooled.labels(self.name).set(
-            (await asyncio.to_thread(self.spool.stats)).retried_readings
-        )
-        # One line per failed attempt; a traceback only for a bug in an exporter.
-        log.warning(
-            "export failed; the batch stays in the spool and will be retried",
-            extra={
-                "exporter": self.name,
-                "batch": batch.hash,
-                "attempt": batch.attempts + 1,
-                "error_type": error_type,
-                "error": str(exc) or error_type,
-            },
-            exc_info=not isinstance(exc, ExporterError | TimeoutError),
-        )
-        self._failing = True
-        return "failed"
-
-    async def _dead_letter(
-        self,
-        batch: SpooledBatch,
-        reason: str,
-        why: str,
-        refused: Sequence[Reading] | None = None,
-    ) -> None:
-        """Move ``refused`` (the whole batch by default) to the dead-letter file; ack the rest."""
-        count = len(batch.readings) if refused is None else len(refused)
-        taken = len(batch.readings) - count
-        await asyncio.to_thread(self.spool.dead_letter, batch, reason, self.name, refused)
-        self.metrics.dropped.labels(self.name, why).inc(count)
-        if taken:
-            self.metrics.delivered.labels(self.name).inc(taken)
-        self.metrics.queue.labels(self.name).dec(len(batch.readings))
-        log.error(
-            "batch refused by the exporter; moved to the dead-letter file"
-            if why == "dead_letter"
-            else "batch given up after too many failed attempts; moved to the dead-letter file",
-            extra={
-                "exporter": self.name,
-                "batch": batch.hash,
-                "readings": count,
-                "delivered": taken,
-                "dead_letter": str(self.spool.dead_letter_path),
-                "error": reason,
-            },
-        )
-        self.refused.append(Refusal(count, reason))
 
     def _over_limits(self, batch: SpooledBatch) -> bool:
         """Whether ``batch``, which has just failed once more, is past a retry limit."""
@@ -517,8 +477,8 @@ class DeliveryPipeline:
             if outcome is None:
                 return "failed"  # not sent again, so not given up
             if outcome == "failed":
-                reason = self._give_up_reason(again, self._last_error)
-                await self._dead_letter(again, reason, "retry_limit")
+                reason = self._give_up_reason(again, self._outcomes.last_error)
+                await self._outcomes.dead_letter(again, reason, "retry_limit")
             elif outcome != "delivered" and outcome != "dead_lettered":
                 return outcome
         return "dead_lettered"
@@ -537,10 +497,6 @@ class DeliveryPipeline:
             return await self._settle(self._window[0])
         finally:
             self._window.popleft()
-
-    def _refresh_gauges(self, stats: SpoolStats) -> None:
-        self.metrics.queue.labels(self.name).set(stats.readings)
-        self.metrics.spooled.labels(self.name).set(stats.retried_readings)
 
     # --- health ----------------------------------------------------------------
 
@@ -581,82 +537,3 @@ def _close_unstarted(sending: _Sending) -> None:
     # never awaited. Closing one that ran is a no-op.
     if inspect.iscoroutine(sending.write):
         sending.write.close()
-
-
-def _error_type(exc: BaseException) -> str:
-    if isinstance(exc, ExporterError):
-        return exc.error_type
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    return "other"
-
-
-class DirectDelivery:
-    """A local exporter (stdout, SQLite) behind the pipeline's submit/drain face.
-
-    A local sink fails at once and for a local reason (a closed pipe, a full
-    disk), so spooling its readings would only hide the failure: ``submit``
-    writes straight through and raises ``ExporterError``.
-
-    Built with ``opening()``, the exporter is opened on the first ``submit``,
-    in a worker thread: an SQLite file that cannot be opened, or waits on
-    another process's lock, then fails (or waits) for this exporter alone,
-    while the others already have their readings.
-    """
-
-    def __init__(
-        self,
-        exporter: Exporter | None = None,
-        *,
-        name: str = "",
-        open_exporter: Callable[[], Exporter] | None = None,
-    ) -> None:
-        if exporter is None and (open_exporter is None or not name):
-            raise ValueError("DirectDelivery needs an exporter, or a name and open_exporter")
-        self._exporter = exporter
-        self._open = open_exporter
-        self._name = exporter.name if exporter is not None else name
-        self.refused: list[Refusal] = []
-        self.config_error: ExporterError | None = None
-        self.interrupted = False
-
-    @classmethod
-    def opening(cls, name: str, open_exporter: Callable[[], Exporter]) -> DirectDelivery:
-        """A delivery to the exporter ``name`` that ``open_exporter()`` builds when first needed."""
-        return cls(name=name, open_exporter=open_exporter)
-
-    @property
-    def name(self) -> str:
-        """The exporter type."""
-        return self._name
-
-    async def submit(self, readings: Sequence[Reading]) -> None:
-        """Write the readings now (opening the exporter first if need be)."""
-        if self._exporter is None:
-            assert self._open is not None
-            self._exporter = await asyncio.to_thread(self._open)
-        await self._exporter.write(readings)
-
-    async def drain(self, within: float) -> bool:
-        """Nothing is ever held back."""
-        return True
-
-    def stop(self) -> None:
-        """Nothing runs in the background."""
-
-    def interrupt(self) -> None:
-        """Nothing runs in the background."""
-        self.interrupted = True
-
-    def stats(self) -> SpoolStats:
-        """Always empty: nothing waits."""
-        return SpoolStats(0, 0, 0, 0, 0)
-
-    async def close(self) -> None:
-        """Close the exporter if it was opened."""
-        if self._exporter is not None:
-            await self._exporter.close()
-
-
-Delivery = DeliveryPipeline | DirectDelivery
-"""Where a scan hands its readings: a spooled pipeline or a direct local write."""

@@ -19,23 +19,23 @@ record (committed) before the record is appended to the dead-letter file, and
 the row is deleted only after the file is fsync'd. A process that finds a marked
 row at start (the last one was killed in between) finishes the move, appending
 the record only if the file does not hold it yet; a marked batch is never sent.
+The file itself (its records, durable appends) is ``deadletter.py``'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
 from gpufleet.core.lock import LockHeldError, ProcessLock
+from gpufleet.inventory.deadletter import DeadLetterFile, dead_letter_record, record_key
 from gpufleet.inventory.errors import InventoryError
 from gpufleet.inventory.reading import Reading, batch_hash
 
@@ -141,6 +141,7 @@ class Spool:
         self.max_bytes = max_bytes
         self.full_policy = full_policy
         self.dead_letter_path = dead_letter or path.with_suffix(".dead-letter.jsonl")
+        self._dead_letters = DeadLetterFile(self.dead_letter_path)
         self._lock = threading.Lock()
         self._lock_file = self._take_process_lock(path)
         try:
@@ -177,9 +178,8 @@ class Spool:
             "SELECT seq, dead_record FROM batches WHERE dead_record IS NOT NULL ORDER BY seq"
         ).fetchall()
         for seq, record in rows:
-            key = json.loads(record)["batch"]
-            if not self._dead_letter_holds(key):
-                self._append_dead_letter(record)
+            if not self._dead_letters.holds(record_key(record)):
+                self._dead_letters.append(record)
             log.warning(
                 "finished moving a batch to the dead-letter file after a crash",
                 extra={"spool": str(self.path), "dead_letter": str(self.dead_letter_path)},
@@ -342,17 +342,11 @@ class Spool:
         per batch, even across a SIGKILL at any point (see the module notes).
         """
         refused = batch.readings if readings is None else readings
-        record = {
-            "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "exporter": exporter,
-            "reason": reason,
-            # The spool's sequence number never repeats within a spool file,
-            # and with the hash it names this batch alone.
-            "batch": f"{batch.seq}-{batch.hash}",
-            "batch_hash": batch.hash,
-            "readings": [r.to_dict() for r in refused],
-        }
-        line = json.dumps(record, separators=(",", ":"))
+        # The spool's sequence number never repeats within a spool file, and
+        # with the hash it names this batch alone.
+        line = dead_letter_record(
+            f"{batch.seq}-{batch.hash}", batch.hash, reason, exporter, refused
+        )
         with self._lock:
             # Marked first: a process killed after this never sends the batch
             # again, and the next one finishes the move.
@@ -360,29 +354,8 @@ class Spool:
                 "UPDATE batches SET dead_record = ? WHERE seq = ?", (line, batch.seq)
             )
         # Appended and fsync'd before the batch leaves the spool: never in neither.
-        self._append_dead_letter(line)
+        self._dead_letters.append(line)
         self._delete(batch.seq)
-
-    def _append_dead_letter(self, line: str) -> None:
-        with open(self.dead_letter_path, "a+b") as out:
-            out.seek(0, os.SEEK_END)
-            # A line torn by a crash before its fsync stays one bad line, not two.
-            torn = False
-            if out.tell():
-                out.seek(-1, os.SEEK_END)
-                torn = out.read(1) != b"\n"
-            out.write((("\n" if torn else "") + line + "\n").encode())
-            out.flush()
-            os.fsync(out.fileno())
-
-    def _dead_letter_holds(self, key: str) -> bool:
-        """Whether the dead-letter file already has the record of batch ``key``."""
-        needle = f'"batch":{json.dumps(key)}'.encode()
-        try:
-            with open(self.dead_letter_path, "rb") as lines:
-                return any(needle in line for line in lines)
-        except FileNotFoundError:
-            return False
 
     def _delete(self, seq: int) -> None:
         with self._lock:

@@ -17,7 +17,8 @@ from gpufleet.core.http import HealthServer
 from gpufleet.core.retry import Backoff
 from gpufleet.core.signals import stop_on_signals
 from gpufleet.inventory.config import DeliverySettings, ExportSettings
-from gpufleet.inventory.delivery import Delivery, DeliveryConfig, DeliveryPipeline, DirectDelivery
+from gpufleet.inventory.delivery import Delivery, DeliveryConfig, DeliveryPipeline
+from gpufleet.inventory.direct import DirectDelivery
 from gpufleet.inventory.exporters.base import REMOTE_EXPORTERS, make_exporter
 from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading

@@ -5,7 +5,9 @@ group), each one transaction on its own connection: ``COPY`` into a temporary
 table, then one ``INSERT … SELECT`` into the readings and one upsert of the
 placements from the same rows. A part that meets readings stored already goes
 again with ``ON CONFLICT DO NOTHING``, so a replayed batch adds nothing, and a
-failed part adds nothing either. Design notes: docs/postgres-exporter.md.
+failed part adds nothing either. The tables are made ready first
+(``migration.py``); overlapping writes keep their order through a
+``WriteLine`` (``ordering.py``). Design notes: docs/postgres-exporter.md.
 """
 
 from __future__ import annotations
@@ -13,32 +15,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
 import psycopg.errors as pgerr
-from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gpufleet.inventory.errors import EarlierWriteFailed, ExporterError, PermanentExporterError
 from gpufleet.inventory.exporters.postgres.errors import error_type, first_line, is_permanent
-from gpufleet.inventory.exporters.postgres.gpuid import (
-    backfill_placements,
-    is_gpuid_table,
-    take_over,
-)
+from gpufleet.inventory.exporters.postgres.migration import Migration
+from gpufleet.inventory.exporters.postgres.ordering import WriteLine, WriteTurn
 from gpufleet.inventory.exporters.postgres.schema import (
-    COLUMNS,
     COPY_TYPES,
-    PLACEMENT_COLUMNS,
-    SCHEMA_VERSION,
-    VERSION_TABLE,
     KeyDumper,
     WriteStatements,
     batch_row,
-    index_name,
-    schema_statements,
 )
 from gpufleet.inventory.exporters.postgres.settings import PostgresSettings
 from gpufleet.inventory.reading import Reading
@@ -46,11 +38,6 @@ from gpufleet.inventory.reading import Reading
 __all__ = ["PostgresExporter"]
 
 log = logging.getLogger(__name__)
-
-# Any fixed 64-bit number: every gpufleet exporter migrating any table in this
-# database serialises on it, because concurrent CREATE TABLE IF NOT EXISTS can
-# still fail on the catalog's unique index.
-_MIGRATION_LOCK_KEY = 0x6770_7566_6C65_6574  # "gpufleet"
 
 _Work = Callable[[psycopg.AsyncConnection[Any]], Awaitable[object]]
 
@@ -104,92 +91,6 @@ def raise_worst(errors: list[BaseException]) -> None:
     raise (retryable or errors)[0]
 
 
-class WriteTurn:
-    """One write's place in a ``WriteLine``, behind the write called before it.
-
-    Batches written at once overlap their work, not their effects: a batch
-    runs its INSERT and upsert only once the batch ahead has run its own (so
-    two batches never wait on each other's row locks in opposite directions,
-    which no server could see as a deadlock), and commits only once the batch
-    ahead has committed. When the batch ahead fails, this one commits nothing
-    and raises ``EarlierWriteFailed``. Readings thus become visible batch by
-    batch, in the order the writes were called, exactly as if they were sent
-    one at a time.
-    """
-
-    __slots__ = ("_parts_left", "ahead", "outcome", "statements_done")
-
-    def __init__(self, ahead: WriteTurn | None) -> None:
-        # Only the turn ahead is referenced, and only until this one finishes,
-        # so a line never keeps a chain of finished turns alive.
-        self.ahead = ahead
-        self.statements_done = asyncio.Event()
-        self.outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._parts_left = 0
-
-    def part(self) -> Callable[[], None]:
-        """A callback for one part, to call once its statements have run (or it failed)."""
-        self._parts_left += 1
-        called = False
-
-        def ready() -> None:
-            nonlocal called
-            if called:
-                return
-            called = True
-            self._parts_left -= 1
-            if self._parts_left == 0:
-                self.statements_done.set()
-
-        return ready
-
-    async def ahead_ok(self) -> bool:
-        """Wait until the batch ahead has committed or failed; ``True`` if committed (or none)."""
-        if self.ahead is None:
-            return True
-        return await asyncio.shield(self.ahead.outcome)
-
-    def ahead_known_ok(self) -> bool:
-        """Whether the batch ahead is known to have committed (or there is none)."""
-        ahead = self.ahead
-        return ahead is None or (ahead.outcome.done() and ahead.outcome.result())
-
-    def ahead_known_failed(self) -> bool:
-        """Whether the batch ahead is known to have failed."""
-        ahead = self.ahead
-        return ahead is not None and ahead.outcome.done() and not ahead.outcome.result()
-
-    def finish(self, committed: bool) -> None:
-        """Record the outcome (the first call wins) and leave the line."""
-        self.statements_done.set()
-        if not self.outcome.done():
-            self.outcome.set_result(committed)
-        self.ahead = None
-
-
-class WriteLine:
-    """Writes that commit in the order they were called, and stop at the first failure.
-
-    Up to ``PostgresExporter.max_in_flight`` calls may overlap. Once one write
-    of the line has failed, every later write of the same line stores nothing
-    and raises ``EarlierWriteFailed``, whenever it is called: a line never
-    commits past a gap. Sending the batches again takes a new line.
-    """
-
-    def __init__(self, exporter: PostgresExporter) -> None:
-        self._exporter = exporter
-        self._last: WriteTurn | None = None
-
-    def write(self, batch: Sequence[Reading]) -> Coroutine[Any, Any, None]:
-        """Write the batch after the ones written before it on this line.
-
-        The place in line is taken by the call itself, not when the returned
-        coroutine first runs: the order of the calls is the order of the commits.
-        """
-        turn = self._last = WriteTurn(self._last)
-        return self._exporter.write_in_turn(batch, turn)
-
-
 class PostgresExporter:
     """Writes readings and placements to PostgreSQL, a batch in one or a few transactions.
 
@@ -213,12 +114,12 @@ class PostgresExporter:
         self._schema_lock = asyncio.Lock()
         self._copy_lock = asyncio.Lock()
         self._sql = WriteStatements(settings.postgres_table, settings.postgres_placements_table)
+        self._migration = Migration(settings, self.name)
         self.conflicting_parts = 0
         """Parts (transactions) that met readings already stored and took the ON CONFLICT path."""
 
     def _where(self) -> str:
-        s = self.settings
-        return f"{s.target} table {s.postgres_table}/{s.postgres_placements_table}"
+        return self._migration.where
 
     async def open(self) -> None:
         """Start the pool and create, migrate or check the tables; idempotent."""
@@ -229,7 +130,7 @@ class PostgresExporter:
         if not self._schema_ready:
             async with self._schema_lock:
                 if not self._schema_ready:
-                    await self._run(pool, self._prepare_schema, "prepare the tables")
+                    await self._run(pool, self._migration.prepare, "prepare the tables")
                     self._schema_ready = True
         return pool
 
@@ -270,122 +171,6 @@ class PostgresExporter:
             # itself (see _write) and reports the failure as its own error.
             # A broken connection fails this rollback too, and is discarded.
             await conn.rollback()
-
-    async def _prepare_schema(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        s = self.settings
-        tables = [s.postgres_table, s.postgres_placements_table]
-        create_tables, create_indexes = schema_statements(*tables)
-        taken_over, placed = False, 0
-        async with conn.transaction():
-            if s.postgres_auto_migrate:
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK_KEY])
-                await self._check_version(conn, tables)
-                # Under the lock: a second process starting at the same time
-                # waits here, then finds the table migrated.
-                found = await self._columns(conn, s.postgres_table)
-                if is_gpuid_table(found):
-                    await self._take_over(conn, found)
-                    taken_over = True
-                for statement in create_tables:
-                    await conn.execute(statement)
-            # Before the indexes: a foreign table of the same name must be
-            # refused with a clear message, not a "column does not exist".
-            await self._check_columns(conn, s.postgres_table, frozenset(COLUMNS))
-            await self._check_columns(conn, s.postgres_placements_table, PLACEMENT_COLUMNS)
-            if s.postgres_auto_migrate:
-                for statement in create_indexes:
-                    await conn.execute(statement)
-                if taken_over:
-                    placed = await backfill_placements(conn, *tables)
-                for table in tables:
-                    await conn.execute(
-                        sql.SQL(
-                            "INSERT INTO {v} (table_name, version) VALUES (%s, %s) "
-                            "ON CONFLICT (table_name) DO UPDATE SET version = EXCLUDED.version, "
-                            "migrated_at = now() WHERE {v}.version < EXCLUDED.version"
-                        ).format(v=VERSION_TABLE),
-                        [table, SCHEMA_VERSION],
-                    )
-        if taken_over:
-            log.info(
-                "took over gpuid's readings table",
-                extra={"table": s.postgres_table, "target": s.target, "placements": placed},
-            )
-
-    async def _take_over(self, conn: psycopg.AsyncConnection[Any], found: dict[str, str]) -> None:
-        """Migrate gpuid's table in place; a failure leaves it as it was, and is ``config``."""
-        table = self.settings.postgres_table
-        try:
-            await take_over(conn, table, found, index_name(table, "key"))
-        except psycopg.Error as exc:
-            # Rows gpuid's key let through that gpufleet's does not (NULLs in
-            # the key), say. Not a batch's fault: never dead-letter for it.
-            raise ExporterError(
-                self.name,
-                f"{self.settings.target}: cannot take over gpuid's table {table}: "
-                f"{first_line(exc)}",
-                error_type="config",
-            ) from exc
-
-    async def _check_version(self, conn: psycopg.AsyncConnection[Any], tables: list[str]) -> None:
-        """Create the version table; refuse tables a newer gpufleet has migrated."""
-        await conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (table_name text PRIMARY KEY, "
-                "version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now())"
-            ).format(VERSION_TABLE)
-        )
-        cur = await conn.execute(
-            sql.SQL("SELECT max(version) FROM {} WHERE table_name = ANY(%s)").format(VERSION_TABLE),
-            [tables],
-        )
-        row = await cur.fetchone()
-        if row is not None and row[0] is not None and row[0] > SCHEMA_VERSION:
-            raise ExporterError(
-                self.name,
-                f"{self._where()}: schema version {row[0]} is newer than this "
-                f"gpufleet's {SCHEMA_VERSION}; upgrade gpufleet",
-                error_type="config",
-            )
-
-    async def _columns(self, conn: psycopg.AsyncConnection[Any], table: str) -> dict[str, str]:
-        """The table's columns and their types; empty when there is no such table."""
-        cur = await conn.execute(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-            "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
-            [sql.Identifier(table).as_string(conn)],
-        )
-        return {name: kind for name, kind in await cur.fetchall()}
-
-    async def _check_columns(
-        self, conn: psycopg.AsyncConnection[Any], table: str, wanted: frozenset[str]
-    ) -> None:
-        """Refuse a missing table, or one not ours (and not gpuid's, which is taken over)."""
-        found = await self._columns(conn, table)
-        if not found:
-            hint = "" if self.settings.postgres_auto_migrate else " (POSTGRES_AUTO_MIGRATE=false)"
-            raise ExporterError(
-                self.name,
-                f"{self.settings.target}: table {table} does not exist{hint}",
-                error_type="config",
-            )
-        if is_gpuid_table(found):
-            raise ExporterError(
-                self.name,
-                f"{self.settings.target}: table {table} is gpuid's; set "
-                "POSTGRES_AUTO_MIGRATE=true to take it over, or point POSTGRES_TABLE "
-                "at a new table",
-                error_type="config",
-            )
-        missing = sorted(wanted - found.keys())
-        if missing or found.get("id", "uuid") != "uuid":
-            raise ExporterError(
-                self.name,
-                f"{self.settings.target}: table {table} exists but is not a gpufleet table "
-                f"(missing {', '.join(missing) or 'nothing'}; id is {found.get('id')}); "
-                "point POSTGRES_TABLE/POSTGRES_PLACEMENTS_TABLE at new tables",
-                error_type="config",
-            )
 
     async def write(self, batch: Sequence[Reading]) -> None:
         """Insert the batch, one transaction per part; readings already present are ignored.
