@@ -263,9 +263,11 @@ async def test_only_the_leader_execs_and_the_standby_takes_over_when_it_stops(
     api.add_node("n0", provider_id="aws:///us-east-1a/i-00000000000000000")
     api.add_node("n1", provider_id="aws:///us-east-1a/i-00000000000000001")
     api.add_pod(NS, "first", node_name="n0", labels=LABELS)
+    # The stopping leader's release must finish within one retry period; 0.3 s
+    # leaves a busy machine room, and waiting out the lease is still 10 reads.
     lease = {
         "leader_election": True, "lease_namespace": "gpufleet", "lease_name": "inv-leader",
-        "lease_duration": 1.0, "lease_renew_deadline": 0.6, "lease_retry_period": 0.1,
+        "lease_duration": 3.0, "lease_renew_deadline": 2.0, "lease_retry_period": 0.3,
     }  # fmt: skip
     one = await start_watch(
         api, controller_settings(tmp_path / "a", pod_name="a", **lease), controller_processor
@@ -325,9 +327,11 @@ async def readyz(run: Running) -> int:
 
 
 async def test_a_standby_replica_is_ready_once_synced(api: KubeApiDouble, tmp_path: Path) -> None:
+    # The stopping leader's release must finish within one retry period; 0.3 s
+    # leaves a busy machine room, and waiting out the lease is still 10 reads.
     lease = {
         "leader_election": True, "lease_namespace": "gpufleet", "lease_name": "inv-leader",
-        "lease_duration": 1.0, "lease_renew_deadline": 0.6, "lease_retry_period": 0.1,
+        "lease_duration": 3.0, "lease_renew_deadline": 2.0, "lease_retry_period": 0.3,
     }  # fmt: skip
     leader = await start_watch(
         api, controller_settings(tmp_path / "a", pod_name="a", **lease), controller_processor
