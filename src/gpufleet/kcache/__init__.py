@@ -1,5 +1,8 @@
 """Kernel cache images: JIT kernel caches (Triton, vLLM, Inductor) packed as OCI images.
 
+- `cli` is ``gpufleet cache``; `errors` the feature's exceptions (each names its file,
+  blob or reference); `model` what a cache is to the rest of the feature; `progress` the
+  byte progress bar of a long transfer.
 - `format` reads and validates cache directories; `groups` names Triton's kernel groups and
   rewrites their ``__grp__`` child paths; `compat` matches caches to GPUs.
 - `image` builds reproducible images; `labels` writes and reads their config labels.
@@ -20,8 +23,8 @@ The cluster side (GKM-compatible; docs/kcache-cluster.md):
 - `cluster` holds the names and the CSI volume contract every part agrees on; `objects`
   the API objects' models (parsing, conditions); `patches` the merge patches that write
   them; `crds` the CRDs generated from them.
-- `operator/` resolves and verifies caches and rolls node status up (kopf).
-- `node/` is the one node process: the agent (GPUs, pulls, node objects, Node labels) and
-  the `csi/` plugin sharing one state; `mounts` reads mountinfo and makes read-only binds,
+- `operator` resolves and verifies caches and rolls node status up (kopf).
+- `node` is the one node process: the agent (GPUs, pulls, node objects, Node labels) and
+  the `csi` plugin sharing one state; `mounts` reads mountinfo and makes read-only binds,
   `publications` records what is published, and `gc` collects the store.
 """

@@ -17,10 +17,17 @@ The node process (``gpufleet cache node``) builds one and runs it beside its age
     await server.stop()
 
 `NodeServicer` takes the mount functions (`gpufleet.kcache.mounts`) as keyword collaborators
-too, for tests. What each RPC checks and answers is in `gpufleet.kcache.csi.node`; the code
-and log line of a refusal in `gpufleet.kcache.csi.refusals`; the target path rules in
-`gpufleet.kcache.csi.targets`; the volume context in `gpufleet.kcache.csi.attributes`. See
-docs/kcache-cluster.md, "CSI plugin".
+too, for tests.
+
+- `server`: the gRPC server on the kubelet's unix socket (bounds, endpoint parsing);
+- `identity`: the Identity service (name, capabilities, readiness);
+- `node`: the Node service, what each RPC checks and answers;
+- `refusals`: the gRPC code and the log line of a refused request;
+- `targets`: where the kubelet may ask us to mount;
+- `attributes`: the volume context, read strictly;
+- `v1`: the stubs generated from ``proto/csi/v1`` (``make proto``).
+
+See docs/kcache-cluster.md, "CSI plugin".
 """
 
 from gpufleet.kcache.csi.identity import IdentityServicer

@@ -1,4 +1,4 @@
-"""The operator's calls to the API server: exactly the writes SPEC17 gives it, and its reads.
+"""The operator's calls to the API server: exactly the writes its RBAC grants, and its reads.
 
 Writes: a cache's ``status`` (the ``/status`` subresource), its resolved-digest annotation,
 its finalizer, Events, and deleting node objects whose Node is gone. Reads: node objects

@@ -10,6 +10,15 @@ of the placements from the same rows. See docs/postgres-exporter.md.
 Connection parameters travel as keyword arguments and table names as
 ``psycopg.sql.Identifier``; nothing the user configures is ever pasted into
 SQL or into a DSN string.
+
+- ``exporter.py``: ``PostgresExporter``, the pool, a batch's split and transactions;
+- ``schema.py``: the tables and the statements that write a batch;
+- ``migration.py``: the tables made ready before the first batch, with ``gpuid.py``
+  taking over gpuid's own table in place;
+- ``ordering.py``: overlapping writes that commit in the order they were called;
+- ``errors.py``: what a psycopg failure means, and how it is said;
+- ``settings.py``: the ``POSTGRES_*`` settings;
+- ``history.py``: ``inventory history --from postgres``.
 """
 
 from gpufleet.inventory.exporters.postgres.exporter import PostgresExporter
