@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 import shlex
@@ -17,12 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.doubles.certificates import self_signed
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
@@ -154,33 +150,10 @@ def test_serves_parseable_metrics_over_http_and_stops_on_sigterm(
     assert proc.wait(timeout=20) == 0
 
 
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_tls_flags_serve_https_only(tmp_path: Path, started: list[subprocess.Popen[str]]) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed("localhost", hosts=["localhost"]).write(
+        tmp_path / "tls.crt", tmp_path / "tls.key"
+    )
     port = free_port()
     start(tmp_path, started, "--simulate", "l4", "--disable-k8s", "--bind-address",
           "127.0.0.1", "--port", str(port), "--tls-cert-file", str(cert),
