@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import io
 import json
 import os
@@ -29,7 +28,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.x509.oid import NameOID
 
 from gpufleet.kcache.credentials import Credentials, docker_credentials
 from gpufleet.kcache.errors import (
@@ -49,6 +47,7 @@ from gpufleet.kcache.oci import (
 )
 from gpufleet.kcache.reference import Reference
 from tests.conftest import require
+from tests.doubles.certificates import self_signed
 
 pytestmark = pytest.mark.integration
 
@@ -536,19 +535,8 @@ class TokenService:
         self._cert = self.certificate()
 
     def certificate(self) -> x509.Certificate:
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gpufleet test token service")])
-        now = datetime.datetime.now(datetime.UTC)
-        return (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
+        """A self-signed certificate over the signing key, sent as the tokens' ``x5c``."""
+        return self_signed("gpufleet test token service", key=self.key).certificate
 
     def token(self, scopes: list[str], user: str | None) -> str:
         access = []
