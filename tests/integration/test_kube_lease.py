@@ -160,20 +160,29 @@ async def test_a_dead_leaders_lease_is_taken_once_it_expires(
 
 
 async def test_a_leader_whose_lease_is_taken_stops_leading_at_once(
-    kube: Kube, running: Running
+    api: KubeApiDouble, kube: Kube, running: Running
 ) -> None:
     stops: list[float] = []
-    leader = running.start(kube, "replica-1", on_stopped_leading=lambda: stops.append(1.0))
+    reads_at_stop: list[int] = []
+
+    def stopped() -> None:
+        stops.append(1.0)
+        reads_at_stop.append(lease_reads(api))
+
+    leader = running.start(kube, "replica-1", on_stopped_leading=stopped)
     await asyncio.wait_for(leader.leading.wait(), timeout=DURATION + SLACK)
 
     lease = await call_json(kube.coordination.read_namespaced_lease, LEASE, NS)
     lease["spec"]["holderIdentity"] = "intruder"
     lease["spec"]["renewTime"] = "2030-01-01T00:00:00.000000Z"
     await call_json(kube.coordination.replace_namespaced_lease, LEASE, NS, lease)
-    await asyncio.wait_for(leader.not_leading.wait(), timeout=RETRY + SLACK)
+    taken = lease_reads(api)
+    await asyncio.wait_for(leader.not_leading.wait(), timeout=HANG_GUARD_S)
 
     assert stops == [1.0]
     assert leader.holder == "intruder"
+    # At once: at its first read of the taken Lease, not after a deadline.
+    assert reads_at_stop == [taken + 1]
 
 
 class Blockable(TokenBucket):
