@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
 import json
 import socket
 import time
@@ -30,7 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.x509.oid import NameOID
+
+from tests.doubles.certificates import self_signed
 
 __all__ = ["RecordingTransport", "TokenRegistry", "TokenService", "running_token_registry"]
 
@@ -65,19 +65,7 @@ class TokenService:
 
     def certificate(self) -> x509.Certificate:
         """A self-signed CA certificate for `key`, valid for a day."""
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gpufleet test token service")])
-        now = datetime.datetime.now(datetime.UTC)
-        return (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
+        return self_signed("gpufleet test token service", key=self.key).certificate
 
     def token(self, scopes: list[str], user: str | None) -> str:
         """A signed JWT granting `scopes` (only their pull for anyone but a known user)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 import shlex
@@ -11,18 +10,16 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.doubles.certificates import self_signed
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -52,15 +49,38 @@ def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def fetch(url: str, context: ssl.SSLContext | None = None) -> str:
-    deadline = time.monotonic() + 20
-    while True:
+    """The body at `url`, once the exporter listens (it is still starting at first)."""
+    bodies: list[str] = []
+
+    def answered() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=5, context=context) as response:
-                return str(response.read().decode())
+                bodies.append(response.read().decode())
         except (urllib.error.URLError, ConnectionError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+            return False
+        return True
+
+    wait_until(answered, 20, f"an answer from {url}")
+    return bodies[-1]
+
+
+def fetch_collected(url: str, proc: subprocess.Popen[str] | None = None) -> str:
+    """The metrics at `url` once the first collection has put GPU series there.
+
+    With `proc`, the exporter exiting first fails the test with its stderr.
+    """
+    texts = [fetch(url)]
+
+    def collected() -> bool:
+        if "gpu_utilization{" in texts[-1]:
+            return True
+        if proc is not None:
+            assert proc.poll() is None, proc.communicate()[1]
+        texts[-1] = fetch(url)
+        return "gpu_utilization{" in texts[-1]
+
+    wait_until(collected, 60, f"GPU series at {url}")
+    return texts[-1]
 
 
 @pytest.fixture
@@ -121,10 +141,7 @@ def test_serves_parseable_metrics_over_http_and_stops_on_sigterm(
     port = free_port()
     proc = start(tmp_path, started, "--simulate", "dgx-h100", "--disable-k8s", "--bind-address",
                  "127.0.0.1", "--port", str(port), "--interval", "0.25")  # fmt: skip
-    text = fetch(f"http://127.0.0.1:{port}/metrics")
-    while "gpu_utilization{" not in text:
-        time.sleep(0.1)
-        text = fetch(f"http://127.0.0.1:{port}/metrics")
+    text = fetch_collected(f"http://127.0.0.1:{port}/metrics")
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert len(families["gpu_utilization"].samples) == 8
     assert families["gpufleet_exporter_collect_duration_seconds"].type == "histogram"
@@ -133,33 +150,10 @@ def test_serves_parseable_metrics_over_http_and_stops_on_sigterm(
     assert proc.wait(timeout=20) == 0
 
 
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_tls_flags_serve_https_only(tmp_path: Path, started: list[subprocess.Popen[str]]) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed("localhost", hosts=["localhost"]).write(
+        tmp_path / "tls.crt", tmp_path / "tls.key"
+    )
     port = free_port()
     start(tmp_path, started, "--simulate", "l4", "--disable-k8s", "--bind-address",
           "127.0.0.1", "--port", str(port), "--tls-cert-file", str(cert),
@@ -211,11 +205,7 @@ def test_the_readmes_try_it_example_serves_gpu_and_process_series(
     )  # fmt: skip
     started.append(proc)
     url = f"http://127.0.0.1:{port}{match.group(2)}"
-    text = fetch(url)
-    while "gpu_utilization{" not in text:
-        assert proc.poll() is None, proc.communicate()[1]
-        time.sleep(0.1)
-        text = fetch(url)
+    text = fetch_collected(url, proc)
     assert [line for line in text.splitlines() if re.search(match.group(3), line)]
     families = {f.name: f for f in text_string_to_metric_families(text)}
     gpu_labels = {"hostname", "index", "devicename", "uuid", "pod", "namespace", "container"}
@@ -243,10 +233,7 @@ def test_a_source_flag_overrides_the_simulate_variable(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     started.append(proc)
-    text = fetch(f"http://127.0.0.1:{port}/metrics")
-    while "gpu_utilization{" not in text:
-        time.sleep(0.1)
-        text = fetch(f"http://127.0.0.1:{port}/metrics")
+    text = fetch_collected(f"http://127.0.0.1:{port}/metrics")
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert {s.labels["devicename"] for s in families["gpu_utilization"].samples} == {"NVIDIA L4"}
 

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.core.extras import EXTRA_OF_MODULE
+from tests.polling import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / ".venv-core"
@@ -121,11 +122,12 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
+
+        def listening() -> bool:
             assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "device API socket never appeared"
-            time.sleep(0.05)
+            return sock.exists()
+
+        wait_until(listening, 30, "the device API socket appearing")
         yield sock, server
     finally:
         server.terminate()
@@ -153,19 +155,21 @@ def test_the_gpu_exporter_works_without_extras_outside_kubernetes() -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while True:
+        bodies: list[str] = []
+
+        def served_metrics() -> bool:
             assert exporter.poll() is None, exporter.stderr.read() if exporter.stderr else ""
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    body = r.read().decode()
-                break
+                    bodies.append(r.read().decode())
             except OSError:
-                assert time.monotonic() < deadline, "the exporter never served /metrics"
-                time.sleep(0.1)
+                return False
+            return True
+
+        wait_until(served_metrics, 30, "the exporter serving /metrics")
         up = [
             sample
-            for family in text_string_to_metric_families(body)
+            for family in text_string_to_metric_families(bodies[-1])
             for sample in family.samples
             if sample.name == "gpufleet_exporter_gpu_up"
         ]

@@ -11,8 +11,6 @@ recorded there, so the tests assert on what a peer really received.
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
 import os
 import ssl
 import subprocess
@@ -22,13 +20,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gpufleet.kcache.errors import AuthError, KcacheError, RegistryError
 from gpufleet.kcache.oci import RegistryClient, sha256_digest
+from tests.doubles.certificates import self_signed
 from tests.doubles.hostile import (
     HANG_GUARD_S,
     HUGE,
@@ -158,36 +153,9 @@ def test_a_location_on_the_same_host_but_another_port_is_another_origin(
 
 
 def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    certificate = self_signed("127.0.0.1", hosts=["127.0.0.1"])
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_path, key_path)
-    return context, cert_path
+    return certificate.server_context(cert_path, key_path), cert_path
 
 
 @pytest.mark.parametrize("other_host", [False, True], ids=["same-host", "other-host"])

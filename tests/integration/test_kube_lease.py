@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +13,7 @@ from gpufleet.kube.errors import LeaseLost
 from gpufleet.kube.lease import LeaderElector
 from gpufleet.kube.ratelimit import TokenBucket
 from tests.doubles.kubeapi import KubeApiDouble
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -21,6 +21,28 @@ NS = "gpuid"
 LEASE = "gpuid-leader"
 DURATION, DEADLINE, RETRY = 1.0, 0.6, 0.2
 SLACK = 0.5  # scheduling and loopback latency on a busy CI machine
+HANG_GUARD_S = 30.0
+"""Fails only what never happens; the properties are stated by clocks and events."""
+
+
+def frozen() -> float:
+    """A local clock that never moves: no Lease ever goes unrenewed for long enough."""
+    return 0.0
+
+
+class ManualClock:
+    """A local clock that moves only when the test sets it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lease_reads(api: KubeApiDouble) -> int:
+    """How many times anyone has read the Lease."""
+    return api.count(verb="get", resource="leases")
 
 
 @pytest.fixture
@@ -89,17 +111,17 @@ async def test_one_of_two_electors_leads(api: KubeApiDouble, kube: Kube, running
 
 
 async def test_the_other_takes_over_when_the_leader_stops(kube: Kube, running: Running) -> None:
-    one = running.start(kube, "replica-1")
-    two = running.start(kube, "replica-2")
+    # On frozen clocks no Lease ever expires: the follower can only take the
+    # one the leader hands back, so it need not wait out a lease duration.
+    one = running.start(kube, "replica-1", clock=frozen)
+    two = running.start(kube, "replica-2", clock=frozen)
     leader = await first_leader(one, two, within=DURATION + SLACK)
     follower = two if leader is one else one
 
-    stopped = time.monotonic()
     await running.stop(leader)
-    await asyncio.wait_for(follower.leading.wait(), timeout=DURATION + SLACK)
+    await asyncio.wait_for(follower.leading.wait(), timeout=HANG_GUARD_S)
 
     assert not leader.is_leader
-    assert time.monotonic() - stopped <= DURATION + SLACK
 
 
 async def test_a_dead_leaders_lease_is_taken_once_it_expires(
@@ -118,13 +140,19 @@ async def test_a_dead_leaders_lease_is_taken_once_it_expires(
             },
         },
     )
-    started = time.monotonic()
-    candidate = running.start(kube, "replica-1")
+    clock = ManualClock()
+    candidate = running.start(kube, "replica-1", clock=clock)
 
-    await asyncio.wait_for(candidate.leading.wait(), timeout=DURATION + RETRY + SLACK)
+    # Not before the record has gone unrenewed for its duration, as seen locally:
+    # at exactly its duration the candidate reads the Lease again and leaves it.
+    await eventually(lambda: lease_reads(api) >= 2, limit=HANG_GUARD_S)
+    clock.now = DURATION
+    reads = lease_reads(api)
+    await eventually(lambda: lease_reads(api) >= reads + 2, limit=HANG_GUARD_S)
+    assert not candidate.is_leader
+    clock.now = DURATION + RETRY
+    await asyncio.wait_for(candidate.leading.wait(), timeout=HANG_GUARD_S)
 
-    # Not before the record has gone unrenewed for its duration, as seen locally.
-    assert time.monotonic() - started >= DURATION
     lease = api.get("leases", NS, LEASE)
     assert lease is not None
     assert lease["spec"]["holderIdentity"] == "replica-1"
@@ -132,20 +160,29 @@ async def test_a_dead_leaders_lease_is_taken_once_it_expires(
 
 
 async def test_a_leader_whose_lease_is_taken_stops_leading_at_once(
-    kube: Kube, running: Running
+    api: KubeApiDouble, kube: Kube, running: Running
 ) -> None:
     stops: list[float] = []
-    leader = running.start(kube, "replica-1", on_stopped_leading=lambda: stops.append(1.0))
+    reads_at_stop: list[int] = []
+
+    def stopped() -> None:
+        stops.append(1.0)
+        reads_at_stop.append(lease_reads(api))
+
+    leader = running.start(kube, "replica-1", on_stopped_leading=stopped)
     await asyncio.wait_for(leader.leading.wait(), timeout=DURATION + SLACK)
 
     lease = await call_json(kube.coordination.read_namespaced_lease, LEASE, NS)
     lease["spec"]["holderIdentity"] = "intruder"
     lease["spec"]["renewTime"] = "2030-01-01T00:00:00.000000Z"
     await call_json(kube.coordination.replace_namespaced_lease, LEASE, NS, lease)
-    await asyncio.wait_for(leader.not_leading.wait(), timeout=RETRY + SLACK)
+    taken = lease_reads(api)
+    await asyncio.wait_for(leader.not_leading.wait(), timeout=HANG_GUARD_S)
 
     assert stops == [1.0]
     assert leader.holder == "intruder"
+    # At once: at its first read of the taken Lease, not after a deadline.
+    assert reads_at_stop == [taken + 1]
 
 
 class Blockable(TokenBucket):
@@ -162,24 +199,32 @@ class Blockable(TokenBucket):
 
 
 async def test_a_leader_that_cannot_renew_stops_before_its_lease_expires(
-    api: KubeApiDouble, running: Running
+    api: KubeApiDouble, kube: Kube, running: Running
 ) -> None:
+    events: list[str] = []
     limiter = Blockable()
-    async with Kube(api.client_configuration(), limiter) as kube:
-        leader = running.start(kube, "replica-1")
+    async with Kube(api.client_configuration(), limiter) as cut_off:
+        leader = running.start(
+            cut_off,
+            "replica-1",
+            on_started_leading=lambda: events.append("replica-1 started"),
+            on_stopped_leading=lambda: events.append("replica-1 stopped"),
+        )
         await asyncio.wait_for(leader.leading.wait(), timeout=DURATION + SLACK)
+        standby = running.start(
+            kube, "replica-2", on_started_leading=lambda: events.append("replica-2 started")
+        )
+        await eventually(lambda: standby.holder == "replica-1", limit=HANG_GUARD_S)
         await asyncio.sleep(RETRY * 1.5)  # past at least one renewal
 
-        limiter.open.clear()  # the API server becomes unreachable
-        cut_off = time.monotonic()
-        await asyncio.wait_for(leader.not_leading.wait(), timeout=DURATION)
-        stopped_after = time.monotonic() - cut_off
+        limiter.open.clear()  # the API server becomes unreachable for the leader alone
+        await asyncio.wait_for(standby.leading.wait(), timeout=HANG_GUARD_S)
         limiter.open.set()
         await running.stop(leader)
 
-    # It stopped within renew_deadline of its last renewal, so before anyone
-    # else could have considered the Lease expired.
-    assert stopped_after < DURATION
+    # It stopped within renew_deadline of its last renewal, so before the
+    # standby could consider the Lease expired: never two leaders at once.
+    assert events == ["replica-1 started", "replica-1 stopped", "replica-2 started"]
 
 
 async def test_raise_on_loss_ends_run_with_lease_lost(kube: Kube) -> None:

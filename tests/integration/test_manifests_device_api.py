@@ -40,7 +40,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 import types
 import urllib.error
 import urllib.request
@@ -56,6 +55,7 @@ from gpufleet.deviceapi.client import DeviceApiClient
 from gpufleet.gpu import sim
 from tests.doubles.kubeapi import KubeApiDouble
 from tests.integration.test_manifests import Manifest
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -548,16 +548,17 @@ def running(pod: Pod) -> Iterator[Pod]:
 
 
 def wait_ready(pod: Pod) -> None:
-    guard = time.monotonic() + START_GUARD_S
-    while True:
+    def ready() -> bool:
         exited = {c.name: c.process.poll() for c in pod.containers.values() if c.process}
         if any(code is not None for code in exited.values()):
             pytest.fail(f"a container exited: {exited}\n{logs(pod)}")
-        if all(http_status(c.metrics_port, "/readyz") == 200 for c in pod.containers.values()):
-            return
-        if time.monotonic() > guard:
-            pytest.fail(f"not ready within the {START_GUARD_S:.0f}s hang guard\n{logs(pod)}")
-        time.sleep(0.2)
+        return all(http_status(c.metrics_port, "/readyz") == 200 for c in pod.containers.values())
+
+    try:
+        wait_until(ready, START_GUARD_S, "both containers ready")
+    except pytest.fail.Exception as hang:
+        # The containers' logs say why; read them now, when it has failed.
+        pytest.fail(f"{hang}\n{logs(pod)}")
 
 
 def consumer_list(pod: Pod, socket_path: Path, gid: int) -> subprocess.CompletedProcess[str]:
