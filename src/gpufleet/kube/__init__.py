@@ -1,9 +1,19 @@
 """Kubernetes plumbing: one rate-limited client, informers, exec, node identity, leases.
 
 Features use these instead of talking to the API on their own; see
-`docs/kube.md` for the design notes. The names below are imported on first
-use, so that importing `gpufleet.kube.settings` (which a feature's settings
-model does) does not need `kubernetes_asyncio`, the `k8s` extra.
+`docs/kube.md` for the design notes.
+
+- `client`: the connection, with one rate limiter (`ratelimit`, a token bucket for
+  ``QPS``/``BURST``) in front of every call;
+- `watch`: informers, a local cache kept current by list+watch;
+- `exec`: a command in a container over the exec websocket;
+- `identity`: which machine a node runs on, from its providerID;
+- `lease`: leader election on a Lease;
+- `settings`: the client's and leader election's settings; `errors` the exceptions.
+
+The names below are imported on first use, so that importing
+`gpufleet.kube.settings` (which a feature's settings model does) does not need
+`kubernetes_asyncio`, the `k8s` extra.
 """
 
 from __future__ import annotations
