@@ -13,7 +13,6 @@ import json
 import logging
 import socket
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +39,7 @@ from gpufleet.kube.client import Kube, connect
 from gpufleet.kube.watch import Informer
 from tests import polling
 from tests.doubles.kubeapi import ExecReply, ExecRequest, KubeApiDouble
+from tests.simulated_time import GrantRecordingBucket, held_back, within_bucket
 
 pytestmark = pytest.mark.integration
 
@@ -83,9 +83,13 @@ class Running:
         await asyncio.wait_for(self.task, 30)
 
 
-async def start_watch(api: KubeApiDouble, settings: Any, make: Callable[..., Any]) -> Running:
+async def start_watch(
+    api: KubeApiDouble, settings: Any, make: Callable[..., Any], *, kube: Kube | None = None
+) -> Running:
+    """Run the pod watch in a task, on ``kube`` (by default one built from ``settings``)."""
     run = Running()
-    kube = await kube_for(api, settings)
+    if kube is None:
+        kube = await kube_for(api, settings)
 
     async def main() -> None:
         try:
@@ -176,28 +180,6 @@ async def test_readings_carry_the_machine_of_each_provider_id_form(
 
 # Times are taken where requests arrive, at the double; a token taken at t reaches
 # it a few milliseconds later.
-ARRIVAL_JITTER_S = 0.02
-
-
-def within_rate(times: list[float], start: float, qps: float, burst: int) -> bool:
-    """By every request, at most burst + qps * (time elapsed since start) were sent.
-
-    This is the issue's bound, anchored at the controller's start. (Sliding
-    windows of a few milliseconds measure the double's scheduling on a busy
-    machine more than the limiter, and flaked.)
-
-    Not a stopwatch: it bounds how *early* the n-th request can arrive, which
-    is what the token bucket guarantees (it starts full at ``burst`` after
-    ``start`` and adds ``qps`` tokens a second). A slow machine only makes
-    requests arrive later, which keeps it true; only a limiter letting more
-    through than its tokens can break it.
-    """
-    return all(
-        n <= burst + qps * (t - start + ARRIVAL_JITTER_S)
-        for n, t in enumerate(sorted(times), start=1)
-    )
-
-
 async def test_a_burst_of_300_pods_stays_within_qps_and_burst(
     api: KubeApiDouble, tmp_path: Path
 ) -> None:
@@ -206,13 +188,26 @@ async def test_a_burst_of_300_pods_stays_within_qps_and_burst(
         api.add_pod(NS, f"dp-{n}", node_name=f"n{n}", labels=LABELS)
     api.set_exec_handler(_tiny_smi)
     settings = controller_settings(tmp_path, qps=50.0, burst=100, workers=16)
-    start = time.monotonic()  # the double stamps requests with the same clock
-    run = await start_watch(api, settings, controller_processor)
+    # The controller builds its one limiter from QPS and BURST ...
+    configured = await kube_for(api, settings)
+    await configured.close()
+    assert (configured.limiter.qps, configured.limiter.burst) == (50.0, 100)
+    # ... and here runs the same bucket on simulated time, so every grant is
+    # counted at its simulated moment: what the API saw is bounded by a count,
+    # not by a stopwatch on a busy machine.
+    bucket = GrantRecordingBucket(50.0, 100)
+    run = await start_watch(
+        api, settings, controller_processor, kube=Kube(api.client_configuration(), bucket)
+    )
     try:
         await eventually(lambda: api.exec_count() == 300, limit=60)
     finally:
         await run.halt()
-    assert within_rate([r.time for r in api.requests], start, qps=50.0, burst=100)
+    # Every request the API saw took a token first (a watch granted as the
+    # controller stopped may never arrive).
+    assert len(bucket.grants) >= len(api.requests) > 300  # the execs, and the lists and watches
+    assert within_bucket(bucket.grants, qps=50.0, burst=100) == []
+    assert held_back(bucket.grants, qps=50.0, burst=100)
 
 
 async def _tiny_smi(request: ExecRequest) -> ExecReply:
