@@ -22,7 +22,7 @@ import gpufleet
 from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.referrers import list_referrers
-from tests.integration.test_kcache_cli import cache_cli, write_keys
+from tests.integration.kcache_cli_support import cache_cli, write_keys
 from tests.sbom_support import ROOT, SBOM_TYPE, artifact, missing_from_sbom, pull_json
 
 pytestmark = pytest.mark.integration

@@ -25,8 +25,7 @@ from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.referrers import list_referrers, referrers_tag
 from gpufleet.kcache.sign import signature_tag
 from tests.conftest import require
-from tests.integration.test_kcache_cli import cache_cli, write_keys
-from tests.integration.test_kcache_policy import push_image
+from tests.integration.kcache_cli_support import cache_cli, push_image, write_keys
 from tests.sbom_support import (
     PUBLISH,
     ROOT,

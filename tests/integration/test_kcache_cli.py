@@ -15,13 +15,10 @@ import pty
 import select
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from gpufleet.kcache.image import DEFAULT_MOUNT_ROOT, build_image
 from gpufleet.kcache.oci import RegistryClient, sha256_digest
@@ -30,26 +27,10 @@ from gpufleet.kcache.store import CacheStore
 from gpufleet.kcache.transfer import push_image
 from tests.conftest import require
 from tests.doubles.registry import RecordingTransport
+from tests.integration.kcache_cli_support import GPUFLEET, cache_cli, write_keys
 from tests.kcache_support import build_triton_cache, compile_again, group_dirs
 
 pytestmark = pytest.mark.integration
-
-GPUFLEET = [sys.executable, "-m", "gpufleet.cli", "cache"]
-
-
-def cache_cli(
-    *args: str, env: dict[str, str] | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "KCACHE_", "COSIGN_"))
-    }
-    full_env.update(env or {})
-    result = subprocess.run(
-        [*GPUFLEET, *args], capture_output=True, text=True, env=full_env, timeout=180, check=False
-    )
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -238,24 +219,6 @@ def test_a_flipped_byte_in_the_registry_fails_the_pull(
 def installed(store: Path) -> list[Path]:
     """Caches the store holds: installed ones, and any directory a failed install left."""
     return sorted(p for p in (store / "caches" / "sha256").glob("*/*") if p.is_dir())
-
-
-def write_keys(directory: Path, name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = directory / f"{name}.key", directory / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
 
 
 def test_signed_images_verify_and_extract_only_with_the_right_key(

@@ -12,8 +12,7 @@ from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.referrers import referrers_tag
 from gpufleet.kcache.sign import signature_tag
 from tests.conftest import require
-from tests.integration.test_kcache_cli import cache_cli, write_keys
-from tests.integration.test_kcache_policy import push_image
+from tests.integration.kcache_cli_support import cache_cli, push_image, write_keys
 
 pytestmark = pytest.mark.integration
 

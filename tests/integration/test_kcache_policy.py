@@ -24,12 +24,13 @@ from gpufleet.kcache.errors import (
     UnsignedError,
     UntrustedSignatureError,
 )
-from gpufleet.kcache.oci import OCI_MANIFEST, RegistryClient, sha256_digest
+from gpufleet.kcache.oci import RegistryClient
 from gpufleet.kcache.policy import TrustPolicy, Verified, verify_by_policy
 from gpufleet.kcache.reference import Reference
 from gpufleet.kcache.referrers import referrers_tag
 from gpufleet.kcache.sign import sign_image, signature_tag
 from tests.conftest import require
+from tests.integration.kcache_cli_support import push_image
 
 pytestmark = pytest.mark.integration
 
@@ -63,22 +64,6 @@ def policy(keys: dict[str, ec.EllipticCurvePrivateKey]) -> TrustPolicy:
     data = {f"{name}.pub": _pem(key) for name, key in keys.items() if name != "rogue"}
     data["policy.yaml"] = b'cluster: [ci]\nnamespaces: {team-a: [team-a, ci], "*": [ci]}\n'
     return TrustPolicy.from_secret_data(data)
-
-
-def push_image(client: RegistryClient, ref: Reference, content: bytes) -> str:
-    """A minimal OCI image at ``ref`` (one layer, ``content``); returns its digest."""
-    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
-    client.push_blob(ref.repository, config)
-    client.push_blob(ref.repository, content)
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": sha256_digest(config), "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": sha256_digest(content), "size": len(content)}],
-    }).encode()  # fmt: skip
-    assert ref.tag is not None
-    return client.push_manifest(ref.repository, ref.tag, manifest, OCI_MANIFEST)
 
 
 Signer = Callable[[RegistryClient, Reference, ec.EllipticCurvePrivateKey], str]

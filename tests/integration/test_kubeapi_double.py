@@ -30,6 +30,7 @@ from kubernetes_asyncio.stream import WsApiClient
 
 from gpufleet.gpu.smi import parse_smi_xml
 from tests.doubles.kubeapi import ExecReply, ExecRequest, KubeApiDouble
+from tests.integration.kubeapi_double_support import collect
 
 pytestmark = pytest.mark.integration
 
@@ -60,17 +61,6 @@ async def ws(api: KubeApiDouble) -> AsyncIterator[CoreV1Api]:
 async def leases(api: KubeApiDouble) -> AsyncIterator[CoordinationV1Api]:
     async with ApiClient(api.client_configuration()) as client:
         yield CoordinationV1Api(client)
-
-
-async def collect(stream: watch.Watch, count: int) -> list[dict[str, Any]]:
-    """The next ``count`` events of ``stream``; fails after five seconds."""
-    events: list[dict[str, Any]] = []
-    async with asyncio.timeout(5):
-        async for event in stream:
-            events.append(event)
-            if len(events) == count:
-                break
-    return events
 
 
 async def run_exec(

@@ -20,88 +20,12 @@ from kubernetes_asyncio.client import ApiClient, ApiextensionsV1Api, CustomObjec
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from tests.doubles.kubeapi import KubeApiDouble
+from tests.integration.kubeapi_double_support import GROUP, IMAGE, VERSION, cache, cache_crd
 
 pytestmark = pytest.mark.integration
 
-GROUP, VERSION = "gkm.io", "v1alpha1"
 NS = "team-a"
 MERGE = "application/merge-patch+json"
-IMAGE = "registry.example/caches/vector-add:v1"
-
-
-def cache_crd(kind: str = "GKMCache", *, scope: str = "Namespaced") -> dict[str, Any]:
-    """A CRD shaped like the kernel cache's: a required image with a pattern and a length."""
-    plural = kind.lower() + "s"
-    schema = {
-        "type": "object",
-        "properties": {
-            "spec": {
-                "type": "object",
-                "required": ["image"],
-                "properties": {
-                    "image": {
-                        "type": "string",
-                        "minLength": 1,
-                        "maxLength": 525,
-                        "pattern": r"^[a-z0-9][a-z0-9._/:@-]*$",
-                    },
-                    "mode": {"type": "string", "enum": ["copy", "mount"], "default": "mount"},
-                    "podTemplate": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                },
-            },
-            "status": {
-                "type": "object",
-                "properties": {
-                    "resolvedDigest": {"type": "string"},
-                    "observedGeneration": {"type": "integer"},
-                    "conditions": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["type", "status"],
-                            "properties": {
-                                "type": {"type": "string"},
-                                "status": {"type": "string"},
-                            },
-                        },
-                    },
-                },
-            },
-        },
-    }
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "names": {
-                "kind": kind,
-                "plural": plural,
-                "singular": kind.lower(),
-                "listKind": f"{kind}List",
-            },
-            "scope": scope,
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {"openAPIV3Schema": schema},
-                    "subresources": {"status": {}},
-                }
-            ],
-        },
-    }
-
-
-def cache(name: str, image: str = IMAGE, *, kind: str = "GKMCache", **meta: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": kind,
-        "metadata": {"name": name, **meta},
-        "spec": {"image": image},
-    }
 
 
 @pytest.fixture

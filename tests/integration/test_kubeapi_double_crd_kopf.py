@@ -23,7 +23,7 @@ import pytest
 from kubernetes_asyncio.client import ApiClient, CustomObjectsApi
 
 from tests.doubles.kubeapi import KubeApiDouble
-from tests.integration.test_kubeapi_double_crd import GROUP, VERSION, cache, cache_crd
+from tests.integration.kubeapi_double_support import GROUP, VERSION, cache, cache_crd
 from tests.polling import eventually
 
 pytestmark = pytest.mark.integration

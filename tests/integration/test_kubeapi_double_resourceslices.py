@@ -25,7 +25,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from gpufleet.gpu import sim
 from gpufleet.kube.client import call_json
 from tests.doubles.kubeapi import KubeApiDouble, slice_device
-from tests.integration.test_kubeapi_double import collect
+from tests.integration.kubeapi_double_support import collect
 
 pytestmark = pytest.mark.integration
 

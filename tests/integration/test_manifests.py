@@ -13,26 +13,35 @@ hold for every gpufleet workload.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import pytest
 import yaml
 from pydantic import AliasChoices
 
 from gpufleet.exporter.settings import ExporterSettings
+from tests.integration.manifests_support import (
+    DEVICE_API,
+    IMAGE,
+    OVERLAYS_DIR,
+    WORKLOAD_KINDS,
+    Manifest,
+    Rule,
+    containers,
+    effective_security,
+    env_of,
+    kustomize,
+    objects,
+    pod_spec,
+    render,
+    the_daemonset,
+)
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-OVERLAYS_DIR = ROOT / "deploy" / "kustomize" / "overlays"
 
 CONTROLLER_OVERLAYS = ("stdout", "postgres", "s3", "http", "labels", "check")
 INVENTORY_OVERLAYS = (*CONTROLLER_OVERLAYS, "agent")
@@ -40,7 +49,6 @@ GPU_EXPORTER = "gpu-exporter"
 # The device API (server + NVML provider, two containers, a hostPath socket directory):
 # the checks below that hold for every gpufleet workload, and its own tests in
 # test_manifests_device_api.py.
-DEVICE_API = "device-api"
 OVERLAYS = (*INVENTORY_OVERLAYS, GPU_EXPORTER, DEVICE_API)
 # The kernel cache's overlay (CRDs, a privileged CSI DaemonSet): tests of its own in
 # test_manifests_kcache.py.
@@ -58,7 +66,6 @@ EXPORTER_TYPE = {
     "agent": "stdout",
 }
 
-IMAGE = "ghcr.io/gpufleet/gpufleet:0.1.0"
 INVENTORY_NAMESPACE = "gpufleet"
 GPU_EXPORTER_NAMESPACE = "gpufleet-gpu-exporter"
 GPU_EXPORTER_APP = "gpufleet-gpu-exporter"  # its app.kubernetes.io/name
@@ -70,20 +77,6 @@ GPU_EXPORTER_HOST_PATHS = {
 }
 DEVICE_PLUGIN_NAMESPACE = "gpu-operator"
 LEASE_NAME = "gpufleet-inventory-leader"
-WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet", "Job", "CronJob", "Pod"}
-
-Manifest = dict[str, Any]
-
-
-class Rule(NamedTuple):
-    """One permission: a verb on a resource, in a Role's namespace or cluster-wide."""
-
-    kind: str  # ClusterRole or Role
-    namespace: str  # "" for a ClusterRole
-    api_group: str
-    resource: str
-    verb: str
-    resource_name: str = ""  # "" when the rule is not limited to named objects
 
 
 def _rules(kind: str, namespace: str, group: str, resource: str, *verbs: str) -> set[Rule]:
@@ -119,37 +112,6 @@ EXPECTED_RBAC = {
 }
 
 
-@functools.cache
-def render(overlay: str) -> tuple[Manifest, ...]:
-    """The objects ``kubectl kustomize`` renders for ``overlay``; fails (never skips)."""
-    return kustomize(OVERLAYS_DIR / overlay)
-
-
-def kustomize(directory: Path) -> tuple[Manifest, ...]:
-    """The objects ``kubectl kustomize`` renders for a kustomization directory."""
-    kubectl = shutil.which(os.environ.get("KUBECTL", "kubectl"))
-    if kubectl is None:
-        pytest.fail(
-            "kubectl is not on PATH: run `scripts/ensure-kubectl.sh` (as root) to install "
-            "Debian's kubernetes-client, or set KUBECTL to a kubectl binary"
-        )
-    result = subprocess.run(
-        [kubectl, "kustomize", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"kubectl kustomize {directory} failed: {result.stderr.strip()}")
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-
-
-def objects(overlay: str, *kinds: str) -> list[Manifest]:
-    """The rendered objects of ``overlay`` of the given kinds."""
-    return [obj for obj in render(overlay) if obj["kind"] in kinds]
-
-
 def rbac_rules(overlay: str) -> set[Rule]:
     """Every permission granted by the overlay's Roles and ClusterRoles, one verb per entry."""
     granted: set[Rule] = set()
@@ -165,45 +127,11 @@ def rbac_rules(overlay: str) -> set[Rule]:
     return granted
 
 
-def pod_spec(workload: Manifest) -> Manifest:
-    """The pod spec of a workload object."""
-    if workload["kind"] == "Pod":
-        return workload["spec"]
-    if workload["kind"] == "CronJob":
-        return workload["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    return workload["spec"]["template"]["spec"]
-
-
-def containers(overlay: str) -> Iterator[tuple[Manifest, Manifest]]:
-    """Each (pod spec, container) of every workload in ``overlay``, init containers included."""
-    for workload in objects(overlay, *WORKLOAD_KINDS):
-        spec = pod_spec(workload)
-        for container in [*spec.get("initContainers", []), *spec["containers"]]:
-            yield spec, container
-
-
-def effective_security(spec: Manifest, container: Manifest, field: str) -> Any:
-    """A security setting as the kubelet applies it: the container's, else the pod's."""
-    own = container.get("securityContext", {})
-    return own[field] if field in own else spec.get("securityContext", {}).get(field)
-
-
-def env_of(container: Manifest) -> dict[str, Manifest]:
-    """The container's env entries by name."""
-    return {entry["name"]: entry for entry in container.get("env", [])}
-
-
 def the_container(overlay: str) -> Manifest:
     """The one container of the overlay's one workload."""
     found = [container for _, container in containers(overlay)]
     assert len(found) == 1, f"overlays/{overlay}: expected one container, found {len(found)}"
     return found[0]
-
-
-def the_daemonset(overlay: str) -> Manifest:
-    """The overlay's one DaemonSet."""
-    (daemonset,) = objects(overlay, "DaemonSet")
-    return daemonset
 
 
 def setting_names() -> set[str]:

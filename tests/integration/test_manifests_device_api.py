@@ -50,11 +50,11 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio.client import ApiClient, CoreV1Api
 
-import tests.integration.test_manifests as common
+import tests.integration.manifests_support as common
 from gpufleet.deviceapi.client import DeviceApiClient
 from gpufleet.gpu import sim
 from tests.doubles.kubeapi import KubeApiDouble
-from tests.integration.test_manifests import Manifest
+from tests.integration.manifests_support import Manifest
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration

@@ -29,8 +29,8 @@ from jsonschema import ValidationError
 from kubernetes_validate import utils as kv_utils
 from openapi_schema_validator import OAS30Validator
 
-import tests.integration.test_manifests as common
-from tests.integration.test_manifests import Manifest
+import tests.integration.manifests_support as common
+from tests.integration.manifests_support import Manifest
 
 pytestmark = pytest.mark.integration
 

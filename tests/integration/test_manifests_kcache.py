@@ -2,9 +2,9 @@
 
 The overlay differs from the others on purpose (a privileged DaemonSet that mounts, its
 own pair of namespaces, CRDs, a CSIDriver), so it has its own tests; it shares the
-rendering helpers and the RBAC flattening of ``test_manifests``. The permissions of each
-ServiceAccount are compared with the minimal set written out below (SPEC "Who writes
-what"), so any extra permission fails a test.
+rendering helpers and the RBAC flattening (``Rule``) of ``manifests_support``. The
+permissions of each ServiceAccount are compared with the minimal set written out below
+(SPEC "Who writes what"), so any extra permission fails a test.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-import tests.integration.test_manifests as common
+import tests.integration.manifests_support as common
 from gpufleet.kcache.cluster import CSI_DRIVER
 from gpufleet.kcache.crds import render_crds
-from tests.integration.test_manifests import Manifest, Rule
+from tests.integration.manifests_support import Manifest, Rule
 from tests.settings_docs import variable_names
 
 pytestmark = pytest.mark.integration
