@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from gpufleet.inventory.reading import Reading
-
-GPUFLEET = [sys.executable, "-m", "gpufleet.cli"]
-
-
-def gpufleet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k not in {"EXPORTER_TYPE", "MACHINE_ID"}}
-    full_env.update({"CLUSTER_NAME": "test-cluster", "NODE_NAME": "node-1"})
-    full_env.update(env or {})
-    return subprocess.run(
-        [*GPUFLEET, *args], capture_output=True, text=True, env=full_env, timeout=60, check=False
-    )
+from tests.integration.cli_support import gpufleet
 
 
 def test_scan_dgx_h100_to_stdout_prints_eight_json_readings_and_nothing_else() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from tests.integration.test_http_exporter import ingest_endpoint
+from tests.integration.http_ingest_support import ingest_endpoint
 
 pytestmark = pytest.mark.integration
 

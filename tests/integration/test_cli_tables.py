@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.gpu import sim
+from tests.integration.deviceapi_harness import start_provider, start_server
 
 GPUFLEET = [sys.executable, "-m", "gpufleet.cli"]
 _ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -116,8 +117,6 @@ def test_a_lost_gpus_message_is_shown_however_narrow_the_terminal() -> None:
 
 @pytest.mark.parametrize("columns", [80, 100])
 async def test_gpus_list_keeps_names_uuids_and_nodes_whole(columns: int) -> None:
-    from tests.integration.test_deviceapi_provider import start_provider, start_server
-
     directory = Path(tempfile.mkdtemp(prefix="gf-tables-", dir="/tmp"))
     sock = directory / "device.sock"
     server = await start_server(sock)

@@ -29,7 +29,7 @@ from gpufleet.inventory.local import scan_once
 from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading
 from gpufleet.inventory.spool import Spool
-from tests.integration.test_http_exporter import ingest_endpoint
+from tests.integration.http_ingest_support import ingest_endpoint
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from gpufleet.deviceapi.metrics import DeviceApiMetrics
 from gpufleet.deviceapi.service import BATCH_MAX_BYTES, BATCH_MAX_EVENTS, SERVICE_NAME, GpuService
 from gpufleet.deviceapi.store import GpuStore
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2
-from tests.integration.test_deviceapi_harness import (
+from tests.integration.deviceapi_harness import (
     Running,
     make_gpu,
     running_server,

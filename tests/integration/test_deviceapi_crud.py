@@ -20,7 +20,7 @@ from gpufleet.deviceapi.errors import (
 )
 from gpufleet.deviceapi.store import GpuStore
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2
-from tests.integration.test_deviceapi_harness import (
+from tests.integration.deviceapi_harness import (
     Running,
     make_gpu,
     running_server,

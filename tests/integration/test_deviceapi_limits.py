@@ -16,7 +16,7 @@ import pytest
 from gpufleet.deviceapi.config import MAX_RESPONSE_BYTES
 from gpufleet.deviceapi.service import SERVICE_NAME
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2
-from tests.integration.test_deviceapi_harness import Running, make_gpu, running_server, short_tmp
+from tests.integration.deviceapi_harness import Running, make_gpu, running_server, short_tmp
 
 pytestmark = pytest.mark.integration
 

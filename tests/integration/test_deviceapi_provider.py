@@ -12,104 +12,30 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from gpufleet.core.retry import Backoff
 from gpufleet.deviceapi.client import DeviceApiClient
-from gpufleet.deviceapi.config import DeviceApiSettings
 from gpufleet.deviceapi.health import CONDITION_HEALTHY
-from gpufleet.deviceapi.naming import gpu_name
-from gpufleet.deviceapi.provider import GpuProvider
 from gpufleet.deviceapi.provider_cli import CLIENT_OPTIONS
-from gpufleet.deviceapi.server import serve
 from gpufleet.deviceapi.v1alpha1.gpu_pb2 import Condition, Gpu
 from gpufleet.deviceapi.xid_events import XID_POLL_S
 from gpufleet.gpu import sim
 from gpufleet.gpu.model import DeviceList, GpuProcess, GpuSample, XidEvent
 from gpufleet.gpu.nvml import NvmlSource
-from gpufleet.gpu.sim import SimulatedNvml
 from gpufleet.gpu.source import GpuError, GpuSource, XidEventStream
 from tests import polling
+from tests.integration.deviceapi_harness import (
+    DEADLINE,
+    INTERVAL,
+    RunningProvider,
+    Server,
+    start_provider,
+    start_server,
+)
 
 pytestmark = pytest.mark.integration
-
-INTERVAL = 0.2
-DEADLINE = 10.0
-
-
-@dataclass
-class Server:
-    """One running ``serve``; ``stop()`` shuts it down like SIGTERM would."""
-
-    stop_event: asyncio.Event
-    task: asyncio.Task[None]
-
-    async def stop(self) -> None:
-        self.stop_event.set()
-        await asyncio.wait_for(self.task, DEADLINE)
-
-
-async def start_server(socket_path: Path, state_file: Path | None = None) -> Server:
-    settings = DeviceApiSettings(
-        device_api_socket=socket_path,
-        state_file=state_file,
-        metrics_port=0,
-        shutdown_grace=0.2,
-    )
-    stop = asyncio.Event()
-    started = asyncio.Event()
-    task = asyncio.create_task(serve(settings, stop=stop, started=lambda _info: started.set()))
-    done, _ = await asyncio.wait(
-        [task, asyncio.ensure_future(started.wait())],
-        timeout=DEADLINE,
-        return_when=asyncio.FIRST_COMPLETED,
-    )
-    if task in done:
-        task.result()  # raises what made the server fail
-    assert started.is_set(), "server did not start"
-    return Server(stop, task)
-
-
-@dataclass
-class Running:
-    """A provider over a simulated dgx-h100, and a separate client to look at the server."""
-
-    nvml: SimulatedNvml
-    provider: GpuProvider
-    provider_client: DeviceApiClient
-    source: NvmlSource
-    client: DeviceApiClient
-    stop_event: asyncio.Event
-    task: asyncio.Task[None]
-
-    def uuid(self, index: int) -> str:
-        return self.nvml.gpu(index).uuid
-
-    def name(self, index: int) -> str:
-        return gpu_name(self.uuid(index))
-
-    async def gpu(self, index: int) -> Gpu:
-        return await self.client.get(self.name(index))
-
-    async def inject_xid(self, index: int, xid: int) -> None:
-        # The event set must exist before the event, as on a real driver.
-        await polling.eventually(lambda: self.provider.xid_stream_ready, DEADLINE)
-        assert self.nvml.inject_xid(index, xid) == 1
-
-    async def stop(self) -> None:
-        """Stop the provider (the looking client stays open until ``close``)."""
-        if not self.task.done():
-            self.stop_event.set()
-            await asyncio.wait_for(self.task, DEADLINE)
-            await self.provider_client.close()
-            self.source.close()
-
-    async def close(self) -> None:
-        await self.stop()
-        await self.client.close()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = DEADLINE) -> None:
@@ -147,31 +73,6 @@ def healthy(gpu: Gpu) -> Condition:
     return condition
 
 
-async def start_provider(
-    socket_path: Path,
-    nvml: SimulatedNvml | None = None,
-    wrap: Callable[[NvmlSource], GpuSource] | None = None,
-    health_interval: float = INTERVAL,
-) -> Running:
-    nvml = nvml or sim.open("dgx-h100")
-    provider_client = DeviceApiClient(socket_path, options=CLIENT_OPTIONS)
-    source = NvmlSource(nvml)
-    provider = GpuProvider(
-        provider_client,
-        source if wrap is None else wrap(source),
-        node="node-a",
-        health_interval=health_interval,
-        backoff=Backoff(initial=0.05, cap=0.3, jitter=0.0),
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(provider.run(stop))
-    running = Running(
-        nvml, provider, provider_client, source, DeviceApiClient(socket_path), stop, task
-    )
-    await polling.eventually(lambda: provider.ready, DEADLINE)
-    return running
-
-
 @pytest.fixture
 def socket_path(tmp_path: Path) -> Path:
     return tmp_path / "device.sock"
@@ -186,13 +87,13 @@ async def server(socket_path: Path) -> AsyncIterator[Server]:
 
 
 @pytest.fixture
-async def provided(server: Server, socket_path: Path) -> AsyncIterator[Running]:
+async def provided(server: Server, socket_path: Path) -> AsyncIterator[RunningProvider]:
     running = await start_provider(socket_path)
     yield running
     await running.close()
 
 
-async def test_provider_registers_every_gpu_healthy(provided: Running) -> None:
+async def test_provider_registers_every_gpu_healthy(provided: RunningProvider) -> None:
     listing = await provided.client.list("gpufleet.io/node=node-a")
     by_name = {gpu.metadata.name: gpu for gpu in listing.items}
     assert sorted(by_name) == sorted(provided.name(i) for i in range(8))
@@ -202,7 +103,7 @@ async def test_provider_registers_every_gpu_healthy(provided: Running) -> None:
     assert all(healthy(gpu).status == "True" for gpu in listing.items)
 
 
-async def test_simulated_gpus_are_labelled_as_simulated(provided: Running) -> None:
+async def test_simulated_gpus_are_labelled_as_simulated(provided: RunningProvider) -> None:
     listing = await provided.client.list("gpufleet.io/node=node-a")
     assert {gpu.metadata.labels["gpufleet.io/provider"] for gpu in listing.items} == {"sim"}
 
@@ -237,7 +138,9 @@ async def test_a_provider_logs_one_line_when_it_re_registers_after_a_server_rest
         await server.stop()
 
 
-async def test_xid_79_makes_only_that_gpu_unhealthy_with_its_action(provided: Running) -> None:
+async def test_xid_79_makes_only_that_gpu_unhealthy_with_its_action(
+    provided: RunningProvider,
+) -> None:
     await provided.inject_xid(2, 79)
 
     async def gpu2_unhealthy() -> bool:
@@ -254,7 +157,7 @@ async def test_xid_79_makes_only_that_gpu_unhealthy_with_its_action(provided: Ru
     assert {other.status.recommended_action for other in others} == {"None"}
 
 
-async def test_xid_13_changes_nothing(provided: Running) -> None:
+async def test_xid_13_changes_nothing(provided: RunningProvider) -> None:
     before = await provided.gpu(1)
     await provided.inject_xid(1, 13)
     # XIDs are handled in order: once the later 48 on GPU 3 is written, the 13 was seen.
@@ -269,7 +172,7 @@ async def test_xid_13_changes_nothing(provided: Running) -> None:
     assert after.metadata.resource_version == before.metadata.resource_version
 
 
-async def test_warning_xid_is_recorded_without_changing_health(provided: Running) -> None:
+async def test_warning_xid_is_recorded_without_changing_health(provided: RunningProvider) -> None:
     await provided.inject_xid(5, 92)
 
     async def recorded() -> bool:
@@ -279,7 +182,9 @@ async def test_warning_xid_is_recorded_without_changing_health(provided: Running
     assert healthy(await provided.gpu(5)).status == "True"
 
 
-async def test_lost_gpu_becomes_gpu_lost_at_the_next_health_check(provided: Running) -> None:
+async def test_lost_gpu_becomes_gpu_lost_at_the_next_health_check(
+    provided: RunningProvider,
+) -> None:
     provided.nvml.set_lost(4)
 
     async def lost() -> bool:
@@ -292,7 +197,7 @@ async def test_lost_gpu_becomes_gpu_lost_at_the_next_health_check(provided: Runn
 
 
 async def test_server_restart_leads_to_re_registration_with_current_status(
-    provided: Running, server: Server, socket_path: Path
+    provided: RunningProvider, server: Server, socket_path: Path
 ) -> None:
     await provided.inject_xid(2, 79)
 
@@ -380,7 +285,7 @@ async def test_restarted_provider_keeps_xid_history_but_clears_the_latch(
         await first.close()
 
 
-async def test_provider_keeps_conditions_of_other_providers(provided: Running) -> None:
+async def test_provider_keeps_conditions_of_other_providers(provided: RunningProvider) -> None:
     gpu = await provided.gpu(6)
     gpu.status.conditions.append(Condition(type="ThermalOk", status="True", reason="Cool"))
     await provided.client.update_status(gpu)
@@ -438,7 +343,7 @@ async def test_provider_stops_promptly(server: Server, socket_path: Path) -> Non
     """Stop wakes the provider out of its interval and ends the XID thread before it returns.
 
     The health interval is an hour, so a stop that waited for it would hang
-    (``Running.stop``'s hang guard fails). The XID thread waits in bounded
+    (``RunningProvider.stop``'s hang guard fails). The XID thread waits in bounded
     polls and looks for stop between them, so by the time stop returns it has
     closed its event set and done nothing since; a thread still blocked would
     have been abandoned by the provider's join, and its close would come later.

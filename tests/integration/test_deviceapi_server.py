@@ -26,7 +26,7 @@ from gpufleet.deviceapi.config import DeviceApiSettings
 from gpufleet.deviceapi.errors import NotFoundError, UnavailableError
 from gpufleet.deviceapi.server import serve
 from gpufleet.deviceapi.service import SERVICE_NAME
-from tests.integration.test_deviceapi_harness import make_gpu, running_server, short_tmp
+from tests.integration.deviceapi_harness import make_gpu, running_server, short_tmp
 
 pytestmark = pytest.mark.integration
 

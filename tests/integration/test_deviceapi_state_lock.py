@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_deviceapi_harness import short_tmp
+from tests.integration.deviceapi_harness import short_tmp
 
 pytestmark = pytest.mark.integration
 

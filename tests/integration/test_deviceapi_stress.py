@@ -21,7 +21,7 @@ from gpufleet.deviceapi.client import DeviceApiClient
 from gpufleet.deviceapi.errors import WatcherEvictedError
 from gpufleet.deviceapi.informer import GpuInformer
 from gpufleet.deviceapi.v1alpha1 import gpu_pb2
-from tests.integration.test_deviceapi_harness import (
+from tests.integration.deviceapi_harness import (
     make_gpu,
     running_server,
     short_tmp,

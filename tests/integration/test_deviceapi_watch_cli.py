@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.deviceapi.store import GpuStore
-from tests.integration.test_deviceapi_harness import (
+from tests.integration.deviceapi_harness import (
     make_gpu,
     running_server,
     short_tmp,

@@ -23,10 +23,11 @@ from gpufleet.inventory.exporters.postgres import PostgresExporter
 from gpufleet.inventory.exporters.postgres.history import PostgresHistory
 from gpufleet.inventory.exporters.sqlite import SqliteExporter
 from gpufleet.inventory.reading import Reading
-from tests.integration.test_cli_inventory import gpufleet
-from tests.integration.test_postgres_exporter import (
+from tests.integration.cli_support import gpufleet
+from tests.integration.postgres_support import (
     T0,
     Server,
+    create_gpuid_table,
     drop_tables,
     make_settings,
     new_tables,
@@ -34,7 +35,6 @@ from tests.integration.test_postgres_exporter import (
     server,
     write_all,
 )
-from tests.integration.test_postgres_gpuid_takeover import create_gpuid_table
 
 __all__ = ["server"]  # the fixture, imported for this module's tests
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +28,7 @@ from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading, batch_hash
 from gpufleet.inventory.spool import Spool
 from gpufleet.inventory.wiring import add_readiness_checks
+from tests.integration.http_ingest_support import ingest_endpoint
 from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
@@ -79,29 +79,6 @@ class Receiver:
     @property
     def posts(self) -> list[Seen]:
         return [r for r in self.requests if r.method == "POST"]
-
-
-@contextlib.asynccontextmanager
-async def ingest_endpoint(
-    handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
-    *,
-    client_max_size: int = 1024**2,
-) -> AsyncIterator[str]:
-    """A real aiohttp server on a loopback port whose /ingest calls ``handle``; yields its URL.
-
-    ``client_max_size`` is aiohttp's body limit: a larger body gets a 413.
-    """
-    app = web.Application(client_max_size=client_max_size)
-    app.router.add_route("*", "/ingest", handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}/ingest"
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """Switching from gpuid: the exporter takes over gpuid's own readings table, in place.
 
-gpuid's table is created here as gpuid creates it (a ``BIGSERIAL`` id and a
-UNIQUE key over the seven reading columns) and written as gpuid writes it; then
-gpufleet starts on it and writes on, and nothing gpuid wrote may be lost.
+gpuid's table is created (``postgres_support.create_gpuid_table``) as gpuid
+creates it (a ``BIGSERIAL`` id and a UNIQUE key over the seven reading columns)
+and written as gpuid writes it; then gpufleet starts on it and writes on, and
+nothing gpuid wrote may be lost.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from psycopg import sql
 from gpufleet.inventory.errors import ExporterError
 from gpufleet.inventory.exporters.postgres import PostgresExporter
 from gpufleet.inventory.reading import Reading
-from tests.integration.test_postgres_exporter import (
+from tests.integration.postgres_support import (
+    GPUID_ROWS,
     T0,
     Server,
     count,
+    create_gpuid_table,
     drop_tables,
     make_settings,
     new_tables,
@@ -34,51 +37,6 @@ from tests.integration.test_postgres_exporter import (
 __all__ = ["server"]  # the fixture, imported for this module's tests
 
 pytestmark = pytest.mark.integration
-
-# (cluster, node, machine, source, chassis, gpu, read_time) as gpuid wrote them.
-GPUID_ROWS: list[tuple[str, str, str, str, str | None, str, datetime]] = [
-    ("c1", "node-a", "i-a", "nvml", "", "SN-1", T0),
-    ("c1", "node-a", "i-a", "nvml", "", "SN-1", T0 + timedelta(hours=1)),
-    ("c1", "node-a", "i-a", "nvml", None, "SN-2", T0),
-    ("c1", "node-b", "i-b", "nvidia-smi", "CH-9", "SN-3", T0 + timedelta(minutes=5)),
-]
-
-
-def create_gpuid_table(server: Server, table: str, read_time_type: str = "TIMESTAMPTZ") -> None:
-    """gpuid's DDL (its four indexes included), then its rows, inserted as gpuid inserts them."""
-    t = sql.Identifier(table)
-    with server.connect() as conn:
-        conn.execute(
-            sql.SQL(
-                """CREATE TABLE {t} (
-                    id BIGSERIAL PRIMARY KEY,
-                    cluster VARCHAR(255) NOT NULL,
-                    node VARCHAR(255) NOT NULL,
-                    machine VARCHAR(255) NOT NULL,
-                    source VARCHAR(255) NOT NULL,
-                    chassis VARCHAR(255),
-                    gpu VARCHAR(255) NOT NULL,
-                    read_time {kind} NOT NULL,
-                    created_at {kind} NOT NULL DEFAULT CURRENT_TIMESTAMP,
-                    UNIQUE (cluster, node, machine, source, chassis, gpu, read_time)
-                )"""
-            ).format(t=t, kind=sql.SQL(read_time_type))
-        )
-        for column in ("cluster", "node", "read_time", "created_at"):
-            conn.execute(
-                sql.SQL("CREATE INDEX {} ON {} ({})").format(
-                    sql.Identifier(f"idx_{table}_{column}"), t, sql.Identifier(column)
-                )
-            )
-        for row in GPUID_ROWS:
-            at = row[6] if read_time_type == "TIMESTAMPTZ" else row[6].replace(tzinfo=None)
-            conn.execute(
-                sql.SQL(
-                    "INSERT INTO {} (cluster, node, machine, source, chassis, gpu, read_time) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
-                ).format(t),
-                [*row[:6], at],
-            )
 
 
 @pytest.fixture

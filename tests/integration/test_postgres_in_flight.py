@@ -33,7 +33,7 @@ from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading
 from gpufleet.inventory.spool import Spool
 from tests.conftest import require
-from tests.integration.test_postgres_exporter import (
+from tests.integration.postgres_support import (
     T0,
     Server,
     count,

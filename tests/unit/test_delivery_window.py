@@ -28,7 +28,7 @@ from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading
 from gpufleet.inventory.spool import Spool
 from tests.polling import eventually
-from tests.unit.test_delivery import FAST, readings, spool_at
+from tests.unit.delivery_support import FAST, readings, spool_at
 
 PER_BATCH = 2
 """Readings per batch: batch ``n`` holds readings ``2n`` and ``2n + 1``."""

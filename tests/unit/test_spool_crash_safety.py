@@ -23,7 +23,7 @@ from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading
 from gpufleet.inventory.spool import FullPolicy, Spool, SpoolError
 from tests.polling import eventually
-from tests.unit.test_delivery import RecordingExporter, readings
+from tests.unit.delivery_support import RecordingExporter, readings
 
 FAST = Backoff(initial=0.001, factor=2.0, cap=0.005, jitter=0.0)
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -118,7 +118,7 @@ _KILLED_AFTER_FSYNC = """
 import os, signal, sys
 from pathlib import Path
 from gpufleet.inventory.spool import Spool
-from tests.unit.test_delivery import readings
+from tests.unit.delivery_support import readings
 
 spool = Spool(Path(sys.argv[1]), max_bytes=10_000_000)
 spool.append(readings(3))
