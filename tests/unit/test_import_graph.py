@@ -26,6 +26,7 @@ from pathlib import Path
 import gpufleet
 
 SRC = Path(gpufleet.__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parents[1]
 
 FLOORS: dict[str, int] = {
     "core": 1,
@@ -253,3 +254,45 @@ def test_imports_up_or_across_a_floor_are_named(tmp_path: Path) -> None:
         "pkg.feat.run:2 imports pkg.other.store (floor 3 → 3)",
         "pkg.gpu.smi:1 imports pkg.kube.client (floor 2 → 2)",
     ]
+
+
+def test_an_import_of_a_test_module_is_named(tmp_path: Path) -> None:
+    src = _tree(
+        tmp_path,
+        {
+            "tests/__init__.py": "",
+            "tests/support.py": "",
+            "tests/unit/test_a.py": "from tests.unit.test_b import f\nfrom tests import support\n",
+            "tests/unit/test_b.py": "def f(): ...\n",
+        },
+    )
+    assert imports_of_test_modules(src / "tests") == [
+        "tests/unit/test_a.py:1 imports tests.unit.test_b"
+    ]
+
+
+def imports_of_test_modules(tests: Path) -> list[str]:
+    """Each import of a test module (``test_*.py``) by another module of the tests.
+
+    A test module other files import from is a library in disguise: its tests
+    are imported where they do not run and its helpers are hard to find. Shared
+    helpers live in support modules (``tests/*_support.py``, ``tests/doubles/``).
+    """
+    root = tests.parent
+    bad: list[str] = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                if name.startswith("tests.") and name.rpartition(".")[2].startswith("test_"):
+                    bad.append(f"{path.relative_to(root)}:{node.lineno} imports {name}")
+    return bad
+
+
+def test_no_test_module_imports_another() -> None:
+    assert len(list(TESTS.rglob("test_*.py"))) > 100  # the walk found the tests
+    assert imports_of_test_modules(TESTS) == []
