@@ -14,11 +14,12 @@ from gpufleet.gpu.nvml import NvmlSource
 from gpufleet.kcache.cluster import (
     API_VERSION,
     NAMESPACED_CACHE_FINALIZER,
+    RESOURCES,
     CacheKey,
     node_label_key,
     node_object_name,
 )
-from gpufleet.kcache.crds import RESOURCES, crd
+from gpufleet.kcache.crds import crd
 from gpufleet.kcache.csi.v1 import csi_pb2
 from gpufleet.kcache.image import build_image
 from gpufleet.kcache.node.gpus import NodeGpus, read_gpus

@@ -32,10 +32,11 @@ from gpufleet.kcache.cluster import (
     API_VERSION,
     CLUSTER_CACHE_FINALIZER,
     NAMESPACED_CACHE_FINALIZER,
+    RESOURCES,
     CacheKey,
     node_object_name,
 )
-from gpufleet.kcache.crds import RESOURCES, crd
+from gpufleet.kcache.crds import crd
 from gpufleet.kcache.objects import new_node_object
 from gpufleet.kcache.oci import RegistryClient, sha256_digest
 from gpufleet.kcache.operator.run import OperatorRuntime, run_operator

@@ -22,8 +22,8 @@ import yaml
 from jsonschema import ValidationError, validators
 from openapi_schema_validator import OAS30Validator
 
-from gpufleet.kcache.cluster import CacheKey
-from gpufleet.kcache.crds import RESOURCES, crd, render_crds
+from gpufleet.kcache.cluster import RESOURCES, CacheKey
+from gpufleet.kcache.crds import crd, render_crds
 from gpufleet.kcache.errors import KcacheError
 from gpufleet.kcache.objects import (
     IMAGE_MAX_LENGTH,

@@ -26,6 +26,7 @@ __all__ = [
     "ATTR_CLUSTER_CACHE",
     "ATTR_NAMESPACE",
     "ATTR_NAMESPACED_CACHE",
+    "CACHE_RESOURCES",
     "CLUSTER_CACHE",
     "CLUSTER_CACHE_FINALIZER",
     "CLUSTER_CACHE_NODE",
@@ -37,10 +38,12 @@ __all__ = [
     "NAMESPACED_CACHE",
     "NAMESPACED_CACHE_FINALIZER",
     "NAMESPACED_CACHE_NODE",
+    "NODE_RESOURCES",
     "POD_INFO_NAME",
     "POD_INFO_NAMESPACE",
     "POD_INFO_SERVICE_ACCOUNT",
     "POD_INFO_UID",
+    "RESOURCES",
     "VERSION",
     "VOLUME_EPHEMERAL",
     "CacheKey",
@@ -78,6 +81,17 @@ NAMESPACED_CACHE_NODE = Resource("GKMCacheNode", "gkmcachenodes", namespaced=Tru
 """One per (GKMCache, node), in the cache's namespace; written by the node process only."""
 CLUSTER_CACHE_NODE = Resource("ClusterGKMCacheNode", "clustergkmcachenodes", namespaced=False)
 """One per (ClusterGKMCache, node); written by the node process only."""
+RESOURCES: tuple[Resource, ...] = (
+    NAMESPACED_CACHE,
+    CLUSTER_CACHE,
+    NAMESPACED_CACHE_NODE,
+    CLUSTER_CACHE_NODE,
+)
+"""Every kind of the API group, in the order the CRDs are rendered."""
+CACHE_RESOURCES = (NAMESPACED_CACHE, CLUSTER_CACHE)
+"""The kinds users write; the operator resolves them."""
+NODE_RESOURCES = (NAMESPACED_CACHE_NODE, CLUSTER_CACHE_NODE)
+"""The kinds the node process writes; the operator rolls them up."""
 
 NAMESPACED_CACHE_FINALIZER = "gkm.io.gkmcachenode/finalizer"
 """The operator's finalizer on a GKMCache (GKM's name)."""

@@ -23,11 +23,14 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from gpufleet.kcache.cluster import (
+    CACHE_RESOURCES,
     CLUSTER_CACHE,
     CLUSTER_CACHE_NODE,
     GROUP,
     NAMESPACED_CACHE,
     NAMESPACED_CACHE_NODE,
+    NODE_RESOURCES,
+    RESOURCES,
     VERSION,
     Resource,
 )
@@ -35,23 +38,12 @@ from gpufleet.kcache.objects import CacheSpec, CacheStatus, NodeStatus
 from gpufleet.kcache.patches import plain_json
 
 __all__ = [
-    "CACHE_RESOURCES",
-    "NODE_RESOURCES",
-    "RESOURCES",
     "SHORT_NAMES",
     "crd",
     "openapi_schema",
     "render_crds",
 ]
 
-RESOURCES: tuple[Resource, ...] = (
-    NAMESPACED_CACHE,
-    CLUSTER_CACHE,
-    NAMESPACED_CACHE_NODE,
-    CLUSTER_CACHE_NODE,
-)
-CACHE_RESOURCES = (NAMESPACED_CACHE, CLUSTER_CACHE)
-NODE_RESOURCES = (NAMESPACED_CACHE_NODE, CLUSTER_CACHE_NODE)
 SHORT_NAMES: dict[str, list[str]] = {
     NAMESPACED_CACHE.kind: ["gkmc"],
     CLUSTER_CACHE.kind: ["cgkmc"],

@@ -21,8 +21,7 @@ from typing import Any
 import kopf
 from kubernetes_asyncio.client import Configuration
 
-from gpufleet.kcache.cluster import GROUP, VERSION
-from gpufleet.kcache.crds import CACHE_RESOURCES, NODE_RESOURCES
+from gpufleet.kcache.cluster import CACHE_RESOURCES, GROUP, NODE_RESOURCES, VERSION
 from gpufleet.kcache.operator.controller import CacheController
 
 __all__ = ["build_registry", "connection_info", "operator_settings"]
