@@ -20,6 +20,9 @@ from pathlib import Path
 __all__ = ["answers", "find_test_registry", "own_registry", "read_registry"]
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.testservers import STATE, read_facts  # noqa: E402
 
 
 def answers(registry: str) -> bool:
@@ -56,15 +59,10 @@ def own_registry(state: Path) -> Iterator[str]:
 
 def read_registry(env: Path) -> str | None:
     """The anonymous registry named in a test-servers env file, if it answers."""
-    if not env.is_file():
-        return None
-    for line in env.read_text().splitlines():
-        if line.startswith("GPUFLEET_TEST_REGISTRY="):
-            registry = line.removeprefix("GPUFLEET_TEST_REGISTRY=").strip()
-            return registry if answers(registry) else None
-    return None
+    registry = read_facts(env).get("GPUFLEET_TEST_REGISTRY")
+    return registry if registry is not None and answers(registry) else None
 
 
 def find_test_registry() -> str | None:
     """The test servers' anonymous registry, if `.testservers/env` names one that answers."""
-    return read_registry(ROOT / ".testservers" / "env")
+    return read_registry(STATE / "env")

@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -55,6 +56,10 @@ from gpufleet.inventory.exporters.postgres import PostgresExporter, PostgresSett
 from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading
 from gpufleet.inventory.spool import Spool
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.testservers import read_facts
 
 ROOT = Path(__file__).resolve().parent.parent
 READINGS = 100_000
@@ -84,13 +89,6 @@ def fleet_readings(count: int, sweep_offset: int = 0) -> list[Reading]:
     return out
 
 
-def read_env(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        return {}
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    return {key.strip(): value.strip() for key, value in pairs}
-
-
 def reachable(env: dict[str, str]) -> bool:
     try:
         with psycopg.connect(
@@ -108,7 +106,7 @@ def reachable(env: dict[str, str]) -> bool:
 @contextmanager
 def postgres_server() -> Iterator[dict[str, str]]:
     """The test servers' PostgreSQL if it runs, else a throwaway one for this run."""
-    env = read_env(ROOT / ".testservers" / "env")
+    env = read_facts()
     if reachable(env):
         yield env
         return
@@ -117,7 +115,7 @@ def postgres_server() -> Iterator[dict[str, str]]:
         Path(state, "env").touch()
         subprocess.run(["bash", str(script), "start", state], check=True, stdout=subprocess.DEVNULL)
         try:
-            yield read_env(Path(state, "env"))
+            yield read_facts(Path(state, "env"))
         finally:
             subprocess.run(["bash", str(script), "stop", state], check=False)
 

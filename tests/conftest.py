@@ -15,22 +15,13 @@ from tests.doubles.hostile import Handler, HostileServer
 from tests.doubles.kubeapi import KubeApiDouble
 from tests.doubles.podresources import FakeKubelet
 from tests.doubles.registry import TokenRegistry, running_token_registry
-
-STATE = Path(__file__).resolve().parent.parent / ".testservers"
-
-
-def _server_env() -> dict[str, str]:
-    env_file = STATE / "env"
-    if not env_file.is_file():
-        return {}
-    pairs = (line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
-    return {key.strip(): value.strip() for key, value in pairs}
+from tests.testservers import STATE, read_facts
 
 
 @pytest.fixture(scope="session")
 def test_servers() -> dict[str, str]:
     """KEY=VALUE facts about the running test servers (ports, users, directories)."""
-    return _server_env()
+    return read_facts()
 
 
 def require(servers: dict[str, str], *keys: str) -> list[str]:
