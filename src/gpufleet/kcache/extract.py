@@ -36,8 +36,8 @@ from gpufleet.kcache.errors import (
     KcacheError,
     UnsafeArchiveError,
 )
-from gpufleet.kcache.groups import mounted_child_paths
-from gpufleet.kcache.image import MANIFEST_PATH, check_mount_root, is_group_file
+from gpufleet.kcache.groups import check_mount_root, is_group_file, mounted_child_paths
+from gpufleet.kcache.image import MANIFEST_PATH
 from gpufleet.kcache.mcv import Family, check_kernel_list, family_of, is_kernel_list
 from gpufleet.kcache.tarstream import CHUNK_SIZE, Inflater, TarHeader, TarStream
 

@@ -7,13 +7,16 @@ relative to the cache root when an image is packed (`stored_child_paths`), and u
 the mount root pods see when it is extracted or derived for another root
 (`mounted_child_paths`). Both check every child (`child_paths`) and write the same
 bytes for the same input. The cache walker (`kcache.format`) checks a source cache's
-group files with the same rules. See docs/kcache-format.md.
+group files with the same rules. The mount root itself must be an absolute, normalized
+path (`check_mount_root`), since it is pasted into every rewritten child path. See
+docs/kcache-format.md.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import posixpath
 import re
 from pathlib import PurePosixPath
 from typing import Any
@@ -22,8 +25,10 @@ from gpufleet.kcache.errors import CacheFormatError
 
 __all__ = [
     "GROUP_PREFIX",
+    "check_mount_root",
     "child_paths",
     "group_dir_name",
+    "is_group_file",
     "mounted_child_paths",
     "stored_child_paths",
 ]
@@ -32,6 +37,25 @@ GROUP_PREFIX = "__grp__"
 """The name prefix of a group's child-path file: ``__grp__<kernel>.json``."""
 
 _HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def is_group_file(name: str) -> bool:
+    """Whether a file name is a Triton group file (``__grp__<kernel>.json``)."""
+    return name.startswith(GROUP_PREFIX) and name.endswith(".json")
+
+
+def check_mount_root(mount_root: str) -> str:
+    """``mount_root`` if it is an absolute, normalized POSIX path; CacheFormatError otherwise."""
+    if (
+        not mount_root.startswith("/")
+        or "\x00" in mount_root
+        or posixpath.normpath(mount_root) != mount_root
+        or mount_root.startswith("//")
+    ):
+        raise CacheFormatError(
+            f"mount root {mount_root!r}: an absolute, normalized path is needed (no '..', no '//')"
+        )
+    return mount_root
 
 
 def _plain_name(key: object, where: str) -> str:

@@ -15,7 +15,6 @@ import gzip
 import hashlib
 import io
 import os
-import posixpath
 import stat
 import tarfile
 import tempfile
@@ -26,7 +25,7 @@ from typing import IO, Any
 
 from gpufleet.kcache import format as cache_format
 from gpufleet.kcache.errors import CacheFormatError
-from gpufleet.kcache.groups import GROUP_PREFIX, stored_child_paths
+from gpufleet.kcache.groups import check_mount_root, is_group_file, stored_child_paths
 from gpufleet.kcache.labels import (
     CACHE_SIZE_LABEL,
     CACHE_TYPE_LABEL,
@@ -61,8 +60,6 @@ __all__ = [
     "TRITON_VERSION_LABEL",
     "BuiltImage",
     "build_image",
-    "check_mount_root",
-    "is_group_file",
     "labels_of",
     "summary_from_labels",
 ]
@@ -101,25 +98,6 @@ class BuiltImage:
     summary: CacheSummary
     """The summary the labels carry; ``size_bytes`` is the stored size (group files rewritten)."""
     labels: Mapping[str, str]
-
-
-def is_group_file(name: str) -> bool:
-    """Whether a file name is a Triton group file (``__grp__<kernel>.json``)."""
-    return name.startswith(GROUP_PREFIX) and name.endswith(".json")
-
-
-def check_mount_root(mount_root: str) -> str:
-    """``mount_root`` if it is an absolute, normalized POSIX path; CacheFormatError otherwise."""
-    if (
-        not mount_root.startswith("/")
-        or "\x00" in mount_root
-        or posixpath.normpath(mount_root) != mount_root
-        or mount_root.startswith("//")
-    ):
-        raise CacheFormatError(
-            f"mount root {mount_root!r}: an absolute, normalized path is needed (no '..', no '//')"
-        )
-    return mount_root
 
 
 def build_image(

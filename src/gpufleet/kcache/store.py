@@ -40,8 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpufleet.kcache.errors import CacheFormatError, KcacheError
-from gpufleet.kcache.groups import mounted_child_paths, stored_child_paths
-from gpufleet.kcache.image import check_mount_root, is_group_file
+from gpufleet.kcache.groups import (
+    check_mount_root,
+    is_group_file,
+    mounted_child_paths,
+    stored_child_paths,
+)
 
 __all__ = ["CacheStore", "CacheUsage", "StoredCache", "mount_key"]
 
