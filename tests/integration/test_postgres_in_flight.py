@@ -32,7 +32,6 @@ from gpufleet.inventory.exporters.postgres.ordering import WriteTurn
 from gpufleet.inventory.metrics import ExportMetrics
 from gpufleet.inventory.reading import Reading
 from gpufleet.inventory.spool import Spool
-from tests.conftest import require
 from tests.integration.postgres_support import (
     T0,
     Server,
@@ -43,8 +42,11 @@ from tests.integration.postgres_support import (
     new_tables,
     placements,
     reading,
+    server,
 )
 from tests.polling import eventually
+
+__all__ = ["server"]  # the fixture, imported for this module's tests
 
 pytestmark = pytest.mark.integration
 
@@ -66,21 +68,6 @@ def split_settings(server: Server, tables: tuple[str, str], **overrides: Any) ->
         "postgres_pool_max": 8,
     }
     return make_settings(server, tables, **(values | overrides))
-
-
-@pytest.fixture(scope="module")
-def server(test_servers: dict[str, str]) -> Server:
-    host, port, user, db, data, bin_, log = require(
-        test_servers,
-        "GPUFLEET_TEST_PG_HOST",
-        "GPUFLEET_TEST_PG_PORT",
-        "GPUFLEET_TEST_PG_USER",
-        "GPUFLEET_TEST_PG_DB",
-        "GPUFLEET_TEST_PG_DATA",
-        "GPUFLEET_TEST_PG_BIN",
-        "GPUFLEET_TEST_PG_LOG",
-    )
-    return Server(host, int(port), user, db, data, bin_, log)
 
 
 @pytest.fixture
