@@ -483,16 +483,21 @@ def test_an_exception_without_a_reason_stops_the_docs() -> None:
         deploy_docs.generate({"install-agent.yaml": documents}, deploy_docs.load_reasons())
 
 
-def test_deploy_docs_keeps_the_prose_around_the_tables(tmp_path: Path) -> None:
-    doc = tmp_path / "deploy.md"
-    doc.write_text(f"before\n{deploy_docs.BEGIN}\nSTALE-TABLE\n{deploy_docs.END}\nafter\n")
-    result = subprocess.run(
+def run_deploy_docs(doc: Path) -> subprocess.CompletedProcess[str]:
+    """``scripts/deploy-docs.py --doc DOC`` as a subprocess, its output captured."""
+    return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "deploy-docs.py"), "--doc", str(doc)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def test_deploy_docs_keeps_the_prose_around_the_tables(tmp_path: Path) -> None:
+    doc = tmp_path / "deploy.md"
+    doc.write_text(f"before\n{deploy_docs.BEGIN}\nSTALE-TABLE\n{deploy_docs.END}\nafter\n")
+    result = run_deploy_docs(doc)
     text = doc.read_text()
     assert (result.returncode, text.startswith("before\n"), text.endswith("\nafter\n")) == (
         0,
@@ -505,13 +510,7 @@ def test_deploy_docs_keeps_the_prose_around_the_tables(tmp_path: Path) -> None:
 def test_deploy_docs_without_markers_fails_in_one_line(tmp_path: Path) -> None:
     doc = tmp_path / "deploy.md"
     doc.write_text("no markers here\n")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "deploy-docs.py"), "--doc", str(doc)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_deploy_docs(doc)
     assert (result.returncode, len(result.stderr.strip().splitlines())) == (2, 1)
     assert str(doc) in result.stderr
 
