@@ -12,25 +12,9 @@ command -v newuidmap >/dev/null 2>&1 || missing+=(uidmap)
 if [ ${#missing[@]} = 0 ]; then
     exit 0
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "ensure-tools: ${missing[*]} missing and there is no apt-get; install them yourself" >&2
-    exit 1
-fi
-if [ "$(id -u)" != 0 ]; then
-    echo "ensure-tools: ${missing[*]} missing; installing needs root:" \
-        "run 'sudo scripts/image/ensure-tools.sh' or 'sudo apt-get install ${missing[*]}'" >&2
-    exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-# Quiet on success; on failure show apt's own words.
-if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
-    >"$log" 2>&1; then
-    cat "$log" >&2
-    echo "ensure-tools: installing ${missing[*]} failed (apt output above)" >&2
-    exit 1
-fi
+# shellcheck source=../apt-lib.sh
+source "$(dirname "$0")/../apt-lib.sh"
+apt_ensure ensure-tools scripts/image/ensure-tools.sh "${missing[@]}"
 for tool in buildah mmdebstrap newuidmap; do
     if ! command -v "$tool" >/dev/null 2>&1; then
         echo "ensure-tools: installed ${missing[*]} but $tool is still not on PATH" >&2
