@@ -45,7 +45,7 @@ class GrantRecordingBucket(TokenBucket):
         self.grants.append(self.time.now)
 
 
-def within_bucket(grants: list[float], qps: float, burst: int) -> list[tuple[int, float]]:
+def beyond_bucket(grants: list[float], qps: float, burst: int) -> list[tuple[int, float]]:
     """The grants that broke ``count <= burst + qps * t`` (none, for a working bucket).
 
     The tolerance is for the float sum of the simulated sleeps.
